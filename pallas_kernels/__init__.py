@@ -1,6 +1,8 @@
 """Pallas kernels: FlashAttention-2 forward/backward, tree attention and decode attention."""
 
+from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
+from pallas_kernels.flash_attention.tuning import BlockSizes, autotune
 from pallas_kernels.tree_attention.reference import tree_attention_reference
 
-__all__ = ["attention_reference", "tree_attention_reference"]
+__all__ = ["BlockSizes", "attention_reference", "autotune", "flash_attention", "tree_attention_reference"]

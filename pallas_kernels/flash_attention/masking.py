@@ -68,16 +68,46 @@ class MaskConfig:
             hi = jnp.minimum(q_stop - 1 + self.diagonal_offset + self.right_limit + 1, self.kv_len)
         return lo, hi
 
+    def query_range(self, k_start, k_stop):
+        """Queries [lo, hi) that may see keys [k_start, k_stop) by position alone (the inverse band)."""
+        lo, hi = 0, self.q_len
+        if self.right_limit is not None:
+            lo = jnp.maximum(k_start - self.diagonal_offset - self.right_limit, 0)
+        if self.left_limit is not None:
+            hi = jnp.minimum(k_stop - 1 + self.left_limit - self.diagonal_offset + 1, self.q_len)
+        return lo, hi
+
 
 def position_mask(q_idx: jax.Array, k_idx: jax.Array, config: MaskConfig) -> jax.Array:
-    """Causal / window / padding mask. q_idx [Tq, 1], k_idx [1, Tk] int32 -> bool [Tq, Tk]."""
-    allowed = (k_idx < config.kv_len) & (q_idx < config.q_len)
+    """Causal / window / key-padding mask. q_idx [Tq, 1], k_idx [1, Tk] int32 -> bool [Tq, Tk].
+
+    Padded query rows (i >= T) are left unmasked: their outputs are sliced away and their zero
+    output-gradients contribute nothing to dK/dV.
+    """
+    allowed = k_idx < config.kv_len
     relative = k_idx - (q_idx + config.diagonal_offset)  # > 0: key is in the query's future
     if config.right_limit is not None:
         allowed &= relative <= config.right_limit
     if config.left_limit is not None:
         allowed &= -relative <= config.left_limit
     return allowed
+
+
+def apply_softcap(scores: jax.Array, config: MaskConfig) -> tuple[jax.Array, jax.Array | None]:
+    """softcap * tanh(s / softcap), and its derivative 1 - tanh^2 for the backward (None if off)."""
+    if config.softcap <= 0:
+        return scores, None
+    t = jnp.tanh(scores / config.softcap)
+    return config.softcap * t, 1.0 - t * t
+
+
+def apply_alibi(scores: jax.Array, q_idx: jax.Array, k_idx: jax.Array, config: MaskConfig,
+                alibi_slope: jax.Array | None) -> jax.Array:
+    """s - slope * |i + S - T - j|; alibi_slope broadcasts to [..., 1, 1]; None leaves s alone."""
+    if alibi_slope is None:
+        return scores
+    distance = jnp.abs(q_idx + config.diagonal_offset - k_idx).astype(jnp.float32)
+    return scores - alibi_slope * distance
 
 
 def modify_scores(
@@ -87,19 +117,9 @@ def modify_scores(
     config: MaskConfig,
     alibi_slope: jax.Array | None = None,
 ) -> jax.Array:
-    """Softcap then ALiBi on scaled f32 scores [..., Tq, Tk]; alibi_slope broadcasts to [..., 1, 1]."""
-    if config.softcap > 0:
-        scores = config.softcap * jnp.tanh(scores / config.softcap)
-    if alibi_slope is not None:
-        distance = jnp.abs(q_idx + config.diagonal_offset - k_idx).astype(jnp.float32)
-        scores = scores - alibi_slope * distance
-    return scores
-
-
-def softcap_grad_factor(capped_scores: jax.Array, softcap: float) -> jax.Array:
-    """d(capped)/d(raw) = 1 - tanh^2, written in terms of the capped score the kernels already hold."""
-    t = capped_scores / softcap
-    return 1.0 - t * t
+    """Softcap then ALiBi on scaled f32 scores [..., Tq, Tk]."""
+    scores, _ = apply_softcap(scores, config)
+    return apply_alibi(scores, q_idx, k_idx, config, alibi_slope)
 
 
 # Dropout: a counter-based hash of (seed, batch, head, query, key), so the forward kernel, the backward

@@ -1,0 +1,258 @@
+"""`flash_attention`: validation, padding, block-size choice, backend dispatch and the custom VJP.
+
+The portable Pallas kernels (`triton_fwd`, `triton_bwd`) run on every backend: lowered through
+Triton on NVIDIA GPUs, interpreted on CPU. Arbitrary T, S and D are handled here by padding T and S
+to block multiples and D to a power of two (zeros; padded keys are masked in the kernel, padded
+queries and head-dim columns are sliced away), so the kernels only ever see whole tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import triton_bwd, triton_fwd
+from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
+from pallas_kernels.flash_attention.kernel_common import KernelSpec
+from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
+
+
+def feature_names(*, causal=False, window_size=(-1, -1), segment_ids=None, softcap=0.0,
+                  alibi_slopes=None, mask=None, dropout_rate=0.0, **_) -> tuple[str, ...]:
+    """The feature set of a call, as used in the tuning-cache key."""
+    present = {
+        "causal": causal,
+        "window": tuple(window_size) != (-1, -1),
+        "segments": segment_ids is not None,
+        "softcap": softcap > 0,
+        "alibi": alibi_slopes is not None,
+        "mask": mask is not None,
+        "dropout": dropout_rate > 0,
+    }
+    return tuple(name for name, on in present.items() if on)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """Everything static about one call: the kernels are specialised (and cached) on it."""
+
+    problem: AttentionProblem
+    blocks: BlockSizes
+    padded_q_len: int
+    padded_kv_len: int
+    padded_head_dim: int
+    interpret: bool
+
+    @property
+    def kernel_spec(self) -> KernelSpec:
+        problem = self.problem
+        return KernelSpec(
+            mask_config=problem.mask_config,
+            sm_scale=problem.sm_scale,
+            num_heads=problem.num_heads,
+            group_size=problem.group_size,
+            dropout_rate=problem.dropout_rate,
+            kv_padded=self.padded_kv_len != problem.kv_len,
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, mode=mode)
+
+
+def _tile_table(q_segments, kv_segments, mask, block_q: int, block_k: int):
+    """int32 [Bt, Ht, nq, nk]: 1 where a tile may hold an attending pair, 0 where it surely holds none.
+
+    Segments: a tile can only match if the id ranges of its query rows and key columns overlap.
+    Dense mask: a tile with no True entry is skipped. Both are conservative (never skip a live tile).
+    """
+    table = None
+    if q_segments is not None:
+        B = q_segments.shape[0]
+        q_blocks = q_segments.reshape(B, -1, block_q)
+        k_blocks = kv_segments.reshape(B, -1, block_k)
+        q_lo, q_hi = q_blocks.min(-1), q_blocks.max(-1)  # [B, nq]
+        k_lo, k_hi = k_blocks.min(-1), k_blocks.max(-1)  # [B, nk]
+        table = ((q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None]))[:, None]
+    if mask is not None:
+        Bm, Hm, Tp, Sp = mask.shape
+        any_live = mask.reshape(Bm, Hm, Tp // block_q, block_q, Sp // block_k, block_k).any(axis=(3, 5))
+        table = any_live if table is None else table & any_live
+    return table.astype(jnp.int32)
+
+
+def _prepare_extras(launch: _Launch, aux: dict, block_q: int, block_k: int):
+    """Kernel inputs beyond q/k/v (padded), and the KernelSpec flags that go with them."""
+    problem, spec = launch.problem, launch.kernel_spec
+    Tp, Sp = launch.padded_q_len, launch.padded_kv_len
+    extras = {}
+    q_segments = kv_segments = mask = None
+    if aux.get("segment_ids") is not None:
+        q_ids, kv_ids = aux["segment_ids"]
+        # Edge padding keeps the per-tile id ranges tight; padded keys are masked by position anyway.
+        q_segments = _pad_axis(q_ids, 1, Tp, mode="edge")
+        kv_segments = _pad_axis(kv_ids, 1, Sp, mode="edge")
+        extras["q_segments"], extras["kv_segments"] = q_segments, kv_segments
+        spec = dataclasses.replace(spec, has_segments=True)
+    if aux.get("alibi") is not None:
+        extras["alibi"] = aux["alibi"].reshape(-1)  # [B * H], read at b * H + h
+        spec = dataclasses.replace(spec, has_alibi=True)
+    if aux.get("mask") is not None:
+        mask = _pad_axis(_pad_axis(aux["mask"], 2, Tp), 3, Sp)
+        extras["mask"] = mask.astype(jnp.int8)
+        spec = dataclasses.replace(spec, mask_heads=mask.shape[1], mask_batched=mask.shape[0] > 1)
+    if q_segments is not None or mask is not None:
+        tiles = _tile_table(q_segments, kv_segments, mask, block_q, block_k)
+        extras["tiles"] = tiles
+        spec = dataclasses.replace(spec, tile_heads=tiles.shape[1], tile_batched=tiles.shape[0] > 1)
+    if problem.dropout_rate > 0:
+        extras["seed"] = jnp.asarray(aux["seed"], jnp.int32).reshape(1)
+    return extras, spec
+
+
+def _pad_qkv(launch: _Launch, q, k, v):
+    Dp = launch.padded_head_dim
+    q = _pad_axis(_pad_axis(q, 3, Dp), 1, launch.padded_q_len)
+    k = _pad_axis(_pad_axis(k, 3, Dp), 1, launch.padded_kv_len)
+    v = _pad_axis(_pad_axis(v, 3, Dp), 1, launch.padded_kv_len)
+    return q, k, v
+
+
+def _forward(q, k, v, aux, launch: _Launch):
+    problem, blocks = launch.problem, launch.blocks
+    qp, kp, vp = _pad_qkv(launch, q, k, v)
+    extras, spec = _prepare_extras(launch, aux, blocks.block_q, blocks.block_k)
+    out, lse = triton_fwd.forward(
+        qp, kp, vp, extras, spec=spec, block_q=blocks.block_q, block_k=blocks.block_k,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=launch.interpret)
+    out = out[:, :problem.q_len, :, :problem.head_dim]
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, aux, launch: _Launch):
+    out, lse = _forward(q, k, v, aux, launch)
+    return out, lse[:, :, :launch.problem.q_len]
+
+
+def _flash_fwd(q, k, v, aux, launch: _Launch):
+    out, lse = _forward(q, k, v, aux, launch)
+    return (out, lse[:, :, :launch.problem.q_len]), (q, k, v, aux, out, lse)
+
+
+def _flash_bwd(launch: _Launch, residuals, cotangents):
+    q, k, v, aux, out, lse = residuals
+    dout, dlse = cotangents
+    problem, blocks = launch.problem, launch.blocks
+    # FA2 preprocess: delta = rowsum(dO * O). A cotangent on the returned lse adds P * dlse to dS,
+    # which is the same as subtracting it from delta.
+    delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta = _pad_axis(delta - dlse.astype(jnp.float32), 2, launch.padded_q_len)
+    qp, kp, vp = _pad_qkv(launch, q, k, v)
+    dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
+    extras_dkdv, spec = _prepare_extras(launch, aux, blocks.block_q_dkv, blocks.block_k_dkv)
+    extras_dq, _ = _prepare_extras(launch, aux, blocks.block_q_dq, blocks.block_k_dq)
+    dq, dk, dv = triton_bwd.backward(
+        qp, kp, vp, dop, lse, delta, extras_dkdv, extras_dq, spec=spec,
+        block_q_dkv=blocks.block_q_dkv, block_k_dkv=blocks.block_k_dkv,
+        block_q_dq=blocks.block_q_dq, block_k_dq=blocks.block_k_dq,
+        num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd, interpret=launch.interpret)
+    D, T, S = problem.head_dim, problem.q_len, problem.kv_len
+    # Segment ids, slopes, mask and seed are not differentiated (integers, booleans, or by choice).
+    aux_cotangent = jax.tree.map(lambda _: None, aux)
+    return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D], aux_cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def default_interpret() -> bool:
+    """Interpret mode everywhere but on a GPU backend."""
+    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+
+
+def flash_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, K, D]
+    v: jax.Array,  # [B, S, K, D]
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    segment_ids=None,
+    softcap: float = 0.0,
+    alibi_slopes: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed=None,
+    return_lse: bool = False,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+):
+    """FlashAttention-2, forward and backward, as Pallas kernels.
+
+    Args:
+      q: [B, T, H, D] queries; k, v: [B, S, K, D] with H % K == 0 (GQA/MQA without repeating K/V).
+        float32, bfloat16 or float16; D in 1..256; any T, S >= 1.
+      causal: query i sees keys j <= i + S - T (bottom-right aligned when T != S).
+      sm_scale: softmax scale, default 1/sqrt(D).
+      window_size: (left, right): i + S - T - left <= j <= i + S - T + right; -1 = unbounded.
+      segment_ids: (q_ids [B, T], kv_ids [B, S]) int, or one [B, T] array when T == S; pairs attend
+        only within equal ids.
+      softcap: > 0 replaces scores s by softcap * tanh(s / softcap).
+      alibi_slopes: [H] or [B, H] float32; adds -slope * |i + S - T - j| to the scores.
+      mask: bool [B|1, H|1, T, S]; False pairs do not attend; all-False tiles are skipped.
+      dropout_rate, dropout_seed: dropout on the probabilities, generated in-kernel from a hash of
+        (seed, batch, head, query, key); the same seed gives the same mask forward and backward.
+      return_lse: also return the logsumexp [B, H, T] float32 (natural log; -inf for a fully
+        masked row). Gradients flow through it.
+      block_sizes: a `BlockSizes`; None looks up the tuning cache or the heuristic.
+      interpret: run the kernels in interpret mode; None = True off GPU.
+
+    Returns:
+      out [B, T, H, D] in q's dtype (zeros for fully masked rows), and lse when `return_lse`.
+
+    Raises:
+      ValueError: for any malformed argument, before a kernel is built.
+    """
+    problem, segment_ids, alibi_slopes, mask = validate(
+        q, k, v, causal=causal, sm_scale=sm_scale, window_size=window_size,
+        segment_ids=segment_ids, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
+        dropout_rate=dropout_rate, dropout_seed=dropout_seed)
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a pallas_kernels.BlockSizes or None, got {block_sizes=}")
+    if interpret is None:
+        interpret = default_interpret()
+    if block_sizes is None:
+        device_kind = "cpu" if interpret else jax.devices()[0].device_kind
+        block_sizes = lookup_block_sizes(
+            device_kind, problem.dtype, problem.head_dim,
+            feature_names(causal=causal, window_size=window_size, segment_ids=segment_ids,
+                          softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
+                          dropout_rate=dropout_rate))
+    blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
+    q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    launch = _Launch(
+        problem=problem,
+        blocks=blocks,
+        padded_q_len=_round_up(problem.q_len, q_multiple),
+        padded_kv_len=_round_up(problem.kv_len, k_multiple),
+        padded_head_dim=max(MIN_BLOCK, 1 << (problem.head_dim - 1).bit_length()),
+        interpret=bool(interpret),
+    )
+    aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
+           "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}
+    out, lse = _flash(q, k, v, aux, launch)
+    return (out, lse) if return_lse else out

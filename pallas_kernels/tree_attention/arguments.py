@@ -1,0 +1,172 @@
+"""Validation of tree-attention arguments, shared by the kernel wrapper and the reference.
+
+Every check runs on static shapes, dtypes and Python values before anything is traced into a kernel,
+and raises a `ValueError` naming the offending value. The tree mask's contents are checked too when
+the mask is concrete (a NumPy array, or a jax.Array outside `jit`); a traced mask cannot be read at
+trace time, so `check_inputs` below offers the same checks through `jax.experimental.checkify`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+MAX_NODES = 128  # 4 uint32 bit words per node in the kernel's packed mask
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeProblem:
+    """Static description of one tree-attention call after validation."""
+
+    batch: int  # B
+    num_nodes: int  # N, tree nodes (queries) per row
+    num_heads: int  # H, query heads
+    num_kv_heads: int  # K, KV heads
+    head_dim: int  # D
+    cache_size: int  # S, slots per cache row
+    dtype: jnp.dtype
+    sm_scale: float
+    softcap: float
+    mask_batched: bool  # tree_mask is [B, N, N] rather than one [N, N] shared by every row
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads per KV head. K/V are indexed as head // G, never repeated."""
+        return self.num_heads // self.num_kv_heads
+
+
+def _check_rank(name: str, shape: tuple[int, ...], rank: int) -> None:
+    if len(shape) != rank:
+        raise ValueError(f"{name} must have rank {rank}, got {name}.shape={tuple(shape)}")
+
+
+def validate(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale, softcap, num_splits=None):
+    """Checks every argument (shapes, dtypes, Python values, a concrete mask's contents).
+
+    Returns the `TreeProblem`; raises `ValueError` naming the offending value.
+    """
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_rank(name, x.shape, 4)
+    batch, num_nodes, num_heads, head_dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape=} and {v_cache.shape=}")
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache must be [B, S, K, D] with q's B and D, got {q.shape=} and {k_cache.shape=}")
+    cache_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if not 1 <= num_nodes <= MAX_NODES:
+        raise ValueError(f"the tree must have 1 to {MAX_NODES} nodes, got {num_nodes=} (q.shape[1])")
+    if cache_size < num_nodes:
+        raise ValueError(f"the cache must hold the tree: need S >= N, got {cache_size=} and {num_nodes=}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads must be a multiple of KV heads, got {num_heads=} and {num_kv_heads=}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim=}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype={jnp.dtype(x.dtype)} is not one of float32, bfloat16, float16")
+    if not jnp.dtype(q.dtype) == jnp.dtype(k_cache.dtype) == jnp.dtype(v_cache.dtype):
+        raise ValueError(f"q and the caches must share a dtype, got {q.dtype=}, {k_cache.dtype=}, {v_cache.dtype=}")
+
+    if tuple(cache_lengths.shape) != (batch,):
+        raise ValueError(f"cache_lengths must be [B]={(batch,)}, got {cache_lengths.shape=}")
+    if not jnp.issubdtype(cache_lengths.dtype, jnp.integer):
+        raise ValueError(f"cache_lengths must be integers, got {cache_lengths.dtype=}")
+
+    if tree_mask.dtype != jnp.bool_:
+        raise ValueError(f"tree_mask must be boolean, got {tree_mask.dtype=}")
+    if tuple(tree_mask.shape) not in ((num_nodes, num_nodes), (batch, num_nodes, num_nodes)):
+        raise ValueError(
+            f"tree_mask must be [N, N] or [B, N, N] with B={batch}, N={num_nodes}, got {tree_mask.shape=}")
+    concrete = _concrete_value(tree_mask)
+    if concrete is not None:
+        check_tree_closure(concrete)
+
+    if sm_scale is None:
+        sm_scale = head_dim ** -0.5
+    sm_scale = float(sm_scale)
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale=}")
+    softcap = float(softcap)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap=}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits=}")
+
+    return TreeProblem(
+        batch=batch,
+        num_nodes=num_nodes,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        cache_size=cache_size,
+        dtype=jnp.dtype(q.dtype),
+        sm_scale=sm_scale,
+        softcap=softcap,
+        mask_batched=tree_mask.ndim == 3,
+    )
+
+
+def _concrete_value(x) -> np.ndarray | None:
+    """x as a NumPy array, or None when x is traced (its values unknown at trace time)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_tree_closure(tree_mask: np.ndarray) -> None:
+    """Raises ValueError unless every [N, N] slice is the ancestor-or-self relation of a forest.
+
+    Conditions, with A = tree_mask: every node sees itself (A[i, i]); no two distinct nodes see each
+    other (a cycle); the relation is transitive (an ancestor's ancestor is visible); and the
+    ancestors of a node form one chain (each node has a single parent).
+    """
+    masks = tree_mask.reshape((-1,) + tree_mask.shape[-2:])  # [B|1, N, N]
+    diagonal = np.diagonal(masks, axis1=1, axis2=2)
+    if not diagonal.all():
+        b, i = (int(x) for x in np.argwhere(~diagonal)[0])
+        raise ValueError(f"tree_mask is not a tree closure: node {i=} does not see itself (batch row {b=})")
+    eye = np.eye(masks.shape[-1], dtype=bool)[None]
+    swapped = np.swapaxes(masks, 1, 2)
+    cycle = masks & swapped & ~eye
+    if cycle.any():
+        b, i, j = (int(x) for x in np.argwhere(cycle)[0])
+        raise ValueError(f"tree_mask is not a tree closure: nodes {i=} and {j=} see each other (batch row {b=})")
+    ints = masks.astype(np.int32)
+    missing = (np.einsum("bij,bjk->bik", ints, ints) > 0) & ~masks
+    if missing.any():
+        b, i, k = (int(x) for x in np.argwhere(missing)[0])
+        raise ValueError(
+            f"tree_mask is not a tree closure: node {i=} sees an ancestor of {k=}'s ancestors but not {k=} "
+            f"(not transitive, batch row {b=})")
+    # Two ancestors j, k of the same node must be ordered: one sees the other.
+    pairs = masks[:, :, :, None] & masks[:, :, None, :]  # [B, i, j, k]
+    unordered = pairs & ~(masks | swapped)[:, None]
+    if unordered.any():
+        b, i, j, k = (int(x) for x in np.argwhere(unordered)[0])
+        raise ValueError(
+            f"tree_mask is not a tree closure: node {i=} sees {j=} and {k=}, which do not see each other "
+            f"(two parents, batch row {b=})")
+
+
+def check_inputs(cache_lengths: jax.Array, tree_mask: jax.Array, cache_size: int) -> None:
+    """`checkify.check`s on traced values that the trace-time validation cannot read.
+
+    Checks 0 <= cache_lengths[b] and cache_lengths[b] + N <= S, and that every node sees itself. Use
+    it under `jax.experimental.checkify.checkify` (see `checked_tree_attention` in the api module).
+    """
+    num_nodes = tree_mask.shape[-1]
+    lengths = cache_lengths.astype(jnp.int32)
+    checkify.check(jnp.all(lengths >= 0), "cache_lengths must be >= 0, got {lengths}", lengths=lengths)
+    checkify.check(
+        jnp.all(lengths + num_nodes <= cache_size),
+        "cache_lengths + N must be <= S={S} (the tree's keys must fit in the cache), got cache_lengths={lengths}",
+        S=jnp.int32(cache_size), lengths=lengths)
+    diagonal = jnp.diagonal(tree_mask, axis1=-2, axis2=-1)
+    checkify.check(jnp.all(diagonal), "tree_mask is not a tree closure: some node does not see itself")
