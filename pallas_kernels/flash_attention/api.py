@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import triton_bwd, triton_fwd
 from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
-from pallas_kernels.flash_attention.kernel_common import KernelSpec
+from pallas_kernels.flash_attention.kernel_common import LOG2E, KernelSpec
 from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
 
 
@@ -159,6 +159,8 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
     # which is the same as subtracting it from delta.
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = _pad_axis(delta - dlse.astype(jnp.float32), 2, launch.padded_q_len)
+    # The kernels work in log2 units; +inf marks a fully masked row so that all its P are exactly 0.
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
     extras_dkdv, spec = _prepare_extras(launch, aux, blocks.block_q_dkv, blocks.block_k_dkv)

@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_attention import masking
@@ -58,14 +59,55 @@ class KernelSpec:
                 or self.has_segments or self.mask_heads > 0)
 
 
-def tile_scores(q, k, q_idx, k_idx, spec: KernelSpec, slope):
-    """Scores of one tile: q [bq, D], k [bk, D] -> f32 [bq, bk], and d(score)/d(q.k * scale).
+# The kernels keep scores in log2 units and use exp2: with no softcap or ALiBi, log2(e) folds into
+# the softmax scale, so each score costs one multiply before exp2 (FA2's Triton kernels do the same).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
-    The derivative is the softcap's 1 - tanh^2, or None when softcap is off (then it is 1).
+
+def tile_scores(q, k, q_idx, k_idx, spec: KernelSpec, slope):
+    """Scores of one tile in log2 units: q [bq, D], k [bk, D] -> f32 [bq, bk].
+
+    Also returns d(score)/d(q.k * scale): the softcap's 1 - tanh^2, or None when softcap is off.
     """
-    scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    scores, softcap_grad = masking.apply_softcap(scores * spec.sm_scale, spec.mask_config)
-    return masking.apply_alibi(scores, q_idx, k_idx, spec.mask_config, slope), softcap_grad
+    products = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if spec.mask_config.softcap <= 0 and slope is None:
+        return products * (spec.sm_scale * LOG2E), None
+    scores, softcap_grad = masking.apply_softcap(products * spec.sm_scale, spec.mask_config)
+    scores = masking.apply_alibi(scores, q_idx, k_idx, spec.mask_config, slope)
+    return scores * LOG2E, softcap_grad
+
+
+def _div(x, block: int):
+    """x // block for x >= 0: in Python for static ints, lax.div for traced ones (jnp's floor division
+    does not lower to Triton, and a literal numerator trips the Triton lowering too)."""
+    return x // block if isinstance(x, int) else lax.div(x, jnp.int32(block))
+
+
+def _clip(x, lo, hi):
+    if all(isinstance(v, int) for v in (x, lo, hi)):
+        return min(max(x, lo), hi)
+    return jnp.clip(x, lo, hi)
+
+
+def block_ranges(span, full_span, block: int, spec: "KernelSpec"):
+    """Splits the blocks covering `span` = [lo, hi) into (first, last, masked) loop ranges.
+
+    Blocks wholly inside `full_span` (every pair visible by position) run without mask arithmetic;
+    the ones at the band's edges are masked. With segments or a dense mask every tile needs its mask.
+    """
+    lo, hi = span
+    first = _div(lo, block)
+    last = _div(hi + (block - 1), block)
+    last = max(first, last) if isinstance(first, int) and isinstance(last, int) else jnp.maximum(first, last)
+    if not spec.needs_mask:
+        return [(first, last, False)]
+    if spec.has_segments or spec.mask_heads:
+        return [(first, last, True)]
+    full_lo, full_hi = full_span
+    middle_first = _clip(_div(full_lo + (block - 1), block), first, last)
+    middle_last = _clip(_div(full_hi, block), middle_first, last)
+    return [(first, middle_first, True), (middle_first, middle_last, False), (middle_last, last, True)]
 
 
 def tile_allowed(q_idx, k_idx, spec: KernelSpec, q_segments=None, kv_segments=None, dense_mask=None):
@@ -81,6 +123,19 @@ def tile_allowed(q_idx, k_idx, spec: KernelSpec, q_segments=None, kv_segments=No
     if spec.mask_heads:
         allowed = allowed & (dense_mask != 0)
     return jnp.broadcast_to(allowed, (q_idx.shape[0], k_idx.shape[1]))
+
+
+def zero_nonfinite_rows(x):
+    """Zeroes the rows of a tile that hold NaN/inf; returns (clean tile, int32 [rows] 1 where zeroed).
+
+    Used in masked tiles on the operand of each second matmul (V in P.V, Q in dS^T.Q, K in dS.K):
+    a masked pair has P = dS = 0, but 0 * NaN is NaN, so garbage in padding positions would leak
+    through the matmul into real rows. Zeroing is exact wherever the row is unused; where it IS used,
+    the NaN still arrives through S, P or dS (Q, K), or is restored by the caller (V in the forward).
+    """
+    row_sum = jnp.sum(x.astype(jnp.float32), axis=1)
+    finite = jnp.abs(row_sum) < jnp.inf  # False for NaN and inf (Triton has no is_finite)
+    return jnp.where(finite[:, None], x, jnp.zeros_like(x)), 1 - finite.astype(jnp.int32)
 
 
 def tile_keep(spec: KernelSpec, stream, q_idx, k_idx):

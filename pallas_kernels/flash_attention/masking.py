@@ -68,6 +68,25 @@ class MaskConfig:
             hi = jnp.minimum(q_stop - 1 + self.diagonal_offset + self.right_limit + 1, self.kv_len)
         return lo, hi
 
+    def full_key_range(self, q_start, q_stop):
+        """Keys [lo, hi) that EVERY query in [q_start, q_stop) sees by position: tiles wholly inside
+        need no mask arithmetic at all (hi may be <= lo: no such keys)."""
+        lo, hi = 0, self.kv_len
+        if self.left_limit is not None:
+            lo = jnp.maximum(q_stop - 1 + self.diagonal_offset - self.left_limit, 0)
+        if self.right_limit is not None:
+            hi = jnp.minimum(q_start + self.diagonal_offset + self.right_limit + 1, self.kv_len)
+        return lo, hi
+
+    def full_query_range(self, k_start, k_stop):
+        """Queries [lo, hi) that see EVERY key in [k_start, k_stop) by position (the inverse)."""
+        lo, hi = 0, self.q_len
+        if self.right_limit is not None:
+            lo = jnp.maximum(k_stop - 1 - self.diagonal_offset - self.right_limit, 0)
+        if self.left_limit is not None:
+            hi = jnp.minimum(k_start + self.left_limit - self.diagonal_offset + 1, self.q_len)
+        return lo, hi
+
     def query_range(self, k_start, k_stop):
         """Queries [lo, hi) that may see keys [k_start, k_stop) by position alone (the inverse band)."""
         lo, hi = 0, self.q_len

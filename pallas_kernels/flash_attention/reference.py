@@ -31,11 +31,15 @@ def attention_reference(
     block_sizes=None,
     interpret: bool | None = None,
     precision=jax.lax.Precision.HIGHEST,
+    compute_dtype=jnp.float32,
 ):
     """Attention computed densely in float32.
 
     Args: as `pallas_kernels.flash_attention`; `block_sizes` and `interpret` are accepted and ignored.
       `precision` sets the matmul precision (HIGHEST by default: this is the oracle).
+      `compute_dtype` is the dtype of the matmul operands (f32 accumulation either way). Passing the
+      inputs' own dtype gives "the same computation done by XLA in the input dtype", the baseline
+      that kernel tolerances are stated against.
 
     Returns:
       out [B, T, H, D] in q's dtype, and lse [B, H, T] float32 (natural log, -inf for a fully masked
@@ -51,8 +55,9 @@ def attention_reference(
     G = problem.group_size
     config = problem.mask_config
 
-    qg = q.astype(jnp.float32).reshape(B, T, K, G, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=precision)
+    qg = q.astype(compute_dtype).reshape(B, T, K, G, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(compute_dtype), precision=precision,
+                        preferred_element_type=jnp.float32)
     scores = scores.reshape(B, H, T, S) * problem.sm_scale  # head h = kv_head * G + g
 
     q_idx = jnp.arange(T, dtype=jnp.int32)[:, None]
@@ -83,7 +88,8 @@ def attention_reference(
         keep = masking.dropout_keep(streams, q_idx, k_idx, problem.dropout_rate)
         probs = jnp.where(keep, probs / (1.0 - problem.dropout_rate), 0.0)
 
-    probs = probs.reshape(B, K, G, T, S)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=precision)
+    probs = probs.reshape(B, K, G, T, S).astype(compute_dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(compute_dtype), precision=precision,
+                     preferred_element_type=jnp.float32)
     out = out.reshape(B, T, H, D).astype(q.dtype)
     return (out, lse) if return_lse else out

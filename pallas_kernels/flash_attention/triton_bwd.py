@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import masking
-from pallas_kernels.flash_attention.kernel_common import KernelSpec, scalar_specs, tile_allowed, tile_scores
+from pallas_kernels.flash_attention.kernel_common import (
+    KernelSpec, block_ranges, scalar_specs, tile_allowed, tile_scores, zero_nonfinite_rows)
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
@@ -31,12 +32,12 @@ def _dot(a, b, contract_a: int, contract_b: int):
 
 def _score_gradient(q, k, v, do, lse, delta, q_idx, k_idx, spec: KernelSpec, slope, stream,
                     allowed):
-    """One tile of FA2's backward: returns (P after dropout, dS w.r.t. the raw q.k product)."""
-    scores, softcap_grad = tile_scores(q, k, q_idx, k_idx, spec, slope)  # [bq, bk]
-    # lse = -inf marks a fully masked row: +inf makes every P of that row exactly 0.
-    probs = jnp.exp(scores - jnp.where(lse == -jnp.inf, jnp.inf, lse)[:, None])
-    if allowed is not None:
-        probs = jnp.where(allowed, probs, 0.0)
+    """One tile of FA2's backward: returns (P after dropout, dS w.r.t. the raw q.k product).
+
+    lse arrives in log2 units with +inf for fully masked rows, so that every P of such a row is 0.
+    """
+    scores, softcap_grad = tile_scores(q, k, q_idx, k_idx, spec, slope)  # [bq, bk], log2 units
+    probs = jnp.exp2(scores - lse[:, None])
     dprobs = _dot(do, v, 1, 1)  # dO V^T [bq, bk]
     if spec.has_dropout:
         keep = masking.dropout_keep(stream, q_idx, k_idx, spec.dropout_rate)
@@ -48,6 +49,9 @@ def _score_gradient(q, k, v, do, lse, delta, q_idx, k_idx, spec: KernelSpec, slo
     dscores = probs * (dprobs - delta[:, None])
     if softcap_grad is not None:
         dscores = dscores * softcap_grad
+    if allowed is not None:  # select, not multiply: padding may hold NaN, and 0 * NaN is NaN
+        dropped_probs = jnp.where(allowed, dropped_probs, 0.0)
+        dscores = jnp.where(allowed, dscores, 0.0)
     return dropped_probs, dscores * spec.sm_scale
 
 
@@ -55,54 +59,61 @@ def _dkdv_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, 
     inputs = dict(zip(names, refs))
     dk_ref, dv_ref = refs[len(names):]
     k_block, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    G = spec.group_size
+    config = spec.mask_config
 
     k = inputs["k"][...]  # [bk, Dp]
     v = inputs["v"][...]
     k_start = k_block * block_k
+    k_stop = k_start + block_k
     k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     kv_segments = inputs["kv_segments"][...] if spec.has_segments else None
 
-    lo, hi = spec.mask_config.query_range(k_start, k_start + block_k)
-    first = jnp.asarray(lo, jnp.int32) // block_q
-    last = jnp.maximum(first, (jnp.asarray(hi, jnp.int32) + block_q - 1) // block_q)
-    num_q_blocks = last - first
+    full_lo, full_hi = config.full_query_range(k_start, k_stop)
+    if spec.kv_padded:  # a key block that crosses S holds padded keys: no query sees all of it
+        # (multiplied, not jnp.where: a select between two literals trips the Triton lowering)
+        full_hi = full_hi * (k_stop <= config.kv_len).astype(jnp.int32)
+    ranges = block_ranges(config.query_range(k_start, k_stop), (full_lo, full_hi), block_q, spec)
 
-    def visit(step, carry):
+    def visit(q_block, carry, g, masked: bool):
         dk, dv = carry
-        g = step // jnp.maximum(num_q_blocks, 1)
-        q_block = first + step % jnp.maximum(num_q_blocks, 1)
-        h = kv_head * G + g
+        h = kv_head * spec.group_size + g
         q_start = q_block * block_q
         rows = pl.ds(q_start, block_q)
         q_idx = q_start + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
         q = inputs["q"][rows, g, :]
         do = inputs["do"][rows, g, :]
-        allowed = tile_allowed(
-            q_idx, k_idx, spec,
-            q_segments=inputs["q_segments"][rows] if spec.has_segments else None,
-            kv_segments=kv_segments,
-            dense_mask=inputs["mask"][g if spec.mask_heads > 1 else 0, rows, :] if spec.mask_heads else None)
+        allowed = None
+        if masked:
+            allowed = tile_allowed(
+                q_idx, k_idx, spec,
+                q_segments=inputs["q_segments"][rows] if spec.has_segments else None,
+                kv_segments=kv_segments,
+                dense_mask=inputs["mask"][g if spec.mask_heads > 1 else 0, rows, :] if spec.mask_heads else None)
         probs, dscores = _score_gradient(
             q, k, v, do, inputs["lse"][g, rows], inputs["delta"][g, rows], q_idx, k_idx, spec,
             inputs["alibi"][b * spec.num_heads + h] if spec.has_alibi else None,
             masking.dropout_stream(inputs["seed"][0], b, h) if spec.has_dropout else None,
             allowed)
+        if masked:
+            q, _ = zero_nonfinite_rows(q)
         dv = dv + _dot(probs.astype(do.dtype), do, 0, 0)  # P^T dO [bk, Dp]
         dk = dk + _dot(dscores.astype(q.dtype), q, 0, 0)  # dS^T Q
         return dk, dv
 
-    def body(step, carry):
+    def body(q_block, carry, g, masked: bool):
         if spec.tile_heads:
-            g = step // jnp.maximum(num_q_blocks, 1)
-            q_block = first + step % jnp.maximum(num_q_blocks, 1)
             tile_head = g if spec.tile_heads > 1 else 0
             return lax.cond(inputs["tiles"][tile_head, q_block, k_block] != 0,
-                            visit, lambda _, c: c, step, carry)
-        return visit(step, carry)
+                            functools.partial(visit, g=g, masked=masked), lambda _, c: c, q_block, carry)
+        return visit(q_block, carry, g, masked)
+
+    def head(g, carry):  # the G query heads of this KV head, summed in registers
+        for first, last, masked in ranges:
+            carry = lax.fori_loop(first, last, functools.partial(body, g=g, masked=masked), carry)
+        return carry
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, G * num_q_blocks, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, spec.group_size, head, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -111,6 +122,7 @@ def _dq_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, bl
     inputs = dict(zip(names, refs))
     (dq_ref,) = refs[len(names):]
     q_block, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    config = spec.mask_config
 
     q = inputs["q"][...]  # [bq, Dp]
     do = inputs["do"][...]
@@ -122,29 +134,35 @@ def _dq_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, bl
     stream = masking.dropout_stream(inputs["seed"][0], b, h) if spec.has_dropout else None
     q_segments = inputs["q_segments"][...] if spec.has_segments else None
 
-    def visit(k_block, dq):
+    def visit(k_block, dq, masked: bool):
         k_start = k_block * block_k
         keys = pl.ds(k_start, block_k)
         k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         k = inputs["k"][keys, :]
-        allowed = tile_allowed(
-            q_idx, k_idx, spec,
-            q_segments=q_segments,
-            kv_segments=inputs["kv_segments"][keys] if spec.has_segments else None,
-            dense_mask=inputs["mask"][:, keys] if spec.mask_heads else None)
+        allowed = None
+        if masked:
+            allowed = tile_allowed(
+                q_idx, k_idx, spec,
+                q_segments=q_segments,
+                kv_segments=inputs["kv_segments"][keys] if spec.has_segments else None,
+                dense_mask=inputs["mask"][:, keys] if spec.mask_heads else None)
         _, dscores = _score_gradient(q, k, inputs["v"][keys, :], do, lse, delta, q_idx, k_idx, spec,
                                      slope, stream, allowed)
+        if masked:
+            k, _ = zero_nonfinite_rows(k)
         return dq + _dot(dscores.astype(k.dtype), k, 1, 0)  # dS K [bq, Dp]
 
-    def body(k_block, dq):
+    def body(k_block, dq, masked: bool):
         if spec.tile_heads:
-            return lax.cond(inputs["tiles"][k_block] != 0, visit, lambda _, c: c, k_block, dq)
-        return visit(k_block, dq)
+            return lax.cond(inputs["tiles"][k_block] != 0, functools.partial(visit, masked=masked),
+                            lambda _, c: c, k_block, dq)
+        return visit(k_block, dq, masked)
 
-    lo, hi = spec.mask_config.key_range(q_start, q_start + block_q)
-    first = jnp.asarray(lo, jnp.int32) // block_k
-    last = (jnp.asarray(hi, jnp.int32) + block_k - 1) // block_k
-    dq = lax.fori_loop(first, jnp.maximum(first, last), body, jnp.zeros(q.shape, jnp.float32))
+    q_stop = q_start + block_q
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for first, last, masked in block_ranges(config.key_range(q_start, q_stop),
+                                            config.full_key_range(q_start, q_stop), block_k, spec):
+        dq = lax.fori_loop(first, last, functools.partial(body, masked=masked), dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 

@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import masking
-from pallas_kernels.flash_attention.kernel_common import KernelSpec, scalar_specs, tile_allowed, tile_scores
+from pallas_kernels.flash_attention.kernel_common import (
+    LN2, KernelSpec, block_ranges, scalar_specs, tile_allowed, tile_scores, zero_nonfinite_rows)
 
 
 def _forward_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, block_k: int):
@@ -37,54 +38,67 @@ def _forward_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: in
     stream = masking.dropout_stream(inputs["seed"][0], b, h) if spec.has_dropout else None
     q_segments = inputs["q_segments"][...] if spec.has_segments else None
 
-    def visit(k_block, carry):
-        acc, row_max, row_sum = carry
+    def visit(k_block, carry, masked: bool):
+        acc, row_max, row_sum, hit_nonfinite = carry
         k_start = k_block * block_k
         keys = pl.ds(k_start, block_k)
         k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        scores, _ = tile_scores(q, inputs["k"][keys, :], q_idx, k_idx, spec, slope)  # [bq, bk]
-        allowed = tile_allowed(
-            q_idx, k_idx, spec,
-            q_segments=q_segments,
-            kv_segments=inputs["kv_segments"][keys] if spec.has_segments else None,
-            dense_mask=inputs["mask"][:, keys] if spec.mask_heads else None)
-        if allowed is not None:
+        scores, _ = tile_scores(q, inputs["k"][keys, :], q_idx, k_idx, spec, slope)  # [bq, bk], log2 units
+        v = inputs["v"][keys, :]
+        if masked:
+            allowed = tile_allowed(
+                q_idx, k_idx, spec,
+                q_segments=q_segments,
+                kv_segments=inputs["kv_segments"][keys] if spec.has_segments else None,
+                dense_mask=inputs["mask"][:, keys] if spec.mask_heads else None)
             scores = jnp.where(allowed, scores, -jnp.inf)
+            v, nonfinite_keys = zero_nonfinite_rows(v)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-        # A row with nothing visible yet keeps max -inf; shift by 0 instead so exp() gives 0, not NaN.
-        shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-        correction = jnp.exp(row_max - shift)
-        probs = jnp.exp(scores - shift[:, None])
+        if spec.needs_mask:
+            # A row with nothing visible yet keeps max -inf; shift by 0 so exp2() gives 0, not NaN.
+            shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        else:
+            shift = new_max
+        correction = jnp.exp2(row_max - shift)
+        probs = jnp.exp2(scores - shift[:, None])
         row_sum = correction * row_sum + jnp.sum(probs, axis=1)
         if spec.has_dropout:  # l counts every probability; only the kept ones reach the output
             keep = masking.dropout_keep(stream, q_idx, k_idx, spec.dropout_rate)
             probs = jnp.where(keep, probs, 0.0)
-        v = inputs["v"][keys, :]
+        if masked:  # a row that really attends a non-finite V row must still come out NaN
+            attended = jnp.where(probs > 0, nonfinite_keys[None, :], 0)
+            hit_nonfinite = jnp.maximum(hit_nonfinite, jnp.max(attended, axis=1))
         acc = correction[:, None] * acc + lax.dot_general(
             probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return acc, new_max, row_sum
+        return acc, new_max, row_sum, hit_nonfinite
 
-    def body(k_block, carry):
+    def body(k_block, carry, masked: bool):
         if spec.tile_heads:
-            return lax.cond(inputs["tiles"][k_block] != 0, visit, lambda _, c: c, k_block, carry)
-        return visit(k_block, carry)
+            return lax.cond(inputs["tiles"][k_block] != 0, functools.partial(visit, masked=masked),
+                            lambda _, c: c, k_block, carry)
+        return visit(k_block, carry, masked)
 
-    lo, hi = spec.mask_config.key_range(q_start, q_start + block_q)
-    first = jnp.asarray(lo, jnp.int32) // block_k
-    last = (jnp.asarray(hi, jnp.int32) + block_k - 1) // block_k
-    head_dim = q.shape[-1]
-    init = (jnp.zeros((block_q, head_dim), jnp.float32),
-            jnp.full((block_q,), -jnp.inf, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    acc, row_max, row_sum = lax.fori_loop(first, jnp.maximum(first, last), body, init)
+    config = spec.mask_config
+    q_stop = q_start + block_q
+    carry = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
+             jnp.full((block_q,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32),
+             jnp.zeros((block_q,), jnp.int32))
+    for first, last, masked in block_ranges(config.key_range(q_start, q_stop),
+                                            config.full_key_range(q_start, q_stop), block_k, spec):
+        carry = lax.fori_loop(first, last, functools.partial(body, masked=masked), carry)
+    acc, row_max, row_sum, hit_nonfinite = carry
 
     # FA2 §3.1.1: one 1/l rescale at the end. A fully masked row has l = 0: output 0, lse = -inf.
     empty = row_sum == 0.0
     scale = 1.0 / jnp.where(empty, 1.0, row_sum)
     if spec.has_dropout:
         scale = scale / (1.0 - spec.dropout_rate)
-    o_ref[...] = (acc * scale[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
+    out = acc * scale[:, None]
+    if spec.needs_mask:
+        out = jnp.where(hit_nonfinite[:, None] > 0, jnp.nan, out)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (row_max + jnp.log2(jnp.where(empty, 1.0, row_sum))) * LN2)
 
 
 def forward(q, k, v, extras: dict, *, spec: KernelSpec, block_q: int, block_k: int,

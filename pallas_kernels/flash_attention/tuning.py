@@ -80,18 +80,20 @@ def heuristic_block_sizes(head_dim: int, dtype, device_kind: str) -> BlockSizes:
     """
     if "cpu" in device_kind.lower():
         return BlockSizes(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32)
-    itemsize = jnp.dtype(dtype).itemsize
-    if head_dim <= 64:
-        return BlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3,
+    # Measured on an H100 (bf16, D=128, see BENCHMARKS.md): 128x128 forward tiles with 8 warps and
+    # 3 stages, and 64x64 backward tiles with 4 warps beat every other candidate; 8-warp backward
+    # tiles spill. Smaller heads afford the same tiles; D=256 halves them to stay in registers.
+    if jnp.dtype(dtype).itemsize > 2:  # float32 tiles take twice the shared memory per stage
+        return BlockSizes(block_q=64, block_k=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2,
+                          block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
+                          num_warps_bwd=4, num_stages_bwd=1)
+    if head_dim <= 128:
+        return BlockSizes(block_q=128, block_k=128 if head_dim > 64 else 64, num_warps=8, num_stages=3,
                           block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
                           num_warps_bwd=4, num_stages_bwd=2)
-    if head_dim <= 128:
-        return BlockSizes(block_q=128, block_k=64 if itemsize <= 2 else 32, num_warps=8, num_stages=3,
-                          block_q_dkv=64, block_k_dkv=128, block_q_dq=128, block_k_dq=64,
-                          num_warps_bwd=8, num_stages_bwd=2)
-    return BlockSizes(block_q=64, block_k=32, num_warps=8, num_stages=2,
+    return BlockSizes(block_q=64, block_k=64, num_warps=8, num_stages=2,
                       block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
-                      num_warps_bwd=8, num_stages_bwd=1)
+                      num_warps_bwd=4, num_stages_bwd=1)
 
 
 def cache_key(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> str:
