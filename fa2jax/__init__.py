@@ -1,0 +1,23 @@
+"""fa2jax: FlashAttention-2 attention layers and a Llama-style model for JAX / Flax NNX."""
+
+from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
+from fa2jax.config import RopeScaling, TransformerConfig
+from fa2jax.hf_llama import load_hf_llama
+from fa2jax.kv_cache import KVCache
+from fa2jax.layers import MultiHeadAttention, attention_fn
+from fa2jax.model import Transformer
+
+__all__ = [
+    # attention functions
+    "dot_product_attention",
+    "tree_attention",
+    "decode_attention",
+    "attention_fn",
+    # layers and model
+    "MultiHeadAttention",
+    "Transformer",
+    "TransformerConfig",
+    "RopeScaling",
+    "KVCache",
+    "load_hf_llama",
+]

@@ -1,0 +1,367 @@
+"""Flax NNX layers: RMSNorm, RoPE, SwiGLU, `MultiHeadAttention`, and `attention_fn` for stock Flax layers.
+
+`MultiHeadAttention` mirrors `flax.nnx.MultiHeadAttention` (same parameter names `query`, `key`,
+`value`, `out` with the same shapes, same call signature) and adds GQA, RoPE, windows, segment ids
+and calls that read and write a `KVCache`. `attention_fn` plugs our attention into
+`nnx.MultiHeadAttention(attention_fn=...)` and `linen.MultiHeadDotProductAttention(attention_fn=...)`.
+
+RoPE follows the Llama / Hugging Face "rotate half" layout: feature i pairs with i + D/2 (not with
+i + 1), so Llama checkpoints load without permuting their projection weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fa2jax import attention
+from fa2jax.config import RopeScaling
+from fa2jax.kv_cache import KVCache
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, with the statistics in float32 whatever the input dtype (as Llama does)."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        del rngs  # deterministic init; the argument keeps the usual nnx constructor shape
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return normed.astype(dtype) * self.scale[...].astype(dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """Inverse frequencies [D/2] float32: theta ** (-2i / D), optionally rescaled for long contexts."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # "llama3": long wavelengths (beyond original_len / low_freq_factor) are slowed by `factor`, short
+    # ones (below original_len / high_freq_factor) kept, and the band between interpolated linearly.
+    wavelength = 2 * math.pi / inv_freq
+    low_wavelength = scaling.original_max_len / scaling.low_freq_factor
+    high_wavelength = scaling.original_max_len / scaling.high_freq_factor
+    smooth = (scaling.original_max_len / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelength > low_wavelength, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength <= low_wavelength) & (wavelength >= high_wavelength)
+    return jnp.where(in_band, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates feature pairs (i, i + D/2) of x by positions * inv_freq[i].
+
+    Args:
+        x: [B, T, H, D].
+        positions: [B, T] integer positions.
+        inv_freq: [D/2] float32 from `rope_frequencies`.
+
+    Returns:
+        [B, T, H, D] in x's dtype (the rotation itself is computed in float32).
+    """
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its packed segment: [B, T] ids -> [B, T] int32, 0 at each start.
+
+    A segment starts wherever the id differs from the previous token's.
+    """
+    T = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    last_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - last_start
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)), bias-free (Llama's MLP)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kwargs = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = nnx.Linear(d_model, d_ff, **kwargs)
+        self.up = nnx.Linear(d_model, d_ff, **kwargs)
+        self.down = nnx.Linear(d_ff, d_model, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, d_model]
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with GQA, RoPE, causal/window masks, segments, dropout and KV-cache calls.
+
+    Parameters match `flax.nnx.MultiHeadAttention`: `query` [F, H, D], `key` / `value` [F, K, D],
+    `out` [H, D, F_out] (LinearGeneral kernels, biases when `use_bias`).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        head_dim: int | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        kernel_init=nnx.initializers.lecun_normal(),
+        out_kernel_init=None,
+        bias_init=nnx.initializers.zeros_init(),
+        use_bias: bool = True,
+        is_causal: bool = False,
+        window_size: tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+        rope_theta: float | None = None,
+        rope_scaling: RopeScaling | None = None,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        """Args (beyond nnx.MultiHeadAttention's):
+            head_dim: D, when it is not qkv_features // num_heads (qkv_features is then ignored).
+            is_causal: default causality of __call__ (the call's `is_causal` overrides it).
+            window_size: (left, right) local window, -1 = unbounded.
+            softcap: logit softcap, 0 = off.
+            rope_theta: apply RoPE with this base to queries and keys; None = no RoPE.
+            rope_scaling: optional RoPE rescaling.
+            implementation: "pallas" | "xla" | "cudnn" | None, see `fa2jax.dot_product_attention`.
+        """
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim is None:
+            qkv_features = qkv_features or in_features
+            if qkv_features % num_heads:
+                raise ValueError(f"qkv_features must be divisible by num_heads, got {qkv_features=} {num_heads=}")
+            head_dim = qkv_features // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads must be a multiple of num_kv_heads, got {num_heads=} {num_kv_heads=}")
+        if rope_theta is not None and head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {head_dim=}")
+        attention._check_implementation(implementation)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.in_features = in_features
+        self.out_features = out_features or in_features
+        self.dropout_rate = dropout_rate
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.window_size = tuple(window_size)
+        self.softcap = softcap
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.implementation = implementation
+        self.dtype = dtype
+
+        def proj(in_f, heads):
+            return nnx.LinearGeneral(in_f, (heads, head_dim), use_bias=use_bias, dtype=dtype,
+                                     param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+                                     rngs=rngs)
+
+        in_kv_features = in_kv_features or in_features
+        self.query = proj(in_features, num_heads)
+        self.key = proj(in_kv_features, num_kv_heads)
+        self.value = proj(in_kv_features, num_kv_heads)
+        self.out = nnx.LinearGeneral((num_heads, head_dim), self.out_features, axis=(-2, -1), use_bias=use_bias,
+                                     dtype=dtype, param_dtype=param_dtype, kernel_init=out_kernel_init or kernel_init,
+                                     bias_init=bias_init, rngs=rngs)
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+
+    def _rope(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+        if self.rope_theta is None:
+            return x
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        return apply_rope(x, positions, rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling))
+
+    def project(self, inputs_q, inputs_kv, positions_q=None, positions_kv=None):
+        """Queries [B, T, H, D] and keys/values [B, S, K, D], RoPE applied to queries and keys."""
+        q = self._rope(self.query(inputs_q), positions_q)
+        k = self._rope(self.key(inputs_kv), positions_kv)
+        return q, k, self.value(inputs_kv)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,  # [B, T, F]
+        inputs_k: jax.Array | None = None,  # [B, S, F_kv]
+        inputs_v: jax.Array | None = None,  # [B, S, F_kv]
+        *,
+        mask: jax.Array | None = None,  # [B|1, H|1, T, S], bool or nonzero = attend
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        is_causal: bool | None = None,
+        segment_ids=None,
+        positions: jax.Array | None = None,  # [B, T]
+        kv_positions: jax.Array | None = None,  # [B, S]
+    ) -> jax.Array:
+        """Attention of inputs_q to inputs_k / inputs_v (self-attention when both are None).
+
+        Args:
+            mask: True where a query may attend to a key.
+            deterministic: no dropout when True; defaults to the constructor's value.
+            rngs: dropout randomness (else the stream forked at construction).
+            is_causal: overrides the constructor's default.
+            segment_ids: [B, T] (self-attention) or (q_ids [B, T], kv_ids [B, S]).
+            positions / kv_positions: RoPE positions, default 0..T-1 / 0..S-1.
+
+        Returns:
+            [B, T, F_out].
+        """
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError("inputs_v needs inputs_k: pass the shared array as inputs_k alone")
+            inputs_k = inputs_q
+            if kv_positions is None:
+                kv_positions = positions
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        if inputs_q.shape[-1] != self.in_features:
+            raise ValueError(f"inputs_q must end in in_features={self.in_features}, got {inputs_q.shape=}")
+        if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+            mask = jnp.asarray(mask) != 0  # Flax's mask helpers build float 0/1 masks
+        q = self._rope(self.query(inputs_q), positions)
+        k = self._rope(self.key(inputs_k), kv_positions)
+        v = self.value(inputs_v)
+        dropout_rate, dropout_rng = 0.0, None
+        if self.dropout_rate > 0:
+            deterministic = self.deterministic if deterministic is None else deterministic
+            if deterministic is None:
+                raise ValueError("dropout_rate > 0 needs `deterministic` in the call or the constructor")
+            if not deterministic:
+                stream = self.rngs if rngs is None else rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+                if stream is None:
+                    raise ValueError("dropout needs rngs: pass rngs= to the call")
+                dropout_rate, dropout_rng = self.dropout_rate, stream()
+        out = attention.dot_product_attention(
+            q, k, v, mask=mask, is_causal=self.is_causal if is_causal is None else is_causal,
+            local_window_size=self.window_size, segment_ids=segment_ids, softcap=self.softcap,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=self.implementation)
+        return self.out(out)
+
+    def prefill(self, inputs: jax.Array, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:
+        """Causal self-attention over right-padded rows that start at position 0; K/V written to slots [0, T).
+
+        Padding after a row's true length is written too; it lies past the row's length, where later
+        calls overwrite it and nothing reads it as context.
+
+        Args:
+            inputs: [B, T, F].
+            cache: its `layer` is overwritten from slot 0; lengths are left to the caller.
+            layer: static layer index.
+
+        Returns:
+            ([B, T, F_out], updated cache).
+        """
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape[:2])
+        q, k, v = self.project(inputs, inputs, positions, positions)
+        cache = cache.write(layer, k, v, jnp.zeros_like(cache.lengths))
+        out = attention.dot_product_attention(q, k, v, is_causal=True, local_window_size=self.window_size,
+                                              softcap=self.softcap, implementation=self.implementation)
+        return self.out(out), cache
+
+    def extend(
+        self,
+        inputs: jax.Array,  # [B, T, F]
+        positions: jax.Array,  # [B, T]
+        cache: KVCache,
+        layer: int,
+        tree_mask: jax.Array | None = None,  # bool [T, T] or [B, T, T]
+    ) -> tuple[jax.Array, KVCache]:
+        """Attends T new tokens to the cache after writing their K/V at slots cache.lengths + [0, T).
+
+        Without `tree_mask` the tokens form a chain (decode: causal among themselves); with it they are
+        tree nodes and node i sees node j only where tree_mask[i, j]. Lengths are not advanced.
+
+        Returns:
+            ([B, T, F_out], cache with this layer's slots written).
+        """
+        if self.window_size != (-1, -1):
+            raise ValueError(f"cached attention has no local window, got {self.window_size=}")
+        q, k, v = self.project(inputs, inputs, positions, positions)
+        cache = cache.write(layer, k, v, cache.lengths)
+        keys, values = cache.keys[layer], cache.values[layer]  # [B, S, K, D]
+        if tree_mask is None:
+            out = attention.decode_attention(q, keys, values, cache.lengths, softcap=self.softcap,
+                                             implementation=self.implementation)
+        else:
+            out = attention.tree_attention(q, keys, values, cache.lengths, tree_mask, softcap=self.softcap,
+                                           implementation=self.implementation)
+        return self.out(out), cache
+
+
+def attention_fn(
+    query: jax.Array,  # [batch..., T, H, D]
+    key: jax.Array,  # [batch..., S, K, D]
+    value: jax.Array,  # [batch..., S, K, D]
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,  # bool, broadcastable to [batch..., H, T, S]
+    broadcast_dropout: bool = True,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype=None,
+    precision=None,
+    module=None,
+    is_causal: bool = False,
+    *,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Drop-in `attention_fn` for `nnx.MultiHeadAttention` and `linen.MultiHeadDotProductAttention`.
+
+    Takes the arguments those layers pass (Flax's `dot_product_attention` signature). Choose an
+    implementation with `functools.partial(attention_fn, implementation="pallas")`.
+
+    Our dropout draws an independent pattern per batch row and head, so active dropout needs the layer
+    built with `broadcast_dropout=False` (Flax's default, True, shares one pattern across batch and
+    heads, which the kernels cannot reproduce). Attention weights cannot be sown (`sow_weights`), and
+    `precision` is left to JAX's default matmul precision.
+
+    Returns:
+        [batch..., T, H, D].
+    """
+    del precision  # matmul precision follows jax_default_matmul_precision
+    if module is not None:
+        raise ValueError("fa2jax.attention_fn never materialises attention weights: call without sow_weights")
+    dropping = dropout_rate > 0 and not deterministic
+    if dropping and broadcast_dropout:
+        raise ValueError(f"fa2jax.attention_fn drops weights per batch row and head; build the layer with "
+                         f"broadcast_dropout=False (got {broadcast_dropout=}, {dropout_rate=})")
+    if dtype is not None:
+        query, key, value = (x.astype(dtype) for x in (query, key, value))
+    batch_shape = query.shape[:-3]
+    T, H, D = query.shape[-3:]
+    S, K = key.shape[-3], key.shape[-2]
+    B = math.prod(batch_shape)
+
+    def to_4d(x):  # broadcastable to [batch..., h, T, S] -> [B|1, h, T, S]
+        x = jnp.asarray(x)
+        rank = len(batch_shape) + 3
+        x = x.reshape((1,) * (rank - x.ndim) + x.shape)
+        if all(d == 1 for d in x.shape[:-3]):
+            return x.reshape((1,) + x.shape[-3:])
+        return jnp.broadcast_to(x, batch_shape + x.shape[-3:]).reshape((B,) + x.shape[-3:])
+
+    out = attention.dot_product_attention(
+        query.reshape(B, T, H, D), key.reshape(B, S, K, D), value.reshape(B, S, K, value.shape[-1]),
+        bias=None if bias is None else to_4d(bias),
+        mask=None if mask is None else to_4d(mask) != 0,
+        is_causal=is_causal, dropout_rate=dropout_rate if dropping else 0.0,
+        dropout_rng=dropout_rng if dropping else None, implementation=implementation)
+    return out.reshape(batch_shape + (T, H, value.shape[-1]))

@@ -1,0 +1,190 @@
+"""`Transformer`: a Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA) with KV-cache and tree-verify calls.
+
+Calls, all pure once split with `nnx.split` (lengths are data, so none recompiles per length):
+    model(tokens, segment_ids, positions)        training forward over packed sequences -> logits
+    model.init_cache(batch, max_len)             an empty `KVCache`
+    model.prefill(tokens, lengths, cache)        right-padded prompts -> logits, cache
+    model.decode(tokens, cache)                  T new tokens per row -> logits, cache (lengths += T)
+    model.verify_tree(tokens, tree_mask, cache)  N speculative tree nodes -> logits (lengths unchanged)
+and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2jax.kv_cache`).
+
+Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fa2jax.config import TransformerConfig
+from fa2jax.kv_cache import KVCache
+from fa2jax.layers import MultiHeadAttention, RMSNorm, SwiGLU, segment_positions
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        norm = dict(epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+        self.attn_norm = RMSNorm(config.d_model, **norm)
+        self.attn = MultiHeadAttention(
+            config.num_heads, config.d_model, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+            dtype=config.dtype, param_dtype=config.param_dtype, use_bias=False, is_causal=True,
+            rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, implementation=config.attention_impl,
+            rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, **norm)
+        self.mlp = SwiGLU(config.d_model, config.d_ff, dtype=config.dtype, param_dtype=config.param_dtype,
+                          rngs=rngs)
+
+    def __call__(self, x, *, segment_ids, positions):  # x [B, T, d_model]
+        x = x + self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x, cache: KVCache, layer: int):
+        attn, cache = self.attn.prefill(self.attn_norm(x), cache, layer)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+    def extend(self, x, positions, cache: KVCache, layer: int, tree_mask=None):
+        attn, cache = self.attn.extend(self.attn_norm(x), positions, cache, layer, tree_mask)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model; see the module docstring for its calls.
+
+    Parameters: `embed` (nnx.Embed [V, d_model]), `layers[i]` (`Block`: attn_norm, attn.{query, key,
+    value, out}, mlp_norm, mlp.{gate, up, down}), `final_norm`, and `lm_head` [d_model, V] unless
+    embeddings are tied.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
+                               param_dtype=config.param_dtype,
+                               embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.d_model, epsilon=config.norm_eps, dtype=config.dtype,
+                                  param_dtype=config.param_dtype)
+        if config.tie_embeddings:
+            self.lm_head = nnx.data(None)
+        else:
+            self.lm_head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=config.dtype,
+                                      param_dtype=config.param_dtype, rngs=rngs)
+
+    def _check_tokens(self, tokens: jax.Array, name: str = "tokens") -> None:
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer [B, T] array, got {tokens.shape=} {tokens.dtype=}")
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32."""
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            weight = self.embed.embedding[...].astype(x.dtype)  # [V, d_model]
+            return jnp.einsum("btd,vd->btv", x, weight, preferred_element_type=jnp.float32)
+        weight = self.lm_head.kernel[...].astype(x.dtype)  # [d_model, V]
+        return jnp.einsum("btd,dv->btv", x, weight, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int
+        segment_ids: jax.Array | None = None,  # [B, T] int
+        positions: jax.Array | None = None,  # [B, T] int
+    ) -> jax.Array:
+        """Training forward: causal attention within each packed segment.
+
+        Args:
+            tokens: [B, T] token ids.
+            segment_ids: [B, T]; a token attends only to earlier tokens of the same id (id 0 may be
+                padding: it is a segment like any other, so mask it out of the loss).
+            positions: [B, T] RoPE positions; by default each segment counts from 0 (or 0..T-1).
+
+        Returns:
+            logits [B, T, V] float32.
+        """
+        self._check_tokens(tokens)
+        if positions is None:
+            if segment_ids is None:
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            else:
+                positions = segment_positions(segment_ids)
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x, segment_ids=segment_ids, positions=positions)
+        return self._logits(x)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """An empty KV cache for `batch` rows of `max_len` (default config.max_len) tokens.
+
+        Args:
+            dtype: storage dtype, default the compute dtype.
+        """
+        c = self.config
+        return KVCache.create(c.num_layers, batch, max_len or c.max_len, c.num_kv_heads, c.head_dim,
+                              dtype or c.dtype)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs right-padded prompts from position 0 and fills the cache.
+
+        Args:
+            tokens: [B, T]; row b's prompt is tokens[b, :lengths[b]], the rest is padding.
+            lengths: [B] int32 prompt lengths.
+            cache: a cache with T <= max_len; every row is overwritten from slot 0.
+
+        Returns:
+            (logits [B, T, V] float32, cache with lengths = lengths). Logits at padding are meaningless.
+        """
+        self._check_tokens(tokens)
+        if tokens.shape[1] > cache.max_len:
+            raise ValueError(f"prompt longer than the cache: {tokens.shape=} vs {cache.max_len=}")
+        x = self.embed(tokens)
+        for layer, block in enumerate(self.layers):
+            x, cache = block.prefill(x, cache, layer)
+        return self._logits(x), cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
+
+    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Appends T tokens per row at positions lengths .. lengths + T - 1 (causal among themselves).
+
+        Args:
+            tokens: [B, T]; the caller keeps lengths + T <= max_len (slots past it are dropped).
+            cache: the committed context.
+
+        Returns:
+            (logits [B, T, V] float32, cache with lengths += T).
+        """
+        self._check_tokens(tokens)
+        T = tokens.shape[1]
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+        x = self.embed(tokens)
+        for layer, block in enumerate(self.layers):
+            x, cache = block.extend(x, positions, cache, layer)
+        return self._logits(x), cache.replace(lengths=cache.lengths + T)
+
+    def verify_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Scores N speculative tree nodes in one pass.
+
+        Node i sits at RoPE position lengths[b] + depth(i), depth(i) = tree_mask[i].sum() - 1, and its K/V
+        go to slot lengths[b] + i; lengths are not advanced (`cache.accept` commits the accepted path).
+
+        Args:
+            tokens: [B, N] node tokens, parents before children.
+            tree_mask: bool [N, N] or [B, N, N]; tree_mask[i, j] iff j is i or an ancestor of i.
+            cache: the committed context; the caller keeps lengths + N <= max_len.
+
+        Returns:
+            (logits [B, N, V] float32, cache with the nodes' K/V written).
+        """
+        self._check_tokens(tokens)
+        B, N = tokens.shape
+        tree_mask = jnp.asarray(tree_mask)
+        if tree_mask.shape not in ((N, N), (B, N, N)) or tree_mask.dtype != jnp.bool_:
+            raise ValueError(f"tree_mask must be bool [N, N] or [B, N, N] with {B=} {N=}, got "
+                             f"{tree_mask.shape=} {tree_mask.dtype=}")
+        depth = jnp.broadcast_to(tree_mask.sum(-1, dtype=jnp.int32) - 1, (B, N))  # [B, N]
+        positions = cache.lengths[:, None] + depth
+        x = self.embed(tokens)
+        for layer, block in enumerate(self.layers):
+            x, cache = block.extend(x, positions, cache, layer, tree_mask)
+        return self._logits(x), cache

@@ -1,0 +1,116 @@
+"""load_hf_llama against transformers' own LlamaForCausalLM (torch on CPU, f32)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fa2jax import load_hf_llama
+from fa2jax.hf_llama import config_from_hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def _hf_model(tmp_path, **overrides):
+    """A random tiny LlamaForCausalLM saved (in several shards) to tmp_path; returns the torch model."""
+    torch.manual_seed(0)
+    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True, dtype="float32")
+    settings.update(overrides)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    return model
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tied")
+    return _hf_model(directory), directory
+
+
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=50000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+@pytest.mark.parametrize("variant", ["tied_gqa", "untied_mqa_llama3_rope"])
+def test_logits_match_transformers(tied, tmp_path, variant):
+    if variant == "tied_gqa":
+        hf_model, directory = tied
+    else:
+        directory = tmp_path
+        hf_model = _hf_model(directory, tie_word_embeddings=False, num_key_value_heads=1, head_dim=16,
+                             rope_parameters=LLAMA3_ROPE)
+    assert len(list(directory.glob("*.safetensors"))) > 1  # the sharded layout is exercised
+    config, model = load_hf_llama(directory, attention_impl="xla")
+    assert config.tie_embeddings == (variant == "tied_gqa")
+
+    lengths = np.array([11, 6])
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 11))
+    attention_mask = (np.arange(11)[None] < lengths[:, None]).astype(np.int64)
+    tokens = tokens * attention_mask  # right padding with id 0
+    with torch.no_grad():
+        expected = hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(attention_mask)).logits.numpy()
+    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    for b in range(2):
+        np.testing.assert_allclose(ours[b, :lengths[b]], expected[b, :lengths[b]], atol=1e-4, rtol=0)
+
+
+def test_greedy_continuation_matches_generate(tied):
+    hf_model, directory = tied
+    _, model = load_hf_llama(directory, attention_impl="xla")
+    prompts = [[5, 17, 3, 60, 2, 9, 41], [8, 1, 77]]
+    new_tokens = 6
+
+    expected = []
+    for prompt in prompts:  # one row at a time: generate() has no right-padded batches
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def generate(state, tokens, lengths):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.prefill(tokens, lengths, m.init_cache(tokens.shape[0], 32))
+        token = jnp.argmax(logits[jnp.arange(tokens.shape[0]), lengths - 1], axis=-1)[:, None]
+
+        def step(carry, _):
+            token, cache = carry
+            logits, cache = m.decode(token, cache)
+            return (jnp.argmax(logits[:, -1], axis=-1)[:, None], cache), token[:, 0]
+
+        _, out = jax.lax.scan(step, (token, cache), None, length=new_tokens)
+        return out.T  # [B, new_tokens]
+
+    lengths = jnp.array([len(p) for p in prompts], jnp.int32)
+    tokens = jnp.array([p + [0] * (7 - len(p)) for p in prompts], jnp.int32)
+    np.testing.assert_array_equal(generate(state, tokens, lengths), np.array(expected))
+
+
+def test_unsupported_checkpoints_raise(tied):
+    _, directory = tied
+    hf = json.loads((directory / "config.json").read_text())
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        config_from_hf({**hf, "model_type": "mistral"})
+    with pytest.raises(ValueError, match="kind='yarn'"):
+        config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="kind='dynamic'"):
+        config_from_hf({**hf, "rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match="attention_bias"):
+        config_from_hf({**hf, "attention_bias": True})
+    with pytest.raises(ValueError, match="hidden_act"):
+        config_from_hf({**hf, "hidden_act": "gelu"})
+    old_style = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    config = config_from_hf({**old_style, "rope_theta": 5e5, "torch_dtype": "bfloat16"})
+    assert config.rope_theta == 5e5 and config.param_dtype == jnp.bfloat16 and config.rope_scaling is None
+    with pytest.raises(ValueError, match="config.json"):
+        load_hf_llama(directory / "missing")
