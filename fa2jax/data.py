@@ -49,7 +49,7 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _is_text(path: Path) -> str | None:
+def _read_text(path: Path) -> str | None:
     """The file's text if it is non-empty UTF-8 without NUL bytes, else None."""
     try:
         raw = path.read_bytes()
@@ -82,8 +82,11 @@ def find_documents(
     exclude: tuple[str, ...] = ()
     if paths is None:
         paths, suffixes, exclude = [stdlib_root()], (".py",), _STDLIB_EXCLUDE
+    roots = [Path(p) for p in paths]
     docs: dict[str, Document] = {}
-    for root in map(Path, paths):
+    for root in roots:
+        # With several roots, names start with the root's own name so that a/x.py and b/x.py differ.
+        prefix = f"{root.name}/" if len(roots) > 1 and root.is_dir() else ""
         if root.is_file():
             candidates = [(root, root.name)]
         elif root.is_dir():
@@ -93,15 +96,18 @@ def find_documents(
                 if any(part in exclude or part.startswith(".") for part in rel.parts):
                     continue
                 if p.is_file():
-                    candidates.append((p, rel.as_posix()))
+                    candidates.append((p, prefix + rel.as_posix()))
         else:
             raise ValueError(f"no such file or folder: {str(root)=}")
         for p, name in candidates:
             if suffixes is not None and not p.name.endswith(tuple(suffixes)):
                 continue
-            text = _is_text(p)
-            if text is not None:
-                docs.setdefault(name, Document(name, text))
+            text = _read_text(p)
+            if text is None:
+                continue
+            if name in docs:
+                raise ValueError(f"two input files share the {name=}; pass their common parent folder")
+            docs[name] = Document(name, text)
     return [docs[k] for k in sorted(docs)]
 
 
@@ -268,3 +274,11 @@ def eval_batches(
         if short:
             batch = {k: np.pad(v, ((0, short), (0, 0))) for k, v in batch.items()}
         yield batch
+
+
+def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, seq_len: int) -> tuple[PackedRows, PackedRows]:
+    """Tokenizes and packs both splits (padding with end-of-text); returns (train, val) rows."""
+    return tuple(
+        pack_documents(tokenize_documents(tokenizer, docs), seq_len, pad_id=tokenizer.eos_id)
+        for docs in (corpus.train, corpus.val)
+    )

@@ -1,0 +1,95 @@
+"""Train an fa2jax Transformer on real text with the FlashAttention-2 kernels.
+
+  python examples/train.py --preset tiny                      # CPU, the stdlib as data, minutes
+  python examples/train.py --preset target-1b --out out/target
+  python examples/train.py --preset draft-20m --teacher out/target --distill-weight 0.5
+  python examples/train.py ... --resume                       # continue the run in --out exactly
+
+Every field of TransformerConfig and TrainConfig is a flag (--d-model, --grad-accum, ...);
+unset flags keep the preset's value. Writes <out>/checkpoints/, metrics.jsonl and loss.png.
+"""
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from fa2jax import checkpoint as ckpt
+from fa2jax.data import find_documents, pack_corpus, split_documents
+from fa2jax.tokenizer import BPETokenizer, ByteTokenizer
+from fa2jax.training import TrainConfig, model_config_from_dict, presets, resolve_checkpoint, train
+
+MODEL_FLAGS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "rope_theta",
+               "norm_eps", "max_len", "tie_embeddings")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets()), default="tiny")
+    p.add_argument("--data", nargs="+", help="text files or folders (default: this Python's stdlib)")
+    p.add_argument("--suffix", nargs="+", help="only files ending so, e.g. .py .md (default: all text)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--tokenizer", choices=("bpe", "bytes"), default="bpe")
+    p.add_argument("--bpe-vocab", type=int, help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--out", help="run folder (default: out/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--teacher", help="checkpoint or run folder to distil from (same tokenizer)")
+    p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (parameters stay float32)")
+    p.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
+                   help="default: pallas on GPU, automatic elsewhere")
+    p.add_argument("--no-progress", action="store_true")
+    base = presets()["tiny"]
+    for name in MODEL_FLAGS:
+        kind = type(getattr(base.model, name))
+        p.add_argument("--" + name.replace("_", "-"), type=None if kind is bool else kind,
+                       action=argparse.BooleanOptionalAction if kind is bool else "store")
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default))
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    preset = presets()[args.preset]
+    out = args.out or f"out/{args.preset}"
+    set_flags = lambda names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
+    train_cfg = dataclasses.replace(preset.train, **set_flags(f.name for f in dataclasses.fields(TrainConfig)))
+    docs = find_documents(args.data, args.suffix)
+    corpus = split_documents(docs, args.val_fraction)
+    print(f"{len(docs)} files: {len(corpus.train)} train, {len(corpus.val)} validation")
+
+    latest = ckpt.latest_checkpoint(f"{out}/checkpoints") if args.resume else None
+    if latest is not None:  # the run's own configs and tokenizer: exact continuation
+        meta = ckpt.read_metadata(latest)
+        model_cfg = model_config_from_dict(meta["model_config"])
+        train_cfg = ckpt.config_from_dict(TrainConfig, meta["train_config"])
+        tokenizer = ckpt.read_tokenizer(latest)
+        print(f"resuming from {latest} (size and training flags are taken from it)")
+    else:
+        if args.teacher:
+            tokenizer = ckpt.read_tokenizer(resolve_checkpoint(args.teacher))
+        elif args.tokenizer == "bytes":
+            tokenizer = ByteTokenizer()
+        else:
+            tokenizer = BPETokenizer.train((d.text for d in corpus.train), args.bpe_vocab or preset.bpe_vocab)
+        teacher_vocab = args.teacher and ckpt.read_metadata(resolve_checkpoint(args.teacher))["model_config"]
+        # Logit rows rounded up to a multiple of 128 for the matmul tiles; extra ids are never targets.
+        vocab = teacher_vocab["vocab_size"] if teacher_vocab else -(-tokenizer.vocab_size // 128) * 128
+        on_gpu = jax.default_backend() == "gpu"
+        model_cfg = preset.model.replace(
+            **{"max_len": max(preset.model.max_len, train_cfg.seq_len), **set_flags(MODEL_FLAGS)},
+            vocab_size=vocab, param_dtype=jnp.float32, dtype=args.dtype or preset.model.dtype,
+            attention_impl=args.attention_impl or ("pallas" if on_gpu else None))
+    train_rows, val_rows = pack_corpus(corpus, tokenizer, train_cfg.seq_len)
+    print(f"{train_rows.num_rows} x {train_cfg.seq_len} training rows, {val_rows.num_rows} validation rows, "
+          f"vocabulary {tokenizer.vocab_size}")
+    summary = train(model_cfg, train_cfg, train_rows, val_rows, out, tokenizer, resume=args.resume,
+                    teacher=args.teacher, progress=not args.no_progress)
+    for key in ("step", "loss", "val_loss", "val_ppl", "acceptance_before", "acceptance_after"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+    print(f"wrote {out}/checkpoints, {out}/metrics.jsonl, {out}/loss.png")
+
+
+if __name__ == "__main__":
+    main()
