@@ -33,7 +33,6 @@ class TreeProblem:
     dtype: jnp.dtype
     sm_scale: float
     softcap: float
-    mask_batched: bool  # tree_mask is [B, N, N] rather than one [N, N] shared by every row
 
     @property
     def group_size(self) -> int:
@@ -108,12 +107,13 @@ def validate(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale, softcap
         dtype=jnp.dtype(q.dtype),
         sm_scale=sm_scale,
         softcap=softcap,
-        mask_batched=tree_mask.ndim == 3,
     )
 
 
 def _concrete_value(x) -> np.ndarray | None:
-    """x as a NumPy array, or None when x is traced (its values unknown at trace time)."""
+    """x as a NumPy array, or None when its values are unknown at trace time (a tracer, a shape)."""
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        return None
     try:
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-WORD_BITS = 32
+WORD_BITS = 32  # the shifts in tree_bits assume this
 
 
 def num_words(num_nodes: int) -> int:
@@ -49,8 +49,8 @@ def tree_bits(words: list[jax.Array], node_index: jax.Array) -> jax.Array:
     words: W int32 arrays [R] (word w of every row); node_index: int32 [C], each in [0, 32 * W).
     Used inside the kernel on one tile, so it only uses elementwise integer ops.
     """
-    word_of = node_index // WORD_BITS
-    shift = (node_index % WORD_BITS)[None, :]
+    word_of = node_index >> 5  # node_index // 32 for node_index >= 0
+    shift = (node_index & (WORD_BITS - 1))[None, :]
     visible = None
     for w, word in enumerate(words):
         bit = ((word[:, None] >> shift) & 1) == 1

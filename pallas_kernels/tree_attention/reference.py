@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.tree_attention.arguments import validate
+
 
 def tree_visibility(cache_lengths: jax.Array, tree_mask: jax.Array, cache_size: int) -> jax.Array:
     """bool [B, N, S]: which cache slots each tree node attends to.
@@ -44,12 +46,19 @@ def tree_attention_reference(
     return_lse: bool = False,
     interpret: bool | None = None,
 ):
-    """Dense f32 tree attention. Returns out [B, N, H, D] (q's dtype) and, if asked, lse [B, H, N]."""
-    del num_splits, interpret
+    """Dense f32 tree attention. Returns out [B, N, H, D] (q's dtype) and, if asked, lse [B, H, N].
+
+    Validates its arguments like `tree_attention` (same ValueErrors); num_splits and interpret are
+    accepted and ignored.
+    """
+    del interpret
+    cache_lengths, tree_mask = jnp.asarray(cache_lengths), jnp.asarray(tree_mask)
+    problem = validate(q, k_cache, v_cache, cache_lengths, tree_mask, sm_scale=sm_scale, softcap=softcap,
+                       num_splits=num_splits)
     B, N, H, D = q.shape
     S, K = k_cache.shape[1], k_cache.shape[2]
-    G = H // K
-    sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
+    G = problem.group_size
+    sm_scale, softcap = problem.sm_scale, problem.softcap
     visible = tree_visibility(cache_lengths, tree_mask, S)  # [B, N, S]
 
     # Unread slots may hold NaN: zero them before they meet a matmul (0 * NaN would leak).
