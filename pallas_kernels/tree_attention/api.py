@@ -1,0 +1,137 @@
+"""Public tree and decode attention: validation, layout, split choice, kernel dispatch.
+
+`tree_attention` computes, for every node of a token tree (SpecInfer's verifier step), attention
+over the committed prefix of its cache row plus its own ancestors in the tree, in one fused Pallas
+kernel (see triton_kernel.py for the algorithm). `decode_attention` is the chain-tree special case.
+
+Out-of-range lengths: traced values cannot raise. When cache_lengths[b] < 0 it is treated as 0;
+when cache_lengths[b] + N > S, the kernel clamps every load to [0, S) and reads no memory outside
+the cache, but nodes whose slot would lie past S are not found, so the rows of that batch element
+are meaningless (a node that sees no key at all gives zeros and lse -inf). `checked_tree_attention`
+returns a checkify error for these cases; use it while debugging.
+
+Inference only: there is no VJP (SpecInfer's verification does not train).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import checkify
+
+from pallas_kernels.tree_attention import arguments
+from pallas_kernels.tree_attention.triton_kernel import tree_attention_call
+from pallas_kernels.tree_attention.tuning import (
+    TreeAttentionConfig,
+    next_power_of_two,
+    num_splits_heuristic,
+    row_tiling,
+)
+
+
+def tree_attention(
+    q: jax.Array,  # [B, N, H, D]
+    k_cache: jax.Array,  # [B, S, K, D]
+    v_cache: jax.Array,  # [B, S, K, D]
+    cache_lengths: jax.Array,  # [B] int32
+    tree_mask: jax.Array,  # [N, N] or [B, N, N] bool
+    *,
+    sm_scale: float | None = None,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    interpret: bool | None = None,
+    config: TreeAttentionConfig | None = None,
+):
+    """Attention of every tree node over the committed prefix and its own ancestors.
+
+    Args:
+      q: [B, N, H, D] queries of the N <= 128 tree nodes.
+      k_cache, v_cache: [B, S, K, D]. Row b holds the committed prefix at [0, cache_lengths[b]) and
+        the tree nodes' keys/values at [cache_lengths[b], cache_lengths[b] + N). Other slots are
+        never read into the result (they may hold garbage or NaN). H % K == 0 (GQA/MQA).
+      cache_lengths: [B] int32, committed tokens per row; needs 0 <= cache_lengths[b] <= S - N
+        (see the module docstring for what happens otherwise).
+      tree_mask: bool [N, N] or [B, N, N]; [i, j] True iff node j is node i or an ancestor of i.
+        A node whose row is only itself (padding of a smaller tree) is a valid query.
+      sm_scale: score scale, D ** -0.5 by default.
+      softcap: > 0 applies softcap * tanh(s / softcap) to the scaled scores.
+      num_splits: prefix splits (flash-decoding); None picks by `num_splits_heuristic`.
+      return_lse: also return the log-sum-exp of the scores.
+      interpret: run the Pallas interpreter; None means "unless the default backend is a GPU".
+      config: tile sizes and launch parameters; None picks `TreeAttentionConfig.heuristic`.
+
+    Returns:
+      out [B, N, H, D] in q's dtype, and lse [B, H, N] float32 (natural log) if `return_lse`.
+
+    Raises:
+      ValueError at trace time for wrong ranks or dims, N > 128, H % K != 0, a mask that is not
+      boolean or not [N, N] / [B, N, N], or (when the mask is concrete) not a tree closure.
+
+    Not differentiable: verification is inference only, and no VJP is defined.
+    """
+    cache_lengths, tree_mask = _as_array(cache_lengths), _as_array(tree_mask)
+    problem = arguments.validate(q, k_cache, v_cache, cache_lengths, tree_mask, sm_scale=sm_scale,
+                                 softcap=softcap, num_splits=num_splits)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if config is None:
+        config = TreeAttentionConfig.heuristic(next_power_of_two(problem.head_dim), problem.dtype,
+                                               problem.num_nodes * next_power_of_two(problem.group_size))
+    if num_splits is None:
+        tiling = row_tiling(problem.num_nodes, problem.group_size, config.block_rows)
+        num_splits = num_splits_heuristic(batch=problem.batch, num_kv_heads=problem.num_kv_heads,
+                                          row_blocks=tiling.node_blocks, cache_size=problem.cache_size,
+                                          block_k=config.block_k, block_rows=tiling.block_rows)
+    out, lse = _tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, sm_scale=problem.sm_scale,
+                               softcap=problem.softcap, num_splits=num_splits, config=config,
+                               interpret=bool(interpret))
+    return (out, lse) if return_lse else out
+
+
+def _as_array(x):
+    """Lists become NumPy arrays (a concrete mask keeps its trace-time checks); arrays pass through."""
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+
+
+_tree_attention = jax.jit(tree_attention_call,
+                          static_argnames=("sm_scale", "softcap", "num_splits", "config", "interpret"))
+
+
+def decode_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k_cache: jax.Array,  # [B, S, K, D]
+    v_cache: jax.Array,  # [B, S, K, D]
+    cache_lengths: jax.Array,  # [B] int32
+    *,
+    sm_scale: float | None = None,
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    interpret: bool | None = None,
+    config: TreeAttentionConfig | None = None,
+):
+    """Attention of the T newest tokens of each cache row (T <= 128, usually 1).
+
+    `cache_lengths[b]` counts the committed tokens BEFORE the T new ones, exactly as in
+    `tree_attention`: the new tokens' keys/values sit at [cache_lengths[b], cache_lengths[b] + T) and
+    token t sees the prefix and new tokens 0..t (a chain tree, i.e. bottom-right causal). This is
+    `tree_attention` with a lower-triangular mask; arguments and returns are the same.
+    """
+    T = q.shape[1] if q.ndim == 4 else 0  # a wrong rank is reported by tree_attention's validation
+    chain = np.tril(np.ones((T, T), dtype=bool))
+    return tree_attention(q, k_cache, v_cache, cache_lengths, chain, sm_scale=sm_scale, softcap=softcap,
+                          num_splits=num_splits, return_lse=return_lse, interpret=interpret, config=config)
+
+
+def checked_tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, **kwargs):
+    """`tree_attention` plus run-time checks of the traced inputs, for debugging.
+
+    Returns (error, result), result as `tree_attention(..., **kwargs)` returns it; `error.throw()`
+    raises if some cache_lengths[b] is outside [0, S - N] or a node does not see itself. Only the
+    checks run under checkify; the kernel runs as usual. Works inside `jit`.
+    """
+    cache_size = k_cache.shape[1]
+    error, _ = checkify.checkify(lambda lengths, mask: arguments.check_inputs(lengths, mask, cache_size))(
+        cache_lengths, tree_mask)
+    return error, tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, **kwargs)
