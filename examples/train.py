@@ -38,6 +38,8 @@ def parse_args():
     p.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
                    help="default: pallas on GPU, automatic elsewhere")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stop-after-minutes", type=float,
+                   help="checkpoint and exit after this much training time (continue with --resume)")
     base = presets()["tiny"]
     for name in MODEL_FLAGS:
         kind = type(getattr(base.model, name))
@@ -84,7 +86,8 @@ def main():
     print(f"{train_rows.num_rows} x {train_cfg.seq_len} training rows, {val_rows.num_rows} validation rows, "
           f"vocabulary {tokenizer.vocab_size}")
     summary = train(model_cfg, train_cfg, train_rows, val_rows, out, tokenizer, resume=args.resume,
-                    teacher=args.teacher, progress=not args.no_progress)
+                    teacher=args.teacher, progress=not args.no_progress,
+                    stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes)
     for key in ("step", "loss", "val_loss", "val_ppl", "acceptance_before", "acceptance_after"):
         if key in summary:
             print(f"{key}: {summary[key]}")

@@ -512,6 +512,7 @@ def train(
     teacher: str | os.PathLike | None = None,
     stop_at: int | None = None,
     progress: bool = True,
+    stop_after_seconds: float | None = None,
 ) -> dict:
     """Trains (or continues training) a Transformer, writing checkpoints, metrics and a plot.
 
@@ -527,6 +528,8 @@ def train(
       stop_at: leave the loop after this step (a checkpoint is written), as if killed there;
         the schedule still spans cfg.steps.
       progress: show a tqdm bar.
+      stop_after_seconds: leave the loop (with a checkpoint) at the first logging step after this
+        much wall time, so long runs fit in fixed-length jobs and continue with `resume`.
 
     Returns:
       The last metrics: step, loss, val_loss, val_ppl, and acceptance rates with a teacher.
@@ -599,6 +602,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True)
     last = {"step": start}
     t0, interval = time.perf_counter(), []
+    wall_start = t0
     for step in range(start, end):
         state, metrics = train_step(state, parts.rest, schedule.batch(step), t_params, t_rest)
         interval.append(metrics)  # device arrays: no wait here, steps keep queueing
@@ -624,13 +628,18 @@ def train(
             last.update(ev)
             bar.write(f"step {done}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
             t0 = time.perf_counter()  # eval time is not training throughput
-        if done % cfg.checkpoint_every == 0 or done == end:
+        out_of_time = (stop_after_seconds is not None and done % cfg.log_every == 0
+                       and time.perf_counter() - wall_start > stop_after_seconds)
+        if done % cfg.checkpoint_every == 0 or done == end or out_of_time:
             if done == cfg.steps and teacher_parts is not None:
                 summary["acceptance_after"] = acceptance(state.params)
                 append_metrics(metrics_path, {"step": done, **{f"{k}_after": v
                                                               for k, v in summary["acceptance_after"].items()}})
             save(done)
             t0 = time.perf_counter()
+        if out_of_time:
+            bar.write(f"stopping after {time.perf_counter() - wall_start:.0f} s at step {done}: resume to continue")
+            break
     bar.close()
     if start >= end and ckpt.latest_checkpoint(ckpt_dir) is None:
         save(start)
