@@ -1,0 +1,213 @@
+"""Speculative vs incremental decoding: tokens/s, accepted length and the cost model, per tree.
+
+One process, one device: the target decoding alone (`spec.generate_incremental`) is the baseline,
+then `spec.SpeculativeDecoder` for every tree configuration (chain, SpecInfer's default, wide,
+dynamic, merged of two drafts) under greedy and stochastic verification. Prints a table last and
+writes JSON to --out.
+
+    PYTHONPATH=. python benchmarks/speculative.py --out /tmp/speculative.json
+    PYTHONPATH=. python benchmarks/speculative.py --target-ckpt runs/target --draft-ckpt runs/draft
+    PYTHONPATH=. python benchmarks/speculative.py --quick      # tiny models, CPU smoke run
+
+Cost model (SpecInfer section 6; all times measured in the same run):
+    speedup ~= tokens per step * t_decode(target) / (draft passes * t_draft + t_verify(target))
+where t_decode is one target decode step, t_verify one target `verify_tree` over the N nodes,
+t_draft one draft `verify_tree` over the N nodes, and draft passes = depth + 1 per draft (one
+per level plus the pass that writes the finished tree's K/V). Until trained models exist the
+models are random (presets), so acceptance is near its floor of 1 token per step; --draft-preset
+same drafts with the target itself, the ceiling (depth + 1 tokens per step).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fa2jax import Transformer, TransformerConfig
+from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, TreeTopology, generate_incremental
+
+
+def tree_configs(quick: bool) -> dict:
+    """Tree name -> (tree, number of drafts)."""
+    if quick:
+        return {
+            "chain": (ExpansionTree.chain(3), 1),
+            "specinfer": (ExpansionTree((1, 2, 1)), 1),
+            "wide": (ExpansionTree((4, 2)), 1),
+            "dynamic": (DynamicTree(num_nodes=8, depth=3, top_k=2), 1),
+            "merged": (MergedTree((ExpansionTree((1, 2, 1)), ExpansionTree((2, 1)))), 2),
+        }
+    return {
+        "chain": (ExpansionTree.chain(6), 1),
+        "specinfer": (ExpansionTree.specinfer(), 1),
+        "wide": (ExpansionTree((8, 2)), 1),
+        "dynamic": (DynamicTree(num_nodes=32, depth=6, top_k=4), 1),
+        "merged": (MergedTree((ExpansionTree.specinfer(), ExpansionTree((2, 1, 1, 1)))), 2),
+    }
+
+
+def build_model(preset: str, ckpt: str | None, seed: int, min_len: int) -> Transformer:
+    """A model from a checkpoint folder, or a random one from a `TransformerConfig` preset."""
+    if ckpt:
+        from fa2jax.training import load_model
+
+        parts = load_model(ckpt)
+        if parts.config.max_len < min_len:
+            raise ValueError(f"checkpoint model too short for this run: {parts.config.max_len=} {min_len=}")
+        return nnx.merge(parts.graphdef, parts.params, parts.rest)
+    config = getattr(TransformerConfig, preset)()
+    config = config.replace(max_len=max(config.max_len, min_len))
+    return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of fn() after one warm-up call (which compiles)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def component_times(model: Transformer, batch: int, context: int, num_nodes: int, mask, repeats: int) -> dict:
+    """Seconds of one decode step and one N-node tree pass of `model` after `context` tokens."""
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(batch, context + num_nodes + 1)
+    cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
+    one = jnp.ones((batch, 1), jnp.int32)
+    nodes = jnp.ones((batch, num_nodes), jnp.int32)
+
+    @jax.jit
+    def decode(params, cache):
+        return nnx.merge(graphdef, params).decode(one, cache)[0]
+
+    @jax.jit
+    def tree(params, cache, mask):
+        return nnx.merge(graphdef, params).verify_tree(nodes, mask, cache)[0]
+
+    return {"decode": median_time(lambda: decode(params, cache), repeats),
+            "tree": median_time(lambda: tree(params, cache, mask), repeats)}
+
+
+def draft_passes(tree) -> int:
+    if isinstance(tree, MergedTree):
+        return sum(t.depth + 1 for t in tree.trees)
+    return tree.depth + 1
+
+
+def tree_mask(tree):
+    """A mask of the tree's shape for timing the N-node passes.  # [N, N] bool"""
+    if isinstance(tree, DynamicTree):
+        # The run-time shape varies; every slot hanging under the first slot of the level above
+        # has the same depths, and a mask's cost does not depend on its pattern.
+        depth = tree.slot_depth
+        parents = tuple([-1] + [tree.level_start(int(d) - 1) for d in depth[1:]])
+        n = tree.num_nodes
+        return jnp.asarray(TreeTopology(parents, (-1,) * n, (0,) * n, (True,) * n).ancestor_mask)
+    return jnp.asarray(tree.topology().ancestor_mask)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target-preset", default="target_1b")
+    parser.add_argument("--draft-preset", default="draft_20m", help='a preset name, or "same" for the target')
+    parser.add_argument("--target-ckpt", default=None, help="training checkpoint folder of the target")
+    parser.add_argument("--draft-ckpt", default=None, help="training checkpoint folder of the draft")
+    parser.add_argument("--draft2-ckpt", default=None, help="second draft of merged trees (default: a reseeded draft)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0, help="for stochastic verification")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--trees", default="chain,specinfer,wide,dynamic,merged")
+    parser.add_argument("--modes", default="greedy,stochastic")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny models and trees: a CPU smoke run")
+    parser.add_argument("--out", default="speculative.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.target_preset = "tiny"
+        args.draft_preset = "same" if args.draft_preset == "same" else "tiny"
+        args.prompt_len, args.max_new_tokens, args.repeats = 16, 24, 1
+
+    trees = {k: v for k, v in tree_configs(args.quick).items() if k in args.trees.split(",")}
+    max_nodes = max(t.num_nodes for t, _ in trees.values())
+    min_len = args.prompt_len + args.max_new_tokens + max_nodes
+    target = build_model(args.target_preset, args.target_ckpt, 0, min_len)
+    if args.draft_preset == "same" and not args.draft_ckpt:
+        drafts = [target, target]
+    else:
+        drafts = [build_model(args.draft_preset, args.draft_ckpt, 1, min_len),
+                  build_model(args.draft_preset, args.draft2_ckpt, 2, min_len)]
+    vocab = target.config.vocab_size
+
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.integers(0, vocab, (args.batch, args.prompt_len)), jnp.int32)
+    lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
+    generated = args.batch * args.max_new_tokens
+    rows = []
+    baselines = {}
+    for mode in args.modes.split(","):
+        temperature = 0.0 if mode == "greedy" else args.temperature
+        sampling = dict(temperature=temperature, top_p=args.top_p, rng=jax.random.key(0))
+        run = lambda: generate_incremental(target, prompt, lengths, max_new_tokens=args.max_new_tokens,
+                                           **sampling).tokens  # noqa: E731
+        seconds = median_time(run, args.repeats)
+        baselines[mode] = seconds
+        rows.append(dict(mode=mode, tree="incremental", nodes=1, tokens_per_s=generated / seconds,
+                         speedup=1.0, mean_accepted=1.0, target_calls=args.max_new_tokens))
+        for name, (tree, num_drafts) in trees.items():
+            decoder = SpeculativeDecoder(target, drafts[:num_drafts], tree=tree, verify=mode)
+            result = decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling)
+            seconds = median_time(
+                lambda: decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling).tokens,
+                args.repeats)
+            mask = tree_mask(tree)
+            context = args.prompt_len + args.max_new_tokens // 2
+            t_target = component_times(target, args.batch, context, tree.num_nodes, mask, args.repeats)
+            t_draft = component_times(drafts[0], args.batch, context, tree.num_nodes, mask, args.repeats)
+            accepted = float(result.stats.mean_accepted_length)
+            predicted = accepted * t_target["decode"] / (draft_passes(tree) * t_draft["tree"] + t_target["tree"])
+            rows.append(dict(
+                mode=mode, tree=name, nodes=tree.num_nodes, tokens_per_s=generated / seconds,
+                speedup=baselines[mode] / seconds, mean_accepted=accepted,
+                target_calls=int(result.stats.target_calls),
+                histogram=np.asarray(result.stats.accepted_histogram).tolist(),
+                t_decode_target_ms=1e3 * t_target["decode"], t_verify_target_ms=1e3 * t_target["tree"],
+                t_draft_ms=1e3 * t_draft["tree"], draft_passes=draft_passes(tree), predicted_speedup=predicted))
+
+    record = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=jax.devices()[0].device_kind, jax=jax.__version__, args=vars(args),
+        target_config=str(target.config), draft_config=str(drafts[0].config), rows=rows)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+
+    print(f"{record['device']}, jax {jax.__version__}, batch {args.batch}, prompt {args.prompt_len}, "
+          f"new tokens {args.max_new_tokens}, target {args.target_preset}, draft {args.draft_preset}")
+    header = (f"{'mode':<10} {'tree':<12} {'N':>3} {'tok/s':>9} {'speedup':>8} {'acc.len':>7} "
+              f"{'calls':>5} {'t_dec':>7} {'t_ver':>7} {'t_dft':>7} {'passes':>6} {'model':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        extra = (f" {r['t_decode_target_ms']:7.2f} {r['t_verify_target_ms']:7.2f} {r['t_draft_ms']:7.2f} "
+                 f"{r['draft_passes']:6d} {r['predicted_speedup']:6.2f}") if "t_draft_ms" in r else ""
+        print(f"{r['mode']:<10} {r['tree']:<12} {r['nodes']:>3} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
+              f"{r['mean_accepted']:7.2f} {r['target_calls']:5d}{extra}")
+    print("times in ms; model = tokens/step * t_dec / (passes * t_dft + t_ver), the cost model's speedup")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""SpecInfer-style tree speculative decoding for `fa2jax.Transformer` models.
+
+Trees (`ExpansionTree`, `MergedTree`, `DynamicTree`), lossless greedy and stochastic verification,
+and `SpeculativeDecoder`, whose `generate` is one jit-compiled loop; `generate_incremental` is the
+target-only baseline with the same result type.
+"""
+from spec.decoder import DecodeState, SpeculativeDecoder
+from spec.generation import GenerationResult, GenerationStats
+from spec.incremental import generate_incremental
+from spec.sampling import warp_probs
+from spec.trees import DynamicTree, ExpansionTree, MergedTree, TokenTree, TreeTopology
+from spec.verify import VerifyResult, verify_greedy, verify_stochastic
+
+__all__ = [
+    "SpeculativeDecoder",
+    "DecodeState",
+    "generate_incremental",
+    "GenerationResult",
+    "GenerationStats",
+    "ExpansionTree",
+    "MergedTree",
+    "DynamicTree",
+    "TreeTopology",
+    "TokenTree",
+    "VerifyResult",
+    "verify_greedy",
+    "verify_stochastic",
+    "warp_probs",
+]

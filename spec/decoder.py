@@ -1,0 +1,282 @@
+"""`SpeculativeDecoder`: SpecInfer-style tree speculative decoding as one jit-compiled while loop.
+
+Algorithm (Miao et al., "SpecInfer", ASPLOS'24): per step the drafts grow a token tree rooted at
+the last emitted token (`spec.draft`), the target scores every node in one `verify_tree` pass,
+verification keeps the longest acceptable root path plus one token of the target's own
+(`spec.verify`), and every model's cache commits that path (`KVCache.accept`). A step emits
+between 1 and depth + 1 tokens for a single target pass; the output is exactly the target's own
+greedy decoding (verify="greedy") or has exactly the target's sampling distribution
+(verify="stochastic").
+
+The loop is a `lax.while_loop` over `DecodeState`; prefill, the loop and the result are one jitted
+function, compiled once per (batch, prompt length, max_new_tokens) and decoder. Rows advance by
+different amounts and stop at `eos_id` or `max_new_tokens`; a stopped row keeps running through
+the batched passes but commits nothing.
+
+Caches are sized prompt + max_new_tokens + N: the root is emitted but not cached, so at most
+prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes is written past them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from fa2jax import KVCache, Transformer
+from spec import verify as verify_lib
+from spec.draft import draft_dynamic_tree, draft_static_tree
+from spec.generation import (
+    GenerationResult, GenerationStats, call_model, check_capacity, check_generate_args, emit_tokens,
+    first_token)
+from spec.trees import DynamicTree, ExpansionTree, MergedTree, TokenTree
+
+VERIFY_MODES = ("greedy", "stochastic")
+
+
+@struct.dataclass
+class DecodeState:
+    """Loop state of speculative decoding."""
+
+    # Prompt followed by the emitted tokens; 0 past lengths.  # [B, P + M] int32
+    tokens: jax.Array
+    # Filled tokens of each row in `tokens`.  # [B] int32
+    lengths: jax.Array
+    # prompt length + max_new_tokens: where a row must stop.  # [B] int32
+    limit: jax.Array
+    # Last emitted token: next tree's root, in no cache yet.  # [B] int32
+    root: jax.Array
+    # Rows that hit EOS or their limit.  # [B] bool
+    done: jax.Array
+    # Target's committed context: prompt + emitted tokens except the root.
+    target_cache: KVCache
+    # One cache per draft, committed in lockstep with the target's.
+    draft_caches: tuple[KVCache, ...]
+    # PRNG key, split once per step.
+    rng: jax.Array
+    # Target passes so far, prefill included.  # [] int32
+    target_calls: jax.Array
+    # hist[k]: (active row, step) pairs that emitted k tokens.  # [max_depth + 2] int32
+    accepted_histogram: jax.Array
+
+
+def _as_tree(tree) -> ExpansionTree | MergedTree | DynamicTree:
+    if isinstance(tree, (ExpansionTree, MergedTree, DynamicTree)):
+        return tree
+    if isinstance(tree, (tuple, list)):
+        return ExpansionTree(tuple(tree))
+    raise ValueError(f"tree must be an ExpansionTree, MergedTree, DynamicTree or a widths tuple: {tree=}")
+
+
+class SpeculativeDecoder:
+    """Tree speculative decoding of a target `Transformer` with one or more draft `Transformer`s.
+
+    Example:
+      decoder = SpeculativeDecoder(target, [draft], tree=ExpansionTree.specinfer())
+      result = decoder.generate(prompt, prompt_lengths, max_new_tokens=64)
+
+    The models' parameters are captured when the decoder is built (`nnx.split`).
+    """
+
+    def __init__(self, target: Transformer, drafts: Transformer | Sequence[Transformer], *, tree=None,
+                 verify: str = "greedy"):
+        """Builds the decoder.
+
+        Args:
+          target: the model whose output is reproduced.
+          drafts: one draft, or one per subtree of a `MergedTree`.
+          tree: ExpansionTree, MergedTree (one ExpansionTree per draft), DynamicTree, or a widths
+            tuple; default SpecInfer's (1, 1, 3, 1, 1, 1, 1, 1).
+          verify: "greedy" (temperature 0 only) or "stochastic" (any temperature, lossless).
+        """
+        drafts = (drafts,) if isinstance(drafts, nnx.Module) else tuple(drafts)
+        tree = ExpansionTree.specinfer() if tree is None else _as_tree(tree)
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"{verify=} is not one of {VERIFY_MODES}")
+        if not drafts:
+            raise ValueError(f"need at least one draft model: {drafts=}")
+        if tree.num_drafts != len(drafts):
+            raise ValueError(f"the tree expands {tree.num_drafts} draft(s) but {len(drafts)=} were given")
+        vocab = target.config.vocab_size
+        for i, d in enumerate(drafts):
+            if d.config.vocab_size != vocab:
+                raise ValueError(
+                    f"draft {i} has another vocabulary than the target: {d.config.vocab_size=} vs {vocab=}")
+        self.tree = tree
+        self.verify = verify
+        self.vocab_size = vocab
+        self._target_config = target.config
+        self._draft_configs = tuple(d.config for d in drafts)
+        self._target_def, self._target_params = nnx.split(target)
+        split = [nnx.split(d) for d in drafts]
+        self._draft_defs = tuple(g for g, _ in split)
+        self._draft_params = tuple(p for _, p in split)
+        self._static = isinstance(tree, (ExpansionTree, MergedTree))
+        if self._static:
+            self._topology = tree.topology()
+            self.num_nodes, self.depth = self._topology.num_nodes, self._topology.max_depth
+        else:
+            self.num_nodes, self.depth = tree.num_nodes, tree.depth
+        # Under greedy verification no node is sampled: children are the draft's top-k.
+        self._sampled = tree.sampled_nodes() if verify == "stochastic" else np.zeros(self.num_nodes, bool)
+        self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",))
+
+    # -- the three pure pieces of a step -------------------------------------------------------
+
+    def draft(self, draft_params, caches, root, key, temperature, top_p) -> tuple[TokenTree, tuple[KVCache, ...]]:
+        """Grows this step's token tree (see `spec.draft`).
+
+        Args:
+          draft_params: the drafts' nnx states.
+          caches: the drafts' caches.
+          root: last emitted token per row.  # [B] int32
+          key: PRNG key.
+          temperature, top_p: sampling warp (scalars).
+
+        Returns:
+          (tree, draft caches with the tree's K/V written).
+        """
+        if self._static:
+            return draft_static_tree(
+                self._draft_defs, draft_params, caches, root, key, topology=self._topology,
+                sampled=self._sampled, vocab_size=self.vocab_size, temperature=temperature, top_p=top_p)
+        tree, cache = draft_dynamic_tree(
+            self._draft_defs[0], draft_params[0], caches[0], root, tree=self.tree, temperature=temperature,
+            top_p=top_p)
+        return tree, (cache,)
+
+    def score(self, target_params, cache, tree: TokenTree) -> tuple[jax.Array, KVCache]:
+        """The target's logits at every node.  Returns (logits # [B, N, V], cache with the nodes' K/V)."""
+        mask = tree.mask[0] if self._static else tree.mask  # static trees: one [N, N] mask
+        return call_model(self._target_def, target_params, "verify_tree", tree.tokens, mask, cache)
+
+    def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p) -> verify_lib.VerifyResult:
+        """Accepted path and bonus token (see `spec.verify`)."""
+        if self.verify == "greedy":
+            return verify_lib.verify_greedy(target_logits, tree, max_depth=self.depth)
+        return verify_lib.verify_stochastic(
+            target_logits, tree, key, sampled=self._sampled, max_depth=self.depth, temperature=temperature,
+            top_p=top_p)
+
+    def accept(self, state: DecodeState, tree: TokenTree, result: verify_lib.VerifyResult, target_cache,
+               draft_caches, eos_id) -> DecodeState:
+        """Emits the accepted tokens and commits the accepted path in every cache.
+
+        Args:
+          state: loop state before this step.
+          tree: this step's tree.
+          result: its verification.
+          target_cache, draft_caches: caches holding the tree's K/V past the committed context.
+          eos_id: scalar, -1 for none.
+
+        Returns:
+          the state after this step.
+        """
+        num = result.num_accepted  # [B], path nodes incl. the root = tokens emitted this step
+        path_tokens = jnp.take_along_axis(tree.tokens, result.path, axis=1)  # [B, depth + 1]
+        # Emitted: the path without the root (emitted last step), then the bonus token.
+        steps = jnp.arange(self.depth + 1)[None, :]
+        shifted = jnp.concatenate([path_tokens[:, 1:], path_tokens[:, :1]], axis=1)
+        new = jnp.where(steps < (num - 1)[:, None], shifted, result.bonus[:, None])
+        active = ~state.done
+        buffer, lengths, done = emit_tokens(state.tokens, state.lengths, state.limit, state.done, new, num, eos_id)
+        commit = jnp.where(active, num, 0)
+        hist = state.accepted_histogram.at[num].add(active.astype(jnp.int32))
+        return state.replace(
+            tokens=buffer, lengths=lengths, done=done, root=jnp.where(active, result.bonus, state.root),
+            target_cache=target_cache.accept(result.path, commit),
+            draft_caches=tuple(c.accept(result.path, commit) for c in draft_caches),
+            target_calls=state.target_calls + 1, accepted_histogram=hist)
+
+    def step(self, target_params, draft_params, state: DecodeState, temperature, top_p, eos_id) -> DecodeState:
+        """One draft -> verify -> accept round; pure."""
+        rng, k_draft, k_verify = jax.random.split(state.rng, 3)
+        tree, draft_caches = self.draft(draft_params, state.draft_caches, state.root, k_draft, temperature, top_p)
+        logits, target_cache = self.score(target_params, state.target_cache, tree)
+        result = self.verify_tree(logits, tree, k_verify, temperature, top_p)
+        return self.accept(state.replace(rng=rng), tree, result, target_cache, draft_caches, eos_id)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def init_state(self, target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng, eos_id,
+                   *, max_new_tokens: int) -> DecodeState:
+        """Prefills every model and emits the first token from the target's prompt logits; pure.
+
+        Args:
+          target_params, draft_params: the models' nnx states.
+          prompt: right-padded prompts, checked.  # [B, P] int32
+          prompt_lengths: prompt lengths.  # [B] int32
+          temperature, top_p: sampling warp (scalars).
+          rng: PRNG key.
+          eos_id: scalar, -1 for none.
+          max_new_tokens: static.
+
+        Returns:
+          the loop state before the first step.
+        """
+        batch, prompt_len = prompt.shape
+        cache_len = prompt_len + max_new_tokens + self.num_nodes
+        target = nnx.merge(self._target_def, target_params)
+        target_logits, target_cache = target.prefill(prompt, prompt_lengths, target.init_cache(batch, cache_len))
+        draft_caches = []
+        for g, p in zip(self._draft_defs, draft_params):
+            draft = nnx.merge(g, p)
+            draft_caches.append(draft.prefill(prompt, prompt_lengths, draft.init_cache(batch, cache_len))[1])
+        rng, k_first = jax.random.split(rng)
+        root = first_token(target_logits, prompt_lengths, k_first, temperature, top_p)
+        buffer = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
+        limit = prompt_lengths + max_new_tokens
+        buffer, lengths, done = emit_tokens(
+            buffer, prompt_lengths, limit, jnp.zeros((batch,), bool), root[:, None], jnp.ones((batch,), jnp.int32),
+            eos_id)
+        return DecodeState(
+            tokens=buffer, lengths=lengths, limit=limit, root=root, done=done, target_cache=target_cache,
+            draft_caches=tuple(draft_caches), rng=rng, target_calls=jnp.array(1, jnp.int32),
+            accepted_histogram=jnp.zeros((self.depth + 2,), jnp.int32))
+
+    def _generate(self, target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng, eos_id,
+                  *, max_new_tokens: int) -> GenerationResult:
+        state = self.init_state(target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng,
+                                eos_id, max_new_tokens=max_new_tokens)
+        state = jax.lax.while_loop(
+            lambda s: ~jnp.all(s.done),
+            lambda s: self.step(target_params, draft_params, s, temperature, top_p, eos_id),
+            state)
+        hist = state.accepted_histogram
+        mean = (hist * jnp.arange(hist.shape[0])).sum() / jnp.maximum(hist.sum(), 1)
+        return GenerationResult(
+            tokens=state.tokens, lengths=state.lengths,
+            stats=GenerationStats(target_calls=state.target_calls, accepted_histogram=hist,
+                                  mean_accepted_length=mean.astype(jnp.float32)))
+
+    def generate(self, prompt, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, rng=None, eos_id: int | None = None) -> GenerationResult:
+        """Generates up to `max_new_tokens` tokens per row.
+
+        Args:
+          prompt: right-padded prompts.  # [B, P] int
+          prompt_lengths: prompt length per row, 1 .. P.  # [B] int
+          max_new_tokens: tokens per row at most.
+          temperature: 0 for greedy; > 0 needs verify="stochastic" and `rng`.
+          top_p: nucleus sampling mass in (0, 1].
+          rng: PRNG key or int seed.
+          eos_id: a row stops after emitting this token.
+
+        Returns:
+          GenerationResult: tokens [B, P + max_new_tokens], lengths [B], stats.
+        """
+        args = check_generate_args(
+            prompt, prompt_lengths, vocab_size=self.vocab_size, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id)
+        if self.verify == "greedy" and args.temperature > 0:
+            raise ValueError(f'verify="greedy" reproduces greedy decoding only: {temperature=}; use "stochastic"')
+        needed = args.prompt.shape[1] + args.max_new_tokens + self.num_nodes
+        check_capacity(self._target_config, needed, "target")
+        for i, config in enumerate(self._draft_configs):
+            check_capacity(config, needed, f"draft {i}")
+        return self._generate_jit(
+            self._target_params, self._draft_params, args.prompt, args.prompt_lengths,
+            jnp.float32(args.temperature), jnp.float32(args.top_p), args.rng, jnp.int32(args.eos_id),
+            max_new_tokens=args.max_new_tokens)

@@ -1,0 +1,157 @@
+"""Drafting: the draft models grow one token tree per step, a whole level per forward pass.
+
+Every level is one `verify_tree` call of a draft over all N node slots: nodes not chosen yet hold
+placeholder tokens, and since a node's mask row covers only itself and its ancestors, placeholders
+never change the logits of chosen nodes. The logits at the depth-d nodes give the depth-(d+1)
+tokens. After the last level, one more pass over the finished tree writes correct K/V for every
+node (the deepest level's K/V were computed from placeholders), so `accept` can move any accepted
+path into place. A draft therefore runs depth + 1 tree passes per step.
+
+How children are chosen:
+  * greedy (temperature 0) and point-mass nodes: the draft's top-k tokens, node `rank` taking the
+    rank-th best;
+  * sampled nodes (stochastic verification of `ExpansionTree(sample_children=True)`): an i.i.d.
+    draw from the draft's warped distribution q at the parent, which is recorded in
+    `TokenTree.proposal` for multi-step speculative sampling.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fa2jax import KVCache
+from spec.generation import call_model
+from spec.sampling import sample_probs, warp_probs
+from spec.trees import DynamicTree, TokenTree, TreeTopology, ancestor_mask_from_parents
+
+
+def draft_static_tree(
+    graphdefs: tuple[nnx.GraphDef, ...],
+    params: tuple[nnx.State, ...],
+    caches: tuple[KVCache, ...],
+    root: jax.Array,
+    key: jax.Array,
+    *,
+    topology: TreeTopology,
+    sampled: np.ndarray,
+    vocab_size: int,
+    temperature,
+    top_p,
+) -> tuple[TokenTree, tuple[KVCache, ...]]:
+    """Grows an expansion or merged tree with a fixed topology.
+
+    Args:
+      graphdefs, params: the split draft models; draft s proposes the nodes with source s.
+      caches: each draft's cache holding the committed context (the root excluded).
+      root: last emitted token per row.  # [B] int32
+      key: PRNG key.
+      topology: static tree layout.
+      sampled: static; nodes drawn i.i.d. from the draft rather than taken from its top-k.  # [N] bool
+      vocab_size: V.
+      temperature, top_p: warp applied to the drafts' distributions.
+
+    Returns:
+      (tree, caches with the finished tree's K/V written at lengths + slot, lengths unchanged).
+    """
+    batch = root.shape[0]
+    n = topology.num_nodes
+    mask = jnp.asarray(topology.ancestor_mask)  # [N, N]
+    depth = topology.depth
+    parents = np.asarray(topology.parents)
+    source = np.asarray(topology.source)
+    rank = np.asarray(topology.rank)
+    tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)  # [B, N]
+    proposal = jnp.zeros((batch, n, vocab_size), jnp.float32) if sampled.any() else None  # [B, N, V]
+    valid = np.asarray(topology.valid)
+    for d in range(topology.max_depth):
+        for s in range(len(graphdefs)):
+            nodes = np.nonzero((depth == d + 1) & (source == s) & valid)[0]
+            if nodes.size == 0:
+                continue
+            logits, _ = call_model(graphdefs[s], params[s], "verify_tree", tokens, mask, caches[s])
+            at_parent = logits[:, parents[nodes]]  # [B, n_level, V]
+            level_sampled = sampled[nodes]
+            chosen = jnp.zeros((batch, nodes.size), jnp.int32)  # [B, n_level]
+            if not level_sampled.all():
+                top = jax.lax.top_k(at_parent, int(rank[nodes].max()) + 1)[1]  # [B, n_level, k]
+                chosen = jnp.take_along_axis(top, jnp.asarray(rank[nodes])[None, :, None], axis=-1)[..., 0]
+            if level_sampled.any():
+                key, sub = jax.random.split(key)
+                q = warp_probs(at_parent, temperature, top_p)  # [B, n_level, V]
+                drawn = sample_probs(sub, q)  # [B, n_level]
+                chosen = jnp.where(jnp.asarray(level_sampled)[None, :], drawn, chosen)
+                proposal = proposal.at[:, nodes].set(q)
+            tokens = tokens.at[:, nodes].set(chosen.astype(jnp.int32))
+    caches = tuple(
+        call_model(g, p, "verify_tree", tokens, mask, c)[1] for g, p, c in zip(graphdefs, params, caches))
+    tree = TokenTree(
+        tokens=tokens,
+        parents=jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (batch, n)),
+        mask=jnp.broadcast_to(mask, (batch, n, n)),
+        depth=jnp.broadcast_to(jnp.asarray(depth), (batch, n)),
+        valid=jnp.broadcast_to(jnp.asarray(valid), (batch, n)),
+        proposal=proposal)
+    return tree, caches
+
+
+def draft_dynamic_tree(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    root: jax.Array,
+    *,
+    tree: DynamicTree,
+    temperature,
+    top_p,
+) -> tuple[TokenTree, KVCache]:
+    """Grows a dynamic tree: each level keeps the best-scoring children of the previous level,
+    plus the draft's greedy chain.
+
+    A candidate's score is the sum of draft log-probabilities along its path; the draft's
+    distribution is the warped one when sampling and the plain softmax when greedy (a one-hot
+    would make every score but one -inf). Within a level the slots are sorted by score, which is
+    the order verification tries siblings in.
+
+    Args:
+      graphdef, params: the split draft model.
+      cache: its cache holding the committed context (the root excluded).
+      root: last emitted token per row.  # [B] int32
+      tree: the dynamic tree configuration.
+      temperature, top_p: warp applied to the draft's distribution.
+
+    Returns:
+      (tree, cache with the finished tree's K/V written, lengths unchanged).
+    """
+    batch = root.shape[0]
+    n, sizes = tree.num_nodes, tree.level_sizes
+    tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)  # [B, N]
+    # Unfilled slots hang under the root: their mask rows then see only the root and themselves.
+    parents = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(-1)  # [B, N]
+    score = jnp.zeros((batch, n), jnp.float32)  # [B, N] log cumulative draft probability
+    temperature = jnp.asarray(temperature, jnp.float32)
+    for d in range(tree.depth):
+        mask = ancestor_mask_from_parents(parents, d)
+        logits, _ = call_model(graphdef, params, "verify_tree", tokens, mask, cache)
+        lo, size, size_next = tree.level_start(d), sizes[d], sizes[d + 1]
+        frontier = logits[:, lo: lo + size]  # [B, size, V]
+        probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p), jax.nn.softmax(frontier, -1))
+        logq = jnp.log(jnp.maximum(probs, 1e-38))
+        child_logq, child_tok = jax.lax.top_k(logq, tree.top_k)  # [B, size, top_k]
+        cand = (score[:, lo: lo + size, None] + child_logq).reshape(batch, -1)  # [B, size * top_k]
+        # The draft's own greedy chain always survives: it sits in the first slot of every level,
+        # so its best child is candidate 0. Then a draft equal to the target accepts the full depth.
+        rank_key = cand.at[:, 0].set(jnp.inf)
+        pick = jax.lax.top_k(rank_key, size_next)[1]  # [B, size_next]
+        slots = np.arange(tree.level_start(d + 1), tree.level_start(d + 1) + size_next)
+        tokens = tokens.at[:, slots].set(jnp.take_along_axis(child_tok.reshape(batch, -1), pick, axis=1))
+        parents = parents.at[:, slots].set(lo + pick // tree.top_k)
+        score = score.at[:, slots].set(jnp.take_along_axis(cand, pick, axis=1))
+    mask = ancestor_mask_from_parents(parents, tree.depth)
+    _, cache = call_model(graphdef, params, "verify_tree", tokens, mask, cache)
+    out = TokenTree(
+        tokens=tokens, parents=parents, mask=mask,
+        depth=jnp.broadcast_to(jnp.asarray(tree.slot_depth), (batch, n)),
+        valid=jnp.ones((batch, n), bool))
+    return out, cache

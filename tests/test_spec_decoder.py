@@ -1,0 +1,367 @@
+"""The speculative loop end to end on tiny random f32 models (CPU).
+
+Greedy: token-for-token equal to the target decoding alone. Stochastic: the generated sequences
+follow the target's exact sampling distribution (chi-square), and the same test rejects a
+deliberately broken acceptance rule. Compiles are the cost here, so every decoder is reused.
+"""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+import spec
+import spec.verify as verify_mod
+from fa2jax import Transformer, TransformerConfig
+from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, generate_incremental
+
+VOCAB = 32
+
+
+def _perturbed(model, scale, seed):
+    """A copy of `model` with relative Gaussian noise on every parameter: a draft that agrees often."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + scale * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+@pytest.fixture(scope="module")
+def models():
+    seed = int(np.random.default_rng().integers(2**31))
+    target = Transformer(TransformerConfig.tiny(vocab_size=VOCAB), rngs=nnx.Rngs(seed))
+    return {
+        "target": target,
+        "close": _perturbed(target, 0.1, seed + 1),
+        "closer": _perturbed(target, 0.05, seed + 2),
+        "small": Transformer(TransformerConfig.tiny(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2,
+                                                    num_kv_heads=1, d_ff=32), rngs=nnx.Rngs(seed + 3)),
+    }
+
+
+def _prompts(rng, lengths, width):
+    prompt = rng.integers(0, VOCAB, (len(lengths), width)).astype(np.int32)
+    # Padding holds junk on purpose: it must not matter.
+    return jnp.asarray(prompt), jnp.asarray(lengths, jnp.int32)
+
+
+def _assert_same(result, baseline):
+    np.testing.assert_array_equal(np.asarray(result.lengths), np.asarray(baseline.lengths))
+    np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(baseline.tokens))
+
+
+def _eos_from(baseline, prompt_lengths):
+    """A token that the baseline emits a few steps into row 0, so EOS actually cuts the row."""
+    return int(baseline.tokens[0, int(prompt_lengths[0]) + 3])
+
+
+GREEDY_TREES = {
+    "chain": (ExpansionTree.chain(4), ("close",)),
+    "specinfer": (ExpansionTree.specinfer(), ("close",)),
+    "wide": (ExpansionTree((6, 2)), ("close",)),
+    "merged": (MergedTree((ExpansionTree((2, 1, 1)), ExpansionTree((1, 2))), num_nodes=12), ("close", "closer")),
+    "dynamic": (DynamicTree(num_nodes=10, depth=4, top_k=3), ("close",)),
+}
+
+
+@pytest.mark.parametrize("name", list(GREEDY_TREES))
+def test_greedy_matches_incremental(models, name):
+    tree, draft_names = GREEDY_TREES[name]
+    rng = np.random.default_rng()
+    target = models["target"]
+    decoder = SpeculativeDecoder(target, [models[n] for n in draft_names], tree=tree)
+    prompt, lengths = _prompts(rng, [5, 2, 7], 7)
+    baseline = generate_incremental(target, prompt, lengths, max_new_tokens=20)
+    result = decoder.generate(prompt, lengths, max_new_tokens=20)
+    _assert_same(result, baseline)
+    # The drafts do get tokens accepted: the test exercises multi-token commits.
+    assert float(result.stats.mean_accepted_length) > 1.0
+    hist = np.asarray(result.stats.accepted_histogram)
+    assert hist[0] == 0 and hist.sum() >= int(result.stats.target_calls) - 1
+    assert int(result.stats.target_calls) < 20
+
+    eos = _eos_from(baseline, lengths)
+    baseline_eos = generate_incremental(target, prompt, lengths, max_new_tokens=20, eos_id=eos)
+    result_eos = decoder.generate(prompt, lengths, max_new_tokens=20, eos_id=eos)
+    _assert_same(result_eos, baseline_eos)
+    assert int(result_eos.lengths[0]) <= int(lengths[0]) + 4
+    # EOS and different prompts reuse the compiled loop.
+    assert decoder._generate_jit._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", ["chain", "dynamic"])
+def test_greedy_batch_one(models, name):
+    tree, draft_names = GREEDY_TREES[name]
+    rng = np.random.default_rng()
+    decoder = SpeculativeDecoder(models["target"], [models[n] for n in draft_names], tree=tree)
+    prompt, lengths = _prompts(rng, [3], 4)
+    baseline = generate_incremental(models["target"], prompt, lengths, max_new_tokens=13)
+    _assert_same(decoder.generate(prompt, lengths, max_new_tokens=13), baseline)
+
+
+def test_draft_of_another_size(models):
+    rng = np.random.default_rng()
+    decoder = SpeculativeDecoder(models["target"], models["small"], tree=(1, 2))
+    prompt, lengths = _prompts(rng, [4, 1], 4)
+    baseline = generate_incremental(models["target"], prompt, lengths, max_new_tokens=9)
+    _assert_same(decoder.generate(prompt, lengths, max_new_tokens=9), baseline)
+
+
+@pytest.mark.parametrize("tree", [ExpansionTree((1, 3, 1)), DynamicTree(num_nodes=7, depth=3, top_k=2)],
+                         ids=["expansion", "dynamic"])
+def test_draft_equal_to_target_accepts_everything(models, tree):
+    rng = np.random.default_rng()
+    target = models["target"]
+    decoder = SpeculativeDecoder(target, target, tree=tree)
+    prompt, lengths = _prompts(rng, [3, 6], 6)
+    result = decoder.generate(prompt, lengths, max_new_tokens=17)
+    hist = np.asarray(result.stats.accepted_histogram)
+    depth = 3
+    assert hist[:-1].sum() == 0 and hist[depth + 1] > 0
+    # First token from the prefill, then depth + 1 per step: ceil(16 / 4) steps.
+    assert int(result.stats.target_calls) == 1 + 4
+    _assert_same(result, generate_incremental(target, prompt, lengths, max_new_tokens=17))
+
+
+def test_one_step_commits_the_emitted_tokens(models):
+    """After a step, each cache equals a fresh prefill of prompt + emitted tokens (minus the root)."""
+    rng = np.random.default_rng()
+    target, draft = models["target"], models["close"]
+    decoder = SpeculativeDecoder(target, draft, tree=ExpansionTree((2, 2, 1)))
+    prompt, lengths = _prompts(rng, [4, 2, 5], 5)
+    params = (decoder._target_params, decoder._draft_params)
+    # Long enough that no row stops within two steps (a stopped row's emission is cut short).
+    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
+        *params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1, max_new_tokens=16)
+    step = jax.jit(decoder.step)
+    for _ in range(2):
+        state = step(*params, state, 0.0, 1.0, -1)
+    assert not state.done.any()
+    committed = np.asarray(state.lengths) - 1
+    np.testing.assert_array_equal(np.asarray(state.target_cache.lengths), committed)
+    np.testing.assert_array_equal(np.asarray(state.root), np.asarray(state.tokens)[np.arange(3), committed])
+    for model, cache in ((target, state.target_cache), (draft, state.draft_caches[0])):
+        fresh = model.prefill(state.tokens, jnp.asarray(committed), model.init_cache(3, cache.max_len))[1]
+        for b in range(3):
+            np.testing.assert_allclose(cache.keys[:, b, : committed[b]], fresh.keys[:, b, : committed[b]], atol=1e-5)
+            np.testing.assert_allclose(cache.values[:, b, : committed[b]], fresh.values[:, b, : committed[b]],
+                                       atol=1e-5)
+
+
+def test_drafting_a_chain_follows_the_draft_greedily(models):
+    """A chain tree drafted greedily is the draft's own greedy continuation."""
+    rng = np.random.default_rng()
+    draft = models["small"]
+    decoder = SpeculativeDecoder(models["target"], draft, tree=ExpansionTree.chain(5))
+    prompt, lengths = _prompts(rng, [3, 5], 5)
+    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
+        decoder._target_params, decoder._draft_params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1,
+        max_new_tokens=8)
+    tree, _ = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root, jax.random.key(1),
+                                     0.0, 1.0)
+    with_root = jnp.where(jnp.arange(5)[None] < lengths[:, None], prompt, 0)
+    with_root = jnp.concatenate([with_root, jnp.zeros((2, 1), jnp.int32)], 1)
+    with_root = with_root.at[jnp.arange(2), lengths].set(state.root)
+    own = generate_incremental(draft, with_root, lengths + 1, max_new_tokens=5)
+    for b in range(2):
+        start = int(lengths[b]) + 1
+        np.testing.assert_array_equal(np.asarray(tree.tokens[b, 1:]), np.asarray(own.tokens[b, start: start + 5]))
+
+
+def test_dynamic_draft_structure(models):
+    """Dynamic trees: parents one level up, distinct children, the draft's greedy chain in the
+    first slot of every level, the other slots sorted by cumulative draft probability."""
+    rng = np.random.default_rng()
+    draft = models["small"]
+    config = DynamicTree(num_nodes=9, depth=3, top_k=3)
+    decoder = SpeculativeDecoder(models["target"], draft, tree=config)
+    prompt, lengths = _prompts(rng, [4, 2], 4)
+    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
+        decoder._target_params, decoder._draft_params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1,
+        max_new_tokens=6)
+    tree, _ = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root, jax.random.key(1),
+                                     0.0, 1.0)
+    tokens, parents, depth = np.asarray(tree.tokens), np.asarray(tree.parents), np.asarray(tree.depth)
+    starts = [config.level_start(d) for d in range(config.depth + 1)] + [config.num_nodes]
+    for b in range(2):
+        n_prompt = int(lengths[b])
+        context = np.append(np.asarray(prompt[b, :n_prompt]), int(state.root[b]))
+        # Every node's root path appended to the context, one row per node, scored by the draft.
+        paths = []
+        for i in range(config.num_nodes):
+            path, node = [], i
+            while node > 0:
+                path.append(int(tokens[b, node]))
+                node = int(parents[b, node])
+            paths.append(path[::-1])
+        seqs = np.zeros((config.num_nodes, n_prompt + 1 + config.depth), np.int32)
+        for i, path in enumerate(paths):
+            seqs[i, : n_prompt + 1 + len(path)] = np.append(context, path)
+        logp = np.asarray(jax.nn.log_softmax(draft(jnp.asarray(seqs)), -1))
+        score = np.array([sum(logp[i, n_prompt + k, t] for k, t in enumerate(path)) for i, path in enumerate(paths)])
+        for d in range(1, config.depth + 1):
+            level = np.arange(starts[d], starts[d + 1])
+            assert np.all(depth[b, parents[b, level]] == d - 1)
+            # The first slot continues the greedy chain: the argmax after the previous first slot.
+            chain_parent = starts[d - 1]
+            assert parents[b, level[0]] == chain_parent
+            assert tokens[b, level[0]] == logp[chain_parent, n_prompt + d - 1].argmax()
+            assert np.all(np.diff(score[level[1:]]) <= 1e-4)
+        pairs = {(int(parents[b, i]), int(tokens[b, i])) for i in range(1, config.num_nodes)}
+        assert len(pairs) == config.num_nodes - 1
+
+
+# -- stochastic: distribution of whole sequences ---------------------------------------------------
+
+SMALL_VOCAB, NEW_TOKENS, SAMPLES, TEMPERATURE = 4, 3, 10_000, 0.05
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    seed = int(np.random.default_rng().integers(2**31))
+    config = TransformerConfig.tiny(vocab_size=SMALL_VOCAB, max_len=32)
+    # Random tiny models have logits near 0; the low temperature makes p and q peaked and unlike.
+    return [Transformer(config, rngs=nnx.Rngs(seed + i)) for i in range(3)]
+
+
+def _exact_sequence_probs(target, prompt, temperature, top_p):
+    seqs = np.array(list(itertools.product(range(SMALL_VOCAB), repeat=NEW_TOKENS)))
+    full = jnp.concatenate([jnp.tile(prompt, (len(seqs), 1)), jnp.asarray(seqs, jnp.int32)], 1)
+    probs = np.asarray(spec.warp_probs(target(full), temperature, top_p), np.float64)
+    out = np.ones(len(seqs))
+    p = prompt.shape[1]
+    for i in range(NEW_TOKENS):
+        out *= probs[np.arange(len(seqs)), p - 1 + i, seqs[:, i]]
+    return out / out.sum()
+
+
+def _sequence_pvalue(decoder, target, *, top_p=1.0):
+    rng = np.random.default_rng()
+    prompt = jnp.asarray(rng.integers(0, SMALL_VOCAB, (1, 3)), jnp.int32)
+    expected = _exact_sequence_probs(target, prompt, TEMPERATURE, top_p)
+    result = decoder.generate(
+        jnp.tile(prompt, (SAMPLES, 1)), jnp.full((SAMPLES,), 3), max_new_tokens=NEW_TOKENS,
+        temperature=TEMPERATURE, top_p=top_p, rng=int(rng.integers(2**31)))
+    generated = np.asarray(result.tokens[:, 3:])
+    codes = (generated * SMALL_VOCAB ** np.arange(NEW_TOKENS)[::-1]).sum(1)
+    observed = np.bincount(codes, minlength=len(expected)).astype(float)
+    assert observed[expected == 0].sum() == 0, "a sequence of probability 0 was generated"
+    expected = expected * SAMPLES
+    # Cells expected below 5 counts are pooled, as the chi-square approximation needs.
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep]).pvalue, result
+
+
+def _stochastic_decoder(small_models, kind):
+    target, d1, d2 = small_models
+    if kind == "expansion":
+        return SpeculativeDecoder(target, d1, tree=ExpansionTree((2, 2)), verify="stochastic")
+    if kind == "expansion_topk":
+        return SpeculativeDecoder(target, d1, tree=ExpansionTree((3, 1), sample_children=False), verify="stochastic")
+    if kind == "merged":
+        return SpeculativeDecoder(target, [d1, d2], tree=MergedTree((ExpansionTree((2, 1)), ExpansionTree((1, 1)))),
+                                  verify="stochastic")
+    return SpeculativeDecoder(target, d1, tree=DynamicTree(num_nodes=6, depth=2, top_k=2), verify="stochastic")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["expansion", "merged", "dynamic"])
+def test_stochastic_matches_target_distribution(small_models, kind):
+    decoder = _stochastic_decoder(small_models, kind)
+    pvalue, result = _sequence_pvalue(decoder, small_models[0])
+    assert pvalue > 1e-4
+    # Some steps accept drafted tokens, so acceptance is really under test.
+    assert np.asarray(result.stats.accepted_histogram)[2:].sum() > 0
+
+
+@pytest.mark.slow
+def test_stochastic_top_p_point_mass(small_models):
+    decoder = _stochastic_decoder(small_models, "expansion_topk")
+    pvalue, _ = _sequence_pvalue(decoder, small_models[0], top_p=0.9)
+    assert pvalue > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["expansion", "dynamic"])
+def test_stochastic_test_detects_broken_acceptance(small_models, monkeypatch, kind):
+    """The chi-square test has power: a verifier that forgets the residual fails it."""
+
+    mss, point_mass = verify_mod.mss_trial, verify_mod.point_mass_trial
+
+    def mss_no_residual(p, q, x):
+        return mss(p, q, x)[0], p
+
+    def point_mass_no_residual(p, x):
+        return point_mass(p, x)[0], p
+
+    monkeypatch.setattr(verify_mod, "mss_trial", mss_no_residual)
+    monkeypatch.setattr(verify_mod, "point_mass_trial", point_mass_no_residual)
+    decoder = _stochastic_decoder(small_models, kind)
+    pvalue, _ = _sequence_pvalue(decoder, small_models[0])
+    assert pvalue < 1e-6
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+def test_construction_errors(models):
+    target, draft = models["target"], models["close"]
+    other_vocab = Transformer(TransformerConfig.tiny(vocab_size=VOCAB + 1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vocabulary"):
+        SpeculativeDecoder(target, other_vocab, tree=(1, 1))
+    with pytest.raises(ValueError, match="verify"):
+        SpeculativeDecoder(target, draft, tree=(1, 1), verify="beam")
+    with pytest.raises(ValueError, match="draft"):
+        SpeculativeDecoder(target, [draft, draft], tree=(1, 1))
+    with pytest.raises(ValueError, match="draft"):
+        SpeculativeDecoder(target, draft, tree=MergedTree((ExpansionTree((1,)), ExpansionTree((2,)))))
+    with pytest.raises(ValueError, match="draft"):
+        SpeculativeDecoder(target, [], tree=(1, 1))
+    with pytest.raises(ValueError, match="tree"):
+        SpeculativeDecoder(target, draft, tree="wide")
+
+
+def test_generate_errors(models):
+    target, draft = models["target"], models["close"]
+    decoder = SpeculativeDecoder(target, draft, tree=(1, 1))
+    prompt, lengths = jnp.ones((2, 4), jnp.int32), jnp.array([4, 2])
+    bad_calls = {
+        "greedy": dict(temperature=0.7, rng=0),
+        "top_p": dict(top_p=0.0),
+        "temperature": dict(temperature=-1.0),
+        "eos_id": dict(eos_id=VOCAB),
+        "max_new_tokens": dict(max_new_tokens=0),
+    }
+    for match, kwargs in bad_calls.items():
+        kwargs = {"max_new_tokens": 4, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            decoder.generate(prompt, lengths, **kwargs)
+    stochastic = SpeculativeDecoder(target, draft, tree=(1, 1), verify="stochastic")
+    with pytest.raises(ValueError, match="PRNG key"):
+        stochastic.generate(prompt, lengths, max_new_tokens=4, temperature=1.0)
+    with pytest.raises(ValueError, match="prompt lengths"):
+        decoder.generate(prompt, jnp.array([5, 2]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt lengths"):
+        decoder.generate(prompt, jnp.array([0, 2]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        decoder.generate(prompt, jnp.array([4]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt must be"):
+        decoder.generate(jnp.ones((4,), jnp.int32), lengths, max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt tokens"):
+        decoder.generate(prompt.at[0, 0].set(VOCAB), lengths, max_new_tokens=4)
+    # 128 slots: 4 + 123 + 3 tree nodes do not fit, 4 + 121 + 3 do.
+    with pytest.raises(ValueError, match="cache too small"):
+        decoder.generate(prompt, lengths, max_new_tokens=123)
+    with pytest.raises(ValueError, match="cache too small"):
+        generate_incremental(target, prompt, lengths, max_new_tokens=125)
+    small_draft = SpeculativeDecoder(
+        target, Transformer(TransformerConfig.tiny(vocab_size=VOCAB, max_len=16), rngs=nnx.Rngs(0)), tree=(1, 1))
+    with pytest.raises(ValueError, match="draft 0 cache too small"):
+        small_draft.generate(prompt, lengths, max_new_tokens=10)
