@@ -3,6 +3,16 @@
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
 from pallas_kernels.flash_attention.tuning import BlockSizes, autotune
+from pallas_kernels.tree_attention.api import checked_tree_attention, decode_attention, tree_attention
 from pallas_kernels.tree_attention.reference import tree_attention_reference
 
-__all__ = ["BlockSizes", "attention_reference", "autotune", "flash_attention", "tree_attention_reference"]
+__all__ = [
+    "BlockSizes",
+    "attention_reference",
+    "autotune",
+    "checked_tree_attention",
+    "decode_attention",
+    "flash_attention",
+    "tree_attention",
+    "tree_attention_reference",
+]

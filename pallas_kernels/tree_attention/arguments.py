@@ -123,36 +123,39 @@ def _concrete_value(x) -> np.ndarray | None:
 def check_tree_closure(tree_mask: np.ndarray) -> None:
     """Raises ValueError unless every [N, N] slice is the ancestor-or-self relation of a forest.
 
-    Conditions, with A = tree_mask: every node sees itself (A[i, i]); no two distinct nodes see each
-    other (a cycle); the relation is transitive (an ancestor's ancestor is visible); and the
-    ancestors of a node form one chain (each node has a single parent).
+    With A = tree_mask and depth(i) = |A[i]|: every node sees itself; no two distinct nodes see each
+    other (a cycle); and every non-root i sees exactly {i} and what its parent p sees, p being the
+    deepest other node that i sees. The last condition makes A[i] the chain i, p(i), p(p(i)), ...
+    (depth strictly decreases along it), i.e. a forest. O(B * N^2).
     """
     masks = tree_mask.reshape((-1,) + tree_mask.shape[-2:])  # [B|1, N, N]
+    num_nodes = masks.shape[-1]
     diagonal = np.diagonal(masks, axis1=1, axis2=2)
     if not diagonal.all():
         b, i = (int(x) for x in np.argwhere(~diagonal)[0])
         raise ValueError(f"tree_mask is not a tree closure: node {i=} does not see itself (batch row {b=})")
-    eye = np.eye(masks.shape[-1], dtype=bool)[None]
-    swapped = np.swapaxes(masks, 1, 2)
-    cycle = masks & swapped & ~eye
+    eye = np.eye(num_nodes, dtype=bool)[None]
+    cycle = masks & np.swapaxes(masks, 1, 2) & ~eye
     if cycle.any():
         b, i, j = (int(x) for x in np.argwhere(cycle)[0])
         raise ValueError(f"tree_mask is not a tree closure: nodes {i=} and {j=} see each other (batch row {b=})")
-    ints = masks.astype(np.int32)
-    missing = (np.einsum("bij,bjk->bik", ints, ints) > 0) & ~masks
+    depth = masks.sum(axis=-1)  # [B, N]
+    proper = masks & ~eye
+    parent = np.argmax(np.where(proper, depth[:, None, :], -1), axis=-1)  # [B, N]
+    expected = np.take_along_axis(masks, parent[:, :, None], axis=1) | eye  # what i sees if p is its parent
+    has_parent = proper.any(axis=-1)
+    missing = has_parent[:, :, None] & expected & ~masks
     if missing.any():
         b, i, k = (int(x) for x in np.argwhere(missing)[0])
         raise ValueError(
-            f"tree_mask is not a tree closure: node {i=} sees an ancestor of {k=}'s ancestors but not {k=} "
-            f"(not transitive, batch row {b=})")
-    # Two ancestors j, k of the same node must be ordered: one sees the other.
-    pairs = masks[:, :, :, None] & masks[:, :, None, :]  # [B, i, j, k]
-    unordered = pairs & ~(masks | swapped)[:, None]
-    if unordered.any():
-        b, i, j, k = (int(x) for x in np.argwhere(unordered)[0])
+            f"tree_mask is not a tree closure: node {i=} does not see {k=}, an ancestor of its parent "
+            f"{int(parent[b, i])} (not transitive, batch row {b=})")
+    extra = has_parent[:, :, None] & masks & ~expected
+    if extra.any():
+        b, i, k = (int(x) for x in np.argwhere(extra)[0])
         raise ValueError(
-            f"tree_mask is not a tree closure: node {i=} sees {j=} and {k=}, which do not see each other "
-            f"(two parents, batch row {b=})")
+            f"tree_mask is not a tree closure: node {i=} sees {k=}, which is not on the ancestor chain of its "
+            f"parent {int(parent[b, i])} (two parents, batch row {b=})")
 
 
 def check_inputs(cache_lengths: jax.Array, tree_mask: jax.Array, cache_size: int) -> None:

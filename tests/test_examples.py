@@ -1,0 +1,191 @@
+"""examples/speculative_generate.py and examples/demo.py end to end on tiny models (CPU).
+
+The models are random and written to tmp_path in the formats the scripts read: train.py
+checkpoints (with a byte tokenizer) and a Hugging Face Llama folder. A draft is a noisy copy of
+the target, so it agrees with it often and trees are accepted several levels deep.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fa2jax import Transformer, TransformerConfig
+from fa2jax import checkpoint as ckpt
+from fa2jax.tokenizer import ByteTokenizer
+from spec import DynamicTree, ExpansionTree, MergedTree
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+VOCAB = 384  # ByteTokenizer's 257 ids, rounded up like train.py does
+PROMPTS = ["def f(x):", "import os\n"]
+
+
+def _import(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # demo.py imports speculative_generate by name
+    spec.loader.exec_module(module)
+    return module
+
+
+sg = _import("speculative_generate")
+
+
+def _save(model, directory):
+    """Writes `model` as train.py does (params only: no optimizer state is read back)."""
+    params = nnx.split(model, nnx.Param, ...)[1]
+    meta = {"model_config": ckpt.config_to_dict(model.config)}
+    ckpt.save_checkpoint(Path(directory) / "checkpoints", 1, {"params": params}, meta, ByteTokenizer())
+    return str(directory)
+
+
+def _noisy_copy(model, scale, seed):
+    """`model` with relative Gaussian noise on every parameter (numpy: no compile per shape)."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    leaves = [x + scale * np.std(x) * rng.standard_normal(x.shape, np.float32) for x in map(np.asarray, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    # max_len 32 is below prompt + tokens + tree: load_model must raise it.
+    target = Transformer(TransformerConfig.tiny(vocab_size=VOCAB, max_len=32), rngs=nnx.Rngs(0))
+    return {
+        "target": _save(target, root / "target"),
+        "draft": _save(_noisy_copy(target, 0.1, 1), root / "draft"),
+        "draft2": _save(_noisy_copy(target, 0.2, 2), root / "draft2"),
+    }
+
+
+def _argv(runs, *extra, drafts=("draft",)):
+    argv = ["--target", runs["target"], "--max-new-tokens", "24", "--ignore-eos"]
+    for d in drafts:
+        argv += ["--draft", runs[d]]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    return argv + list(extra)
+
+
+def test_greedy_equals_incremental(runs, capsys):
+    report = sg.main(_argv(runs, "--tree", "1,1,3,1"))
+    out = capsys.readouterr().out
+    assert report.identical
+    assert report.new_tokens == (2 * 24, 2 * 24)
+    assert report.mean_accepted_length > 1  # the noisy copy agrees with the target
+    assert report.target_calls[1] < report.target_calls[0]
+    assert report.histogram[0] == 0 and report.histogram.sum() > 0
+    for text in ("tokens identical to incremental: yes", "tokens/s", "speedup", "cost model", "--- continuation"):
+        assert text in out
+    assert isinstance(report.tree, ExpansionTree) and report.tree.widths == (1, 1, 3, 1)
+    assert report.cost.passes == (5,) and report.cost.speedup(report.mean_accepted_length) > 0
+
+
+def test_stochastic_runs(runs, capsys):
+    report = sg.main(_argv(runs, "--verify", "stochastic", "--temperature", "0.8", "--top-p", "0.9"))
+    out = capsys.readouterr().out
+    assert report.identical is None and "identical" not in out
+    assert report.new_tokens[1] == 2 * 24
+    assert isinstance(report.tree, ExpansionTree) and report.tree == ExpansionTree.specinfer()
+    for ids in report.continuations():
+        assert len(ids) == 24 and 0 <= ids.min() and ids.max() < VOCAB
+
+
+def test_dynamic_tree(runs):
+    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--top-k", "3"))
+    assert isinstance(report.tree, DynamicTree) and report.tree.num_nodes == 10
+    assert report.identical
+
+
+def test_two_drafts(runs):
+    report = sg.main(_argv(runs, "--tree", "1,2", "--tree", "2,1,1", drafts=("draft", "draft2")))
+    assert isinstance(report.tree, MergedTree) and report.num_drafts == 2
+    assert report.cost.passes == (3, 4)
+    assert report.identical
+
+
+def test_prompt_file_without_ignore_eos(runs, tmp_path, capsys):
+    file = tmp_path / "prompt.txt"
+    file.write_text("while True:\n", encoding="utf-8")
+    argv = ["--target", runs["target"], "--draft", runs["draft"], "--prompt-file", str(file),
+            "--max-new-tokens", "8", "--tree", "2,1"]
+    report = sg.main(argv)
+    assert report.identical and report.prompt_lengths.tolist() == [len("while True:\n")]
+    assert "while True:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, drafts, message", [
+    (["--tree", "1,x"], ("draft",), "comma-separated"),
+    (["--tree", "1,2", "--tree", "1", "--tree", "2"], ("draft", "draft2"), "one per draft"),
+    (["--dynamic-tree", "8"], ("draft", "draft2"), "one draft"),
+    (["--temperature", "0.5"], ("draft",), "temperature 0"),
+])
+def test_bad_flags_raise(runs, argv, drafts, message):
+    with pytest.raises(ValueError, match=message):
+        sg.main(_argv(runs, *argv, drafts=drafts))
+
+
+def _byte_bpe(directory, vocab_size):
+    """A small byte-level BPE `tokenizer.json` with an end token, as Hugging Face folders hold."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def hello(world):\n    return world\n"] * 20, trainer=trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    return tok.token_to_id("</s>")
+
+
+def test_hf_llama_folder(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "target").mkdir()
+    eos = _byte_bpe(tmp_path / "target", 300)
+    torch.manual_seed(0)
+    config = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=eos, dtype="float32")
+    for name, layers in (("target", 2), ("draft", 1)):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=layers, **config))
+        model.save_pretrained(tmp_path / name)
+    report = sg.main(["--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--prompt",
+                      "def hello", "--max-new-tokens", "12", "--tree", "2,2", "--ignore-eos"])
+    assert report.identical and report.new_tokens == (12, 12)
+    assert "tokens identical to incremental: yes" in capsys.readouterr().out
+    assert sg.read_tokenizer(tmp_path / "target").eos_id == eos
+    assert sg.read_tokenizer(tmp_path / "target", "bytes").encode("def") == list(b"def")
+
+
+def test_export_keeps_only_params(tmp_path):
+    demo = _import("demo")
+    model = Transformer(TransformerConfig.tiny(vocab_size=VOCAB), rngs=nnx.Rngs(3))
+    params = nnx.split(model, nnx.Param, ...)[1]
+    meta = {"model_config": ckpt.config_to_dict(model.config)}
+    state = {"step": jnp.int32(7), "params": params, "opt_state": {"mu": params, "nu": params}}
+    ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 7, state, meta, ByteTokenizer())
+    out = demo.export_params(tmp_path / "run", tmp_path / "export")
+    assert out.name == "step_00000007"
+    full = (tmp_path / "run" / "checkpoints" / out.name / ckpt.STATE_FILE).stat().st_size
+    assert (out / ckpt.STATE_FILE).stat().st_size < full / 2
+    loaded = sg.load_model(tmp_path / "export", min_len=600)
+    assert loaded.config.max_len == 600
+    for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_demo_on_committed_checkpoints(capsys):
+    demo = _import("demo")
+    greedy, stochastic = demo.main(["--max-new-tokens", "24"])
+    out = capsys.readouterr().out
+    assert greedy.identical and "tokens identical to incremental: yes" in out
+    # The committed draft was distilled from the target: it agrees with it most of the time.
+    assert greedy.mean_accepted_length > 2
+    assert stochastic.verify == "stochastic" and stochastic.new_tokens[1] > 0
