@@ -1,23 +1,25 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv when it is missing.
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo clean
 
-$(STAMP): pyproject.toml
+# The demo needs only the runtime dependencies; the tests add torch (CPU build), transformers, ...
+$(VENV)/.runtime: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -e '.[test,examples]'
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
-
-test: $(STAMP)
+test: $(VENV)/.test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q tests
 
-demo: $(STAMP)
+demo: $(VENV)/.runtime
 	JAX_PLATFORMS=cpu $(PY) examples/demo.py
 
 clean:

@@ -54,8 +54,11 @@ def tree_configs(quick: bool) -> dict:
     }
 
 
-def build_model(preset: str, ckpt: str | None, seed: int, min_len: int) -> Transformer:
-    """A model from a checkpoint folder, or a random one from a `TransformerConfig` preset."""
+def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=None) -> Transformer:
+    """A model from a checkpoint folder, or a random one from a `TransformerConfig` preset.
+
+    `dtype` overrides a preset's compute dtype (float32 for the bitwise greedy-equality check).
+    """
     if ckpt:
         from fa2jax.training import load_model
 
@@ -64,7 +67,7 @@ def build_model(preset: str, ckpt: str | None, seed: int, min_len: int) -> Trans
             raise ValueError(f"checkpoint model too short for this run: {parts.config.max_len=} {min_len=}")
         return nnx.merge(parts.graphdef, parts.params, parts.rest)
     config = getattr(TransformerConfig, preset)()
-    config = config.replace(max_len=max(config.max_len, min_len))
+    config = config.replace(max_len=max(config.max_len, min_len), **({"dtype": dtype} if dtype else {}))
     return Transformer(config, rngs=nnx.Rngs(seed))
 
 
@@ -155,21 +158,26 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny models and trees: a CPU smoke run")
     parser.add_argument("--out", default="speculative.json")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="compute dtype of preset models; float32 also sets HIGHEST matmul precision, "
+                             "so that greedy equality with the baseline is not at the mercy of bf16 rounding")
     args = parser.parse_args()
     if args.quick:
         args.target_preset = "tiny"
         args.draft_preset = "same" if args.draft_preset == "same" else "tiny"
         args.prompt_len, args.max_new_tokens, args.repeats = 16, 24, 1
 
+    if args.dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")
     trees = {k: v for k, v in tree_configs(args.quick).items() if k in args.trees.split(",")}
     max_nodes = max(t.num_nodes for t, _ in trees.values())
     min_len = args.prompt_len + args.max_new_tokens + max_nodes
-    target = build_model(args.target_preset, args.target_ckpt, 0, min_len)
+    target = build_model(args.target_preset, args.target_ckpt, 0, min_len, args.dtype)
     if args.draft_preset == "same" and not args.draft_ckpt:
         drafts = [target, target]
     else:
-        drafts = [build_model(args.draft_preset, args.draft_ckpt, 1, min_len),
-                  build_model(args.draft_preset, args.draft2_ckpt, 2, min_len)]
+        drafts = [build_model(args.draft_preset, args.draft_ckpt, 1, min_len, args.dtype),
+                  build_model(args.draft_preset, args.draft2_ckpt, 2, min_len, args.dtype)]
     vocab = target.config.vocab_size
 
     if args.target_ckpt:
