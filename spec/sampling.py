@@ -27,14 +27,19 @@ def warp_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
     greedy = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
     # The max() only guards the division in the branch that greedy replaces.
     probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), axis=-1)
-    order = jnp.argsort(-probs, axis=-1)
-    sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    nucleus = jnp.where(keep, probs, 0.0)
-    nucleus = nucleus / nucleus.sum(-1, keepdims=True)
-    return jnp.where(temperature > 0, nucleus, greedy)
+
+    def nucleus(probs):
+        order = jnp.argsort(-probs, axis=-1)
+        sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = mass_before < top_p
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        kept = jnp.where(keep, probs, 0.0)
+        return kept / kept.sum(-1, keepdims=True)
+
+    # top_p = 1 keeps everything: skip the two argsorts over V, the costliest part of sampling.
+    probs = jax.lax.cond(top_p >= 1.0, lambda p: p, nucleus, probs)
+    return jnp.where(temperature > 0, probs, greedy)
 
 
 def sample_probs(key: jax.Array, probs: jax.Array) -> jax.Array:
