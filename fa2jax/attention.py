@@ -135,22 +135,10 @@ def _xla_attention(q, k, v, *, bias, allowed, scale, softcap, dropout_rate, drop
         scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
-    scores = jnp.where(allowed, scores, -jnp.inf)
-    # Softmax is shift-invariant, so the max needs no gradient; a fully masked row keeps max 0 and
-    # ends with all-zero probabilities, hence a zero output.
-    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    unnormalised = jnp.exp(scores - row_max)
-    row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    probs = unnormalised / jnp.where(row_sum > 0, row_sum, 1.0)
+    # A fully masked row ends with all-zero probabilities, hence a zero output.
+    probs, _ = masking.dense_softmax(scores, allowed)
     if dropout_rate > 0:
-        b_idx = jnp.arange(B, dtype=jnp.int32)[:, None]
-        h_idx = jnp.arange(H, dtype=jnp.int32)[None, :]
-        streams = masking.dropout_stream(dropout_seed, b_idx, h_idx)[:, :, None, None]  # [B, H, 1, 1]
-        q_idx = jnp.arange(T, dtype=jnp.int32)[:, None]
-        k_idx = jnp.arange(S, dtype=jnp.int32)[None, :]
-        keep = masking.dropout_keep(streams, q_idx, k_idx, dropout_rate)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        probs = masking.dense_dropout(probs, dropout_seed, dropout_rate)
     probs = probs.reshape(B, K, G, T, S).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, D).astype(q.dtype)

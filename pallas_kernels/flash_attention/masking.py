@@ -170,3 +170,30 @@ def dropout_keep(stream: jax.Array, q_idx: jax.Array, k_idx: jax.Array, rate: fl
     bits = _fmix32(row + k_idx.astype(jnp.uint32) * jnp.uint32(_KEY_STRIDE))
     threshold = int(round(rate * (1 << DROPOUT_BITS)))
     return (bits >> (32 - DROPOUT_BITS)).astype(jnp.int32) >= threshold
+
+
+def dense_softmax(scores: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Masked softmax over the last axis of dense f32 scores, as the dense (XLA) paths compute it.
+
+    Returns (probs, lse): a fully masked row gets all-zero probabilities and lse = -inf, never NaN.
+    Softmax is shift-invariant, so the row max carries no gradient.
+    """
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalised = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    nonempty = row_sum > 0
+    safe_sum = jnp.where(nonempty, row_sum, 1.0)
+    lse = jnp.where(nonempty, row_max + jnp.log(safe_sum), -jnp.inf)[..., 0]
+    return unnormalised / safe_sum, lse
+
+
+def dense_dropout(probs: jax.Array, seed, rate: float) -> jax.Array:
+    """Dropout on dense probabilities [B, H, T, S] with the kernels' keep-mask, rescaled by 1/(1-rate)."""
+    B, H, T, S = probs.shape
+    streams = dropout_stream(seed, jnp.arange(B, dtype=jnp.int32)[:, None],
+                             jnp.arange(H, dtype=jnp.int32)[None, :])[:, :, None, None]  # [B, H, 1, 1]
+    keep = dropout_keep(streams, jnp.arange(T, dtype=jnp.int32)[:, None],
+                        jnp.arange(S, dtype=jnp.int32)[None, :], rate)
+    return jnp.where(keep, probs / (1.0 - rate), 0.0)

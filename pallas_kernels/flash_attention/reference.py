@@ -71,22 +71,9 @@ def attention_reference(
         allowed = allowed & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
     if mask is not None:
         allowed = allowed & mask
-    scores = jnp.where(allowed, scores, -jnp.inf)
-
-    # Softmax is shift-invariant, so the row max needs no gradient; a fully masked row keeps max 0.
-    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    unnormalised = jnp.exp(scores - row_max)
-    row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    probs = unnormalised / jnp.where(row_sum > 0, row_sum, 1.0)
-    lse = jnp.where(row_sum > 0, row_max + jnp.log(jnp.where(row_sum > 0, row_sum, 1.0)), -jnp.inf)[..., 0]
-
+    probs, lse = masking.dense_softmax(scores, allowed)
     if problem.dropout_rate > 0:
-        b_idx = jnp.arange(B, dtype=jnp.int32)[:, None]
-        h_idx = jnp.arange(H, dtype=jnp.int32)[None, :]
-        streams = masking.dropout_stream(dropout_seed, b_idx, h_idx)[:, :, None, None]  # [B, H, 1, 1]
-        keep = masking.dropout_keep(streams, q_idx, k_idx, problem.dropout_rate)
-        probs = jnp.where(keep, probs / (1.0 - problem.dropout_rate), 0.0)
+        probs = masking.dense_dropout(probs, dropout_seed, problem.dropout_rate)
 
     probs = probs.reshape(B, K, G, T, S).astype(compute_dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(compute_dtype), precision=precision,
