@@ -29,6 +29,9 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import decode_attention as decode_kernel
+from pallas_kernels import flash_attention as flash_kernel
+from pallas_kernels import tree_attention as tree_kernel
 from pallas_kernels.flash_attention import masking
 from pallas_kernels.flash_attention.arguments import validate
 
@@ -54,22 +57,6 @@ def _check_implementation(implementation: str | None) -> None:
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
-
-
-def _pallas_op(name: str):
-    """The named `pallas_kernels` function, or None while that kernel is not available."""
-    import pallas_kernels
-
-    # Not just getattr: importing pallas_kernels.tree_attention binds that *subpackage* to the name.
-    op = getattr(pallas_kernels, name, None)
-    return op if callable(op) else None
-
-
-def _require_pallas_op(name: str):
-    op = _pallas_op(name)
-    if op is None:
-        raise ValueError(f"implementation='pallas' needs pallas_kernels.{name}, which this install lacks")
-    return op
 
 
 def _dropout_seed(dropout_rate: float, dropout_rng) -> jax.Array | None:
@@ -215,7 +202,7 @@ def dot_product_attention(
     cudnn_args = dict(softcap=config.softcap, dropout_rate=problem.dropout_rate)
 
     if implementation is None:
-        pallas_ok = _on_gpu() and bias is None and _pallas_op("flash_attention") is not None
+        pallas_ok = _on_gpu() and bias is None
         if pallas_ok:
             implementation, reason = "pallas", "GPU with the FlashAttention-2 kernel"
         elif _on_gpu() and _cudnn_unsupported(query, **cudnn_args) is None:
@@ -227,7 +214,7 @@ def dot_product_attention(
     if implementation == "pallas":
         if bias is not None:
             raise ValueError(f"implementation='pallas' takes no additive bias, got {bias.shape=}: use mask")
-        flash_attention = _require_pallas_op("flash_attention")
+        flash_attention = flash_kernel
         return flash_attention(query, key, value, causal=is_causal, sm_scale=problem.sm_scale, window_size=window,
                                segment_ids=segment_ids, softcap=config.softcap, mask=mask,
                                dropout_rate=problem.dropout_rate, dropout_seed=dropout_seed)
@@ -289,7 +276,7 @@ def _check_cache_args(q, k_cache, v_cache, lengths):
 def _choose_cache_impl(op: str, implementation: str | None) -> str:
     _check_implementation(implementation)
     if implementation is None:
-        if _on_gpu() and _pallas_op(op) is not None:
+        if _on_gpu():
             implementation, reason = "pallas", f"GPU with the {op} kernel"
         else:
             implementation, reason = "xla", f"backend {jax.default_backend()}"
@@ -324,7 +311,7 @@ def tree_attention(
                          f"{tree_mask.dtype=}")
     implementation = _choose_cache_impl("tree_attention", implementation)
     if implementation == "pallas":
-        op = _require_pallas_op("tree_attention")
+        op = tree_kernel
         return op(q, k_cache, v_cache, lengths, tree_mask, sm_scale=scale, softcap=softcap)
     tree_mask = jnp.broadcast_to(tree_mask, (B, N, N))
     return _dense_cache_attention(q, k_cache, v_cache, lengths, tree_mask, scale=scale, softcap=softcap,
@@ -352,7 +339,7 @@ def decode_attention(
     B, T = q.shape[:2]
     implementation = _choose_cache_impl("decode_attention", implementation)
     if implementation == "pallas":
-        op = _require_pallas_op("decode_attention")
+        op = decode_kernel
         return op(q, k_cache, v_cache, lengths, sm_scale=scale, softcap=softcap)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.bool_)), (B, T, T))  # a chain is a tree
     return _dense_cache_attention(q, k_cache, v_cache, lengths, causal, scale=scale, softcap=softcap,

@@ -19,9 +19,7 @@ from pallas_kernels import attention_reference, tree_attention_reference
 
 ATOL = 1e-5  # f32 with HIGHEST matmuls (conftest): differences are summation order only
 # The "pallas" backend runs interpreted on CPU: it is tested on fewer, smaller cases.
-HAS_FLASH = fa2jax.attention._pallas_op("flash_attention") is not None
-HAS_TREE = all(fa2jax.attention._pallas_op(op) is not None for op in ("tree_attention", "decode_attention"))
-IMPLEMENTATIONS = ["xla"] + (["pallas"] if HAS_FLASH else [])
+IMPLEMENTATIONS = ["xla", "pallas"]
 
 
 def _qkv(key, B=2, T=6, S=6, H=4, K=2, D=8, dtype=jnp.float32):
@@ -120,7 +118,6 @@ def test_automatic_choice_is_logged(caplog):
         assert "chose 'xla'" in caplog.text
 
 
-@pytest.mark.skipif(not HAS_FLASH, reason="pallas_kernels.flash_attention not landed")
 @pytest.mark.parametrize("kwargs", [dict(is_causal=True, segment_ids=jnp.array([[1] * 5 + [2] * 3] * 2)),
                                     dict(local_window_size=(3, 0), softcap=5.0, dropout_rate=0.25,
                                          dropout_rng=jax.random.key(3))], ids=["causal_segments", "window_dropout"])
@@ -149,7 +146,7 @@ def _cache(seed, B=2, S=12, K=2, D=8):
 TREE_MASK = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
 
 
-@pytest.mark.parametrize("implementation", ["xla"] + (["pallas"] if HAS_TREE else []))  # inference only: no VJP
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])  # inference only: no VJP
 def test_cache_attention_matches_reference(implementation):
     k_cache, v_cache = _cache(10)
     lengths = jnp.array([3, 7], jnp.int32)
@@ -177,7 +174,7 @@ def _copy_params(src, dst):
 
 
 @pytest.mark.parametrize("num_kv_heads,implementation",
-                         [(4, "xla"), (2, "xla")] + ([(2, "pallas")] if HAS_FLASH else []))
+                         [(4, "xla"), (2, "xla"), (2, "pallas")])
 def test_multi_head_attention_matches_nnx(num_kv_heads, implementation):
     x = jax.random.normal(jax.random.key(12), (2, 6, 16))
     mask = nnx.make_causal_mask(jnp.ones((2, 6)))  # [B, 1, T, T]
