@@ -33,6 +33,7 @@ from flax import nnx
 
 from fa2jax import Transformer, TransformerConfig
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, TreeTopology, generate_incremental
+from spec.comparison import draft_passes
 
 
 def tree_configs(quick: bool) -> dict:
@@ -123,12 +124,6 @@ def component_times(model: Transformer, batch: int, context: int, num_nodes: int
             "tree": median_time(lambda: tree(params, cache, mask), repeats)}
 
 
-def draft_passes(tree) -> int:
-    if isinstance(tree, MergedTree):
-        return sum(t.depth + 1 for t in tree.trees)
-    return tree.depth + 1
-
-
 def tree_mask(tree):
     """A mask of the tree's shape for timing the N-node passes.  # [N, N] bool"""
     if isinstance(tree, DynamicTree):
@@ -210,14 +205,14 @@ def main():
             t_target = component_times(target, args.batch, context, tree.num_nodes, mask, args.repeats)
             t_draft = component_times(drafts[0], args.batch, context, tree.num_nodes, mask, args.repeats)
             accepted = float(result.stats.mean_accepted_length)
-            predicted = accepted * t_target["decode"] / (draft_passes(tree) * t_draft["tree"] + t_target["tree"])
+            predicted = accepted * t_target["decode"] / (sum(draft_passes(tree)) * t_draft["tree"] + t_target["tree"])
             rows.append(dict(
                 mode=mode, tree=name, nodes=tree.num_nodes, tokens_per_s=generated / seconds,
                 speedup=baselines[mode] / seconds, mean_accepted=accepted,
                 target_calls=int(result.stats.target_calls),
                 histogram=np.asarray(result.stats.accepted_histogram).tolist(),
                 t_decode_target_ms=1e3 * t_target["decode"], t_verify_target_ms=1e3 * t_target["tree"],
-                t_draft_ms=1e3 * t_draft["tree"], draft_passes=draft_passes(tree), predicted_speedup=predicted,
+                t_draft_ms=1e3 * t_draft["tree"], draft_passes=sum(draft_passes(tree)), predicted_speedup=predicted,
                 identical_to_incremental=bool(np.array_equal(np.asarray(result.tokens), baseline_tokens))
                 if mode == "greedy" else None))
 

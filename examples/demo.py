@@ -18,6 +18,7 @@ from pathlib import Path
 from fa2jax import checkpoint as ckpt
 from fa2jax.training import count_params, load_model, resolve_checkpoint
 import speculative_generate as sg
+from spec.comparison import compare, format_report
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 PROMPTS = ("import os\nimport sys\n\n\ndef main(", "    @property\n    def name(self):\n", "def __init__(self, name")
@@ -67,13 +68,13 @@ def main(argv=None):
 
     reports = []
     for verify, temperature in (("greedy", 0.0), ("stochastic", args.temperature)):
-        report = sg.compare(target, [draft], tree, prompt, lengths, verify=verify, temperature=temperature,
+        report = compare(target, [draft], tree, prompt, lengths, verify=verify, temperature=temperature,
                             max_new_tokens=args.max_new_tokens, seed=0, eos_id=tokenizer.eos_id)
         print(f"\n===== {sg.describe(report)}, temperature {temperature}")
         for text, ids in zip(PROMPTS, report.continuations()):
             print(f"--- {text!r} continues:\n{sg.decode(tokenizer, ids)}")
         print()
-        print(sg.format_report(report))
+        print(format_report(report))
         reports.append(report)
     cost = reports[0].cost
     ratio_verify, ratio_draft = cost.t_verify / cost.t_decode, cost.t_draft[0] / cost.t_decode
