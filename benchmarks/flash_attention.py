@@ -94,10 +94,12 @@ def _peers(case: Case):
     return impls
 
 
-def bench_case(case: Case, dtype, repeats: int) -> dict:
+def bench_case(case: Case, dtype, repeats: int, only: list[str] | None = None) -> dict:
     q, k, v, do = _inputs(case, dtype)
     row = {"case": case.label, **dataclasses.asdict(case)}
     for name, attn in _peers(case).items():
+        if only and name not in only:
+            continue
         fwd = jax.jit(attn)
 
         def fwd_bwd(q, k, v, do, attn=attn):
@@ -253,6 +255,7 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
                         help="S per case; B = 16384 // S so every case has 16k tokens")
     parser.add_argument("--no-correctness", action="store_true")
+    parser.add_argument("--peers", nargs="+", help="only these implementations (default: all)")
     parser.add_argument("--tag", default="", help="suffix of the JSON/PNG file names")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ def main() -> None:
     rows = []
     for case in cases:
         try:
-            rows.append(bench_case(case, dtype, args.repeats))
+            rows.append(bench_case(case, dtype, args.repeats, args.peers))
         except Exception:
             traceback.print_exc()
     report["rows"] = rows

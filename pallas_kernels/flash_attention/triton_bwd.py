@@ -78,7 +78,7 @@ def _dkdv_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, 
         dk, dv = carry
         h = kv_head * spec.group_size + g
         q_start = q_block * block_q
-        rows = pl.ds(q_start, block_q)
+        rows = pl.ds(pl.multiple_of(q_start, block_q), block_q)  # aligned: lets Triton vectorise loads
         q_idx = q_start + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
         q = inputs["q"][rows, g, :]
         do = inputs["do"][rows, g, :]
@@ -136,7 +136,7 @@ def _dq_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, bl
 
     def visit(k_block, dq, masked: bool):
         k_start = k_block * block_k
-        keys = pl.ds(k_start, block_k)
+        keys = pl.ds(pl.multiple_of(k_start, block_k), block_k)
         k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         k = inputs["k"][keys, :]
         allowed = None

@@ -41,7 +41,7 @@ def _forward_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: in
     def visit(k_block, carry, masked: bool):
         acc, row_max, row_sum, hit_nonfinite = carry
         k_start = k_block * block_k
-        keys = pl.ds(k_start, block_k)
+        keys = pl.ds(pl.multiple_of(k_start, block_k), block_k)  # aligned: lets Triton vectorise loads
         k_idx = k_start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         scores, _ = tile_scores(q, inputs["k"][keys, :], q_idx, k_idx, spec, slope)  # [bq, bk], log2 units
         v = inputs["v"][keys, :]
