@@ -77,8 +77,7 @@ def tree_attention(
         interpret = jax.default_backend() != "gpu"
     if config is None:
         config = TreeAttentionConfig.heuristic(next_power_of_two(problem.head_dim), problem.dtype,
-                                               problem.num_nodes * next_power_of_two(problem.group_size),
-                                               parallel_heads=problem.batch * problem.num_kv_heads)
+                                               problem.num_nodes * next_power_of_two(problem.group_size))
     if num_splits is None:
         tiling = row_tiling(problem.num_nodes, problem.group_size, config.block_rows)
         num_splits = num_splits_heuristic(batch=problem.batch, num_kv_heads=problem.num_kv_heads,

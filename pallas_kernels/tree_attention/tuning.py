@@ -53,7 +53,7 @@ class TreeAttentionConfig:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages=}")
 
     @classmethod
-    def heuristic(cls, head_dim: int, dtype, rows: int, parallel_heads: int | None = None) -> "TreeAttentionConfig":
+    def heuristic(cls, head_dim: int, dtype, rows: int) -> "TreeAttentionConfig":
         """Defaults by padded head dim, dtype and the rows of one KV head (N * Gp).
 
         The prefix loop is FA2's forward loop, so large trees start from the forward tiles measured
@@ -68,11 +68,6 @@ class TreeAttentionConfig:
             return cls(block_rows=64, block_k=64, num_warps=8, num_stages=2)
         if rows <= 64:
             return cls(block_rows=64, block_k=64, num_warps=4, num_stages=3)
-        if parallel_heads is not None and 2 * parallel_heads * -(-rows // 128) < num_sms():
-            # Few (batch, KV head) pairs: the prefix is split across SMs anyway, and smaller tiles
-            # give twice the programs. Measured on an H100 (B=1, K=8, N=64, G=4, 8k prefix):
-            # 63 us with these tiles vs 72 us with the 128-row ones (benchmarks/tree_attention.py --tune).
-            return cls(block_rows=64, block_k=64, num_warps=4, num_stages=2)
         return cls(block_rows=128, block_k=64 if head_dim <= 64 else 128, num_warps=8, num_stages=3)
 
 
