@@ -47,6 +47,25 @@ def _check_rank(name: str, x: jax.Array, rank: int) -> None:
         raise ValueError(f"{name} must have rank {rank}, got {name}.shape={tuple(x.shape)}")
 
 
+def check_heads_and_dtypes(arrays: dict) -> None:
+    """Checks shared by every attention kernel: GQA head counts, head dim and one supported dtype.
+
+    `arrays` maps names to the query and key/value arrays ([B, T, H, D] first, then [B, S, K, D]).
+    """
+    (q_name, q), (_, k), *_ = arrays.items()
+    num_heads, head_dim, num_kv_heads = q.shape[2], q.shape[3], k.shape[2]
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads must be a multiple of KV heads, got {num_heads=} and {num_kv_heads=}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim=}")
+    for name, x in arrays.items():
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype={jnp.dtype(x.dtype)} is not one of float32, bfloat16, float16")
+    if len({jnp.dtype(x.dtype) for x in arrays.values()}) != 1:
+        described = ", ".join(f"{name}.dtype={jnp.dtype(x.dtype)}" for name, x in arrays.items())
+        raise ValueError(f"{', '.join(arrays)} must share a dtype, got {described}")
+
+
 def validate(
     q,
     k,
@@ -74,15 +93,7 @@ def validate(
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"sequence lengths must be >= 1, got {q_len=} and {kv_len=}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads must be a multiple of KV heads, got {num_heads=} and {num_kv_heads=}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim=}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}.dtype={jnp.dtype(x.dtype)} is not one of float32, bfloat16, float16")
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    check_heads_and_dtypes({"q": q, "k": k, "v": v})
 
     if sm_scale is None:
         sm_scale = head_dim ** -0.5

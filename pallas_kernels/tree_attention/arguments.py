@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from pallas_kernels.flash_attention.arguments import check_heads_and_dtypes
+
 MAX_NODES = 128  # 4 uint32 bit words per node in the kernel's packed mask
-MAX_HEAD_DIM = 256
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +62,7 @@ def validate(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale, softcap
         raise ValueError(f"the tree must have 1 to {MAX_NODES} nodes, got {num_nodes=} (q.shape[1])")
     if cache_size < num_nodes:
         raise ValueError(f"the cache must hold the tree: need S >= N, got {cache_size=} and {num_nodes=}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads must be a multiple of KV heads, got {num_heads=} and {num_kv_heads=}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim=}")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}.dtype={jnp.dtype(x.dtype)} is not one of float32, bfloat16, float16")
-    if not jnp.dtype(q.dtype) == jnp.dtype(k_cache.dtype) == jnp.dtype(v_cache.dtype):
-        raise ValueError(f"q and the caches must share a dtype, got {q.dtype=}, {k_cache.dtype=}, {v_cache.dtype=}")
+    check_heads_and_dtypes({"q": q, "k_cache": k_cache, "v_cache": v_cache})
 
     if tuple(cache_lengths.shape) != (batch,):
         raise ValueError(f"cache_lengths must be [B]={(batch,)}, got {cache_lengths.shape=}")

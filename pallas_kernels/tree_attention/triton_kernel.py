@@ -26,7 +26,6 @@ a power of two costs a padded copy of q.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.flash_attention.kernel_common import LN2, LOG2E
 from pallas_kernels.tree_attention import masking
 from pallas_kernels.tree_attention.tuning import TreeAttentionConfig, next_power_of_two, row_tiling
 
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
 M_INIT = -1e30  # finite start for the running max, so an all-masked tile gives exp2(-inf - m) = 0
 
 
@@ -85,7 +83,7 @@ def _tree_attention_kernel(
     def scores_of(k):
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if softcap > 0:  # Gemma-2 order: scale, cap, then mask; log2(e) folded in after the cap
-            return (softcap * LOG2_E) * jnp.tanh(s * (scale_log2 / (softcap * LOG2_E)))
+            return (softcap * LOG2E) * jnp.tanh(s * (scale_log2 / (softcap * LOG2E)))
         return s * scale_log2
 
     def update(carry, s, v):
@@ -158,7 +156,7 @@ def _tree_attention_kernel(
     o, m, l = carry
     has_keys = l > 0  # padding rows, or a split whose share of the prefix is empty
     safe_l = jnp.where(has_keys, l, 1.0)
-    lse_ref[...] = jnp.where(has_keys, (m + jnp.log2(safe_l)) * LN_2, -jnp.inf)
+    lse_ref[...] = jnp.where(has_keys, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
     out = (o / safe_l[:, None]).astype(o_ref.dtype)
     out_mask = head_mask
     if num_splits == 1:  # straight into [B, N, K, Gp, D]
@@ -229,7 +227,7 @@ def tree_attention_call(
 
     kernel = functools.partial(
         _tree_attention_kernel,
-        scale_log2=sm_scale * LOG2_E,
+        scale_log2=sm_scale * LOG2E,
         softcap=softcap,
         head_dim=D,
         num_nodes=N,
