@@ -69,6 +69,7 @@ def _peers(case: Case):
     scale = case.head_dim ** -0.5
     impls = {
         "fa2jax": lambda q, k, v: flash_attention(q, k, v, causal=case.causal),
+        "fa2jax-portable": lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend="portable"),
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=case.causal, implementation="cudnn"),
     }

@@ -1,7 +1,9 @@
 """`flash_attention`: validation, padding, block-size choice, backend dispatch and the custom VJP.
 
 The portable Pallas kernels (`triton_fwd`, `triton_bwd`) run on every backend: lowered through
-Triton on NVIDIA GPUs, interpreted on CPU. Arbitrary T, S and D are handled here by padding T and S
+Triton on NVIDIA GPUs, interpreted on CPU. On Hopper GPUs the forward of the calls it covers runs the
+Mosaic GPU kernel (`mosaic_fwd`: wgmma, TMA, warp specialisation); its residuals are the same, so
+the backward is the portable one either way. Arbitrary T, S and D are handled here by padding T and S
 to block multiples and D to a power of two (zeros; padded keys are masked in the kernel, padded
 queries and head-dim columns are sliced away), so the kernels only ever see whole tiles.
 """
@@ -14,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import triton_bwd, triton_fwd
+from pallas_kernels.flash_attention import mosaic_fwd, triton_bwd, triton_fwd
 from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
 from pallas_kernels.flash_attention.kernel_common import LOG2E, KernelSpec
 from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
@@ -45,6 +47,8 @@ class _Launch:
     padded_kv_len: int
     padded_head_dim: int
     interpret: bool
+    # The Hopper forward's tiles, or None when the portable forward runs.
+    mosaic_blocks: mosaic_fwd.MosaicBlocks | None = None
 
     @property
     def kernel_spec(self) -> KernelSpec:
@@ -129,9 +133,23 @@ def _pad_qkv(launch: _Launch, q, k, v):
     return q, k, v
 
 
+def _mosaic_problem(problem: AttentionProblem) -> mosaic_fwd.MosaicProblem:
+    config = problem.mask_config
+    left, right = config.left_limit, config.right_limit
+    return mosaic_fwd.MosaicProblem(
+        q_len=problem.q_len, kv_len=problem.kv_len, q_offset=problem.kv_len - problem.q_len,
+        window_left=-1 if left is None else left, window_right=-1 if right is None else right,
+        sm_scale=problem.sm_scale,
+        group_size=problem.group_size)
+
+
 def _forward(q, k, v, aux, launch: _Launch):
     problem, blocks = launch.problem, launch.blocks
     qp, kp, vp = _pad_qkv(launch, q, k, v)
+    if launch.mosaic_blocks is not None:
+        out, lse = mosaic_fwd.forward(qp, kp, vp, problem=_mosaic_problem(problem),
+                                      blocks=launch.mosaic_blocks, interpret=launch.interpret)
+        return out[:, :problem.q_len, :, :problem.head_dim], lse
     extras, spec = _prepare_extras(launch, aux, blocks.block_q, blocks.block_k)
     out, lse = triton_fwd.forward(
         qp, kp, vp, extras, spec=spec, block_q=blocks.block_q, block_k=blocks.block_k,
@@ -179,6 +197,31 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+BACKENDS = ("portable", "mosaic")
+
+
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool):
+    """The Hopper forward's tiles when it runs this call, else None."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend=}")
+    covered = mosaic_fwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
+    if backend == "mosaic":
+        if not covered:
+            raise ValueError(
+                f"backend='mosaic' covers bf16/f16, head dim 64 or 128, causal and window only; got "
+                f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
+        return mosaic_fwd.MosaicBlocks()
+    if (backend is None and covered and mosaic_fwd.preferred(head_dim=problem.head_dim)
+            and not interpret and _is_hopper()):
+        return mosaic_fwd.MosaicBlocks()
+    return None
+
+
 def default_interpret() -> bool:
     """Interpret mode everywhere but on a GPU backend."""
     return jax.default_backend() not in ("gpu", "cuda", "rocm")
@@ -201,6 +244,7 @@ def flash_attention(
     return_lse: bool = False,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ):
     """FlashAttention-2, forward and backward, as Pallas kernels.
 
@@ -221,6 +265,9 @@ def flash_attention(
         masked row). Gradients flow through it.
       block_sizes: a `BlockSizes`; None looks up the tuning cache or the heuristic.
       interpret: run the kernels in interpret mode; None = True off GPU.
+      backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper forward; raises
+        ValueError for calls it does not cover), or None: "mosaic" on Hopper GPUs where it covers
+        the call, else "portable". The backward is the portable one in every case.
 
     Returns:
       out [B, T, H, D] in q's dtype (zeros for fully masked rows), and lse when `return_lse`.
@@ -236,16 +283,19 @@ def flash_attention(
         raise ValueError(f"block_sizes must be a pallas_kernels.BlockSizes or None, got {block_sizes=}")
     if interpret is None:
         interpret = default_interpret()
+    features = feature_names(causal=causal, window_size=window_size, segment_ids=segment_ids,
+                             softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
+                             dropout_rate=dropout_rate)
     if block_sizes is None:
         device_kind = "cpu" if interpret else jax.devices()[0].device_kind
-        block_sizes = lookup_block_sizes(
-            device_kind, problem.dtype, problem.head_dim,
-            feature_names(causal=causal, window_size=window_size, segment_ids=segment_ids,
-                          softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
-                          dropout_rate=dropout_rate))
+        block_sizes = lookup_block_sizes(device_kind, problem.dtype, problem.head_dim, features)
     blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
+    mosaic_blocks = _choose_mosaic(backend, problem, features, bool(interpret))
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    if mosaic_blocks is not None:
+        q_multiple = max(q_multiple, 2 * mosaic_blocks.block_q)
+        k_multiple = max(k_multiple, mosaic_blocks.block_kv)
     launch = _Launch(
         problem=problem,
         blocks=blocks,
@@ -253,6 +303,7 @@ def flash_attention(
         padded_kv_len=_round_up(problem.kv_len, k_multiple),
         padded_head_dim=max(MIN_BLOCK, 1 << (problem.head_dim - 1).bit_length()),
         interpret=bool(interpret),
+        mosaic_blocks=mosaic_blocks,
     )
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
            "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}

@@ -1,0 +1,67 @@
+"""Tile sweep of the Hopper forward (`mosaic_fwd`) against the portable forward and cuDNN, one process.
+
+    PYTHONPATH=. python3 benchmarks/mosaic_sweep.py --out $OUT/mosaic_sweep.json
+
+Prints TFLOP/s per (case, tiles) and writes JSON; the winner per head dim becomes `MosaicBlocks`'
+default in `mosaic_fwd.default_blocks`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.flash_attention import Case, _inputs, _time
+from pallas_kernels import flash_attention
+from pallas_kernels.flash_attention import mosaic_fwd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    args = parser.parse_args()
+    rows = []
+    for D, causal in itertools.product(args.head_dims, (False, True)):
+        case = Case(2, 8192, 16 if D == 128 else 32, D, causal)
+        q, k, v, _ = _inputs(case, jnp.bfloat16)
+        row = {"case": case.label}
+        peers = {
+            "portable": lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="portable"),
+            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                  implementation="cudnn"),
+        }
+        for name, fn in peers.items():
+            row[name] = case.flops() / _time(jax.jit(fn), q, k, v, repeats=args.repeats) / 1e12
+        problem = mosaic_fwd.MosaicProblem(
+            q_len=case.seq_len, kv_len=case.seq_len, q_offset=0, window_left=-1,
+            window_right=0 if causal else -1, sm_scale=D ** -0.5, group_size=1)
+        candidates = [(64, 128, 2, True), (64, 128, 2, False), (64, 64, 2, True), (64, 64, 3, True)]
+        if D == 64:
+            candidates += [(128, 64, 2, True), (128, 64, 3, True), (64, 128, 3, True)]
+        for bq, bkv, stages, ping_pong in candidates:
+            blocks = mosaic_fwd.MosaicBlocks(block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong)
+            fn = jax.jit(lambda q, k, v, blocks=blocks: mosaic_fwd.forward(q, k, v, problem=problem, blocks=blocks)[0])
+            key = f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''}"
+            try:
+                if not rows and not row.get("checked"):
+                    ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+                    err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - ref.astype(jnp.float32))))
+                    row["checked"] = err
+                    print("max |mosaic - cudnn|", err, flush=True)
+                row[key] = case.flops() / _time(fn, q, k, v, repeats=args.repeats) / 1e12
+            except Exception as error:
+                row[key] = repr(error)[:400]
+            print(case.label, key, row[key], flush=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
