@@ -115,11 +115,23 @@ class Impl:
     prepare_caches: Callable = lambda k, v: (k, v)
 
 
-def implementations(case: Case, dtype) -> dict[str, Impl]:
-    """name -> Impl for every implementation that applies to this case."""
+def implementations(case: Case, dtype, mosaic_splits=()) -> dict[str, Impl]:
+    """name -> Impl for every implementation that applies to this case.
+
+    "ours" is the default dispatch (the Mosaic GPU kernel on Hopper), "ours-portable" the Triton
+    kernel, "ours-mosaic-s<n>" the Mosaic kernel with n prefix splits forced.
+    """
     impls = {"ours": Impl(
         run=jax.jit(lambda q, k, v, operand: tree_attention(q, k, v, *operand)),
         prepare=lambda lengths, mask: (lengths, mask))}
+    impls["ours-portable"] = Impl(
+        run=jax.jit(lambda q, k, v, operand: tree_attention(q, k, v, *operand, backend="portable")),
+        prepare=lambda lengths, mask: (lengths, mask))
+    for splits in mosaic_splits:
+        impls[f"ours-mosaic-s{splits}"] = Impl(
+            run=jax.jit(lambda q, k, v, operand, splits=splits: tree_attention(
+                q, k, v, *operand, backend="mosaic", num_splits=splits)),
+            prepare=lambda lengths, mask: (lengths, mask))
 
     def dense_visibility(lengths, mask):
         return tree_visibility(lengths, mask, case.cache_size)[:, None]  # [B, 1, N, S]
@@ -150,12 +162,12 @@ def implementations(case: Case, dtype) -> dict[str, Impl]:
     return impls
 
 
-def bench_case(case: Case, dtype, repeats: int, ceiling: float) -> dict:
+def bench_case(case: Case, dtype, repeats: int, ceiling: float, mosaic_splits=()) -> dict:
     copies = max(1, math.ceil(L2_FLUSH_BYTES / case.kv_bytes(dtype)))
     q, caches, lengths, mask = make_inputs(case, dtype, copies)
     row = {"case": case.label, **dataclasses.asdict(case), "kv_bytes": case.kv_bytes(dtype)}
     ours = None
-    for name, impl in implementations(case, dtype).items():
+    for name, impl in implementations(case, dtype, mosaic_splits).items():
         try:
             operand = jax.block_until_ready(impl.prepare(lengths, mask))
             args = [(q, *impl.prepare_caches(k, v), operand) for k, v in caches]
@@ -315,6 +327,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 16, 64, 128],
                         help="tree sizes (N=1 also runs JAX's Pallas decode_attention)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself on CPU")
+    parser.add_argument("--mosaic-splits", type=int, nargs="*", default=[],
+                        help="also time the Mosaic GPU kernel with these forced prefix split counts")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = jnp.bfloat16
@@ -343,7 +357,7 @@ def main() -> None:
     rows = []
     for case in cases:
         try:
-            rows.append(bench_case(case, dtype, args.repeats, ceiling))
+            rows.append(bench_case(case, dtype, args.repeats, ceiling, args.mosaic_splits))
         except Exception:
             traceback.print_exc()
     report["rows"] = rows
@@ -370,7 +384,8 @@ def main() -> None:
                 print(f"  {e['us']:8.1f} us {e['tb_s']:6.3f} TB/s splits={e['num_splits']} {e['config']}")
     if "correctness" in report:
         print(f"\ncorrectness: {sum(r['ok'] for r in report['correctness'])}/{len(report['correctness'])} ok")
-    names = ["ours", "cudnn-bias", "xla-mask", "jax-pallas-decode"]
+    names = ["ours", "ours-portable", "cudnn-bias", "xla-mask", "jax-pallas-decode"] + [
+        f"ours-mosaic-s{n}" for n in args.mosaic_splits]
     print(f"\n{report['device']}, jax {report['jax']}, bf16 H=32 K=8 D=128, copy ceiling "
           f"{ceiling / 1e12:.2f} TB/s. Cells: us / effective K/V TB/s")
     print("| case | " + " | ".join(names) + " | ours vs cuDNN |")

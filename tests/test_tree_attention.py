@@ -372,4 +372,4 @@ def test_issue_shape_compiled(num_splits):
     q, k, v, lengths = make_inputs(rng, B=2, N=64, H=32, K=8, D=128, S=8192 + 64 + 37, dtype=jnp.bfloat16,
                                    lengths=[8192, 3001])
     mask = np.stack([random_tree(rng, 64), random_tree(rng, 64, 20)])
-    check_against_reference(q, k, v, lengths, mask, num_splits=num_splits)
+    check_against_reference(q, k, v, lengths, mask, num_splits=num_splits, backend="portable")

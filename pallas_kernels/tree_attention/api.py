@@ -2,7 +2,8 @@
 
 `tree_attention` computes, for every node of a token tree (SpecInfer's verifier step), attention
 over the committed prefix of its cache row plus its own ancestors in the tree, in one fused Pallas
-kernel (see triton_kernel.py for the algorithm). `decode_attention` is the chain-tree special case.
+kernel (see triton_kernel.py for the algorithm). On Hopper GPUs the calls it covers run the Mosaic
+GPU kernel instead (mosaic_kernel.py: TMA + wgmma). `decode_attention` is the chain-tree case.
 
 Out-of-range lengths: traced values cannot raise. When cache_lengths[b] < 0 it is treated as 0;
 when cache_lengths[b] + N > S, the kernel clamps every load to [0, S) and reads no memory outside
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
-from pallas_kernels.tree_attention import arguments
+from pallas_kernels.tree_attention import arguments, mosaic_kernel
 from pallas_kernels.tree_attention.triton_kernel import tree_attention_call
 from pallas_kernels.tree_attention.tuning import (
     TreeAttentionConfig,
@@ -42,6 +43,7 @@ def tree_attention(
     return_lse: bool = False,
     interpret: bool | None = None,
     config: TreeAttentionConfig | None = None,
+    backend: str | None = None,
 ):
     """Attention of every tree node over the committed prefix and its own ancestors.
 
@@ -60,6 +62,10 @@ def tree_attention(
       return_lse: also return the log-sum-exp of the scores.
       interpret: run the Pallas interpreter; None means "unless the default backend is a GPU".
       config: tile sizes and launch parameters; None picks `TreeAttentionConfig.heuristic`.
+      backend: "portable" (Triton / interpret kernel), "mosaic" (the Hopper kernel: bf16/f16, head
+        dim 64 or 128, an even query-head group, no softcap; anything else raises ValueError), or
+        None: "mosaic" on Hopper GPUs where it covers the call and S is a multiple of 8 (else its
+        caches would be copied with padding), otherwise "portable".
 
     Returns:
       out [B, N, H, D] in q's dtype, and lse [B, H, N] float32 (natural log) if `return_lse`.
@@ -75,6 +81,16 @@ def tree_attention(
                                  softcap=softcap, num_splits=num_splits)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    if _use_mosaic(backend, problem, bool(interpret)):
+        if num_splits is None:
+            num_splits = mosaic_kernel.num_splits_for(
+                batch=problem.batch, num_kv_heads=problem.num_kv_heads, group_size=problem.group_size,
+                num_nodes=problem.num_nodes, cache_size=problem.cache_size,
+                block_kv=mosaic_kernel.MosaicTreeConfig().block_kv)
+        out, lse = _tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, tree_mask,
+                                          sm_scale=problem.sm_scale, num_splits=num_splits,
+                                          interpret=bool(interpret))
+        return (out, lse) if return_lse else out
     if config is None:
         config = TreeAttentionConfig.heuristic(next_power_of_two(problem.head_dim), problem.dtype,
                                                problem.num_nodes * next_power_of_two(problem.group_size))
@@ -89,6 +105,27 @@ def tree_attention(
     return (out, lse) if return_lse else out
 
 
+BACKENDS = ("portable", "mosaic")
+
+
+def _use_mosaic(backend, problem, interpret: bool) -> bool:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend=}")
+    covered = mosaic_kernel.supports(dtype=problem.dtype, head_dim=problem.head_dim,
+                                     group_size=problem.group_size, softcap=problem.softcap)
+    if backend == "mosaic" and not covered:
+        raise ValueError(
+            "backend='mosaic' covers bf16/f16, head dim 64 or 128, an even number of query heads per "
+            f"KV head and no softcap; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
+            f"group_size={problem.group_size}, softcap={problem.softcap}")
+    if backend is None:
+        device = jax.devices()[0]
+        hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+        # A cache that would need a padded copy stays on the portable kernel unless asked for.
+        return covered and hopper and not interpret and mosaic_kernel.runs_in_place(problem.cache_size)
+    return backend == "mosaic"
+
+
 def _as_array(x):
     """Lists become NumPy arrays (a concrete mask keeps its trace-time checks); arrays pass through."""
     return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
@@ -96,6 +133,8 @@ def _as_array(x):
 
 _tree_attention = jax.jit(tree_attention_call,
                           static_argnames=("sm_scale", "softcap", "num_splits", "config", "interpret"))
+_tree_attention_mosaic = jax.jit(mosaic_kernel.tree_attention_mosaic,
+                                 static_argnames=("sm_scale", "num_splits", "config", "interpret"))
 
 
 def decode_attention(
@@ -110,6 +149,7 @@ def decode_attention(
     return_lse: bool = False,
     interpret: bool | None = None,
     config: TreeAttentionConfig | None = None,
+    backend: str | None = None,
 ):
     """Attention of the T newest tokens of each cache row (T <= 128, usually 1).
 
@@ -121,7 +161,8 @@ def decode_attention(
     T = q.shape[1] if q.ndim == 4 else 0  # a wrong rank is reported by tree_attention's validation
     chain = np.tril(np.ones((T, T), dtype=bool))
     return tree_attention(q, k_cache, v_cache, cache_lengths, chain, sm_scale=sm_scale, softcap=softcap,
-                          num_splits=num_splits, return_lse=return_lse, interpret=interpret, config=config)
+                          num_splits=num_splits, return_lse=return_lse, interpret=interpret, config=config,
+                          backend=backend)
 
 
 def checked_tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, **kwargs):
