@@ -124,6 +124,12 @@ def implementations(case: Case, dtype, mosaic_splits=()) -> dict[str, Impl]:
     impls = {"ours": Impl(
         run=jax.jit(lambda q, k, v, operand: tree_attention(q, k, v, *operand)),
         prepare=lambda lengths, mask: (lengths, mask))}
+    # A static tree (SpecInfer's expansion trees): the mask is a trace-time constant, so its packing
+    # into bit words is folded at compile time and the call is the kernel (plus the split merge).
+    static_mask = np.asarray(random_tree(case.nodes, 0))
+    impls["ours-static-tree"] = Impl(
+        run=jax.jit(lambda q, k, v, lengths: tree_attention(q, k, v, lengths, static_mask)),
+        prepare=lambda lengths, mask: lengths)
     impls["ours-portable"] = Impl(
         run=jax.jit(lambda q, k, v, operand: tree_attention(q, k, v, *operand, backend="portable")),
         prepare=lambda lengths, mask: (lengths, mask))
@@ -384,7 +390,7 @@ def main() -> None:
                 print(f"  {e['us']:8.1f} us {e['tb_s']:6.3f} TB/s splits={e['num_splits']} {e['config']}")
     if "correctness" in report:
         print(f"\ncorrectness: {sum(r['ok'] for r in report['correctness'])}/{len(report['correctness'])} ok")
-    names = ["ours", "ours-portable", "cudnn-bias", "xla-mask", "jax-pallas-decode"] + [
+    names = ["ours", "ours-static-tree", "ours-portable", "cudnn-bias", "xla-mask", "jax-pallas-decode"] + [
         f"ours-mosaic-s{n}" for n in args.mosaic_splits]
     print(f"\n{report['device']}, jax {report['jax']}, bf16 H=32 K=8 D=128, copy ceiling "
           f"{ceiling / 1e12:.2f} TB/s. Cells: us / effective K/V TB/s")
