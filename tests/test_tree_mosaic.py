@@ -46,6 +46,10 @@ def test_tree_mosaic_sequence_shorter_than_a_tile_in_simulator():
     _case(2, B=2, N=8, H=2, K=1, D=64, S=160, lengths=[0, 30], poison=False, num_splits=1, interpret=True)
 
 
+def test_tree_mosaic_single_token_decode_in_simulator():
+    _case(4, B=2, N=1, H=2, K=1, D=64, S=320, lengths=[130, 191], num_splits=2, interpret=True)
+
+
 def test_tree_mosaic_rejects_what_it_does_not_cover():
     q = jnp.ones((1, 4, 3, 64), jnp.bfloat16)  # G = 3: odd groups stay on the portable kernel
     k = jnp.ones((1, 32, 1, 64), jnp.bfloat16)

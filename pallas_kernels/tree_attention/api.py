@@ -64,8 +64,8 @@ def tree_attention(
       config: tile sizes and launch parameters; None picks `TreeAttentionConfig.heuristic`.
       backend: "portable" (Triton / interpret kernel), "mosaic" (the Hopper kernel: bf16/f16, head
         dim 64 or 128, an even query-head group, no softcap; anything else raises ValueError), or
-        None: "mosaic" on Hopper GPUs where it covers the call and S is a multiple of 8 (else its
-        caches would be copied with padding), otherwise "portable".
+        None: "mosaic" on Hopper GPUs where it covers the call, N >= 32 and S is a multiple of 8
+        (else its caches would be copied with padding), otherwise "portable".
 
     Returns:
       out [B, N, H, D] in q's dtype, and lse [B, H, N] float32 (natural log) if `return_lse`.
@@ -121,8 +121,11 @@ def _use_mosaic(backend, problem, interpret: bool) -> bool:
     if backend is None:
         device = jax.devices()[0]
         hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-        # A cache that would need a padded copy stays on the portable kernel unless asked for.
-        return covered and hopper and not interpret and mosaic_kernel.runs_in_place(problem.cache_size)
+        # A cache that would need a padded copy stays on the portable kernel unless asked for, and so
+        # do small trees and decoding: each consumer computes 64 node rows, and the Hopper kernel was
+        # measured faster only for full tiles (N = 64, BENCHMARKS.md).
+        return (covered and hopper and not interpret and problem.num_nodes >= mosaic_kernel.MIN_AUTO_NODES
+                and mosaic_kernel.runs_in_place(problem.cache_size))
     return backend == "mosaic"
 
 

@@ -35,6 +35,7 @@ from pallas_kernels.tree_attention import masking
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
+MIN_AUTO_NODES = 32  # the default dispatch uses this kernel from this tree size on
 _TILE_COLUMNS = 64
 _SWIZZLE_BYTES = 128
 
