@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo clean
+.PHONY: test demo clean test-simulator
 
 # The demo needs only the runtime dependencies; the tests add torch (CPU build), transformers, ...
 $(VENV)/.runtime: pyproject.toml
@@ -18,6 +18,11 @@ $(VENV)/.test: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q tests
+
+# The Hopper kernels in Mosaic GPU's CPU simulator, one file per process (opt-in: see tests/conftest.py).
+test-simulator: $(VENV)/.test
+	FA2JAX_SIMULATOR_TESTS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q tests/test_tree_mosaic.py -m simulator
+	FA2JAX_SIMULATOR_TESTS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q tests/test_mosaic_forward.py -m simulator
 
 demo: $(VENV)/.runtime
 	JAX_PLATFORMS=cpu $(PY) examples/demo.py

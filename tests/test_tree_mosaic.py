@@ -28,6 +28,7 @@ def _case(seed, *, B, N, H, K, D, S, dtype=jnp.bfloat16, lengths=None, batched_m
     check_against_reference(q, k, v, lengths, mask, backend="mosaic", **kwargs)
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_tree_mosaic_in_simulator(num_splits):
     # Row 0's tree starts mid-tile, row 1's prefix ends exactly on a tile boundary (256).
@@ -35,17 +36,20 @@ def test_tree_mosaic_in_simulator(num_splits):
           num_splits=num_splits, interpret=True)
 
 
+@pytest.mark.simulator
 def test_tree_mosaic_two_node_blocks_and_head_dim_128_in_simulator():
     _case(1, B=1, N=100, H=4, K=1, D=128, S=400, dtype=jnp.float16, lengths=[250], num_splits=2,
           interpret=True)
 
 
+@pytest.mark.simulator
 def test_tree_mosaic_sequence_shorter_than_a_tile_in_simulator():
     # prefix + N < one tile: the final tile starts at 0 and reads slots past the tree, which must hold
     # finite values (the kernel's documented limit), so nothing is poisoned here.
     _case(2, B=2, N=8, H=2, K=1, D=64, S=160, lengths=[0, 30], poison=False, num_splits=1, interpret=True)
 
 
+@pytest.mark.simulator
 def test_tree_mosaic_single_token_decode_in_simulator():
     _case(4, B=2, N=1, H=2, K=1, D=64, S=320, lengths=[130, 191], num_splits=2, interpret=True)
 

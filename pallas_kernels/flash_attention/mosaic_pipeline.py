@@ -1,0 +1,228 @@
+"""The K/V pipeline shared by the Hopper (Pallas Mosaic GPU) attention kernels.
+
+A CTA runs three warpgroups: warpgroup 2 streams K/V tiles with TMA into a ring of `stages`
+shared-memory slots; warpgroups 0 and 1 each own `rows` query rows and consume every tile with two
+asynchronous wgmma (S = Q Kᵀ, then O += P V) around a base-2 online softmax (FA2's deferred 1/l).
+With `ping_pong`, a schedule barrier makes the two consumers alternate, so one warpgroup's softmax
+overlaps the other's matrix products (FA3). The kernels (`mosaic_fwd`, the tree kernel) only decide
+which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
+
+Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages.
+`interpret=True` runs Mosaic GPU's CPU simulator, which executes the warpgroups as threads with real
+barriers and TMA copies but lacks register layouts, wgmma with a transposed operand and accumulators
+carried through run_state: there the two products are plain dots on the shared-memory tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+CONSUMERS = 2
+_TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
+_SWIZZLE_BYTES = 128
+
+
+def _plgpu():
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
+
+    return plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    rows: int  # query rows per consumer
+    block_kv: int  # keys per tile
+    head_dim: int
+    stages: int  # K/V slots in shared memory
+    dtype: jnp.dtype
+    scale: float  # softmax scale times log2(e): scores enter exp2 directly
+    ping_pong: bool
+    interpret: bool
+
+    # -- the launch --------------------------------------------------------------------------
+
+    def run(self, body: Callable, refs):
+        """Allocates shared memory and barriers for all warpgroups, then body(smem, barriers)."""
+        plgpu = _plgpu()
+        transforms = (plgpu.TilingTransform((8, _TILE_COLUMNS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+        smem = (
+            plgpu.SMEM((CONSUMERS, self.rows, self.head_dim), self.dtype, transforms=transforms),  # Q, then O
+            plgpu.SMEM((self.stages, self.block_kv, self.head_dim), self.dtype, transforms=transforms),
+            plgpu.SMEM((self.stages, self.block_kv, self.head_dim), self.dtype, transforms=transforms),
+            plgpu.SMEM((CONSUMERS, self.rows), jnp.float32),  # lse
+        )
+        barriers = (
+            plgpu.Barrier(num_barriers=self.stages),  # k_ready (TMA completion)
+            plgpu.Barrier(num_barriers=self.stages),  # v_ready
+            plgpu.Barrier(num_barriers=CONSUMERS),  # q_ready
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=self.stages),  # k_free: both consumers done
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=self.stages),  # v_free
+            plgpu.Barrier(num_arrivals=CONSUMERS),  # schedule (ping-pong)
+        )
+        pl.run_scoped(lambda smem, *barriers: body(smem, barriers), smem, *barriers, collective_axes="wg")
+
+    def kernel_options(self) -> dict:
+        plgpu = _plgpu()
+        options = dict(num_threads=CONSUMERS + 1, thread_name="wg",
+                       compiler_params=plgpu.CompilerParams(approx_math=True))
+        if self.interpret:
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+            options["interpret"] = InterpretGPUParams()
+        return options
+
+    # -- warpgroup 2 -------------------------------------------------------------------------
+
+    def produce(self, smem, barriers, k_ref, v_ref, steps, kv_index: Callable):
+        """Streams `steps` tiles; kv_index(i) indexes k_ref/v_ref for step i."""
+        plgpu = _plgpu()
+        _, k_smem, v_smem, _ = smem
+        k_ready, v_ready, _, k_free, v_free, _ = barriers
+        plgpu.set_max_registers(40, action="decrease")
+
+        @pl.loop(0, steps)
+        def _(i):
+            slot = lax.rem(i, jnp.int32(self.stages))
+            index = kv_index(i)
+
+            @pl.when(i >= self.stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[index], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(i >= self.stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[index], v_smem.at[slot], v_ready.at[slot])
+
+        # Observe the last release of every slot used, so that each barrier phase has been waited on
+        # before the barriers are freed (the simulator checks this; on the GPU it costs one wait).
+        for slot in range(self.stages):
+            @pl.when(steps > slot)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+    # -- warpgroups 0 and 1 ------------------------------------------------------------------
+
+    def load_queries(self, wg, smem, barriers, q_src):
+        """Copies this consumer's queries into its slot; returns that slot (reused for the output)."""
+        plgpu = _plgpu()
+        q_smem, _, _, _ = smem
+        q_ready = barriers[2]
+        plgpu.set_max_registers(232, action="increase")
+        my_q = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_src, my_q, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        return my_q
+
+    def iota(self, dim: int):
+        """int32 [rows, block_kv] index along `dim`, in the scores' register layout."""
+        plgpu = _plgpu()
+        shape = (self.rows, self.block_kv)
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def row_layout(self):
+        return _plgpu().Layout.WGMMA.reduce(1)
+
+    def initial_carry(self):
+        plgpu = _plgpu()
+        cast = (lambda x, layout: x) if self.interpret else plgpu.layout_cast
+        return (cast(jnp.zeros((self.rows, self.head_dim), jnp.float32), plgpu.Layout.WGMMA),
+                cast(jnp.full((self.rows,), -jnp.inf, jnp.float32), self.row_layout()),
+                cast(jnp.zeros((self.rows,), jnp.float32), self.row_layout()))
+
+    def _sync_schedule(self, barriers):
+        if self.ping_pong:
+            plgpu = _plgpu()
+            plgpu.barrier_arrive(barriers[5])
+            plgpu.barrier_wait(barriers[5])
+
+    def consume(self, wg, my_q, smem, barriers, loops):
+        """Runs the consumer's steps and returns (acc, row_max, row_sum).
+
+        loops: (first, last, allowed) triples run in order; allowed(i) gives the bool
+        [rows, block_kv] visibility of step i's scores, or allowed is None for unmasked steps.
+        """
+        carry = self.initial_carry()
+        # The second consumer starts half a step late so that the two alternate on the tensor cores.
+        if self.ping_pong:
+            pl.when(wg == 1)(lambda: self._sync_schedule(barriers))
+        for first, last, allowed in loops:
+            carry = lax.fori_loop(first, last, lambda i, c, allowed=allowed: self._step(
+                i, c, my_q, smem, barriers, allowed), carry)
+        if self.ping_pong:
+            pl.when(wg == 0)(lambda: self._sync_schedule(barriers))
+        return carry
+
+    def _step(self, i, carry, my_q, smem, barriers, allowed):
+        plgpu = _plgpu()
+        _, k_smem, v_smem, _ = smem
+        k_ready, v_ready, _, k_free, v_free, schedule = barriers
+        acc, row_max, row_sum = carry
+        slot = lax.rem(i, jnp.int32(self.stages))
+        plgpu.barrier_wait(k_ready.at[slot])
+        if self.interpret:
+            s = lax.dot_general(my_q[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+            self._sync_schedule(barriers)
+        else:
+            def scores_of(s_ref):
+                plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                self._sync_schedule(barriers)
+                return s_ref[...]
+
+            s = pl.run_scoped(scores_of, plgpu.ACC((self.rows, self.block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        if allowed is not None:
+            s = jnp.where(allowed(i), s, -jnp.inf)
+        # Scores stay unscaled: the scale rides on the exp2 argument as one FMA per element.
+        new_max = jnp.maximum(row_max, s.max(axis=1) * self.scale)
+        # A row that has seen no key keeps max -inf; shifting by 0 then gives exp2(-inf) = 0.
+        shift = new_max if allowed is None else jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        rescale = jnp.exp2(row_max - shift)
+        p = jnp.exp2(s * self.scale - lax.broadcast_in_dim(shift, s.shape, [0]))
+        row_sum = row_sum * rescale + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+        p = p.astype(self.dtype)
+        if self.ping_pong:
+            plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(v_ready.at[slot])
+        if self.ping_pong:
+            plgpu.barrier_wait(schedule)
+        if self.interpret:
+            acc = acc + jnp.dot(p, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+        else:
+            def accumulate(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+            acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, new_max, row_sum
+
+    def store(self, wg, my_q, smem, carry, out_dst, lse_dst):
+        """Normalises O (zeros and lse -inf for rows that saw no key) and copies O and lse out."""
+        plgpu = _plgpu()
+        lse_smem = smem[3].at[wg]
+        acc, row_max, row_sum = carry
+        seen = row_sum > 0
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        my_q[...] = (acc * lax.broadcast_in_dim(1.0 / safe_sum, acc.shape, [0])).astype(self.dtype)
+        lse_smem[...] = jnp.where(seen, row_max * LN2 + jnp.log(safe_sum), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_q, out_dst)
+        plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+        plgpu.wait_smem_to_gmem(0)
