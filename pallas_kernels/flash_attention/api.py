@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import mosaic_fwd, triton_bwd, triton_fwd
+from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
 from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
 from pallas_kernels.flash_attention.kernel_common import LOG2E, KernelSpec
 from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
@@ -200,11 +201,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 BACKENDS = ("portable", "mosaic")
 
 
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-
-
 def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool):
     """The Hopper forward's tiles when it runs this call, else None."""
     if backend is not None and backend not in BACKENDS:
@@ -217,7 +213,7 @@ def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
         return mosaic_fwd.MosaicBlocks()
     if (backend is None and covered and mosaic_fwd.preferred(head_dim=problem.head_dim)
-            and not interpret and _is_hopper()):
+            and not interpret and on_hopper()):
         return mosaic_fwd.MosaicBlocks()
     return None
 

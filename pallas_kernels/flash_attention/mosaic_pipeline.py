@@ -31,6 +31,12 @@ _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
 _SWIZZLE_BYTES = 128
 
 
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x), where these kernels run."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 def _plgpu():
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
+from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
 from pallas_kernels.tree_attention import arguments, mosaic_kernel
 from pallas_kernels.tree_attention.triton_kernel import tree_attention_call
 from pallas_kernels.tree_attention.tuning import (
@@ -119,12 +120,11 @@ def _use_mosaic(backend, problem, interpret: bool) -> bool:
             f"KV head and no softcap; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
             f"group_size={problem.group_size}, softcap={problem.softcap}")
     if backend is None:
-        device = jax.devices()[0]
-        hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
         # A cache that would need a padded copy stays on the portable kernel unless asked for, and so
         # do small trees and decoding: each consumer computes 64 node rows, and the Hopper kernel was
         # measured faster only for full tiles (N = 64, BENCHMARKS.md).
-        return (covered and hopper and not interpret and problem.num_nodes >= mosaic_kernel.MIN_AUTO_NODES
+        return (covered and on_hopper() and not interpret
+                and problem.num_nodes >= mosaic_kernel.MIN_AUTO_NODES
                 and mosaic_kernel.runs_in_place(problem.cache_size))
     return backend == "mosaic"
 
