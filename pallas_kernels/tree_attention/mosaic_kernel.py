@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
 from pallas_kernels.tree_attention import masking
+from pallas_kernels.tree_attention.triton_kernel import combine_splits
 
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
 MIN_AUTO_NODES = 32  # the default dispatch uses this kernel from this tree size on
@@ -168,20 +169,7 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_s
         grid_names=("rows", "split", "kv_head", "batch"),
         **pipeline.kernel_options(),
     )(lengths, words, q, k_cache, v_cache)
-    if splits > 1:
-        out, lse = _merge_splits(out, lse)
+    if splits > 1:  # out [B, P, Np, H, D], lse [B, P, H, Np]
+        out, lse = combine_splits(out, jnp.swapaxes(lse, 2, 3), axis=1)
+        out, lse = out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)
     return out[:, :N], lse[:, :, :N]
-
-
-def _merge_splits(out, lse):
-    """out [B, P, Np, H, D] (each split's o / l), lse [B, P, H, Np] -> [B, Np, H, D], [B, H, Np]."""
-    top = jnp.max(lse, axis=1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.exp(lse - top)  # [B, P, H, Np]; 0 for a split that saw no key
-    total = jnp.sum(weights, axis=1)
-    safe_total = jnp.where(total > 0, total, 1.0)
-    # A broadcast multiply and a sum (not an einsum, which would become a separate matmul launch):
-    # XLA fuses the whole merge of the outputs into one reduction.
-    weights = jnp.swapaxes(weights / safe_total[:, None], 2, 3)[..., None]  # [B, P, Np, H, 1]
-    merged = jnp.sum(weights * out.astype(jnp.float32), axis=1)
-    return merged.astype(out.dtype), jnp.where(total > 0, top[:, 0] + jnp.log(safe_total), -jnp.inf)

@@ -167,20 +167,23 @@ def _tree_attention_kernel(
         plgpu.store(o_ref, out, mask=out_mask)
 
 
-def combine_splits(o, lse):
+def combine_splits(o, lse, axis: int = 2):
     """lse-weighted merge of per-split results (Flash-Decoding's reduction), in f32.
 
-    o: [B, K, P, R, D] f32, each split's o / l; lse: [B, K, P, R] f32, -inf for an empty split.
-    Returns (o [B, K, R, D] f32, lse [B, K, R]).
+    o: [..., P, ..., D], each split's o / l (P at `axis`); lse: o's shape without D, -inf for an
+    empty split. Returns (o without the P axis, f32; lse without it). The Triton kernel passes
+    [B, K, P, R, D]; the Mosaic kernel [B, P, Np, H, D] with axis=1.
     """
-    top = jnp.max(lse, axis=2, keepdims=True)
+    top = jnp.max(lse, axis=axis, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.exp(lse - top)  # [B, K, P, R]; 0 for empty splits
-    total = jnp.sum(weights, axis=2)
+    weights = jnp.exp(lse - top)  # 0 for empty splits
+    total = jnp.sum(weights, axis=axis, keepdims=True)
     safe_total = jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("bkpr,bkprd->bkrd", weights, o, precision=lax.Precision.HIGHEST) / safe_total[..., None]
-    lse = jnp.where(total > 0, top[:, :, 0] + jnp.log(safe_total), -jnp.inf)
-    return out, lse
+    # A broadcast multiply and a sum (not an einsum, which becomes a separate matmul launch): XLA
+    # fuses the whole merge of the outputs into one reduction.
+    out = jnp.sum((weights / safe_total)[..., None] * o.astype(jnp.float32), axis=axis)
+    lse = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
+    return out, jnp.squeeze(lse, axis)
 
 
 def tree_attention_call(
