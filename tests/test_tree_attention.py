@@ -230,6 +230,30 @@ def test_pack_tree_mask_round_trip():
     rows = masking.row_words(masking.pack_tree_mask(jnp.asarray(mask[1])), 1, 100)  # [4, 100]
     got = masking.tree_bits([rows[w] for w in range(4)], nodes)
     np.testing.assert_array_equal(np.asarray(got), mask[1])
+    # A NumPy mask (a static tree) packs with NumPy, to the same words.
+    packed_on_host = masking.pack_tree_mask(mask)
+    assert isinstance(packed_on_host, np.ndarray) and packed_on_host.dtype == np.int32
+    np.testing.assert_array_equal(packed_on_host.view(np.uint32), words)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 17])  # 17: past the unrolled merge, the reduction form
+def test_combine_splits_matches_one_softmax(num_splits):
+    """Merging per-split (o / l, lse) equals attention over all keys at once, empty splits included."""
+    from pallas_kernels.tree_attention.triton_kernel import combine_splits
+
+    keys = jax.random.split(jax.random.key(num_splits), 2)
+    scores = jax.random.normal(keys[0], (2, 5, num_splits * 4)) * 3  # [B, R, keys]
+    values = jax.random.normal(keys[1], (2, num_splits * 4, 8))  # [B, keys, D]
+    visible = jnp.ones_like(scores, bool).at[:, :, :4].set(num_splits == 1)  # split 0 empty if P > 1
+    scores = jnp.where(visible, scores, -jnp.inf)
+    split_scores = scores.reshape(2, 5, num_splits, 4)
+    split_lse = jax.nn.logsumexp(split_scores, axis=-1)  # [B, R, P], -inf for an empty split
+    split_p = jnp.nan_to_num(jnp.exp(split_scores - split_lse[..., None]))
+    split_o = jnp.einsum("brpk,bpkd->bprd", split_p, values.reshape(2, num_splits, 4, 8))
+    out, lse = combine_splits(split_o, jnp.swapaxes(split_lse, 1, 2), axis=1)
+    want = jnp.einsum("brk,bkd->brd", jax.nn.softmax(scores, axis=-1), values)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(scores, axis=-1), rtol=1e-5, atol=1e-5)
 
 
 def test_split_heuristic():

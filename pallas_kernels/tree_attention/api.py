@@ -88,7 +88,8 @@ def tree_attention(
                 batch=problem.batch, num_kv_heads=problem.num_kv_heads, group_size=problem.group_size,
                 num_nodes=problem.num_nodes, cache_size=problem.cache_size,
                 block_kv=mosaic_kernel.MosaicTreeConfig().block_kv)
-        out, lse = _tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, tree_mask,
+        words = mosaic_kernel.node_words(tree_mask)
+        out, lse = _tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words,
                                           sm_scale=problem.sm_scale, num_splits=num_splits,
                                           interpret=bool(interpret))
         return (out, lse) if return_lse else out

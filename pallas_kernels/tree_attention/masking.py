@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 WORD_BITS = 32  # the shifts in tree_bits assume this
 
@@ -20,7 +21,13 @@ def num_words(num_nodes: int) -> int:
 
 
 def pack_tree_mask(tree_mask: jax.Array) -> jax.Array:
-    """bool [..., N, N] -> int32 [..., N, W]: bit j % 32 of word j // 32 of row i is tree_mask[i, j]."""
+    """bool [..., N, N] -> int32 [..., N, W]: bit j % 32 of word j // 32 of row i is tree_mask[i, j].
+
+    A NumPy mask (a static tree) is packed with NumPy, so the words are a constant of the compiled
+    program rather than a kernel launched with every call.
+    """
+    if isinstance(tree_mask, np.ndarray):
+        return _pack_tree_mask_numpy(tree_mask)
     num_nodes = tree_mask.shape[-1]
     words = num_words(num_nodes)
     pad = words * WORD_BITS - num_nodes
@@ -29,6 +36,15 @@ def pack_tree_mask(tree_mask: jax.Array) -> jax.Array:
     weights = jnp.left_shift(jnp.uint32(1), jnp.arange(WORD_BITS, dtype=jnp.uint32))
     packed = jnp.sum(bits * weights, axis=-1, dtype=jnp.uint32)  # distinct bits: sum == or
     return jax.lax.bitcast_convert_type(packed, jnp.int32)
+
+
+def _pack_tree_mask_numpy(tree_mask: np.ndarray) -> np.ndarray:
+    num_nodes = tree_mask.shape[-1]
+    words = num_words(num_nodes)
+    bits = np.pad(tree_mask, [(0, 0)] * (tree_mask.ndim - 1) + [(0, words * WORD_BITS - num_nodes)])
+    bits = bits.reshape(tree_mask.shape[:-1] + (words, WORD_BITS)).astype(np.uint32)
+    packed = np.sum(bits << np.arange(WORD_BITS, dtype=np.uint32), axis=-1, dtype=np.uint32)
+    return packed.view(np.int32)
 
 
 def row_words(packed: jax.Array, group_size: int, num_rows: int) -> jax.Array:

@@ -4,7 +4,7 @@ The pipeline of the Hopper FlashAttention forward (`flash_attention.mosaic_pipel
 verification: a CTA serves one KV head of one batch row, and its two consumer warpgroups take two
 query heads of that KV head (64 tree nodes each), so every K/V tile streamed into shared memory is
 used by 2 x 64 query rows. The prefix is split across CTAs (Flash-Decoding) when batch x KV heads
-cannot fill the GPU; the partial results merge by their logsumexp in one XLA fusion.
+cannot fill the GPU; the partial results merge by their logsumexp in one XLA loop fusion.
 
 Keys of row b: the committed prefix [0, L) and the tree nodes [L, L + N), L = cache_lengths[b]. The
 kernel walks aligned tiles over [0, m * bkv) and then one final tile that ends exactly at L + N, so
@@ -26,6 +26,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -63,10 +64,26 @@ def num_splits_for(*, batch: int, num_kv_heads: int, group_size: int, num_nodes:
     return int(max(1, min(num_sms // max(ctas, 1), cache_size // block_kv)))
 
 
-def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale: float,
+def node_words(tree_mask) -> jax.Array | np.ndarray:
+    """The tree mask as the kernel reads it: int32 [B|1, W, Np], word w of every node-padded row.
+
+    Call it outside any jit of the kernel: a NumPy mask then packs at trace time (a constant), a
+    traced one in one small XLA fusion.
+    """
+    xp = np if isinstance(tree_mask, np.ndarray) else jnp
+    if tree_mask.ndim == 2:
+        tree_mask = tree_mask[None]
+    num_nodes = tree_mask.shape[-1]
+    padded = -(-num_nodes // NODE_BLOCK) * NODE_BLOCK
+    tree_mask = xp.pad(tree_mask, ((0, 0), (0, padded - num_nodes), (0, 0)))
+    return xp.swapaxes(masking.pack_tree_mask(tree_mask), 1, 2)
+
+
+def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale: float,
                           num_splits: int, config: MosaicTreeConfig = MosaicTreeConfig(),
                           interpret: bool = False):
-    """(out [B, N, H, D], lse [B, H, N]) as `tree_attention` returns them. Arguments assumed valid."""
+    """(out [B, N, H, D], lse [B, H, N]) as `tree_attention` returns them, from the mask's
+    `node_words`. Arguments assumed valid."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
 
     B, N, H, D = q.shape
@@ -84,13 +101,6 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_s
     if padded_size != S:
         pad = ((0, 0), (0, padded_size - S), (0, 0), (0, 0))
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
-    tree_mask = jnp.asarray(tree_mask)
-    if tree_mask.ndim == 2:
-        tree_mask = tree_mask[None]
-    # Node-padded, then packed and laid out word-major: [B|1, W, Np] (one small XLA fusion, and
-    # folded into a constant when the mask is).
-    tree_mask = jnp.pad(tree_mask, ((0, 0), (0, Np - N), (0, 0)))
-    words = jnp.swapaxes(masking.pack_tree_mask(tree_mask), 1, 2)
     num_words, mask_batched = words.shape[1], words.shape[0] > 1
     lengths = cache_lengths.astype(jnp.int32)  # clamped to [0, S - N] in the kernel
 
