@@ -48,7 +48,11 @@ def tree_configs(quick: bool) -> dict:
         }
     return {
         "chain": (ExpansionTree.chain(6), 1),
+        "chain4": (ExpansionTree.chain(4), 1),
+        "chain8": (ExpansionTree.chain(8), 1),
         "specinfer": (ExpansionTree.specinfer(), 1),
+        "narrow": (ExpansionTree((2, 1, 1, 1, 1, 1)), 1),
+        "dynamic16": (DynamicTree(num_nodes=16, depth=8, top_k=2), 1),
         "wide": (ExpansionTree((8, 2)), 1),
         "dynamic": (DynamicTree(num_nodes=32, depth=6, top_k=4), 1),
         "merged": (MergedTree((ExpansionTree.specinfer(), ExpansionTree((2, 1, 1, 1)))), 2),
@@ -58,15 +62,22 @@ def tree_configs(quick: bool) -> dict:
 def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=None) -> Transformer:
     """A model from a checkpoint folder, or a random one from a `TransformerConfig` preset.
 
-    `dtype` overrides a preset's compute dtype (float32 for the bitwise greedy-equality check).
+    `dtype` overrides the compute dtype (float32 for the bitwise greedy-equality check). A checkpoint
+    is loaded for inference: its (float32 master) weights are cast once to the compute dtype, so a
+    bf16 model reads bf16 weights rather than casting float32 ones on every step.
     """
     if ckpt:
-        from fa2jax.training import load_model
+        from fa2jax import checkpoint
+        from fa2jax.training import load_model, model_config_from_dict, resolve_checkpoint
 
-        parts = load_model(ckpt)
-        if parts.config.max_len < min_len:
-            raise ValueError(f"checkpoint model too short for this run: {parts.config.max_len=} {min_len=}")
-        return nnx.merge(parts.graphdef, parts.params, parts.rest)
+        stored = model_config_from_dict(checkpoint.read_metadata(resolve_checkpoint(ckpt))["model_config"])
+        config = stored.replace(**({"dtype": dtype} if dtype else {}))
+        if config.max_len < min_len:
+            raise ValueError(f"checkpoint model too short for this run: {config.max_len=} {min_len=}")
+        parts = load_model(ckpt, config)
+        params = jax.tree.map(lambda x: x.astype(config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                              parts.params)
+        return nnx.merge(parts.graphdef, params, parts.rest)
     config = getattr(TransformerConfig, preset)()
     config = config.replace(max_len=max(config.max_len, min_len), **({"dtype": dtype} if dtype else {}))
     return Transformer(config, rngs=nnx.Rngs(seed))
@@ -154,25 +165,31 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny models and trees: a CPU smoke run")
     parser.add_argument("--out", default="speculative.json")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                        help="compute dtype of preset models; float32 also sets HIGHEST matmul precision, "
+                        help="compute dtype of both models; float32 also sets HIGHEST matmul precision, "
                              "so that greedy equality with the baseline is not at the mercy of bf16 rounding")
+    parser.add_argument("--target-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="compute dtype of the target alone (overrides --dtype)")
+    parser.add_argument("--draft-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="compute dtype of the drafts alone (overrides --dtype); the drafts' rounding "
+                             "never changes greedy output, only how often guesses are accepted")
     args = parser.parse_args()
     if args.quick:
         args.target_preset = "tiny"
         args.draft_preset = "same" if args.draft_preset == "same" else "tiny"
         args.prompt_len, args.max_new_tokens, args.repeats = 16, 24, 1
 
-    if args.dtype == "float32":
+    target_dtype, draft_dtype = args.target_dtype or args.dtype, args.draft_dtype or args.dtype
+    if "float32" in (target_dtype, draft_dtype):  # bf16 matmuls are unaffected by this setting
         jax.config.update("jax_default_matmul_precision", "highest")
     trees = {k: v for k, v in tree_configs(args.quick).items() if k in args.trees.split(",")}
     max_nodes = max(t.num_nodes for t, _ in trees.values())
     min_len = args.prompt_len + args.max_new_tokens + max_nodes
-    target = build_model(args.target_preset, args.target_ckpt, 0, min_len, args.dtype)
+    target = build_model(args.target_preset, args.target_ckpt, 0, min_len, target_dtype)
     if args.draft_preset == "same" and not args.draft_ckpt:
         drafts = [target, target]
     else:
-        drafts = [build_model(args.draft_preset, args.draft_ckpt, 1, min_len, args.dtype),
-                  build_model(args.draft_preset, args.draft2_ckpt, 2, min_len, args.dtype)]
+        drafts = [build_model(args.draft_preset, args.draft_ckpt, 1, min_len, draft_dtype),
+                  build_model(args.draft_preset, args.draft2_ckpt, 2, min_len, draft_dtype)]
     vocab = target.config.vocab_size
 
     if args.target_ckpt:

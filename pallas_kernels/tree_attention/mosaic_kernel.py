@@ -161,8 +161,8 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
                 rows = pl.ds(n0, NODE_BLOCK)
                 if splits == 1:
                     out_dst, lse_dst = out_ref.at[b, rows, head], lse_ref.at[b, head, rows]
-                else:
-                    out_dst, lse_dst = out_ref.at[b, split, rows, head], lse_ref.at[b, split, head, rows]
+                else:  # head-major like lse, so that the merge is elementwise (see below)
+                    out_dst, lse_dst = out_ref.at[b, split, head, rows], lse_ref.at[b, split, head, rows]
                 pipeline.store(wg, my_q, smem, carry, out_dst, lse_dst)
 
         pipeline.run(per_warpgroup, (q_ref, k_ref, v_ref))
@@ -170,7 +170,7 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
     if splits == 1:
         out_type = (jax.ShapeDtypeStruct((B, Np, H, D), q.dtype), jax.ShapeDtypeStruct((B, H, Np), jnp.float32))
     else:
-        out_type = (jax.ShapeDtypeStruct((B, splits, Np, H, D), q.dtype),
+        out_type = (jax.ShapeDtypeStruct((B, splits, H, Np, D), q.dtype),
                     jax.ShapeDtypeStruct((B, splits, H, Np), jnp.float32))
     out, lse = plgpu.kernel(
         body,
@@ -179,7 +179,10 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
         grid_names=("rows", "split", "kv_head", "batch"),
         **pipeline.kernel_options(),
     )(lengths, words, q, k_cache, v_cache)
-    if splits > 1:  # out [B, P, Np, H, D], lse [B, P, H, Np]
-        out, lse = combine_splits(out, jnp.swapaxes(lse, 2, 3), axis=1)
-        out, lse = out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)
+    if splits > 1:  # out [B, P, H, Np, D], lse [B, P, H, Np]
+        # Partials and their lse share the layout, so the merge has no transposed operand, which
+        # XLA would otherwise emit as a separate transpose kernel; the one transpose left keeps D
+        # minor and fuses into the merge.
+        out, lse = combine_splits(out, lse, axis=1)
+        out = jnp.swapaxes(out, 1, 2).astype(q.dtype)
     return out[:, :N], lse[:, :, :N]
