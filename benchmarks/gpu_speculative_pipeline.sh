@@ -35,7 +35,7 @@ python3 examples/train.py --preset draft-20m --teacher "$RUNS/target" --out "$RU
   --steps 800 --warmup-steps 50 --distill-weight 0.5 --eval-every 200 --checkpoint-every 1000 \
   --stop-after-minutes "${DRAFT_MINUTES:-3}" --no-progress
 
-SPEC="python3 benchmarks/speculative.py --target-ckpt $RUNS/target --draft-ckpt $RUNS/draft --draft-dtype bfloat16"
+SPEC="python3 benchmarks/speculative.py --target-ckpt $RUNS/target --draft-ckpt $RUNS/draft --draft-dtype bfloat16 --prompts ${PROMPTS:-4}"
 stage speculative-greedy-float32-target
 $SPEC --trees "${GREEDY_TREES:-chain4,chain,chain8,narrow,specinfer,dynamic16}" --modes greedy \
   --target-dtype float32 --out "$RUNS/speculative_greedy_f32.json" || echo "stage failed"

@@ -155,6 +155,9 @@ def main():
     parser.add_argument("--draft-ckpt", default=None, help="training checkpoint folder of the draft")
     parser.add_argument("--draft2-ckpt", default=None, help="second draft of merged trees (default: a reseeded draft)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=1,
+                        help="run every configuration over this many prompts (batches) in turn and report "
+                             "the totals: accepted lengths vary a lot from one text to the next")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0, help="for stochastic verification")
@@ -193,44 +196,50 @@ def main():
     vocab = target.config.vocab_size
 
     if args.target_ckpt:
-        prompt = real_text_prompts(args.target_ckpt, args.batch, args.prompt_len)
+        rows_of_text = real_text_prompts(args.target_ckpt, args.batch * args.prompts, args.prompt_len)
     else:
         rng = np.random.default_rng(0)
-        prompt = jnp.asarray(rng.integers(0, vocab, (args.batch, args.prompt_len)), jnp.int32)
+        rows_of_text = jnp.asarray(rng.integers(0, vocab, (args.batch * args.prompts, args.prompt_len)), jnp.int32)
+    prompts = [rows_of_text[i * args.batch:(i + 1) * args.batch] for i in range(args.prompts)]
     lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
-    generated = args.batch * args.max_new_tokens
+    generated = args.prompts * args.batch * args.max_new_tokens
     rows = []
     baselines = {}
     for mode in args.modes.split(","):
         temperature = 0.0 if mode == "greedy" else args.temperature
         sampling = dict(temperature=temperature, top_p=args.top_p, rng=jax.random.key(0))
-        run = lambda: generate_incremental(target, prompt, lengths, max_new_tokens=args.max_new_tokens,
-                                           **sampling).tokens  # noqa: E731
+        run = lambda: [generate_incremental(target, prompt, lengths, max_new_tokens=args.max_new_tokens,
+                                            **sampling).tokens for prompt in prompts]  # noqa: E731
         seconds = median_time(run, args.repeats)
-        baseline_tokens = np.asarray(run())
+        baseline_tokens = [np.asarray(tokens) for tokens in run()]
         baselines[mode] = seconds
         rows.append(dict(mode=mode, tree="incremental", nodes=1, tokens_per_s=generated / seconds,
-                         speedup=1.0, mean_accepted=1.0, target_calls=args.max_new_tokens))
+                         speedup=1.0, mean_accepted=1.0, target_calls=args.prompts * args.max_new_tokens))
         for name, (tree, num_drafts) in trees.items():
             decoder = SpeculativeDecoder(target, drafts[:num_drafts], tree=tree, verify=mode)
-            result = decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling)
+            results = [decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling)
+                       for prompt in prompts]
             seconds = median_time(
-                lambda: decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling).tokens,
+                lambda: [decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling).tokens
+                         for prompt in prompts],
                 args.repeats)
+            calls = [int(r.stats.target_calls) for r in results]
+            # Tokens per target call over all prompts (each prompt's mean weighted by its calls).
+            accepted = sum(float(r.stats.mean_accepted_length) * c for r, c in zip(results, calls)) / sum(calls)
             mask = tree_mask(tree)
             context = args.prompt_len + args.max_new_tokens // 2
             t_target = component_times(target, args.batch, context, tree.num_nodes, mask, args.repeats)
             t_draft = component_times(drafts[0], args.batch, context, tree.num_nodes, mask, args.repeats)
-            accepted = float(result.stats.mean_accepted_length)
             predicted = accepted * t_target["decode"] / (sum(draft_passes(tree)) * t_draft["tree"] + t_target["tree"])
             rows.append(dict(
                 mode=mode, tree=name, nodes=tree.num_nodes, tokens_per_s=generated / seconds,
                 speedup=baselines[mode] / seconds, mean_accepted=accepted,
-                target_calls=int(result.stats.target_calls),
-                histogram=np.asarray(result.stats.accepted_histogram).tolist(),
+                target_calls=sum(calls),
+                histogram=np.sum([np.asarray(r.stats.accepted_histogram) for r in results], axis=0).tolist(),
                 t_decode_target_ms=1e3 * t_target["decode"], t_verify_target_ms=1e3 * t_target["tree"],
                 t_draft_ms=1e3 * t_draft["tree"], draft_passes=sum(draft_passes(tree)), predicted_speedup=predicted,
-                identical_to_incremental=bool(np.array_equal(np.asarray(result.tokens), baseline_tokens))
+                identical_to_incremental=all(np.array_equal(np.asarray(r.tokens), base)
+                                             for r, base in zip(results, baseline_tokens))
                 if mode == "greedy" else None))
 
     record = dict(
@@ -241,7 +250,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
 
-    print(f"{record['device']}, jax {jax.__version__}, batch {args.batch}, prompt {args.prompt_len}, "
+    print(f"{record['device']}, jax {jax.__version__}, {args.prompts} prompt(s) of batch {args.batch}, "
+          f"prompt {args.prompt_len}, "
           f"new tokens {args.max_new_tokens}, target {args.target_preset}, draft {args.draft_preset}")
     header = (f"{'mode':<10} {'tree':<12} {'N':>3} {'tok/s':>9} {'speedup':>8} {'acc.len':>7} "
               f"{'calls':>5} {'t_dec':>7} {'t_ver':>7} {'t_dft':>7} {'passes':>6} {'model':>6}")
