@@ -4,7 +4,7 @@ The pipeline of the Hopper FlashAttention forward (`flash_attention.mosaic_pipel
 verification: a CTA serves one KV head of one batch row, and its two consumer warpgroups take two
 query heads of that KV head (64 tree nodes each), so every K/V tile streamed into shared memory is
 used by 2 x 64 query rows. The prefix is split across CTAs (Flash-Decoding) when batch x KV heads
-cannot fill the GPU; the partial results merge by their logsumexp in one XLA loop fusion.
+cannot fill the GPU; the partial results merge by their logsumexp in an elementwise XLA pass.
 
 Keys of row b: the committed prefix [0, L) and the tree nodes [L, L + N), L = cache_lengths[b]. The
 kernel walks aligned tiles over [0, m * bkv) and then one final tile that ends exactly at L + N, so
@@ -180,9 +180,8 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
         **pipeline.kernel_options(),
     )(lengths, words, q, k_cache, v_cache)
     if splits > 1:  # out [B, P, H, Np, D], lse [B, P, H, Np]
-        # Partials and their lse share the layout, so the merge has no transposed operand, which
-        # XLA would otherwise emit as a separate transpose kernel; the one transpose left keeps D
-        # minor and fuses into the merge.
+        # Partials and their lse share the layout, so the merge has no transposed operand (XLA
+        # emitted one as a transpose kernel of its own); the transpose left keeps D minor.
         out, lse = combine_splits(out, lse, axis=1)
         out = jnp.swapaxes(out, 1, 2).astype(q.dtype)
     return out[:, :N], lse[:, :, :N]
