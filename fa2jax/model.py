@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fa2jax.config import TransformerConfig
@@ -178,7 +179,8 @@ class Transformer(nnx.Module):
         """
         self._check_tokens(tokens)
         B, N = tokens.shape
-        tree_mask = jnp.asarray(tree_mask)
+        if not isinstance(tree_mask, np.ndarray):  # a NumPy mask stays one: a trace-time constant
+            tree_mask = jnp.asarray(tree_mask)
         if tree_mask.shape not in ((N, N), (B, N, N)) or tree_mask.dtype != jnp.bool_:
             raise ValueError(f"tree_mask must be bool [N, N] or [B, N, N] with {B=} {N=}, got "
                              f"{tree_mask.shape=} {tree_mask.dtype=}")

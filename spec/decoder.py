@@ -149,7 +149,8 @@ class SpeculativeDecoder:
 
     def score(self, target_params, cache, tree: TokenTree) -> tuple[jax.Array, KVCache]:
         """The target's logits at every node.  Returns (logits # [B, N, V], cache with the nodes' K/V)."""
-        mask = tree.mask[0] if self._static else tree.mask  # static trees: one [N, N] mask
+        # A static tree's mask is its topology's (NumPy, so the kernels get it packed at trace time).
+        mask = self._topology.ancestor_mask if self._static else tree.mask
         return call_model(self._target_def, target_params, "verify_tree", tree.tokens, mask, cache)
 
     def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p) -> verify_lib.VerifyResult:

@@ -57,7 +57,7 @@ def draft_static_tree(
     """
     batch = root.shape[0]
     n = topology.num_nodes
-    mask = jnp.asarray(topology.ancestor_mask)  # [N, N]
+    mask = topology.ancestor_mask  # [N, N] NumPy: a constant, packed once at trace time
     depth = topology.depth
     parents = np.asarray(topology.parents)
     source = np.asarray(topology.source)
