@@ -135,6 +135,24 @@ def component_times(model: Transformer, batch: int, context: int, num_nodes: int
             "tree": median_time(lambda: tree(params, cache, mask), repeats)}
 
 
+def divergence(model: Transformer, tokens: np.ndarray, baseline: np.ndarray, prompt_len: int) -> list[dict]:
+    """Where greedy speculative output first differs from the baseline, and how close a call it was.
+
+    For each differing row: the first differing position and the gap between the model's top two
+    logits there (one full forward over the baseline's tokens before it). A gap near zero is a
+    near-tie that rounding decides (bf16 verify vs decode); a large gap would point at a bug.
+    """
+    report = []
+    for row in np.flatnonzero(np.any(tokens != baseline, axis=1)):
+        position = int(np.argmax(tokens[row] != baseline[row]))
+        logits = model(jnp.asarray(baseline[row:row + 1, :position]))[0, -1].astype(jnp.float32)
+        top2 = jax.lax.top_k(logits, 2)[0]
+        report.append(dict(row=int(row), new_token_index=position - prompt_len,
+                           top2_logit_gap=float(top2[0] - top2[1]),
+                           baseline_token=int(baseline[row, position]), speculative_token=int(tokens[row, position])))
+    return report
+
+
 def tree_mask(tree):
     """A mask of the tree's shape for timing the N-node passes.  # [N, N] bool"""
     if isinstance(tree, DynamicTree):
@@ -240,6 +258,9 @@ def main():
                 t_draft_ms=1e3 * t_draft["tree"], draft_passes=sum(draft_passes(tree)), predicted_speedup=predicted,
                 identical_to_incremental=all(np.array_equal(np.asarray(r.tokens), base)
                                              for r, base in zip(results, baseline_tokens))
+                if mode == "greedy" else None,
+                divergence=[d for r, base in zip(results, baseline_tokens)
+                            for d in divergence(target, np.asarray(r.tokens), base, args.prompt_len)]
                 if mode == "greedy" else None))
 
     record = dict(
@@ -263,6 +284,10 @@ def main():
         same = {True: " same", False: " DIFFERENT"}.get(r.get("identical_to_incremental"), "")
         print(f"{r['mode']:<10} {r['tree']:<12} {r['nodes']:>3} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
               f"{r['mean_accepted']:7.2f} {r['target_calls']:5d}{extra}{same}")
+    for r in rows:
+        for d in r.get("divergence") or []:
+            print(f"{r['tree']}: first differs at new token {d['new_token_index']} (prompt batch row "
+                  f"{d['row']}); the target's top-2 logit gap there is {d['top2_logit_gap']:.4f}")
     print("times in ms; model = tokens/step * t_dec / (passes * t_dft + t_ver), the cost model's speedup; "
           "same/DIFFERENT: greedy tokens vs the incremental baseline")
     print(f"wrote {out}")
