@@ -7,11 +7,11 @@ every call reads K/V from HBM, not L2.
 
 Two times per variant. "us" is device time per call, as inside a model's jitted forward: calls are
 chained in one jit (each call's output is the next call's queries, so none can be merged or
-reordered), one pass over the copies and enough passes for >= 24 calls, and the difference of the
-best of `--repeats` interleaved rounds is divided by the extra calls, which cancels the one dispatch. A dynamic tree mask is made to
-depend on the previous output, so its packing is paid by every call. "wall_us" is the older number:
-the median of batches of separately dispatched calls, which at small sizes measures the host's
-dispatch (~40 us) rather than the GPU.
+reordered), one pass over the copies and enough passes for >= 24 calls; the difference of the best
+of `--repeats` interleaved rounds, divided by the extra calls, cancels the one dispatch. A dynamic
+tree mask is made to depend on the previous output, so its packing is paid by every call.
+"wall_us" is the older number: the median of batches of separately dispatched calls, which at small
+sizes measures the host's dispatch (~40 us) rather than the GPU.
 
     PYTHONPATH=. python benchmarks/tree_attention.py --out /tmp/tree_attention [--quick] [--tune]
         [--batches 1 8 32] [--prefixes 1024 8192 32768] [--nodes 1 16 64 128] [--no-check] [--smoke]

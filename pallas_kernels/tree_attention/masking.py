@@ -26,25 +26,15 @@ def pack_tree_mask(tree_mask: jax.Array) -> jax.Array:
     A NumPy mask (a static tree) is packed with NumPy, so the words are a constant of the compiled
     program rather than a kernel launched with every call.
     """
-    if isinstance(tree_mask, np.ndarray):
-        return _pack_tree_mask_numpy(tree_mask)
+    xp = np if isinstance(tree_mask, np.ndarray) else jnp
     num_nodes = tree_mask.shape[-1]
     words = num_words(num_nodes)
     pad = words * WORD_BITS - num_nodes
-    bits = jnp.pad(tree_mask, [(0, 0)] * (tree_mask.ndim - 1) + [(0, pad)])
-    bits = bits.reshape(tree_mask.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32)
-    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(WORD_BITS, dtype=jnp.uint32))
-    packed = jnp.sum(bits * weights, axis=-1, dtype=jnp.uint32)  # distinct bits: sum == or
-    return jax.lax.bitcast_convert_type(packed, jnp.int32)
-
-
-def _pack_tree_mask_numpy(tree_mask: np.ndarray) -> np.ndarray:
-    num_nodes = tree_mask.shape[-1]
-    words = num_words(num_nodes)
-    bits = np.pad(tree_mask, [(0, 0)] * (tree_mask.ndim - 1) + [(0, words * WORD_BITS - num_nodes)])
-    bits = bits.reshape(tree_mask.shape[:-1] + (words, WORD_BITS)).astype(np.uint32)
-    packed = np.sum(bits << np.arange(WORD_BITS, dtype=np.uint32), axis=-1, dtype=np.uint32)
-    return packed.view(np.int32)
+    bits = xp.pad(tree_mask, [(0, 0)] * (tree_mask.ndim - 1) + [(0, pad)])
+    bits = bits.reshape(tree_mask.shape[:-1] + (words, WORD_BITS)).astype(xp.uint32)
+    weights = xp.left_shift(xp.uint32(1), xp.arange(WORD_BITS, dtype=xp.uint32))
+    packed = xp.sum(bits * weights, axis=-1, dtype=xp.uint32)  # distinct bits: sum == or
+    return packed.view(np.int32) if xp is np else jax.lax.bitcast_convert_type(packed, jnp.int32)
 
 
 def row_words(packed: jax.Array, group_size: int, num_rows: int) -> jax.Array:
