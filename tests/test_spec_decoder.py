@@ -256,6 +256,11 @@ def _sequence_pvalue(decoder, target, *, top_p=1.0):
     obs = np.append(observed[~small], observed[small].sum())
     exp = np.append(expected[~small], expected[small].sum())
     keep = exp > 0
+    if keep.sum() < 2:
+        # One sequence holds all the probability (low temperature and top-p can leave one): the
+        # chi-square has no degrees of freedom (its p-value is NaN), and the zero-probability check
+        # above already proved every sample is that sequence.
+        return 1.0, result
     return stats.chisquare(obs[keep], exp[keep]).pvalue, result
 
 
