@@ -1,5 +1,6 @@
 """Greedy and stochastic tree verification, alone (no models): exactness and power of the tests."""
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,9 @@ import spec.verify as verify_mod
 from spec.sampling import warp_probs
 from spec.trees import ExpansionTree, TokenTree
 from spec.verify import mss_trial, point_mass_trial, verify_greedy, verify_stochastic
+
+# Fixed so that CI is reproducible; FA2JAX_TEST_SEED=<n> draws other random models and inputs.
+TEST_SEED = int(os.environ.get("FA2JAX_TEST_SEED", "0"))
 
 
 def _random_dist(rng, v, zeros=0):
@@ -51,7 +55,7 @@ def _exact_output(p, proposals, mss=mss_trial, point_mass=point_mass_trial):
 
 @pytest.mark.parametrize("layout", ["iid3", "two_drafts", "point", "mixed", "sparse"])
 def test_single_node_exact_enumeration(layout):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     v = 4
     p = _random_dist(rng, v, zeros=1 if layout == "sparse" else 0)
     q1 = _random_dist(rng, v, zeros=1 if layout == "sparse" else 0)
@@ -68,7 +72,7 @@ def test_single_node_exact_enumeration(layout):
 
 def test_enumeration_detects_broken_rules():
     """The exact check has power: common mistakes change the output distribution."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     v = 4
     p, q = _random_dist(rng, v), _random_dist(rng, v)
     while np.abs(p - q).max() < 0.2:
@@ -106,7 +110,7 @@ def _random_tree(rng, batch, widths, v):
 
 @pytest.mark.parametrize("widths", [(1, 1, 1), (2, 2), (1, 3, 1)])
 def test_greedy_matches_brute_force(widths):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     v, batch = 3, 64
     topo, tree = _random_tree(rng, batch, widths, v)
     logits = rng.normal(size=(batch, topo.num_nodes, v)).astype(np.float32)
@@ -201,7 +205,7 @@ def _two_level_experiment(rng, *, sampled, temperature, top_p, batch=20000):
 
 @pytest.mark.parametrize("sampled,temperature,top_p", [(True, 1.0, 1.0), (True, 1.5, 0.9), (False, 1.0, 1.0), (False, 1.5, 0.9)])
 def test_stochastic_verification_is_lossless(sampled, temperature, top_p):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     assert _two_level_experiment(rng, sampled=sampled, temperature=temperature, top_p=top_p) > 1e-4
 
 
@@ -213,12 +217,12 @@ def test_stochastic_test_has_power(monkeypatch):
         return accept, p
 
     monkeypatch.setattr(verify_mod, "mss_trial", no_residual)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     assert _two_level_experiment(rng, sampled=True, temperature=1.0, top_p=1.0) < 1e-6
 
 
 def test_stochastic_at_zero_temperature_is_greedy():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     v, batch = 3, 128
     topo, tree = _random_tree(rng, batch, (2, 1), v)
     # Distinct siblings: with duplicates greedy takes the deeper copy, the walk the first one.
@@ -248,7 +252,7 @@ def test_padding_nodes_are_never_accepted():
 
 
 def test_sampled_nodes_need_proposal():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     topo, tree = _random_tree(rng, 2, (2,), 3)
     with pytest.raises(ValueError, match="proposal"):
         verify_stochastic(jnp.zeros((2, 3, 3)), tree, jax.random.key(0), sampled=np.ones(3, bool),
@@ -256,7 +260,7 @@ def test_sampled_nodes_need_proposal():
 
 
 def test_warp_probs():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     logits = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
     np.testing.assert_allclose(warp_probs(logits, 1.0, 1.0), jax.nn.softmax(logits), rtol=1e-6)
     np.testing.assert_array_equal(warp_probs(logits, 0.0, 1.0), jax.nn.one_hot(logits.argmax(-1), 7))
