@@ -59,10 +59,12 @@ def tree_configs(quick: bool) -> dict:
     }
 
 
-def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=None) -> Transformer:
+def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=None,
+                invariant_rows: int = 0) -> Transformer:
     """A model from a checkpoint folder, or a random one from a `TransformerConfig` preset.
 
-    `dtype` overrides the compute dtype (float32 for the bitwise greedy-equality check). A checkpoint
+    `dtype` overrides the compute dtype (float32 for the bitwise greedy-equality check);
+    `invariant_rows` makes the cached calls batch-invariant (see `TransformerConfig`). A checkpoint
     is loaded for inference: its (float32 master) weights are cast once to the compute dtype, so a
     bf16 model reads bf16 weights rather than casting float32 ones on every step.
     """
@@ -71,7 +73,7 @@ def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=No
         from fa2jax.training import load_model, model_config_from_dict, resolve_checkpoint
 
         stored = model_config_from_dict(checkpoint.read_metadata(resolve_checkpoint(ckpt))["model_config"])
-        config = stored.replace(**({"dtype": dtype} if dtype else {}))
+        config = stored.replace(invariant_rows=invariant_rows, **({"dtype": dtype} if dtype else {}))
         if config.max_len < min_len:
             raise ValueError(f"checkpoint model too short for this run: {config.max_len=} {min_len=}")
         parts = load_model(ckpt, config)
@@ -79,7 +81,8 @@ def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=No
                               parts.params)
         return nnx.merge(parts.graphdef, params, parts.rest)
     config = getattr(TransformerConfig, preset)()
-    config = config.replace(max_len=max(config.max_len, min_len), **({"dtype": dtype} if dtype else {}))
+    config = config.replace(max_len=max(config.max_len, min_len), invariant_rows=invariant_rows,
+                            **({"dtype": dtype} if dtype else {}))
     return Transformer(config, rngs=nnx.Rngs(seed))
 
 
@@ -153,6 +156,14 @@ def divergence(model: Transformer, tokens: np.ndarray, baseline: np.ndarray, pro
     return report
 
 
+def without_invariant_rows(model: Transformer) -> Transformer:
+    """The same weights under the plain cached calls (no padding to invariant rows)."""
+    config = model.config.replace(invariant_rows=0)
+    plain = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    nnx.update(plain, nnx.state(model))
+    return plain
+
+
 def tree_mask(tree):
     """A mask of the tree's shape for timing the N-node passes.  # [N, N] bool"""
     if isinstance(tree, DynamicTree):
@@ -193,6 +204,10 @@ def main():
     parser.add_argument("--draft-dtype", default=None, choices=("float32", "bfloat16"),
                         help="compute dtype of the drafts alone (overrides --dtype); the drafts' rounding "
                              "never changes greedy output, only how often guesses are accepted")
+    parser.add_argument("--invariant-rows", type=int, default=0,
+                        help="R > 0: a batch-invariant target (every cached call R rows, fixed attention "
+                             "tiles), so greedy output can equal incremental decoding in bf16; trees of "
+                             "more than R nodes are skipped, and the plain incremental baseline is timed too")
     args = parser.parse_args()
     if args.quick:
         args.target_preset = "tiny"
@@ -203,9 +218,15 @@ def main():
     if "float32" in (target_dtype, draft_dtype):  # bf16 matmuls are unaffected by this setting
         jax.config.update("jax_default_matmul_precision", "highest")
     trees = {k: v for k, v in tree_configs(args.quick).items() if k in args.trees.split(",")}
-    max_nodes = max(t.num_nodes for t, _ in trees.values())
+    if args.invariant_rows:
+        skipped = [k for k, (t, _) in trees.items() if t.num_nodes > args.invariant_rows]
+        if skipped:
+            print(f"skipping trees of more than {args.invariant_rows} nodes: {skipped}")
+        trees = {k: v for k, v in trees.items() if k not in skipped}
+    max_nodes = max([t.num_nodes for t, _ in trees.values()] + [args.invariant_rows])
     min_len = args.prompt_len + args.max_new_tokens + max_nodes
-    target = build_model(args.target_preset, args.target_ckpt, 0, min_len, target_dtype)
+    target = build_model(args.target_preset, args.target_ckpt, 0, min_len, target_dtype, args.invariant_rows)
+    plain_target = without_invariant_rows(target) if args.invariant_rows else None
     if args.draft_preset == "same" and not args.draft_ckpt:
         drafts = [target, target]
     else:
@@ -226,13 +247,25 @@ def main():
     for mode in args.modes.split(","):
         temperature = 0.0 if mode == "greedy" else args.temperature
         sampling = dict(temperature=temperature, top_p=args.top_p, rng=jax.random.key(0))
-        run = lambda: [generate_incremental(target, prompt, lengths, max_new_tokens=args.max_new_tokens,
-                                            **sampling).tokens for prompt in prompts]  # noqa: E731
-        seconds = median_time(run, args.repeats)
-        baseline_tokens = [np.asarray(tokens) for tokens in run()]
+        def incremental(model):
+            return lambda: [generate_incremental(model, prompt, lengths, max_new_tokens=args.max_new_tokens,
+                                                 **sampling).tokens for prompt in prompts]
+        seconds = median_time(incremental(target), args.repeats)
+        baseline_tokens = [np.asarray(tokens) for tokens in incremental(target)()]
         baselines[mode] = seconds
-        rows.append(dict(mode=mode, tree="incremental", nodes=1, tokens_per_s=generated / seconds,
-                         speedup=1.0, mean_accepted=1.0, target_calls=args.prompts * args.max_new_tokens))
+        rows.append(dict(mode=mode, tree="incremental", nodes=args.invariant_rows or 1,
+                         tokens_per_s=generated / seconds, speedup=1.0, mean_accepted=1.0,
+                         target_calls=args.prompts * args.max_new_tokens))
+        plain_seconds = None
+        if plain_target is not None:  # what padding every step to R rows costs the baseline
+            plain_seconds = median_time(incremental(plain_target), args.repeats)
+            plain_tokens = [np.asarray(tokens) for tokens in incremental(plain_target)()]
+            rows.append(dict(mode=mode, tree="incr-plain", nodes=1, tokens_per_s=generated / plain_seconds,
+                             speedup=seconds / plain_seconds, mean_accepted=1.0,
+                             target_calls=args.prompts * args.max_new_tokens,
+                             identical_to_incremental=all(np.array_equal(a, b) for a, b in
+                                                          zip(plain_tokens, baseline_tokens))
+                             if mode == "greedy" else None))
         for name, (tree, num_drafts) in trees.items():
             decoder = SpeculativeDecoder(target, drafts[:num_drafts], tree=tree, verify=mode)
             results = [decoder.generate(prompt, lengths, max_new_tokens=args.max_new_tokens, **sampling)
@@ -252,6 +285,7 @@ def main():
             rows.append(dict(
                 mode=mode, tree=name, nodes=tree.num_nodes, tokens_per_s=generated / seconds,
                 speedup=baselines[mode] / seconds, mean_accepted=accepted,
+                speedup_vs_plain_incremental=plain_seconds / seconds if plain_seconds else None,
                 target_calls=sum(calls),
                 histogram=np.sum([np.asarray(r.stats.accepted_histogram) for r in results], axis=0).tolist(),
                 t_decode_target_ms=1e3 * t_target["decode"], t_verify_target_ms=1e3 * t_target["tree"],
@@ -282,6 +316,8 @@ def main():
         extra = (f" {r['t_decode_target_ms']:7.2f} {r['t_verify_target_ms']:7.2f} {r['t_draft_ms']:7.2f} "
                  f"{r['draft_passes']:6d} {r['predicted_speedup']:6.2f}") if "t_draft_ms" in r else ""
         same = {True: " same", False: " DIFFERENT"}.get(r.get("identical_to_incremental"), "")
+        if r.get("speedup_vs_plain_incremental"):
+            same += f" ({r['speedup_vs_plain_incremental']:.2f}x the plain incremental)"
         print(f"{r['mode']:<10} {r['tree']:<12} {r['nodes']:>3} {r['tokens_per_s']:9.1f} {r['speedup']:8.2f} "
               f"{r['mean_accepted']:7.2f} {r['target_calls']:5d}{extra}{same}")
     for r in rows:

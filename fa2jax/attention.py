@@ -294,12 +294,17 @@ def tree_attention(
     scale: float | None = None,
     softcap: float = 0.0,
     implementation: str | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array:
     """Attention of N speculative tree nodes to a cache row.
 
     The nodes' own K/V must already sit at slots lengths[b] + [0, N). Node i sees the committed
     prefix (slots < lengths[b]) and slot lengths[b] + j for every j with tree_mask[i, j] (itself and
     its ancestors).
+
+    batch_invariant: a node's result must not depend on lengths beyond the slots it sees (see
+    `pallas_kernels.tree_attention`); the dense implementations always attend the whole cache, so
+    they are invariant already.
 
     Returns:
         [B, N, H, D] in q's dtype.
@@ -312,7 +317,8 @@ def tree_attention(
     implementation = _choose_cache_impl("tree_attention", implementation)
     if implementation == "pallas":
         op = tree_kernel
-        return op(q, k_cache, v_cache, lengths, tree_mask, sm_scale=scale, softcap=softcap)
+        return op(q, k_cache, v_cache, lengths, tree_mask, sm_scale=scale, softcap=softcap,
+                  batch_invariant=batch_invariant)
     tree_mask = jnp.broadcast_to(tree_mask, (B, N, N))
     return _dense_cache_attention(q, k_cache, v_cache, lengths, tree_mask, scale=scale, softcap=softcap,
                                   implementation=implementation)

@@ -64,6 +64,13 @@ class TransformerConfig:
         attention_impl: "pallas", "xla" or "cudnn"; None picks per call the best implementation
             that supports it on the current platform (see `fa2jax.dot_product_attention`).
         rope_scaling: optional long-context RoPE rescaling.
+        invariant_rows: 0, or R > 0 to make cached calls batch-invariant: `decode` and `verify_tree`
+            then always run R token rows per sequence (the rest padding) and the cache attention
+            walks fixed tiles, so a token's logits are bit for bit the same whether it is decoded
+            alone or verified inside a chain of up to R nodes. On GPUs, matmul algorithms and
+            attention splits depend on the row count and the prefix length, so without this greedy
+            speculative decoding in bf16 can part from incremental decoding at near-ties. Caches
+            then need R spare slots (the generate functions size them so).
     """
 
     vocab_size: int
@@ -81,6 +88,7 @@ class TransformerConfig:
     param_dtype: Any = jnp.float32
     attention_impl: str | None = None
     rope_scaling: RopeScaling | None = None
+    invariant_rows: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
@@ -104,6 +112,8 @@ class TransformerConfig:
             dtype = jnp.dtype(getattr(self, name))
             if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(f"{name} must be a floating dtype, got {name}={dtype}")
+        if not isinstance(self.invariant_rows, int) or self.invariant_rows < 0:
+            raise ValueError(f"invariant_rows must be an int >= 0, got {self.invariant_rows=}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling=}")
 

@@ -283,11 +283,14 @@ class MultiHeadAttention(nnx.Module):
         cache: KVCache,
         layer: int,
         tree_mask: jax.Array | None = None,  # bool [T, T] or [B, T, T]
+        batch_invariant: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Attends T new tokens to the cache after writing their K/V at slots cache.lengths + [0, T).
 
         Without `tree_mask` the tokens form a chain (decode: causal among themselves); with it they are
         tree nodes and node i sees node j only where tree_mask[i, j]. Lengths are not advanced.
+        `batch_invariant` asks the tree attention for results independent of the prefix length
+        (see `TransformerConfig.invariant_rows`).
 
         Returns:
             ([B, T, F_out], cache with this layer's slots written).
@@ -302,7 +305,7 @@ class MultiHeadAttention(nnx.Module):
                                              implementation=self.implementation)
         else:
             out = attention.tree_attention(q, keys, values, cache.lengths, tree_mask, softcap=self.softcap,
-                                           implementation=self.implementation)
+                                           implementation=self.implementation, batch_invariant=batch_invariant)
         return self.out(out), cache
 
 

@@ -7,6 +7,8 @@ Calls, all pure once split with `nnx.split` (lengths are data, so none recompile
     model.decode(tokens, cache)                  T new tokens per row -> logits, cache (lengths += T)
     model.verify_tree(tokens, tree_mask, cache)  N speculative tree nodes -> logits (lengths unchanged)
 and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2jax.kv_cache`).
+With `config.invariant_rows` = R, decode and verify_tree both run as R-row tree verifications, so
+a token's logits do not depend on which of the two computed it (see `TransformerConfig`).
 
 Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities.
 """
@@ -47,8 +49,8 @@ class Block(nnx.Module):
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), cache
 
-    def extend(self, x, positions, cache: KVCache, layer: int, tree_mask=None):
-        attn, cache = self.attn.extend(self.attn_norm(x), positions, cache, layer, tree_mask)
+    def extend(self, x, positions, cache: KVCache, layer: int, tree_mask=None, batch_invariant: bool = False):
+        attn, cache = self.attn.extend(self.attn_norm(x), positions, cache, layer, tree_mask, batch_invariant)
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -157,6 +159,9 @@ class Transformer(nnx.Module):
         """
         self._check_tokens(tokens)
         T = tokens.shape[1]
+        if self.config.invariant_rows:  # the same computation as verifying a chain of T nodes
+            logits, cache = self.verify_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
+            return logits, cache.replace(lengths=cache.lengths + T)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
@@ -172,7 +177,8 @@ class Transformer(nnx.Module):
         Args:
             tokens: [B, N] node tokens, parents before children.
             tree_mask: bool [N, N] or [B, N, N]; tree_mask[i, j] iff j is i or an ancestor of i.
-            cache: the committed context; the caller keeps lengths + N <= max_len.
+            cache: the committed context; the caller keeps lengths + N <= max_len (lengths + R with
+                config.invariant_rows = R, which must be >= N).
 
         Returns:
             (logits [B, N, V] float32, cache with the nodes' K/V written).
@@ -184,9 +190,23 @@ class Transformer(nnx.Module):
         if tree_mask.shape not in ((N, N), (B, N, N)) or tree_mask.dtype != jnp.bool_:
             raise ValueError(f"tree_mask must be bool [N, N] or [B, N, N] with {B=} {N=}, got "
                              f"{tree_mask.shape=} {tree_mask.dtype=}")
-        depth = jnp.broadcast_to(tree_mask.sum(-1, dtype=jnp.int32) - 1, (B, N))  # [B, N]
+        rows = self.config.invariant_rows
+        if rows:
+            if N > rows:
+                raise ValueError(f"{N=} tokens in one call exceed config.invariant_rows={rows}")
+            tokens = jnp.pad(tokens, ((0, 0), (0, rows - N)))
+            tree_mask = _pad_tree_mask(tree_mask, rows)
+        depth = jnp.broadcast_to(tree_mask.sum(-1, dtype=jnp.int32) - 1, tokens.shape)  # [B, N or R]
         positions = cache.lengths[:, None] + depth
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
-            x, cache = block.extend(x, positions, cache, layer, tree_mask)
-        return self._logits(x), cache
+            x, cache = block.extend(x, positions, cache, layer, tree_mask, batch_invariant=rows > 0)
+        return self._logits(x)[:, :N], cache
+
+
+def _pad_tree_mask(tree_mask, rows: int):
+    """[..., N, N] -> [..., rows, rows]: the padding nodes see only themselves (NumPy stays NumPy)."""
+    xp = np if isinstance(tree_mask, np.ndarray) else jnp
+    extra = rows - tree_mask.shape[-1]
+    padded = xp.pad(tree_mask, [(0, 0)] * (tree_mask.ndim - 2) + [(0, extra), (0, extra)])
+    return padded | xp.eye(rows, dtype=bool)

@@ -14,7 +14,8 @@ different amounts and stop at `eos_id` or `max_new_tokens`; a stopped row keeps 
 the batched passes but commits nothing.
 
 Caches are sized prompt + max_new_tokens + N: the root is emitted but not cached, so at most
-prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes is written past them.
+prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes is written past them
+(N becomes the model's invariant_rows when it has more: see `spec.generation.cache_len`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from fa2jax import KVCache, Transformer
 from spec import verify as verify_lib
 from spec.draft import draft_dynamic_tree, draft_static_tree
 from spec.generation import (
-    GenerationResult, GenerationStats, call_model, check_capacity, check_generate_args, emit_tokens,
+    GenerationResult, GenerationStats, cache_len, call_model, check_capacity, check_generate_args, emit_tokens,
     first_token)
 from spec.trees import DynamicTree, ExpansionTree, MergedTree, TokenTree
 
@@ -119,6 +120,10 @@ class SpeculativeDecoder:
             self.num_nodes, self.depth = self._topology.num_nodes, self._topology.max_depth
         else:
             self.num_nodes, self.depth = tree.num_nodes, tree.depth
+        rows = target.config.invariant_rows
+        if rows and self.num_nodes > rows:
+            raise ValueError(f"the tree has {self.num_nodes} nodes, more than the target's "
+                             f"invariant_rows={rows} (rows of every batch-invariant call)")
         # Under greedy verification no node is sampled: children are the draft's top-k.
         self._sampled = tree.sampled_nodes() if verify == "stochastic" else np.zeros(self.num_nodes, bool)
         self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",))
@@ -218,13 +223,15 @@ class SpeculativeDecoder:
           the loop state before the first step.
         """
         batch, prompt_len = prompt.shape
-        cache_len = prompt_len + max_new_tokens + self.num_nodes
+        committed = prompt_len + max_new_tokens
         target = nnx.merge(self._target_def, target_params)
-        target_logits, target_cache = target.prefill(prompt, prompt_lengths, target.init_cache(batch, cache_len))
+        target_cache = target.init_cache(batch, cache_len(target.config, committed, self.num_nodes))
+        target_logits, target_cache = target.prefill(prompt, prompt_lengths, target_cache)
         draft_caches = []
         for g, p in zip(self._draft_defs, draft_params):
             draft = nnx.merge(g, p)
-            draft_caches.append(draft.prefill(prompt, prompt_lengths, draft.init_cache(batch, cache_len))[1])
+            cache = draft.init_cache(batch, cache_len(draft.config, committed, self.num_nodes))
+            draft_caches.append(draft.prefill(prompt, prompt_lengths, cache)[1])
         rng, k_first = jax.random.split(rng)
         root = first_token(target_logits, prompt_lengths, k_first, temperature, top_p)
         buffer = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
@@ -273,10 +280,10 @@ class SpeculativeDecoder:
             temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id)
         if self.verify == "greedy" and args.temperature > 0:
             raise ValueError(f'verify="greedy" reproduces greedy decoding only: {temperature=}; use "stochastic"')
-        needed = args.prompt.shape[1] + args.max_new_tokens + self.num_nodes
-        check_capacity(self._target_config, needed, "target")
+        committed = args.prompt.shape[1] + args.max_new_tokens
+        check_capacity(self._target_config, cache_len(self._target_config, committed, self.num_nodes), "target")
         for i, config in enumerate(self._draft_configs):
-            check_capacity(config, needed, f"draft {i}")
+            check_capacity(config, cache_len(config, committed, self.num_nodes), f"draft {i}")
         return self._generate_jit(
             self._target_params, self._draft_params, args.prompt, args.prompt_lengths,
             jnp.float32(args.temperature), jnp.float32(args.top_p), args.rng, jnp.int32(args.eos_id),

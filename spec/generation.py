@@ -99,12 +99,20 @@ def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_toke
         eos_id=-1 if eos_id is None else int(eos_id))
 
 
+def cache_len(config, committed: int, call_rows: int) -> int:
+    """Cache slots for `committed` tokens plus the rows one call writes past them: `call_rows`, or
+    the config's `invariant_rows` when more (a batch-invariant model writes that many every call).
+    The incremental baseline and the speculative loop size a target's cache alike, so that with
+    invariant rows both run the same shapes."""
+    return committed + max(call_rows, config.invariant_rows)
+
+
 def check_capacity(config, needed: int, name: str) -> None:
-    """Raises when a model cannot hold prompt + generated tokens + one tree of speculation."""
+    """Raises when a model cannot hold prompt + generated tokens + the rows of one call past them."""
     if config.max_len < needed:
         raise ValueError(
-            f"{name} cache too small: needs prompt + max_new_tokens + tree nodes = {needed} slots, "
-            f"{config.max_len=}")
+            f"{name} cache too small: needs prompt + max_new_tokens + the rows of one call (tree nodes "
+            f"or invariant_rows) = {needed} slots, {config.max_len=}")
 
 
 def call_model(graphdef: nnx.GraphDef, params: nnx.State, method: str, *args):

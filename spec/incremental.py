@@ -14,7 +14,7 @@ from flax import nnx, struct
 
 from fa2jax import KVCache, Transformer
 from spec.generation import (
-    GenerationResult, GenerationStats, call_model, check_capacity, check_generate_args, emit_tokens,
+    GenerationResult, GenerationStats, cache_len, call_model, check_capacity, check_generate_args, emit_tokens,
     first_token)
 from spec.sampling import sample_probs, warp_probs
 
@@ -45,7 +45,8 @@ class IncrementalState:
 def _generate(graphdef, params, prompt, prompt_lengths, temperature, top_p, rng, eos_id, *, max_new_tokens):
     batch, prompt_len = prompt.shape
     model = nnx.merge(graphdef, params)
-    logits, cache = model.prefill(prompt, prompt_lengths, model.init_cache(batch, prompt_len + max_new_tokens))
+    cache = model.init_cache(batch, cache_len(model.config, prompt_len + max_new_tokens, 0))
+    logits, cache = model.prefill(prompt, prompt_lengths, cache)
     rng, key = jax.random.split(rng)
     last = first_token(logits, prompt_lengths, key, temperature, top_p)
     buffer = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
@@ -96,7 +97,7 @@ def generate_incremental(target: Transformer, prompt, prompt_lengths, *, max_new
     args = check_generate_args(
         prompt, prompt_lengths, vocab_size=target.config.vocab_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id)
-    check_capacity(target.config, args.prompt.shape[1] + args.max_new_tokens, "target")
+    check_capacity(target.config, cache_len(target.config, args.prompt.shape[1] + args.max_new_tokens, 0), "target")
     graphdef, params = nnx.split(target)
     return _generate(graphdef, params, args.prompt, args.prompt_lengths, jnp.float32(args.temperature),
                      jnp.float32(args.top_p), args.rng, jnp.int32(args.eos_id),

@@ -74,6 +74,8 @@ def test_config_checks():
         TransformerConfig.tiny(num_kv_heads=3)
     with pytest.raises(ValueError, match="attention_impl"):
         TransformerConfig.tiny(attention_impl="flash")
+    with pytest.raises(ValueError, match="invariant_rows"):
+        TransformerConfig.tiny(invariant_rows=-1)
     with pytest.raises(ValueError, match="head_dim"):
         TransformerConfig.tiny(head_dim=7)
     config = TransformerConfig.tiny(vocab_size=100)
@@ -212,6 +214,30 @@ def test_bfloat16_cached_calls_follow_forward(tokens):
         # Basis: the whole bf16 forward differs from the f32 one by < 1e-2 on these logits (|x| < 0.5),
         # so a cached path may differ from the uncached one by no more than that.
         np.testing.assert_allclose(logits[b, 0], _row_logits(model, tokens[b, :n])[-1], atol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_invariant_rows_decode_equals_chain_verify_bitwise(tokens, impl):
+    """With invariant_rows, a token decoded alone and the same token verified as a chain node run
+    the same shapes and the same attention walk, so their logits agree bit for bit; and padding to R
+    rows changes no logit beyond rounding."""
+    config = TransformerConfig.tiny(attention_impl=impl, dtype=jnp.bfloat16)
+    plain = JittedModel(Transformer(config, rngs=nnx.Rngs(0)))
+    invariant = JittedModel(Transformer(config.replace(invariant_rows=6), rngs=nnx.Rngs(0)))
+    lengths = jnp.array([7, 4], jnp.int32)
+    chain = np.tril(np.ones((5, 5), bool))
+    _, start = invariant.prefill(tokens, lengths, invariant.init_cache(2, MAX_LEN))
+    new = jnp.stack([tokens[0, 7:12], tokens[1, 4:9]])  # [2, 5]
+    verified, _ = invariant.verify_tree(new, chain, start)
+    cache = start
+    for t in range(5):
+        decoded, cache = invariant.decode(new[:, t:t + 1], cache)
+        np.testing.assert_array_equal(np.asarray(decoded[:, 0]), np.asarray(verified[:, t]), err_msg=f"{t=}")
+    _, plain_start = plain.prefill(tokens, lengths, plain.init_cache(2, MAX_LEN))
+    plain_verified, _ = plain.verify_tree(new, chain, plain_start)
+    np.testing.assert_allclose(verified, plain_verified, atol=1e-2)  # bf16 rounding, as above
+    with pytest.raises(ValueError, match="invariant_rows"):
+        invariant.verify_tree(jnp.zeros((2, 7), jnp.int32), np.tril(np.ones((7, 7), bool)), start)
 
 
 def test_accept_moves_slots():

@@ -97,6 +97,22 @@ def test_greedy_matches_incremental(models, name):
     assert decoder._generate_jit._cache_size() == 1
 
 
+def test_greedy_matches_incremental_with_invariant_rows(models):
+    """A batch-invariant target (every cached call R rows, caches R slots longer) still reproduces
+    its own incremental decoding, and refuses trees of more than R nodes."""
+    target = models["target"]
+    invariant = Transformer(target.config.replace(invariant_rows=6), rngs=nnx.Rngs(0))
+    nnx.update(invariant, nnx.state(target))
+    rng = np.random.default_rng(TEST_SEED)
+    prompt, lengths = _prompts(rng, [5, 2, 7], 7)
+    baseline = generate_incremental(invariant, prompt, lengths, max_new_tokens=12)
+    _assert_same(baseline, generate_incremental(target, prompt, lengths, max_new_tokens=12))
+    decoder = SpeculativeDecoder(invariant, [models["close"]], tree=ExpansionTree.chain(4))
+    _assert_same(decoder.generate(prompt, lengths, max_new_tokens=12), baseline)
+    with pytest.raises(ValueError, match="invariant_rows"):
+        SpeculativeDecoder(invariant, [models["close"]], tree=ExpansionTree((2, 2)))
+
+
 @pytest.mark.parametrize("name", ["chain", "dynamic"])
 def test_greedy_batch_one(models, name):
     tree, draft_names = GREEDY_TREES[name]

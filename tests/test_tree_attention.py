@@ -160,6 +160,46 @@ def test_nan_in_unused_slots_does_not_leak():
     np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
 
 
+BATCH_INVARIANT_CASES = [  # (N, S, num_splits, block_k): S not a whole number of tiles, 1 to 4 splits
+    (1, 50, 1, 16),
+    (7, 45, 3, 16),
+    (12, 100, 4, 32),
+    (64, 200, 2, 64),
+]
+
+
+@pytest.mark.parametrize("case", BATCH_INVARIANT_CASES, ids=lambda c: f"N{c[0]}-S{c[1]}-P{c[2]}")
+def test_batch_invariant_walk_matches_reference(case):
+    N, S, num_splits, block_k = case
+    rng = np.random.default_rng(N + S)
+    q, k, v, lengths = make_inputs(rng, B=3, N=N, H=4, K=2, D=32, S=S, dtype=jnp.bfloat16)
+    config = TreeAttentionConfig(block_rows=32, block_k=block_k, num_warps=4, num_stages=2)
+    check_against_reference(q, k, v, lengths, random_tree(rng, N, num_padding=N // 4),
+                            num_splits=num_splits, config=config, batch_invariant=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_invariant_chain_equals_decode_bitwise(dtype):
+    """A chain node at depth d over prefix L gives exactly the row a one-token step at L + d gives,
+    when both calls have the same shapes (a decode step padded to N rows whose padding sees only
+    itself): the premise of greedy speculative output equal to incremental decoding."""
+    N, S, prefix = 8, 90, 37  # prefix and S chosen so the chain crosses a tile and a split boundary
+    rng = np.random.default_rng(11)
+    q, k, v, _ = make_inputs(rng, B=1, N=N, H=4, K=2, D=32, S=S, dtype=dtype, poison=False)
+    config = TreeAttentionConfig(block_rows=32, block_k=16, num_warps=4, num_stages=2)
+    kwargs = dict(num_splits=3, config=config, batch_invariant=True)
+    chain = np.tril(np.ones((N, N), bool))
+    verified = tree_attention(q, k, v, jnp.array([prefix], jnp.int32), chain, **kwargs)
+    one_token = np.eye(N, dtype=bool)  # row 0 is the real token, the rest padding
+    for depth in range(N):
+        # The decode step of the token at slot prefix + depth: its query in row 0, the slot's own
+        # K/V already in place (the chain's), the rows after it padding with other queries.
+        rolled_q = jnp.roll(q, -depth, axis=1)
+        decoded = tree_attention(rolled_q, k, v, jnp.array([prefix + depth], jnp.int32), one_token, **kwargs)
+        np.testing.assert_array_equal(np.asarray(decoded[:, 0], np.float32),
+                                      np.asarray(verified[:, depth], np.float32), err_msg=f"{depth=}")
+
+
 def test_deterministic():
     rng = np.random.default_rng(4)
     q, k, v, lengths = make_inputs(rng, B=2, N=9, H=4, K=2, D=64, S=90, dtype=jnp.bfloat16)

@@ -45,6 +45,7 @@ def tree_attention(
     interpret: bool | None = None,
     config: TreeAttentionConfig | None = None,
     backend: str | None = None,
+    batch_invariant: bool = False,
 ):
     """Attention of every tree node over the committed prefix and its own ancestors.
 
@@ -67,6 +68,11 @@ def tree_attention(
         dim 64 or 128, an even query-head group, no softcap; anything else raises ValueError), or
         None: "mosaic" on Hopper GPUs where it covers the call, N >= 32 and S is a multiple of 8
         (else its caches would be copied with padding), otherwise "portable".
+      batch_invariant: walk the keys in tiles and splits fixed by cache position (portable kernel
+        only), so that a node's result depends on the slots it sees and the static shapes, never on
+        cache_lengths: verifying a chain then gives, bit for bit, what one-token decoding steps give
+        with the same shapes (same N, S, splits and config). Costs speed when the prefix is much
+        shorter than the cache.
 
     Returns:
       out [B, N, H, D] in q's dtype, and lse [B, H, N] float32 (natural log) if `return_lse`.
@@ -82,7 +88,9 @@ def tree_attention(
                                  softcap=softcap, num_splits=num_splits)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    if _use_mosaic(backend, problem, bool(interpret)):
+    if batch_invariant and backend == "mosaic":
+        raise ValueError(f"batch_invariant=True runs on the portable kernel only, got {backend=}")
+    if not batch_invariant and _use_mosaic(backend, problem, bool(interpret)):
         if num_splits is None:
             num_splits = mosaic_kernel.num_splits_for(
                 batch=problem.batch, num_kv_heads=problem.num_kv_heads, group_size=problem.group_size,
@@ -103,7 +111,7 @@ def tree_attention(
                                           block_k=config.block_k, block_rows=tiling.block_rows)
     out, lse = _tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, sm_scale=problem.sm_scale,
                                softcap=problem.softcap, num_splits=num_splits, config=config,
-                               interpret=bool(interpret))
+                               interpret=bool(interpret), batch_invariant=bool(batch_invariant))
     return (out, lse) if return_lse else out
 
 
@@ -136,7 +144,8 @@ def _as_array(x):
 
 
 _tree_attention = jax.jit(tree_attention_call,
-                          static_argnames=("sm_scale", "softcap", "num_splits", "config", "interpret"))
+                          static_argnames=("sm_scale", "softcap", "num_splits", "config", "interpret",
+                                           "batch_invariant"))
 _tree_attention_mosaic = jax.jit(mosaic_kernel.tree_attention_mosaic,
                                  static_argnames=("sm_scale", "num_splits", "config", "interpret"))
 
@@ -154,6 +163,7 @@ def decode_attention(
     interpret: bool | None = None,
     config: TreeAttentionConfig | None = None,
     backend: str | None = None,
+    batch_invariant: bool = False,
 ):
     """Attention of the T newest tokens of each cache row (T <= 128, usually 1).
 
@@ -166,7 +176,7 @@ def decode_attention(
     chain = np.tril(np.ones((T, T), dtype=bool))
     return tree_attention(q, k_cache, v_cache, cache_lengths, chain, sm_scale=sm_scale, softcap=softcap,
                           num_splits=num_splits, return_lse=return_lse, interpret=interpret, config=config,
-                          backend=backend)
+                          backend=backend, batch_invariant=batch_invariant)
 
 
 def checked_tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, **kwargs):

@@ -17,6 +17,12 @@ Layout inside a program, for node block nb, split s, batch row b and KV head kh:
 With one split the kernel writes the final output in place as [B, N, K, Gp, D]. With several, each
 writes (o / l, lse) for its rows in f32 and `combine_splits` merges them (elementwise, in XLA).
 
+`batch_invariant=True` walks the keys differently (see `absolute_tiles` in the kernel): tiles and
+splits sit at fixed cache positions, and the tree's keys are masked inside those tiles, so that a
+node's result does not depend on where the prefix ends. Slower for short prefixes in large caches
+(the splits past the prefix idle), but a chain verified in one call reproduces one-token decoding
+bit for bit, which the fast walk (whose split shares follow the prefix length) does not.
+
 Tuned on: nothing yet (written without a GPU at hand); see tuning.py and the benchmark's --tune.
 Caveats: forward only (no VJP: verification is inference). Scores use exp2 with the scale folded in.
 A head dim that is not a power of two is padded per tile (masked loads); a group size G that is not
@@ -58,6 +64,7 @@ def _tree_attention_kernel(
     tree_tile: int,
     num_splits: int,
     cache_size: int,
+    batch_invariant: bool,
 ):
     split = pl.program_id(1)
     nodes_per_block, group, head_dim_padded = q_ref.shape
@@ -106,54 +113,89 @@ def _tree_attention_kernel(
         v = jnp.where(key_used[:, None], v, jnp.zeros_like(v))
         return update(carry, s, v)
 
-    # This split's share of the prefix, in whole blocks: [lo, hi). Operands are >= 0, so lax.div
-    # (truncating) is floor division; it lowers to one Triton op where `//` would add sign fix-ups.
-    blocks = lax.div(prefix + block_k - 1, block_k)
-    share = lax.div(blocks + num_splits - 1, num_splits) * block_k
-    lo = split * share
-    hi = jnp.minimum(prefix, lo + share)
-    num_keys = jnp.maximum(hi - lo, 0)
-    num_full = lax.div(num_keys, block_k)
+    def prefix_then_tree(carry):
+        """The fast walk: split s takes an equal share of [0, prefix) in whole blocks, unmasked but for
+        the last partial block, and the last split adds the tree's keys [prefix, prefix + N) as one tile."""
+        # This split's share of the prefix, in whole blocks: [lo, hi). Operands are >= 0, so lax.div
+        # (truncating) is floor division; it lowers to one Triton op where `//` would add sign fix-ups.
+        blocks = lax.div(prefix + block_k - 1, block_k)
+        share = lax.div(blocks + num_splits - 1, num_splits) * block_k
+        lo = split * share
+        hi = jnp.minimum(prefix, lo + share)
+        num_keys = jnp.maximum(hi - lo, 0)
+        num_full = lax.div(num_keys, block_k)
 
-    def full_block(i, carry):
-        start = pl.multiple_of(lo + i * block_k, block_k)
-        k = load(k_ref.at[pl.ds(start, block_k), :], head_mask)
-        v = load(v_ref.at[pl.ds(start, block_k), :], head_mask)
-        return update(carry, scores_of(k), v)
+        def full_block(i, carry):
+            start = pl.multiple_of(lo + i * block_k, block_k)
+            k = load(k_ref.at[pl.ds(start, block_k), :], head_mask)
+            v = load(v_ref.at[pl.ds(start, block_k), :], head_mask)
+            return update(carry, scores_of(k), v)
+
+        carry = lax.fori_loop(0, num_full, full_block, carry)
+
+        # The last, partial block: [tail, hi). Clamped so the tile ends inside the cache.
+        tail = lo + num_full * block_k
+
+        def prefix_tail(carry):
+            def key_visible(positions):
+                used = (positions >= tail) & (positions < hi)
+                return used[None, :], used
+            return masked_tile(carry, jnp.minimum(tail, cache_size - block_k), block_k, key_visible)
+
+        carry = lax.cond(hi > tail, prefix_tail, lambda c: c, carry)
+
+        # The tree's keys [prefix, prefix + N) in one tile, on the last split only.
+        def tree_part(carry):
+            words = [words_ref[w, :] for w in range(num_words)]  # W x [R]
+
+            def key_visible(positions):
+                node = positions - prefix
+                used = (node >= 0) & (node < num_nodes)
+                bits = masking.tree_bits(words, jnp.clip(node, 0, num_nodes - 1))
+                return bits & used[None, :], used
+            return masked_tile(carry, jnp.minimum(prefix, cache_size - tree_tile), tree_tile, key_visible)
+
+        if num_splits == 1:
+            carry = tree_part(carry)
+        else:
+            carry = lax.cond(split == num_splits - 1, tree_part, lambda c: c, carry)
+        return carry
+
+    def absolute_tiles(carry):
+        """The batch-invariant walk: tiles at fixed cache positions, splits fixed by the cache size.
+
+        Tile t holds slots [t * block_k, (t + 1) * block_k) and split s the tiles [s * C, (s + 1) * C),
+        C = ceil(tiles / num_splits), whatever `prefix` is; every tile goes through the same masked
+        update. A node's result then depends only on which slots it sees, not on where the prefix ends:
+        a chain node at depth d over a prefix L is bit for bit a one-token decode over L + d (same
+        shapes), which greedy speculative decoding needs to reproduce incremental decoding exactly.
+        """
+        words = [words_ref[w, :] for w in range(num_words)]  # W x [R]
+        cache_tiles = -(-cache_size // block_k)
+        tiles_per_split = -(-cache_tiles // num_splits)
+        lo = split * (tiles_per_split * block_k)
+        hi = jnp.minimum(jnp.minimum(prefix + num_nodes, cache_size), lo + tiles_per_split * block_k)
+        num_tiles = lax.div(jnp.maximum(hi - lo, 0) + block_k - 1, block_k)
+
+        def tile(i, carry):
+            start = lo + i * block_k
+
+            def key_visible(positions):
+                node = positions - prefix
+                in_tree = (node >= 0) & (node < num_nodes)
+                ancestor = masking.tree_bits(words, jnp.clip(node, 0, num_nodes - 1)) & in_tree[None, :]
+                used = (positions >= start) & (positions < hi)  # a clamped last tile overlaps the one before
+                return ((positions < prefix)[None, :] | ancestor) & used[None, :], used
+            # The last tile of a cache that is not a whole number of tiles is loaded from S - block_k.
+            return masked_tile(carry, jnp.minimum(start, cache_size - block_k), block_k, key_visible)
+
+        return lax.fori_loop(0, num_tiles, tile, carry)
 
     carry = (jnp.zeros((rows, head_dim_padded), jnp.float32),
              jnp.full((rows,), M_INIT, jnp.float32),
              jnp.zeros((rows,), jnp.float32))
-    carry = lax.fori_loop(0, num_full, full_block, carry)
+    o, m, l = (absolute_tiles if batch_invariant else prefix_then_tree)(carry)
 
-    # The last, partial block: [tail, hi). Clamped so the tile ends inside the cache.
-    tail = lo + num_full * block_k
-
-    def prefix_tail(carry):
-        def key_visible(positions):
-            used = (positions >= tail) & (positions < hi)
-            return used[None, :], used
-        return masked_tile(carry, jnp.minimum(tail, cache_size - block_k), block_k, key_visible)
-
-    carry = lax.cond(hi > tail, prefix_tail, lambda c: c, carry)
-
-    # The tree's keys [prefix, prefix + N) in one tile, on the last split only.
-    def tree_part(carry):
-        words = [words_ref[w, :] for w in range(num_words)]  # W x [R]
-
-        def key_visible(positions):
-            node = positions - prefix
-            used = (node >= 0) & (node < num_nodes)
-            bits = masking.tree_bits(words, jnp.clip(node, 0, num_nodes - 1))
-            return bits & used[None, :], used
-        return masked_tile(carry, jnp.minimum(prefix, cache_size - tree_tile), tree_tile, key_visible)
-
-    if num_splits == 1:
-        carry = tree_part(carry)
-    else:
-        carry = lax.cond(split == num_splits - 1, tree_part, lambda c: c, carry)
-
-    o, m, l = carry
     has_keys = l > 0  # padding rows, or a split whose share of the prefix is empty
     safe_l = jnp.where(has_keys, l, 1.0)
     lse_ref[...] = jnp.where(has_keys, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
@@ -218,6 +260,7 @@ def tree_attention_call(
     num_splits: int,
     config: TreeAttentionConfig,
     interpret: bool,
+    batch_invariant: bool = False,
 ):
     """Lays out the operands, runs the kernel, merges splits. Returns (out [B, N, H, D], lse [B, H, N]).
 
@@ -259,6 +302,7 @@ def tree_attention_call(
         tree_tile=tree_tile,
         num_splits=num_splits,
         cache_size=S,
+        batch_invariant=batch_invariant,
     )
     # Grid (node block, split, batch, KV head): the node blocks of one K/V stream are adjacent in
     # launch order, so the second read of a K/V tile usually comes from L2.
