@@ -247,11 +247,11 @@ def merge_splits(parts, lse, *, interpret: bool):
     """(out [B, Np, H, D] in parts' dtype, lse [B, H, Np]) from the splits' parts [B, P, H, Np, D] and
     lse [B, P, H, Np]: the whole merge in one launch.
 
-    In one kernel launch rather than XLA's two (a transpose fusion for the output, another for the
-    weights: 4.2 us plus a launch gap at B=1 on an H100). Not inside the attention kernel: that needs
+    One launch instead of the two fusions XLA made of the same math (a transpose fusion and a select
+    fusion: 4.2 us plus a launch gap at B=1 on an H100). Not inside the attention kernel: that needs
     its CTAs to synchronise, through global atomics or semaphores ("the last split merges") or a
     cluster barrier with distributed shared memory, and Mosaic GPU's simulator (JAX 0.10 to 0.11)
-    supports none of those, so such a kernel could only be tested on a GPU. The merge is elementwise
+    runs none of those, so such a kernel could only be tested on a GPU. The merge is elementwise
     with a loop over the splits, which Pallas' Triton backend compiles as it compiles the portable
     kernel (and Pallas' interpreter runs on CPU).
     """
