@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import tree_attention
+from pallas_kernels.tree_attention import mosaic_kernel
+from pallas_kernels.tree_attention.triton_kernel import combine_splits
 from test_tree_attention import check_against_reference, make_inputs, random_tree
 
 
@@ -37,6 +39,22 @@ def test_tree_mosaic_in_simulator(num_splits):
 
 
 @pytest.mark.simulator
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 8])
+def test_tree_mosaic_balanced_splits_in_simulator(num_splits):
+    # Rows of 1 to 4 tiles, so that some splits get no tile at all (8 splits of one step); slots past
+    # what the kernel may read (7 past the tree, or up to one tile) are NaN, so nothing else reaches
+    # the result.
+    rng = np.random.default_rng(6)
+    B, N, S = 4, 7, 400
+    q, k, v, lengths = make_inputs(rng, B=B, N=N, H=2, K=1, D=64, S=S, dtype=jnp.bfloat16,
+                                   lengths=[0, 121, 256, 389], poison=False)
+    unread = jnp.arange(S)[None, :] >= jnp.maximum(lengths + N + 7, 128)[:, None]  # [B, S]
+    k, v = (jnp.where(unread[:, :, None, None], jnp.nan, x).astype(x.dtype) for x in (k, v))
+    mask = np.stack([random_tree(rng, N) for _ in range(B)])
+    check_against_reference(q, k, v, lengths, mask, backend="mosaic", num_splits=num_splits, interpret=True)
+
+
+@pytest.mark.simulator
 def test_tree_mosaic_two_node_blocks_and_head_dim_128_in_simulator():
     _case(1, B=1, N=100, H=4, K=1, D=128, S=400, dtype=jnp.float16, lengths=[250], num_splits=2,
           interpret=True)
@@ -54,6 +72,66 @@ def test_tree_mosaic_single_token_decode_in_simulator():
     _case(4, B=2, N=1, H=2, K=1, D=64, S=320, lengths=[130, 191], num_splits=2, interpret=True)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 8, 13, 132])
+def test_split_steps_are_balanced(splits):
+    num_steps = jnp.arange(1, 400, dtype=jnp.int32)
+    per_split = jax.vmap(lambda n: mosaic_kernel.split_steps(n, jnp.arange(splits, dtype=jnp.int32), splits))
+    first, count = map(np.asarray, per_split(num_steps))  # [T, splits]
+    n = np.asarray(num_steps)
+    # Contiguous shares of [0, n) in split order, so the last split holds step n - 1 (the final tile).
+    np.testing.assert_array_equal(first[:, 0], 0)
+    np.testing.assert_array_equal(first[:, 1:], first[:, :-1] + count[:, :-1])
+    np.testing.assert_array_equal(first[:, -1] + count[:, -1], n)
+    assert (count[:, -1] >= 1).all()
+    np.testing.assert_array_equal(count.max(axis=1), -(-n // splits))  # the fewest possible
+    assert (count.max(axis=1) - count.min(axis=1) <= 1).all()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("num_nodes", [1, 8, 64, 100])
+def test_tile_plan_visits_every_key_once(splits, num_nodes, block_kv=128):
+    # Every key of [0, L + N) is visited by exactly one step of one split (the final tile's keys below
+    # aligned * block_kv are masked there, as in the kernel), and no tile reaches past
+    # max(L + N + 7, block_kv): with prefix lengths around tile and 8-row boundaries.
+    prefixes = np.unique(np.concatenate([np.arange(0, 3 * block_kv + 9), [8191, 8192, 8193, 8192 + 57]]))
+    ends = jnp.asarray(prefixes + num_nodes, jnp.int32)
+    plan = jax.vmap(lambda end: mosaic_kernel.tile_plan(end, jnp.arange(splits, dtype=jnp.int32), splits,
+                                                        block_kv))(ends)
+    plan = mosaic_kernel.TilePlan(*map(np.asarray, plan))  # fields [ends, splits] or [ends]
+    np.testing.assert_array_equal(plan.steps, plan.num_aligned + (np.arange(splits) == splits - 1))
+    for row, end in enumerate(np.asarray(ends)):
+        visits = np.zeros(end + block_kv + 8, np.int32)
+        for split in range(splits):
+            first, num_aligned = plan.first[row, split], plan.num_aligned[row, split]
+            visits[first * block_kv:(first + num_aligned) * block_kv] += 1
+        start = 8 * plan.final_start_8[row]
+        assert start % 8 == 0 and start <= plan.aligned[row] * block_kv
+        assert start + block_kv <= max(end + 7, block_kv)
+        visits[max(start, plan.aligned[row] * block_kv):start + block_kv] += 1
+        np.testing.assert_array_equal(visits[:end], 1, err_msg=f"{end=}")
+        assert plan.aligned[row] * block_kv < end  # aligned tiles stay below the final tile's end
+
+
+def test_merge_splits_matches_the_xla_merge():
+    # Pallas interpreter on CPU; splits that saw no key of a row (lse -inf, zero parts), rows no split
+    # saw, and a split count that is not a power of two.
+    rng = np.random.default_rng(5)
+    B, P, H, Np, D = 2, 3, 4, 64, 128
+    parts = jnp.asarray(rng.standard_normal((B, P, H, Np, D)), jnp.bfloat16)
+    lse = rng.standard_normal((B, P, H, Np)).astype(np.float32) * 4
+    lse[:, 1, :, :20] = -np.inf
+    lse[0, :, 2, 30:33] = -np.inf
+    parts = jnp.where(jnp.isinf(jnp.asarray(lse))[..., None], 0, parts)
+    out, merged_lse = mosaic_kernel.merge_splits(parts, jnp.asarray(lse), interpret=True)
+    want_out, want_lse = combine_splits(parts, jnp.asarray(lse), axis=1)  # [B, H, Np, D], [B, H, Np]
+    assert out.shape == (B, Np, H, D) and out.dtype == parts.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               np.asarray(jnp.swapaxes(want_out, 1, 2).astype(parts.dtype), np.float32),
+                               atol=1e-2, rtol=1e-2)
+    np.testing.assert_allclose(merged_lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out[0, 30:33, 2]) == 0) and np.all(np.isneginf(merged_lse[0, 2, 30:33]))
+
+
 def test_tree_mosaic_rejects_what_it_does_not_cover():
     q = jnp.ones((1, 4, 3, 64), jnp.bfloat16)  # G = 3: odd groups stay on the portable kernel
     k = jnp.ones((1, 32, 1, 64), jnp.bfloat16)
@@ -64,7 +142,7 @@ def test_tree_mosaic_rejects_what_it_does_not_cover():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_splits", [None, 1, 8])
+@pytest.mark.parametrize("num_splits", [None, 1, 5, 8])
 def test_tree_mosaic_issue_shape_on_gpu(num_splits):
     if "9." not in str(getattr(jax.devices()[0], "compute_capability", "")):
         pytest.skip("the Mosaic GPU tree kernel needs a Hopper GPU")

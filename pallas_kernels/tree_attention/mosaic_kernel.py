@@ -4,7 +4,8 @@ The pipeline of the Hopper FlashAttention forward (`flash_attention.mosaic_pipel
 verification: a CTA serves one KV head of one batch row, and its two consumer warpgroups take two
 query heads of that KV head (64 tree nodes each), so every K/V tile streamed into shared memory is
 used by 2 x 64 query rows. The prefix is split across CTAs (Flash-Decoding) when batch x KV heads
-cannot fill the GPU; the partial results merge by their logsumexp in an elementwise XLA pass.
+cannot fill the GPU, every split taking the same number of tiles to one (`split_steps`); the partial
+results merge by their logsumexp in one small second kernel (`merge_splits`).
 
 Keys of row b: the committed prefix [0, L) and the tree nodes [L, L + N), L = cache_lengths[b]. The
 kernel walks aligned tiles over [0, m * bkv) and then one final tile that ends exactly at L + N, so
@@ -23,16 +24,17 @@ Scope (`supports`; the dispatcher sends the rest to the portable kernel): bf16/f
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
 from pallas_kernels.tree_attention import masking
-from pallas_kernels.tree_attention.triton_kernel import combine_splits
 
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
 MIN_AUTO_NODES = 32  # the default dispatch uses this kernel from this tree size on
@@ -62,6 +64,46 @@ def num_splits_for(*, batch: int, num_kv_heads: int, group_size: int, num_nodes:
     """Prefix splits so that about one wave of CTAs covers the GPU (never more splits than tiles)."""
     ctas = batch * num_kv_heads * (group_size // 2) * -(-num_nodes // NODE_BLOCK)
     return int(max(1, min(num_sms // max(ctas, 1), cache_size // block_kv)))
+
+
+def split_steps(num_steps, split, splits: int):
+    """(first step, step count) of prefix split `split` when `num_steps` >= 1 steps are cut into
+    `splits` (int32 scalars; the tests vmap it).
+
+    Steps are the aligned tiles in key order, then the final tile: the row's last step, so always the
+    last split's. Counts differ by at most one, so the slowest split does ceil(num_steps / splits)
+    steps, the fewest possible; the longer shares go to the last splits, so the last split is never
+    empty, even with fewer steps than splits.
+    """
+    base = lax.div(num_steps, jnp.int32(splits))
+    short = splits - lax.rem(num_steps, jnp.int32(splits))  # splits [0, short) take `base` steps
+    longer = (split >= short).astype(jnp.int32)
+    return split * base + jnp.maximum(split - short, 0), base + longer
+
+
+class TilePlan(NamedTuple):
+    """The key tiles one prefix split visits (int32 scalars; see `tile_plan`)."""
+
+    aligned: jax.Array  # aligned tiles of the row: [0, aligned * block_kv)
+    first: jax.Array  # this split's first aligned tile
+    num_aligned: jax.Array  # its aligned tiles: [first, first + num_aligned)
+    steps: jax.Array  # num_aligned, plus 1 for the final tile in the last split
+    final_start_8: jax.Array  # the final tile's first key / 8
+
+
+def tile_plan(end, split, splits: int, block_kv: int) -> TilePlan:
+    """The tiles of prefix split `split` for a row whose keys are [0, end), end >= 1.
+
+    Aligned tiles cover [0, aligned * block_kv), the keys below the final tile, which ends at `end`
+    and is the row's last step. The final tile starts at ceil8(end - block_kv) (clamped to 0; the
+    start of a TMA copy into the swizzled tiles must be a multiple of 8 rows), which is <= aligned *
+    block_kv, so no key is skipped, and it may reach up to 7 slots past `end`.
+    """
+    aligned = lax.div(end - 1, jnp.int32(block_kv))
+    first, steps = split_steps(aligned + 1, split, splits)
+    num_aligned = steps - (split == splits - 1).astype(jnp.int32)
+    final_start_8 = jnp.maximum(lax.div(end - block_kv + 7, jnp.int32(8)), 0)
+    return TilePlan(aligned, first, num_aligned, steps, final_start_8)
 
 
 def node_words(tree_mask) -> jax.Array | np.ndarray:
@@ -113,20 +155,12 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
             pair = lax.rem(row_block, jnp.int32(pairs))
             prefix = jnp.clip(lengths_ref[b], 0, S - N)
             end = prefix + N
-            # Aligned tiles [0, aligned) cover the keys below the final tile, shared among splits.
-            aligned = lax.div(jnp.maximum(end - 1, 0), jnp.int32(bkv))
-            share = lax.div(aligned + (splits - 1), jnp.int32(splits))
-            a0 = jnp.minimum(split * share, aligned)
-            num_aligned = jnp.minimum(a0 + share, aligned) - a0
+            plan = tile_plan(end, split, splits, bkv)
+            aligned, a0, num_aligned, steps = plan.aligned, plan.first, plan.num_aligned, plan.steps
             num_unmasked = jnp.clip(lax.div(prefix, jnp.int32(bkv)) - a0, 0, num_aligned)
-            steps = num_aligned + (split == splits - 1).astype(jnp.int32)  # + the final tile
-            # In units of 8 rows: a TMA copy into the swizzled tiles must start on a multiple of 8, so
-            # the final tile starts at ceil8(end - bkv) (<= aligned * bkv: no key is skipped) and may
-            # reach up to 7 slots past the tree.
-            final_start_8 = jnp.maximum(lax.div(end - bkv + 7, jnp.int32(8)), 0)
 
             def tile_start(i):  # written as 8 * (...) so that the compiler sees the alignment
-                return 8 * jnp.where(i < num_aligned, (a0 + i) * (bkv // 8), final_start_8)
+                return 8 * jnp.where(i < num_aligned, (a0 + i) * (bkv // 8), plan.final_start_8)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
@@ -179,9 +213,60 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
         grid_names=("rows", "split", "kv_head", "batch"),
         **pipeline.kernel_options(),
     )(lengths, words, q, k_cache, v_cache)
-    if splits > 1:  # out [B, P, H, Np, D], lse [B, P, H, Np]
-        # Partials and their lse share the layout, so the merge has no transposed operand (XLA
-        # emitted one as a transpose kernel of its own); the transpose left keeps D minor.
-        out, lse = combine_splits(out, lse, axis=1)
-        out = jnp.swapaxes(out, 1, 2).astype(q.dtype)
+    if splits > 1:
+        out, lse = merge_splits(out, lse, interpret=interpret)
     return out[:, :N], lse[:, :, :N]
+
+
+MERGE_ROWS = 16  # node rows per merge program: B * H * Np / 16 programs, 128 at B=1, H=32, N=64
+
+
+def _merge_kernel(parts_ref, lse_ref, out_ref, merged_lse_ref):
+    """Merges the splits of MERGE_ROWS rows of one head by their logsumexp.
+
+    parts_ref [P, R, D] (each split's o / l), lse_ref [P, R] (-inf: the split saw no key of the row,
+    and its part is zeros); out_ref [R, D], merged_lse_ref [R].
+    """
+    num_splits = parts_ref.shape[0]
+    top = lax.fori_loop(1, num_splits, lambda p, m: jnp.maximum(m, lse_ref[p]), lse_ref[0])
+    top = jnp.where(top == -jnp.inf, 0.0, top)  # a row no split saw: every weight below is 0
+
+    def accumulate(p, carry):
+        acc, total = carry
+        weight = jnp.exp(lse_ref[p] - top)  # [R]
+        return acc + weight[:, None] * parts_ref[p].astype(jnp.float32), total + weight
+
+    zeros = (jnp.zeros(out_ref.shape, jnp.float32), jnp.zeros(merged_lse_ref.shape, jnp.float32))
+    acc, total = lax.fori_loop(0, num_splits, accumulate, zeros)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    out_ref[...] = (acc / safe_total[:, None]).astype(out_ref.dtype)
+    merged_lse_ref[...] = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
+
+
+def merge_splits(parts, lse, *, interpret: bool):
+    """(out [B, Np, H, D] in parts' dtype, lse [B, H, Np]) from the splits' parts [B, P, H, Np, D] and
+    lse [B, P, H, Np]: the whole merge in one launch.
+
+    One launch instead of the two fusions XLA made of the same math (a transpose fusion and a select
+    fusion: 4.2 us plus a launch gap at B=1 on an H100). Not inside the attention kernel: that needs
+    its CTAs to synchronise, through global atomics or semaphores ("the last split merges") or a
+    cluster barrier with distributed shared memory, and Mosaic GPU's simulator (JAX 0.10 to 0.11)
+    runs none of those, so such a kernel could only be tested on a GPU. The merge is elementwise
+    with a loop over the splits, which Pallas' Triton backend compiles as it compiles the portable
+    kernel (and Pallas' interpreter runs on CPU).
+    """
+    B, P, H, Np, D = parts.shape
+    rows = MERGE_ROWS
+    return pl.pallas_call(
+        _merge_kernel,
+        grid=(Np // rows, H, B),
+        in_specs=[pl.BlockSpec((None, P, None, rows, D), lambda r, h, b: (b, 0, h, r, 0)),
+                  pl.BlockSpec((None, P, None, rows), lambda r, h, b: (b, 0, h, r))],
+        out_specs=[pl.BlockSpec((None, rows, None, D), lambda r, h, b: (b, r, h, 0)),
+                   pl.BlockSpec((None, None, rows), lambda r, h, b: (b, h, r))],
+        out_shape=[jax.ShapeDtypeStruct((B, Np, H, D), parts.dtype),
+                   jax.ShapeDtypeStruct((B, H, Np), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="tree_attention_merge",
+    )(parts, lse)
