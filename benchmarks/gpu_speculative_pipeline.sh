@@ -50,9 +50,12 @@ stage speculative-greedy-bf16-invariant-target
 $SPEC --trees "${INVARIANT_TREES:-chain4,chain,chain8}" --modes greedy --target-dtype bfloat16 \
   --invariant-rows "${INVARIANT_ROWS:-9}" --out "$RUNS/speculative_greedy_bf16_invariant.json" || echo "stage failed"
 
-stage speculative-greedy-bf16-target
-$SPEC --trees "${BF16_TREES:-chain,specinfer,dynamic16}" --modes greedy --target-dtype bfloat16 \
-  --out "$RUNS/speculative_greedy_bf16.json" || echo "stage failed"
+BF16_TREES=${BF16_TREES-chain,specinfer,dynamic16}  # set empty to skip the stage
+if [ -n "$BF16_TREES" ]; then
+  stage speculative-greedy-bf16-target
+  $SPEC --trees "$BF16_TREES" --modes greedy --target-dtype bfloat16 \
+    --out "$RUNS/speculative_greedy_bf16.json" || echo "stage failed"
+fi
 
 if [ "${STOCHASTIC:-0}" = 1 ]; then
   stage speculative-stochastic
