@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo clean test-simulator
+.PHONY: test demo clean test-simulator test-gpu
 
 # The demo needs only the runtime dependencies; the tests add torch (CPU build), transformers, ...
 $(VENV)/.runtime: pyproject.toml
@@ -23,6 +23,11 @@ test: $(VENV)/.test
 test-simulator: $(VENV)/.test
 	FA2JAX_SIMULATOR_TESTS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q tests/test_tree_mosaic.py -m simulator
 	FA2JAX_SIMULATOR_TESTS=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q tests/test_mosaic_forward.py -m simulator
+
+# On a CUDA machine (the device tool's H100): the `gpu`-marked tests, on the GPU. tests/conftest.py
+# defaults JAX_PLATFORMS to cpu, so without this variable they would be skipped.
+test-gpu:
+	JAX_PLATFORMS=cuda PYTHONPATH=. $(PYTHON) -m pytest -q -rs -m gpu tests
 
 demo: $(VENV)/.runtime
 	JAX_PLATFORMS=cpu $(PY) examples/demo.py
