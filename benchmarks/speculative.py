@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from fa2jax import Transformer, TransformerConfig
+from fa2jax.model import with_invariant_rows
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, TreeTopology, generate_incremental
 from spec.comparison import draft_passes
 
@@ -156,14 +157,6 @@ def divergence(model: Transformer, tokens: np.ndarray, baseline: np.ndarray, pro
     return report
 
 
-def without_invariant_rows(model: Transformer) -> Transformer:
-    """The same weights under the plain cached calls (no padding to invariant rows)."""
-    config = model.config.replace(invariant_rows=0)
-    plain = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    nnx.update(plain, nnx.state(model))
-    return plain
-
-
 def tree_mask(tree):
     """A mask of the tree's shape for timing the N-node passes.  # [N, N] bool"""
     if isinstance(tree, DynamicTree):
@@ -226,7 +219,7 @@ def main():
     max_nodes = max([t.num_nodes for t, _ in trees.values()] + [args.invariant_rows])
     min_len = args.prompt_len + args.max_new_tokens + max_nodes
     target = build_model(args.target_preset, args.target_ckpt, 0, min_len, target_dtype, args.invariant_rows)
-    plain_target = without_invariant_rows(target) if args.invariant_rows else None
+    plain_target = with_invariant_rows(target, 0) if args.invariant_rows else None
     if args.draft_preset == "same" and not args.draft_ckpt:
         drafts = [target, target]
     else:

@@ -22,6 +22,7 @@ import numpy as np
 
 from fa2jax import Transformer, load_hf_llama
 from fa2jax import checkpoint as ckpt
+from fa2jax.model import with_invariant_rows
 from fa2jax.tokenizer import ByteTokenizer, load_tokenizer
 from fa2jax.training import load_model as load_trained
 from fa2jax.training import model_config_from_dict, resolve_checkpoint
@@ -168,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run the target batch-invariant (config.invariant_rows = tree nodes), so that greedy "
+                        "output over a chain tree equals incremental decoding bit for bit on a GPU in bf16")
     return p.parse_args(argv)
 
 
@@ -179,6 +183,8 @@ def main(argv=None) -> Report:
     tree = build_tree(args.tree, args.dynamic_tree, len(args.draft), args.depth, args.top_k)
     needed = prompt.shape[1] + args.max_new_tokens + tree.num_nodes
     target = load_model(args.target, min_len=needed)
+    if args.batch_invariant:
+        target = with_invariant_rows(target, tree.num_nodes)
     drafts = [load_model(d, min_len=needed) for d in args.draft]
     eos = None if args.ignore_eos else tokenizer.eos_id
     report = compare(target, drafts, tree, prompt, lengths, verify=args.verify, max_new_tokens=args.max_new_tokens,

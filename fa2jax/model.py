@@ -204,6 +204,14 @@ class Transformer(nnx.Module):
         return self._logits(x)[:, :N], cache
 
 
+def with_invariant_rows(model: Transformer, rows: int) -> Transformer:
+    """The same parameter arrays (not copied) under `config.invariant_rows = rows` (0: plain calls)."""
+    config = model.config.replace(invariant_rows=rows)
+    twin = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    nnx.update(twin, nnx.state(model))
+    return twin
+
+
 def _pad_tree_mask(tree_mask, rows: int):
     """[..., N, N] -> [..., rows, rows]: the padding nodes see only themselves (NumPy stays NumPy)."""
     xp = np if isinstance(tree_mask, np.ndarray) else jnp

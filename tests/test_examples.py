@@ -103,6 +103,11 @@ def test_dynamic_tree(runs):
     assert report.identical
 
 
+def test_batch_invariant_chain(runs):
+    report = sg.main(_argv(runs, "--tree", "1,1,1,1", "--batch-invariant"))
+    assert report.identical and report.mean_accepted_length > 1
+
+
 def test_two_drafts(runs):
     report = sg.main(_argv(runs, "--tree", "1,2", "--tree", "2,1,1", drafts=("draft", "draft2")))
     assert isinstance(report.tree, MergedTree) and report.num_drafts == 2
