@@ -303,8 +303,8 @@ def tree_attention(
     its ancestors).
 
     batch_invariant: a node's result must not depend on lengths beyond the slots it sees (see
-    `pallas_kernels.tree_attention`); the dense implementations always attend the whole cache, so
-    they are invariant already.
+    `pallas_kernels.tree_attention`); the dense implementations attend the whole cache in one
+    masked pass whatever the lengths, so they need no other walk.
 
     Returns:
         [B, N, H, D] in q's dtype.

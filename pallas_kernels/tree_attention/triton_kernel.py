@@ -166,7 +166,9 @@ def _tree_attention_kernel(
 
         Tile t holds slots [t * block_k, (t + 1) * block_k) and split s the tiles [s * C, (s + 1) * C),
         C = ceil(tiles / num_splits), whatever `prefix` is; every tile goes through the same masked
-        update. A node's result then depends only on which slots it sees, not on where the prefix ends:
+        update (an unmasked fast path for the tiles below the prefix could compile to other
+        roundings, e.g. a fused multiply-add, and a tile is below the prefix in one call but not in
+        the other). A node's result then depends only on which slots it sees, not on where the prefix ends:
         a chain node at depth d over a prefix L is bit for bit a one-token decode over L + d (same
         shapes), which greedy speculative decoding needs to reproduce incremental decoding exactly.
         """
