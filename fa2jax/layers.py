@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fa2jax import attention
@@ -300,6 +301,8 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = self.project(inputs, inputs, positions, positions)
         cache = cache.write(layer, k, v, cache.lengths)
         keys, values = cache.keys[layer], cache.values[layer]  # [B, S, K, D]
+        if tree_mask is None and batch_invariant:  # a chain, through the invariant tree walk
+            tree_mask = np.tril(np.ones((q.shape[1],) * 2, bool))
         if tree_mask is None:
             out = attention.decode_attention(q, keys, values, cache.lengths, softcap=self.softcap,
                                              implementation=self.implementation)

@@ -17,6 +17,7 @@ from scipy import stats
 import spec
 import spec.verify as verify_mod
 from fa2jax import Transformer, TransformerConfig
+from fa2jax.model import with_invariant_rows
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, generate_incremental
 
 # Fixed so that CI is reproducible; FA2JAX_TEST_SEED=<n> draws other random models and inputs.
@@ -101,8 +102,7 @@ def test_greedy_matches_incremental_with_invariant_rows(models):
     """A batch-invariant target (every cached call R rows, caches R slots longer) still reproduces
     its own incremental decoding, and refuses trees of more than R nodes."""
     target = models["target"]
-    invariant = Transformer(target.config.replace(invariant_rows=6), rngs=nnx.Rngs(0))
-    nnx.update(invariant, nnx.state(target))
+    invariant = with_invariant_rows(target, 6)
     rng = np.random.default_rng(TEST_SEED)
     prompt, lengths = _prompts(rng, [5, 2, 7], 7)
     baseline = generate_incremental(invariant, prompt, lengths, max_new_tokens=12)

@@ -90,7 +90,7 @@ def tree_attention(
         interpret = jax.default_backend() != "gpu"
     if batch_invariant and backend == "mosaic":
         raise ValueError(f"batch_invariant=True runs on the portable kernel only, got {backend=}")
-    if not batch_invariant and _use_mosaic(backend, problem, bool(interpret)):
+    if _use_mosaic(backend, problem, bool(interpret)) and not batch_invariant:
         if num_splits is None:
             num_splits = mosaic_kernel.num_splits_for(
                 batch=problem.batch, num_kv_heads=problem.num_kv_heads, group_size=problem.group_size,

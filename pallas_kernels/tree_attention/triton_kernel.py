@@ -219,7 +219,8 @@ def combine_splits(o, lse, axis: int = 2):
 
     o: [..., P, ..., D], each split's o / l (P at `axis`); lse: o's shape without D, -inf for an
     empty split. Returns (o without the P axis, f32; lse without it). The Triton kernel passes
-    [B, K, P, R, D]; the Mosaic kernel [B, P, H, Np, D] with axis=1.
+    [B, K, P, R, D]; the Mosaic kernel has its own one-launch merge (`mosaic_kernel.merge_splits`),
+    which the tests check against this one with axis=1.
     """
     num_splits = o.shape[axis]
     if num_splits > MAX_UNROLLED_SPLITS:
