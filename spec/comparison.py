@@ -24,8 +24,8 @@ from spec.trees import MergedTree
 
 
 def draft_passes(tree) -> list[int]:
-    """Tree passes each draft runs per step: one per level it fills, plus one that writes the
-    finished tree's K/V (`spec.draft`)."""
+    """Tree passes each draft runs per step at most: one per level it fills, plus the pass that
+    fixes the deepest nodes' K/V, which runs only in steps that accept one of them (`spec.draft`)."""
     if isinstance(tree, MergedTree):
         return [t.depth + 1 for t in tree.trees]
     return [tree.depth + 1]

@@ -28,7 +28,7 @@ from flax import nnx, struct
 
 from fa2jax import KVCache, Transformer
 from spec import verify as verify_lib
-from spec.draft import draft_dynamic_tree, draft_static_tree
+from spec.draft import complete_tree_kv, draft_dynamic_tree, draft_static_tree, static_exact_kv_depths
 from spec.generation import (
     GenerationResult, GenerationStats, cache_len, call_model, check_capacity, check_generate_args, emit_tokens,
     first_token)
@@ -118,8 +118,10 @@ class SpeculativeDecoder:
         if self._static:
             self._topology = tree.topology()
             self.num_nodes, self.depth = self._topology.num_nodes, self._topology.max_depth
+            self._exact_kv_depths = static_exact_kv_depths(self._topology, len(drafts))
         else:
             self.num_nodes, self.depth = tree.num_nodes, tree.depth
+            self._exact_kv_depths = (tree.depth - 1,)
         rows = target.config.invariant_rows
         if rows and self.num_nodes > rows:
             raise ValueError(f"the tree has {self.num_nodes} nodes, more than the target's "
@@ -141,7 +143,8 @@ class SpeculativeDecoder:
           temperature, top_p: sampling warp (scalars).
 
         Returns:
-          (tree, draft caches with the tree's K/V written).
+          (tree, draft caches with the tree's K/V written, exact except at depths past
+          `_exact_kv_depths`: see `complete_draft_kv`).
         """
         if self._static:
             return draft_static_tree(
@@ -151,6 +154,30 @@ class SpeculativeDecoder:
             self._draft_defs[0], draft_params[0], caches[0], root, tree=self.tree, temperature=temperature,
             top_p=top_p)
         return tree, (cache,)
+
+    def complete_draft_kv(self, draft_params, caches, tree: TokenTree, accepted_depth) -> tuple[KVCache, ...]:
+        """Makes the drafts' K/V exact along every path that will be committed.
+
+        Drafting leaves the deepest nodes' K/V computed from placeholder tokens (`spec.draft`). One
+        more pass fixes them, but it is needed only when some row accepts such a node, so it runs
+        under `lax.cond`: most steps skip it.
+
+        Args:
+          draft_params: the drafts' nnx states.
+          caches: the drafts' caches after `draft`.
+          tree: this step's tree.
+          accepted_depth: depth of the deepest node each row commits, -1 for none.  # [B] int32
+
+        Returns:
+          the drafts' caches, exact wherever `accept` will read.
+        """
+        mask = self._topology.ancestor_mask if self._static else tree.mask
+        deepest = jnp.max(accepted_depth)
+        completed = []
+        for g, p, c, exact in zip(self._draft_defs, draft_params, caches, self._exact_kv_depths):
+            completed.append(jax.lax.cond(
+                deepest > exact, lambda c, g=g, p=p: complete_tree_kv(g, p, c, tree.tokens, mask), lambda c: c, c))
+        return tuple(completed)
 
     def score(self, target_params, cache, tree: TokenTree) -> tuple[jax.Array, KVCache]:
         """The target's logits at every node.  Returns (logits # [B, N, V], cache with the nodes' K/V)."""
@@ -202,6 +229,8 @@ class SpeculativeDecoder:
         tree, draft_caches = self.draft(draft_params, state.draft_caches, state.root, k_draft, temperature, top_p)
         logits, target_cache = self.score(target_params, state.target_cache, tree)
         result = self.verify_tree(logits, tree, k_verify, temperature, top_p)
+        accepted_depth = jnp.where(state.done, -1, result.num_accepted - 1)
+        draft_caches = self.complete_draft_kv(draft_params, draft_caches, tree, accepted_depth)
         return self.accept(state.replace(rng=rng), tree, result, target_cache, draft_caches, eos_id)
 
     # -- the loop -------------------------------------------------------------------------------

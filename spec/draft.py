@@ -3,9 +3,11 @@
 Every level is one `verify_tree` call of a draft over all N node slots: nodes not chosen yet hold
 placeholder tokens, and since a node's mask row covers only itself and its ancestors, placeholders
 never change the logits of chosen nodes. The logits at the depth-d nodes give the depth-(d+1)
-tokens. After the last level, one more pass over the finished tree writes correct K/V for every
-node (the deepest level's K/V were computed from placeholders), so `accept` can move any accepted
-path into place. A draft therefore runs depth + 1 tree passes per step.
+tokens. A pass computes exact K/V for every node whose ancestors and own token were chosen when it
+ran, so after the last level every node but the deepest level's holds exact K/V in the draft's
+cache. `complete_tree_kv` runs the one more pass that fixes the deepest level; the decoder runs it
+only in steps whose accepted path reaches a node deeper than `exact_kv_depth`, so a draft runs
+`depth` tree passes in most steps and `depth + 1` when it guessed the whole way.
 
 How children are chosen:
   * greedy (temperature 0) and point-mass nodes: the draft's top-k tokens, node `rank` taking the
@@ -53,7 +55,8 @@ def draft_static_tree(
       temperature, top_p: warp applied to the drafts' distributions.
 
     Returns:
-      (tree, caches with the finished tree's K/V written at lengths + slot, lengths unchanged).
+      (tree, caches with the tree's K/V written at lengths + slot, exact up to the depth
+      `static_exact_kv_depths` gives; lengths unchanged).
     """
     batch = root.shape[0]
     n = topology.num_nodes
@@ -70,7 +73,8 @@ def draft_static_tree(
             nodes = np.nonzero((depth == d + 1) & (source == s) & valid)[0]
             if nodes.size == 0:
                 continue
-            logits, _ = call_model(graphdefs[s], params[s], "verify_tree", tokens, mask, caches[s])
+            logits, written = call_model(graphdefs[s], params[s], "verify_tree", tokens, mask, caches[s])
+            caches = caches[:s] + (written,) + caches[s + 1:]
             at_parent = logits[:, parents[nodes]]  # [B, n_level, V]
             level_sampled = sampled[nodes]
             chosen = jnp.zeros((batch, nodes.size), jnp.int32)  # [B, n_level]
@@ -84,8 +88,6 @@ def draft_static_tree(
                 chosen = jnp.where(jnp.asarray(level_sampled)[None, :], drawn, chosen)
                 proposal = proposal.at[:, nodes].set(q)
             tokens = tokens.at[:, nodes].set(chosen.astype(jnp.int32))
-    caches = tuple(
-        call_model(g, p, "verify_tree", tokens, mask, c)[1] for g, p, c in zip(graphdefs, params, caches))
     tree = TokenTree(
         tokens=tokens,
         parents=jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (batch, n)),
@@ -122,7 +124,8 @@ def draft_dynamic_tree(
       temperature, top_p: warp applied to the draft's distribution.
 
     Returns:
-      (tree, cache with the finished tree's K/V written, lengths unchanged).
+      (tree, cache with the tree's K/V written, exact up to depth `tree.depth - 1`; lengths
+      unchanged).
     """
     batch = root.shape[0]
     n, sizes = tree.num_nodes, tree.level_sizes
@@ -133,7 +136,7 @@ def draft_dynamic_tree(
     temperature = jnp.asarray(temperature, jnp.float32)
     for d in range(tree.depth):
         mask = ancestor_mask_from_parents(parents, d)
-        logits, _ = call_model(graphdef, params, "verify_tree", tokens, mask, cache)
+        logits, cache = call_model(graphdef, params, "verify_tree", tokens, mask, cache)
         lo, size, size_next = tree.level_start(d), sizes[d], sizes[d + 1]
         frontier = logits[:, lo: lo + size]  # [B, size, V]
         probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p), jax.nn.softmax(frontier, -1))
@@ -149,9 +152,34 @@ def draft_dynamic_tree(
         parents = parents.at[:, slots].set(lo + pick // tree.top_k)
         score = score.at[:, slots].set(jnp.take_along_axis(cand, pick, axis=1))
     mask = ancestor_mask_from_parents(parents, tree.depth)
-    _, cache = call_model(graphdef, params, "verify_tree", tokens, mask, cache)
     out = TokenTree(
         tokens=tokens, parents=parents, mask=mask,
         depth=jnp.broadcast_to(jnp.asarray(tree.slot_depth), (batch, n)),
         valid=jnp.ones((batch, n), bool))
     return out, cache
+
+
+def static_exact_kv_depths(topology: TreeTopology, num_drafts: int) -> tuple[int, ...]:
+    """Per draft, the deepest node depth whose K/V `draft_static_tree` leaves exact in its cache.
+
+    A draft's last pass runs at the last level d where it proposes nodes (filling depth d + 1);
+    every node of depth <= d had its token then, whichever draft proposed it.
+    """
+    depth, source, valid = (np.asarray(a) for a in (topology.depth, topology.source, topology.valid))
+    return tuple(int(depth[(source == s) & valid].max()) - 1 for s in range(num_drafts))
+
+
+def complete_tree_kv(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens: jax.Array,
+                     mask) -> KVCache:
+    """One pass of a draft over the finished tree: exact K/V for every node, the deepest too.
+
+    Args:
+      graphdef, params: the split draft model.
+      cache: its cache with the tree written past the committed context.
+      tokens: the finished tree's tokens.  # [B, N] int32
+      mask: its ancestor mask.  # [N, N] or [B, N, N] bool
+
+    Returns:
+      the cache with every node's K/V exact, lengths unchanged.
+    """
+    return call_model(graphdef, params, "verify_tree", tokens, mask, cache)[1]

@@ -147,29 +147,77 @@ def test_draft_equal_to_target_accepts_everything(models, tree):
     _assert_same(result, generate_incremental(target, prompt, lengths, max_new_tokens=17))
 
 
-def test_one_step_commits_the_emitted_tokens(models):
-    """After a step, each cache equals a fresh prefill of prompt + emitted tokens (minus the root)."""
+COMMIT_CASES = {
+    # Drafting leaves the deepest nodes' K/V inexact and the fix-up pass runs only when one is
+    # accepted: a perturbed draft takes both branches, the target as its own draft always fixes.
+    "expansion": (ExpansionTree((2, 2, 1)), ("close",)),
+    "expansion-exact-draft": (ExpansionTree((2, 2, 1)), ("target",)),
+    "merged": (MergedTree((ExpansionTree((2, 1, 1)), ExpansionTree((1, 2))), num_nodes=12), ("close", "closer")),
+    "dynamic": (DynamicTree(num_nodes=10, depth=4, top_k=3), ("close",)),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMIT_CASES))
+def test_steps_commit_the_emitted_tokens(models, case):
+    """After steps, each cache equals a fresh prefill of prompt + emitted tokens (minus the root)."""
     rng = np.random.default_rng(TEST_SEED)
-    target, draft = models["target"], models["close"]
-    decoder = SpeculativeDecoder(target, draft, tree=ExpansionTree((2, 2, 1)))
+    tree, draft_names = COMMIT_CASES[case]
+    target, drafts = models["target"], [models[n] for n in draft_names]
+    decoder = SpeculativeDecoder(target, drafts, tree=tree)
     prompt, lengths = _prompts(rng, [4, 2, 5], 5)
     params = (decoder._target_params, decoder._draft_params)
     # Long enough that no row stops within two steps (a stopped row's emission is cut short).
     state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
         *params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1, max_new_tokens=16)
     step = jax.jit(decoder.step)
-    for _ in range(2):
+    for _ in range(3):
         state = step(*params, state, 0.0, 1.0, -1)
     assert not state.done.any()
     committed = np.asarray(state.lengths) - 1
     np.testing.assert_array_equal(np.asarray(state.target_cache.lengths), committed)
     np.testing.assert_array_equal(np.asarray(state.root), np.asarray(state.tokens)[np.arange(3), committed])
-    for model, cache in ((target, state.target_cache), (draft, state.draft_caches[0])):
+    for model, cache in ((target, state.target_cache), *zip(drafts, state.draft_caches)):
         fresh = model.prefill(state.tokens, jnp.asarray(committed), model.init_cache(3, cache.max_len))[1]
         for b in range(3):
             np.testing.assert_allclose(cache.keys[:, b, : committed[b]], fresh.keys[:, b, : committed[b]], atol=1e-5)
             np.testing.assert_allclose(cache.values[:, b, : committed[b]], fresh.values[:, b, : committed[b]],
                                        atol=1e-5)
+
+
+def test_exact_kv_depths_after_drafting():
+    """The deepest depth whose K/V a draft's last level pass computed from chosen tokens."""
+    from spec.draft import static_exact_kv_depths
+    assert static_exact_kv_depths(ExpansionTree.chain(4).topology(), 1) == (3,)
+    merged = MergedTree((ExpansionTree((2, 1, 1)), ExpansionTree((1, 2))), num_nodes=12)
+    assert static_exact_kv_depths(merged.topology(), 2) == (2, 1)
+    assert static_exact_kv_depths(MergedTree((ExpansionTree.chain(2), ExpansionTree.chain(3))).topology(), 2) == (1, 2)
+
+
+@pytest.mark.parametrize("case", ["merged", "dynamic"])
+def test_drafting_leaves_exact_kv_above_the_deepest_level(models, case):
+    """Drafting writes each draft's K/V for every node; those of nodes down to `_exact_kv_depths`
+    equal what the completing pass over the finished tree writes (deeper ones may not)."""
+    from spec.draft import complete_tree_kv
+    rng = np.random.default_rng(TEST_SEED)
+    tree, draft_names = COMMIT_CASES[case]
+    decoder = SpeculativeDecoder(models["target"], [models[n] for n in draft_names], tree=tree)
+    prompt, lengths = _prompts(rng, [4, 2, 5], 5)
+    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
+        decoder._target_params, decoder._draft_params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1,
+        max_new_tokens=8)
+    drafted, caches = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root,
+                                             jax.random.key(1), 0.0, 1.0)
+    n, start = decoder.num_nodes, np.asarray(state.draft_caches[0].lengths)
+    depth = np.asarray(drafted.depth)
+    stale = False
+    for g, p, cache, exact in zip(decoder._draft_defs, decoder._draft_params, caches, decoder._exact_kv_depths):
+        completed = complete_tree_kv(g, p, cache, drafted.tokens, drafted.mask)
+        for b in range(3):
+            slots = slice(int(start[b]), int(start[b]) + n)
+            differs = np.abs(np.asarray(completed.keys[:, b, slots] - cache.keys[:, b, slots])).max(axis=(0, 2, 3))
+            assert not (differs[depth[b] <= exact] > 1e-5).any()
+            stale |= bool((differs[depth[b] > exact] > 1e-5).any())
+    assert stale  # the completing pass has work to do: the comparison can tell
 
 
 def test_drafting_a_chain_follows_the_draft_greedily(models):
