@@ -135,9 +135,15 @@ class TransformerConfig:
 
     @classmethod
     def draft_20m(cls, **overrides) -> TransformerConfig:
-        """~21M parameters with a 32k vocabulary (12M of them the tied embedding): a speculative draft."""
-        base = cls(vocab_size=32000, d_model=384, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=64,
-                   d_ff=1024, max_len=2048, dtype=jnp.bfloat16)
+        """~21M parameters with a 32k vocabulary (12M of them the tied embedding): a speculative draft.
+
+        Four layers, not more: at batch 1 each layer's kernels take a few microseconds however
+        small the matrices, so a draft pass costs about its layer count, and the draft runs once
+        per tree level. The width goes into the MLP instead (on an H100 a 6-layer, d_ff=1024
+        draft pass took 0.20 ms in the loop, against 1.5 ms for the 1.1B target's verify pass).
+        """
+        base = cls(vocab_size=32000, d_model=384, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=64,
+                   d_ff=1536, max_len=2048, dtype=jnp.bfloat16)
         return dataclasses.replace(base, **overrides)
 
     @classmethod

@@ -194,3 +194,37 @@ def test_demo_on_committed_checkpoints(capsys):
     # The committed draft was distilled from the target: it agrees with it most of the time.
     assert greedy.mean_accepted_length > 2
     assert stochastic.verify == "stochastic" and stochastic.new_tokens[1] > 0
+
+
+def test_train_script_extra_data_goes_to_training_only(tmp_path, monkeypatch, capsys):
+    """--extra-train-data adds training files and leaves the validation split as it was."""
+    train_script = _import("train")
+    corpus, extra = tmp_path / "corpus", tmp_path / "extra"
+    for folder, count in ((corpus, 40), (extra, 3)):
+        folder.mkdir()
+        for i in range(count):
+            (folder / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 4)
+    base = ["train.py", "--preset", "tiny", "--tokenizer", "bytes", "--data", str(corpus), "--steps", "2",
+            "--warmup-steps", "1", "--eval-every", "2", "--checkpoint-every", "2", "--batch-size", "2",
+            "--seq-len", "32", "--no-progress"]
+    outputs = []
+    for name, flags in (("plain", []), ("extra", ["--extra-train-data", str(extra)])):
+        monkeypatch.setattr(sys, "argv", base + ["--out", str(tmp_path / name)] + flags)
+        train_script.main()
+        outputs.append(capsys.readouterr().out)
+    split_line = [next(line for line in out.splitlines() if " files: " in line) for out in outputs]
+    n_val = int(split_line[0].split(", ")[-1].split()[0])
+    assert 0 < n_val < 40 and split_line[0].startswith("40 files")
+    assert split_line[1] == f"43 files: {43 - n_val} train (3 training-only), {n_val} validation"
+    assert (tmp_path / "extra" / "metrics.jsonl").exists()
+
+    # A draft of the run above as its teacher, with the teacher's continuations added to training.
+    monkeypatch.setattr(sys, "argv", base + [
+        "--out", str(tmp_path / "draft"), "--teacher", str(tmp_path / "plain"), "--distill-weight", "0.5",
+        "--teacher-continuations", "5", "--continuation-prompt-len", "8", "--continuation-len", "6",
+        "--continuation-batch", "4"])
+    train_script.main()
+    out = capsys.readouterr().out
+    assert "5 teacher continuations" in out
+    rows = [int(line.split(" x ")[0]) for o in (outputs[0], out) for line in o.splitlines() if " training rows" in line]
+    assert rows[1] > rows[0]  # 5 documents of 8 + up to 6 tokens each were added
