@@ -12,8 +12,9 @@ writes JSON to --out.
 Cost model (SpecInfer section 6; all times measured in the same run):
     speedup ~= tokens per step * t_decode(target) / (draft passes * t_draft + t_verify(target))
 where t_decode is one target decode step, t_verify one target `verify_tree` over the N nodes,
-t_draft one draft `verify_tree` over the N nodes, and draft passes = depth + 1 per draft (one
-per level plus the pass that writes the finished tree's K/V). Until trained models exist the
+t_draft one draft `verify_tree` over the N nodes, and draft passes the measured mean per step
+(one per level, plus the K/V fix-up pass in steps that accept a deepest-level node:
+`spec.comparison.mean_draft_passes`). Until trained models exist the
 models are random (presets), so acceptance is near its floor of 1 token per step; --draft-preset
 same drafts with the target itself, the ceiling (depth + 1 tokens per step).
 """
@@ -34,7 +35,7 @@ from flax import nnx
 from fa2jax import Transformer, TransformerConfig
 from fa2jax.model import with_invariant_rows
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, TreeTopology, generate_incremental
-from spec.comparison import draft_passes
+from spec.comparison import mean_draft_passes
 
 
 def tree_configs(quick: bool) -> dict:
@@ -274,15 +275,17 @@ def main():
             context = args.prompt_len + args.max_new_tokens // 2
             t_target = component_times(target, args.batch, context, tree.num_nodes, mask, args.repeats)
             t_draft = component_times(drafts[0], args.batch, context, tree.num_nodes, mask, args.repeats)
-            predicted = accepted * t_target["decode"] / (sum(draft_passes(tree)) * t_draft["tree"] + t_target["tree"])
+            histogram = np.sum([np.asarray(r.stats.accepted_histogram) for r in results], axis=0)
+            passes = sum(mean_draft_passes(decoder, histogram))
+            predicted = accepted * t_target["decode"] / (passes * t_draft["tree"] + t_target["tree"])
             rows.append(dict(
                 mode=mode, tree=name, nodes=tree.num_nodes, tokens_per_s=generated / seconds,
                 speedup=baselines[mode] / seconds, mean_accepted=accepted,
                 speedup_vs_plain_incremental=plain_seconds / seconds if plain_seconds else None,
                 target_calls=sum(calls),
-                histogram=np.sum([np.asarray(r.stats.accepted_histogram) for r in results], axis=0).tolist(),
+                histogram=histogram.tolist(),
                 t_decode_target_ms=1e3 * t_target["decode"], t_verify_target_ms=1e3 * t_target["tree"],
-                t_draft_ms=1e3 * t_draft["tree"], draft_passes=sum(draft_passes(tree)), predicted_speedup=predicted,
+                t_draft_ms=1e3 * t_draft["tree"], draft_passes=passes, predicted_speedup=predicted,
                 identical_to_incremental=all(np.array_equal(np.asarray(r.tokens), base)
                                              for r, base in zip(results, baseline_tokens))
                 if mode == "greedy" else None,
@@ -307,7 +310,7 @@ def main():
     print("-" * len(header))
     for r in rows:
         extra = (f" {r['t_decode_target_ms']:7.2f} {r['t_verify_target_ms']:7.2f} {r['t_draft_ms']:7.2f} "
-                 f"{r['draft_passes']:6d} {r['predicted_speedup']:6.2f}") if "t_draft_ms" in r else ""
+                 f"{r['draft_passes']:6.2f} {r['predicted_speedup']:6.2f}") if "t_draft_ms" in r else ""
         same = {True: " same", False: " DIFFERENT"}.get(r.get("identical_to_incremental"), "")
         if r.get("speedup_vs_plain_incremental"):
             same += f" ({r['speedup_vs_plain_incremental']:.2f}x the plain incremental)"

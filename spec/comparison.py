@@ -31,6 +31,25 @@ def draft_passes(tree) -> list[int]:
     return [tree.depth + 1]
 
 
+def mean_draft_passes(decoder: SpeculativeDecoder, histogram) -> tuple[float, ...]:
+    """Per draft, tree passes per step over the steps counted in `histogram`: one per level it
+    fills, plus the K/V fix-up pass in the steps whose accepted path went deeper than the draft's
+    K/V were exact (`SpeculativeDecoder.complete_draft_kv`).
+
+    Args:
+      decoder: the decoder that ran.
+      histogram: its `accepted_histogram` (summed over runs); entry k counts steps that emitted k
+        tokens, i.e. accepted a path down to depth k - 1.
+
+    Exact for batch 1; with more rows a step fixes up when any row needs it, so this is a lower bound.
+    """
+    hist = np.asarray(histogram, np.float64)
+    deepest = np.arange(hist.size) - 1
+    steps = max(hist.sum(), 1.0)
+    return tuple(most - 1 + hist[deepest > exact].sum() / steps
+                 for most, exact in zip(draft_passes(decoder.tree), decoder.exact_kv_depths))
+
+
 def timed(fn) -> tuple[object, float]:
     """(host result, seconds) of fn()'s second run: the first one compiles."""
     jax.block_until_ready(fn())

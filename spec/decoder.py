@@ -130,6 +130,12 @@ class SpeculativeDecoder:
         self._sampled = tree.sampled_nodes() if verify == "stochastic" else np.zeros(self.num_nodes, bool)
         self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",))
 
+    @property
+    def exact_kv_depths(self) -> tuple[int, ...]:
+        """Per draft, the deepest tree depth whose K/V drafting leaves exact (deeper ones need
+        the fix-up pass when accepted)."""
+        return self._exact_kv_depths
+
     # -- the three pure pieces of a step -------------------------------------------------------
 
     def draft(self, draft_params, caches, root, key, temperature, top_p) -> tuple[TokenTree, tuple[KVCache, ...]]:

@@ -220,6 +220,17 @@ def test_drafting_leaves_exact_kv_above_the_deepest_level(models, case):
     assert stale  # the completing pass has work to do: the comparison can tell
 
 
+def test_mean_draft_passes_counts_the_fix_up_only_when_needed(models):
+    from spec.comparison import mean_draft_passes
+    chain = SpeculativeDecoder(models["target"], models["close"], tree=ExpansionTree.chain(4))
+    # 10 steps: 6 accepted 1-3 nodes (no fix-up), 4 the whole chain of 4 (fix-up): 4 + 0.4 passes.
+    assert mean_draft_passes(chain, [0, 2, 2, 1, 1, 4]) == pytest.approx((4.4,))
+    merged, names = COMMIT_CASES["merged"]
+    decoder = SpeculativeDecoder(models["target"], [models[n] for n in names], tree=merged)
+    # exact depths (2, 1); levels (3, 2): a step that reached depth 2 fixes up the second draft only.
+    assert mean_draft_passes(decoder, [0, 1, 0, 1, 0]) == pytest.approx((3.0, 2.5))
+
+
 def test_drafting_a_chain_follows_the_draft_greedily(models):
     """A chain tree drafted greedily is the draft's own greedy continuation."""
     rng = np.random.default_rng(TEST_SEED)
