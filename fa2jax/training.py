@@ -622,16 +622,18 @@ def train(
             last.update(record)
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "tokens_per_s", "mfu") if k in record})
             t0, interval = time.perf_counter(), []
-        if done % cfg.eval_every == 0 or done == end:
+        # A run stopped for time reports the model it leaves: evaluated (and its acceptance
+        # measured) at the stopping step, not at the last scheduled evaluation.
+        out_of_time = (stop_after_seconds is not None and done % cfg.log_every == 0
+                       and time.perf_counter() - wall_start > stop_after_seconds)
+        if done % cfg.eval_every == 0 or done == end or out_of_time:
             ev = evaluate(parts, state.params, val_rows, cfg.batch_size, cfg.eval_batches, eval_step)
             append_metrics(metrics_path, {"step": done, **ev})
             last.update(ev)
             bar.write(f"step {done}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
             t0 = time.perf_counter()  # eval time is not training throughput
-        out_of_time = (stop_after_seconds is not None and done % cfg.log_every == 0
-                       and time.perf_counter() - wall_start > stop_after_seconds)
         if done % cfg.checkpoint_every == 0 or done == end or out_of_time:
-            if done == cfg.steps and teacher_parts is not None:
+            if (done == cfg.steps or out_of_time) and teacher_parts is not None:
                 summary["acceptance_after"] = acceptance(state.params)
                 append_metrics(metrics_path, {"step": done, **{f"{k}_after": v
                                                               for k, v in summary["acceptance_after"].items()}})

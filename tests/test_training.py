@@ -272,6 +272,13 @@ def test_distillation_raises_acceptance(rows, tmp_path):
     assert 1 - after["acceptance_sampled"] < 0.7 * (1 - before["acceptance_sampled"])
     kl = [r["distill_kl"] for r in read_metrics(tmp_path / "draft" / "metrics.jsonl") if "loss" in r]
     assert len(kl) == 8 and kl[-1] < kl[0]
+    # Stopped for time: the summary describes the model at the stopping step.
+    stopped = train(draft_cfg, _cfg(steps=8, distill_weight=1.0, checkpoint_every=8, seed=1), train_rows, val_rows,
+                    tmp_path / "stopped", ByteTokenizer(), teacher=tmp_path / "teacher", progress=False,
+                    stop_after_seconds=0.0)
+    assert stopped["step"] < 8 and "acceptance_after" in stopped
+    evals = [r for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl") if "val_loss" in r]
+    assert evals[-1]["step"] == stopped["step"] and evals[-1]["val_loss"] == stopped["val_loss"]
     with pytest.raises(ValueError, match="one vocabulary"):
         train(MODEL.replace(vocab_size=300), _cfg(), train_rows, val_rows, tmp_path / "bad",
               teacher=tmp_path / "teacher", progress=False)
