@@ -150,7 +150,7 @@ class SpeculativeDecoder:
 
         Returns:
           (tree, draft caches with the tree's K/V written, exact except at depths past
-          `_exact_kv_depths`: see `complete_draft_kv`).
+          `exact_kv_depths`: see `complete_draft_kv`).
         """
         if self._static:
             return draft_static_tree(
