@@ -17,15 +17,14 @@ import collections
 import gzip
 import json
 import pathlib
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.speculative import median_time
 from fa2jax import Transformer, TransformerConfig
 from spec import ExpansionTree, SpeculativeDecoder, generate_incremental
 
@@ -34,16 +33,6 @@ def bf16_model(config: TransformerConfig, seed: int) -> Transformer:
     """A random model whose parameters are stored in bf16, as the benchmarks load checkpoints."""
     graphdef, params, rest = nnx.split(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), rest)
-
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def pass_in_loop_seconds(model: Transformer, num_nodes: int, context: int, passes: int) -> float:
@@ -61,7 +50,7 @@ def pass_in_loop_seconds(model: Transformer, num_nodes: int, context: int, passe
             return written.replace(lengths=c.lengths + (logits[0, 0, 0] > 1e30).astype(jnp.int32))
         return jax.lax.fori_loop(0, passes, body, cache).lengths
 
-    return median_seconds(lambda: run(params, cache)) / passes
+    return median_time(lambda: run(params, cache), 5) / passes
 
 
 def kernel_census(decoder: SpeculativeDecoder, prompt, lengths, new_tokens: int) -> tuple[str, int]:
@@ -108,10 +97,10 @@ def main() -> None:
     nodes = args.depth + 1
     record = dict(
         device=jax.devices()[0].device_kind, jax=jax.__version__, args=vars(args),
-        incremental_ms_per_token=1e3 * median_seconds(
+        incremental_ms_per_token=1e3 * median_time(
             lambda: generate_incremental(target, prompt, lengths, max_new_tokens=args.new_tokens).tokens, 3)
         / args.new_tokens,
-        speculative_ms_per_call=1e3 * median_seconds(
+        speculative_ms_per_call=1e3 * median_time(
             lambda: decoder.generate(prompt, lengths, max_new_tokens=args.new_tokens).tokens, 3) / calls,
         draft_pass_in_loop_ms=1e3 * pass_in_loop_seconds(draft, nodes, 200, 100),
         target_pass_in_loop_ms=1e3 * pass_in_loop_seconds(target, nodes, 200, 20),

@@ -7,8 +7,8 @@ tokens. A pass computes exact K/V for every node whose ancestors and own token w
 ran, so after the last level every node but the deepest level's holds exact K/V in the draft's
 cache. `complete_tree_kv` runs the one more pass that fixes the deepest level; the decoder runs it
 only in steps whose accepted path reaches a node deeper than the draft's exact depth
-(`SpeculativeDecoder.exact_kv_depths`), so a draft runs
-`depth` tree passes in most steps and `depth + 1` when it guessed the whole way.
+(`SpeculativeDecoder.exact_kv_depths`), so a draft runs `depth` tree passes in most steps and
+`depth + 1` when it guessed the whole way.
 
 How children are chosen:
   * greedy (temperature 0) and point-mass nodes: the draft's top-k tokens, node `rank` taking the
