@@ -78,10 +78,7 @@ def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=No
         config = stored.replace(invariant_rows=invariant_rows, **({"dtype": dtype} if dtype else {}))
         if config.max_len < min_len:
             raise ValueError(f"checkpoint model too short for this run: {config.max_len=} {min_len=}")
-        parts = load_model(ckpt, config)
-        params = jax.tree.map(lambda x: x.astype(config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                              parts.params)
-        return nnx.merge(parts.graphdef, params, parts.rest)
+        return load_model(ckpt, config).inference_module()
     config = getattr(TransformerConfig, preset)()
     config = config.replace(max_len=max(config.max_len, min_len), invariant_rows=invariant_rows,
                             **({"dtype": dtype} if dtype else {}))

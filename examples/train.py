@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fa2jax import checkpoint as ckpt
 from fa2jax.data import Corpus, Document, find_documents, pack_corpus, split_documents
@@ -74,10 +73,7 @@ def teacher_continuations(teacher: str, tokenizer, docs, *, count: int, prompt_l
     """
     from spec import generate_incremental
 
-    parts = load_model(teacher)
-    params = jax.tree.map(lambda x: x.astype(parts.config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                          parts.params)
-    model = nnx.merge(parts.graphdef, params, parts.rest)
+    model = load_model(teacher).inference_module()
     rng = np.random.default_rng(seed)
     picked = rng.permutation(len(docs))[:count]
     sources = [ids for ids in tokenizer.encode_batch([docs[i].text for i in picked]) if len(ids) >= prompt_len]

@@ -274,6 +274,12 @@ class ModelParts:
         """The nnx Transformer with these parameters (e.g. for decoding after `load_model`)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
+    def inference_module(self) -> Transformer:
+        """The Transformer with its floating parameters cast once to the compute dtype: a bf16
+        model then reads bf16 weights rather than casting its float32 masters on every step."""
+        cast = lambda x: x.astype(self.config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        return nnx.merge(self.graphdef, jax.tree.map(cast, self.params), self.rest)
+
     def logits(self, params: Any, rest: Any, batch: dict) -> jax.Array:
         """[B, T, V] float32 logits of a packed batch (tokens / segment_ids / positions [B, T])."""
         model = nnx.merge(self.graphdef, params, rest)
