@@ -53,6 +53,10 @@ class Pipeline:
     scale: float  # softmax scale times log2(e): scores enter exp2 directly
     ping_pong: bool
     interpret: bool
+    # Shared memory Mosaic GPU sets aside for reductions across warps (2 KB, its default). The row
+    # reductions of the softmax stay inside a warp in the wgmma layout and use none of it; a kernel
+    # that needs those bytes for K/V stages can give them back (0).
+    reduction_scratch_bytes: int = 2048
 
     # -- the launch --------------------------------------------------------------------------
 
@@ -79,7 +83,8 @@ class Pipeline:
     def kernel_options(self) -> dict:
         plgpu = _plgpu()
         options = dict(num_threads=CONSUMERS + 1, thread_name="wg",
-                       compiler_params=plgpu.CompilerParams(approx_math=True))
+                       compiler_params=plgpu.CompilerParams(
+                           approx_math=True, reduction_scratch_bytes=self.reduction_scratch_bytes))
         if self.interpret:
             from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 

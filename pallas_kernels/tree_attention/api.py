@@ -99,6 +99,7 @@ def tree_attention(
         words = mosaic_kernel.node_words(tree_mask)
         out, lse = _tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words,
                                           sm_scale=problem.sm_scale, num_splits=num_splits,
+                                          config=mosaic_kernel.MosaicTreeConfig.for_splits(num_splits),
                                           interpret=bool(interpret))
         return (out, lse) if return_lse else out
     if config is None:
