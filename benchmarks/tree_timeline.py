@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.tree_attention import random_tree
+from benchmarks.tree_attention import Case, make_inputs, random_tree
 from pallas_kernels.flash_attention import mosaic_pipeline
 from pallas_kernels.tree_attention import mosaic_kernel
 
@@ -93,7 +93,6 @@ def main() -> None:
     parser.add_argument("--clock-ghz", type=float, default=1.755)
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
-    rng = np.random.default_rng(0)
     words = mosaic_kernel.node_words(random_tree(64, 0))
     current = {}
     instrument(current)
@@ -101,10 +100,7 @@ def main() -> None:
         profile_dir = current["path"] = args.out / f"B{batch}"
         shutil.rmtree(profile_dir, ignore_errors=True)
         profile_dir.mkdir(parents=True)
-        q = jnp.asarray(rng.standard_normal((batch, 64, 32, 128), np.float32), jnp.bfloat16)
-        k, v = (jnp.asarray(rng.standard_normal((batch, 8192 + 64, 8, 128), np.float32), jnp.bfloat16)
-                for _ in range(2))
-        lengths = jnp.full((batch,), 8192, jnp.int32)
+        q, ((k, v),), lengths, _ = make_inputs(Case(batch, 8192, 64), jnp.bfloat16)
         splits = mosaic_kernel.num_splits_for(batch=batch, num_kv_heads=8, group_size=4, num_nodes=64,
                                               cache_size=8192 + 64, block_kv=128)
         call = jax.jit(lambda q, k, v, lengths: mosaic_kernel.tree_attention_mosaic(
