@@ -1,7 +1,7 @@
 """Where the time goes inside the Hopper tree kernel: Mosaic GPU's in-kernel profiler, per warpgroup.
 
 `tree_profile.py` times whole kernels; this script times the phases inside one. It wraps the
-phases of the shared K/V pipeline (`Pipeline.produce`, `load_queries`, `consume`, each `_step` and
+phases of the shared K/V pipeline (`Pipeline.produce`, `wait_queries`, `consume`, each `_step` and
 `store`) in named scopes for the length of this process, and compiles the kernel with Mosaic GPU's
 profiler on (`CompilerParams.profile_space`/`profile_dir`), which records a timestamp per scope
 entry and exit in every warpgroup. It then prints, per case, the spread of the CTAs' start times,
@@ -33,7 +33,7 @@ from benchmarks.tree_attention import Case, make_inputs, random_tree
 from pallas_kernels.flash_attention import mosaic_pipeline
 from pallas_kernels.tree_attention import mosaic_kernel
 
-PHASES = {"produce": "produce", "load_queries": "q_load", "consume": "consume", "_step": "step", "store": "store"}
+PHASES = {"produce": "produce", "wait_queries": "q_wait", "consume": "consume", "_step": "step", "store": "store"}
 
 
 def instrument(profile_dir: dict) -> None:
@@ -53,7 +53,11 @@ def instrument(profile_dir: dict) -> None:
 
     def profiled_options(self):
         options = kernel_options(self)
-        options["compiler_params"] = options["compiler_params"].replace(profile_space=400,
+        # The event buffer lives in shared memory beside the K/V stages: 16 bytes per scope and
+        # warpgroup. A split kernel has three 128-key stages and room for about 40 scopes (it runs
+        # about 12 in each warpgroup); an unsplit one has two stages and room for its ~70.
+        space = 36 if self.stages > 2 else 400
+        options["compiler_params"] = options["compiler_params"].replace(profile_space=space,
                                                                         profile_dir=str(profile_dir["path"]))
         return options
 

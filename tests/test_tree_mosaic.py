@@ -74,42 +74,45 @@ def test_tree_mosaic_single_token_decode_in_simulator():
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 5, 8, 13, 132])
 def test_split_steps_are_balanced(splits):
-    num_steps = jnp.arange(1, 400, dtype=jnp.int32)
+    num_steps = jnp.arange(0, 400, dtype=jnp.int32)
     per_split = jax.vmap(lambda n: mosaic_kernel.split_steps(n, jnp.arange(splits, dtype=jnp.int32), splits))
     first, count = map(np.asarray, per_split(num_steps))  # [T, splits]
     n = np.asarray(num_steps)
-    # Contiguous shares of [0, n) in split order, so the last split holds step n - 1 (the final tile).
+    # Contiguous shares of [0, n) in split order.
     np.testing.assert_array_equal(first[:, 0], 0)
     np.testing.assert_array_equal(first[:, 1:], first[:, :-1] + count[:, :-1])
     np.testing.assert_array_equal(first[:, -1] + count[:, -1], n)
-    assert (count[:, -1] >= 1).all()
     np.testing.assert_array_equal(count.max(axis=1), -(-n // splits))  # the fewest possible
     assert (count.max(axis=1) - count.min(axis=1) <= 1).all()
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 8, 16, 64])
 @pytest.mark.parametrize("num_nodes", [1, 8, 64, 100])
 def test_tile_plan_visits_every_key_once(splits, num_nodes, block_kv=128):
-    # Every key of [0, L + N) is visited by exactly one step of one split (the final tile's keys below
-    # aligned * block_kv are masked there, as in the kernel), and no tile reaches past
-    # max(L + N + 7, block_kv): with prefix lengths around tile and 8-row boundaries.
+    # Every key of [0, L + N) is owned by exactly one step of one split (an aligned tile, or the part
+    # of a split's chunk of the final tile from chunk_owned_from on, as the kernel masks it), and no
+    # tile reaches past max(L + N + 7, block_kv): with prefix lengths around tile and 8-row boundaries.
     prefixes = np.unique(np.concatenate([np.arange(0, 3 * block_kv + 9), [8191, 8192, 8193, 8192 + 57]]))
     ends = jnp.asarray(prefixes + num_nodes, jnp.int32)
     plan = jax.vmap(lambda end: mosaic_kernel.tile_plan(end, jnp.arange(splits, dtype=jnp.int32), splits,
                                                         block_kv))(ends)
     plan = mosaic_kernel.TilePlan(*map(np.asarray, plan))  # fields [ends, splits] or [ends]
-    np.testing.assert_array_equal(plan.steps, plan.num_aligned + (np.arange(splits) == splits - 1))
+    chunk = mosaic_kernel.final_chunk(splits, block_kv)
+    assert chunk % 64 == 0 and splits * chunk >= block_kv
     for row, end in enumerate(np.asarray(ends)):
         visits = np.zeros(end + block_kv + 8, np.int32)
         for split in range(splits):
             first, num_aligned = plan.first[row, split], plan.num_aligned[row, split]
             visits[first * block_kv:(first + num_aligned) * block_kv] += 1
-        start = 8 * plan.final_start_8[row]
-        assert start % 8 == 0 and start <= plan.aligned[row] * block_kv
-        assert start + block_kv <= max(end + 7, block_kv)
-        visits[max(start, plan.aligned[row] * block_kv):start + block_kv] += 1
+            has_chunk = plan.steps[row, split] - num_aligned
+            assert has_chunk == (split * chunk < block_kv)
+            if has_chunk:
+                start = 8 * plan.chunk_start_8[row, split]
+                assert start + chunk <= max(end + 7, block_kv)
+                visits[max(start, plan.chunk_owned_from[row, split]):start + chunk] += 1
         np.testing.assert_array_equal(visits[:end], 1, err_msg=f"{end=}")
         assert plan.aligned[row] * block_kv < end  # aligned tiles stay below the final tile's end
+        assert plan.num_aligned[row].max() - plan.num_aligned[row].min() <= 1
 
 
 @pytest.mark.parametrize("P", [2, 3, 8])

@@ -95,28 +95,38 @@ class Pipeline:
 
     def produce(self, smem, barriers, k_ref, v_ref, steps, kv_index: Callable):
         """Streams `steps` tiles; kv_index(i) indexes k_ref/v_ref for step i."""
+        self.produce_segments(smem, barriers, k_ref, v_ref, [(0, steps, kv_index, self.block_kv)])
+
+    def produce_segments(self, smem, barriers, k_ref, v_ref, segments):
+        """`produce` for steps in consecutive segments (first, last, kv_index, rows): steps [first,
+        last) load `rows` <= block_kv keys each, into the first rows of their slot."""
         plgpu = _plgpu()
         _, k_smem, v_smem, _ = smem
         k_ready, v_ready, _, k_free, v_free, _ = barriers
         plgpu.set_max_registers(40, action="decrease")
 
-        @pl.loop(0, steps)
-        def _(i):
-            slot = lax.rem(i, jnp.int32(self.stages))
-            index = kv_index(i)
+        for first, last, kv_index, rows in segments:
+            @pl.loop(first, last)
+            def _(i, kv_index=kv_index, rows=rows):
+                slot = lax.rem(i, jnp.int32(self.stages))
+                index = kv_index(i)
 
-            @pl.when(i >= self.stages)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+                def into(tiles):
+                    return tiles.at[slot] if rows == self.block_kv else tiles.at[slot, pl.ds(0, rows)]
 
-            plgpu.copy_gmem_to_smem(k_ref.at[index], k_smem.at[slot], k_ready.at[slot])
+                @pl.when(i >= self.stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
 
-            @pl.when(i >= self.stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[index], into(k_smem), k_ready.at[slot])
 
-            plgpu.copy_gmem_to_smem(v_ref.at[index], v_smem.at[slot], v_ready.at[slot])
+                @pl.when(i >= self.stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
 
+                plgpu.copy_gmem_to_smem(v_ref.at[index], into(v_smem), v_ready.at[slot])
+
+        steps = segments[-1][1]
         # Observe the last release of every slot used, so that each barrier phase has been waited on
         # before the barriers are freed (the simulator checks this; on the GPU it costs one wait).
         for slot in range(self.stages):
@@ -129,14 +139,21 @@ class Pipeline:
 
     def load_queries(self, wg, smem, barriers, q_src):
         """Copies this consumer's queries into its slot; returns that slot (reused for the output)."""
+        my_q = self.start_queries(wg, smem, barriers, q_src)
+        self.wait_queries(wg, barriers)
+        return my_q
+
+    def start_queries(self, wg, smem, barriers, q_src):
+        """`load_queries` without the wait: the consumer may issue its own loads meanwhile."""
         plgpu = _plgpu()
         q_smem, _, _, _ = smem
-        q_ready = barriers[2]
         plgpu.set_max_registers(232, action="increase")
         my_q = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_src, my_q, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(q_src, my_q, barriers[2].at[wg])
         return my_q
+
+    def wait_queries(self, wg, barriers):
+        _plgpu().barrier_wait(barriers[2].at[wg])
 
     def iota(self, dim: int):
         """int32 [rows, block_kv] index along `dim`, in the scores' register layout."""
@@ -166,15 +183,21 @@ class Pipeline:
         """Runs the consumer's steps and returns (acc, row_max, row_sum).
 
         loops: (first, last, allowed) triples run in order; allowed(i) gives the bool
-        [rows, block_kv] visibility of step i's scores, or allowed is None for unmasked steps.
+        [rows, block_kv] visibility of step i's scores, or allowed is None for unmasked steps. A
+        fourth element, a Pipeline equal to this one but for a smaller block_kv, runs those steps on
+        that many keys: the first rows of the slot (see `produce_segments`).
         """
         carry = self.initial_carry()
         # The second consumer starts half a step late so that the two alternate on the tensor cores.
         if self.ping_pong:
             pl.when(wg == 1)(lambda: self._sync_schedule(barriers))
-        for first, last, allowed in loops:
-            carry = lax.fori_loop(first, last, lambda i, c, allowed=allowed: self._step(
-                i, c, my_q, smem, barriers, allowed), carry)
+        for first, last, allowed, *stepper in loops:
+            stepper = stepper[0] if stepper else self
+            tiles = smem if stepper.block_kv == self.block_kv else (
+                smem[0], smem[1].at[:, pl.ds(0, stepper.block_kv)], smem[2].at[:, pl.ds(0, stepper.block_kv)],
+                smem[3])
+            carry = lax.fori_loop(first, last, lambda i, c, allowed=allowed, stepper=stepper, tiles=tiles:
+                                  stepper._step(i, c, my_q, tiles, barriers, allowed), carry)
         if self.ping_pong:
             pl.when(wg == 0)(lambda: self._sync_schedule(barriers))
         return carry

@@ -8,14 +8,15 @@ cannot fill the GPU, every split taking the same number of tiles to one (`split_
 results merge by their logsumexp in one small second kernel (`merge_splits`).
 
 Keys of row b: the committed prefix [0, L) and the tree nodes [L, L + N), L = cache_lengths[b]. The
-kernel walks aligned tiles over [0, m * bkv) and then one final tile that ends exactly at L + N, so
-nothing past the tree is read unless the whole sequence is shorter than one tile. Keys the final
-tile shares with the aligned ones are masked out, and keys past L are visible only through the
-node's ancestor bits (the packed tree mask). TMA copies into swizzled tiles start on multiples of 8
-rows, so the final tile may reach up to 7 slots past the tree (to slot block_kv - 1 when L + N is
-shorter than a tile). Those keys are masked, but V there enters the P V product with P = 0: the
-slots must hold finite values (fa2jax's KVCache starts zeroed), where the portable kernel also
-tolerates NaN.
+kernel walks aligned tiles over [0, m * bkv) and one final tile that ends exactly at L + N, so
+nothing past the tree is read unless the whole sequence is shorter than one tile. The final tile is
+cut into chunks of 64 keys (`final_chunk`) that the first splits run before their aligned tiles
+(`tile_plan`). Keys a chunk shares with the aligned tiles are masked out, and keys past L are
+visible only through the node's ancestor bits (the packed tree mask). TMA copies into swizzled
+tiles start on multiples of 8 rows, so the final tile may reach up to 7 slots past the tree (to slot
+block_kv - 1 when L + N is shorter than a tile). Those keys are masked, but V there enters the P V
+product with P = 0: the slots must hold finite values (fa2jax's KVCache starts zeroed), where the
+portable kernel also tolerates NaN.
 
 Scope (`supports`; the dispatcher sends the rest to the portable kernel): bf16/f16, head dim 64 or
 128, an even number of query heads per KV head, no softcap.
@@ -49,14 +50,19 @@ class MosaicTreeConfig:
     num_stages: int = 2
     ping_pong: bool = True
     reduction_scratch_bytes: int = 2048  # see Pipeline.reduction_scratch_bytes
+    # The split merge (`merge_splits`): node rows and warps per program. At batch 1 and 8 splits
+    # on an H100: 4 rows, 1 warp 2.24 us; 8 rows, 8 warps 2.31 us; 16 rows, 4 warps 2.59 us.
+    merge_rows: int = 4
+    merge_warps: int = 1
 
     @classmethod
     def for_splits(cls, num_splits: int) -> "MosaicTreeConfig":
         """Three K/V stages when the prefix is split. A split grid is one short wave whose CTAs run
-        about nine steps, and the bytes each keeps in flight bound its speed: on an H100 at batch 1
-        (8 splits) the kernel took 21.8 us with three stages against 22.4 us with two. A long
-        unsplit loop does better with two (batch 8: 120.0 against 121.5 us). Three 128-key stages
-        fill shared memory only without Mosaic's reduction scratch, which this kernel never uses.
+        about nine steps. On an H100 at batch 1 (8 splits), with the final tile run last by one
+        split, the kernel took 21.8 us with three stages against 22.4 us with two; with its chunks
+        run first (`final_chunk`), 19.17 against 19.14 us, a tie. A long unsplit loop did better
+        with two (batch 8: 120.0 against 121.5 us). Three 128-key stages fill shared memory only
+        without Mosaic's reduction scratch, which this kernel never uses.
         """
         return cls(num_stages=3, reduction_scratch_bytes=0) if num_splits > 1 else cls()
 
@@ -79,18 +85,30 @@ def num_splits_for(*, batch: int, num_kv_heads: int, group_size: int, num_nodes:
 
 
 def split_steps(num_steps, split, splits: int):
-    """(first step, step count) of prefix split `split` when `num_steps` >= 1 steps are cut into
+    """(first step, step count) of prefix split `split` when `num_steps` >= 0 steps are cut into
     `splits` (int32 scalars; the tests vmap it).
 
-    Steps are the aligned tiles in key order, then the final tile: the row's last step, so always the
-    last split's. Counts differ by at most one, so the slowest split does ceil(num_steps / splits)
-    steps, the fewest possible; the longer shares go to the last splits, so the last split is never
-    empty, even with fewer steps than splits.
+    Contiguous shares in split order whose counts differ by at most one, so the slowest split does
+    ceil(num_steps / splits) steps, the fewest possible; the longer shares go to the last splits.
     """
     base = lax.div(num_steps, jnp.int32(splits))
     short = splits - lax.rem(num_steps, jnp.int32(splits))  # splits [0, short) take `base` steps
     longer = (split >= short).astype(jnp.int32)
     return split * base + jnp.maximum(split - short, 0), base + longer
+
+
+def final_chunk(splits: int, block_kv: int) -> int:
+    """Keys of the final tile that each split takes: a multiple of 64, the K extent of the P V wgmma
+    (one 128-byte swizzle span of 16-bit values).
+
+    The final tile holds the tree, so it is the one step whose scores need the packed mask, which
+    takes about as long again as the step's matrix products. Run whole by the last split, it was
+    the critical path's extra step (the other splits did one step fewer), and its slowest (2.9
+    against 1.6 us at batch 1 on an H100). Cut in chunks, it adds half a step to the first splits,
+    which hold the shorter shares of the aligned tiles, and they run it first, while the other
+    splits still wait for their first tiles: the batch-1 kernel went from 21.9 to 19.2 us.
+    """
+    return min(block_kv, (-(-block_kv // splits) + 63) // 64 * 64)
 
 
 class TilePlan(NamedTuple):
@@ -99,23 +117,30 @@ class TilePlan(NamedTuple):
     aligned: jax.Array  # aligned tiles of the row: [0, aligned * block_kv)
     first: jax.Array  # this split's first aligned tile
     num_aligned: jax.Array  # its aligned tiles: [first, first + num_aligned)
-    steps: jax.Array  # num_aligned, plus 1 for the final tile in the last split
-    final_start_8: jax.Array  # the final tile's first key / 8
+    steps: jax.Array  # num_aligned, plus 1 when the split has a chunk of the final tile
+    chunk_start_8: jax.Array  # the first key of its chunk of the final tile / 8
+    chunk_owned_from: jax.Array  # keys of the chunk below this one are another step's
 
 
 def tile_plan(end, split, splits: int, block_kv: int) -> TilePlan:
     """The tiles of prefix split `split` for a row whose keys are [0, end), end >= 1.
 
-    Aligned tiles cover [0, aligned * block_kv), the keys below the final tile, which ends at `end`
-    and is the row's last step. The final tile starts at ceil8(end - block_kv) (clamped to 0; the
-    start of a TMA copy into the swizzled tiles must be a multiple of 8 rows), which is <= aligned *
-    block_kv, so no key is skipped, and it may reach up to 7 slots past `end`.
+    Aligned tiles cover [0, aligned * block_kv), the keys below the final tile, which ends at `end`.
+    The final tile starts at ceil8(end - block_kv) (clamped to 0; the start of a TMA copy into the
+    swizzled tiles must be a multiple of 8 rows), which is <= aligned * block_kv, so no key is
+    skipped, and it may reach up to 7 slots past `end`. Split p takes keys [p c, (p + 1) c) of it,
+    c = `final_chunk` (a last chunk that would overhang is moved back to end with the tile and owns
+    only the keys past the previous chunk; splits from block_kv / c on take none); keys below
+    aligned * block_kv are the aligned tiles'.
     """
     aligned = lax.div(end - 1, jnp.int32(block_kv))
-    first, steps = split_steps(aligned + 1, split, splits)
-    num_aligned = steps - (split == splits - 1).astype(jnp.int32)
-    final_start_8 = jnp.maximum(lax.div(end - block_kv + 7, jnp.int32(8)), 0)
-    return TilePlan(aligned, first, num_aligned, steps, final_start_8)
+    first, num_aligned = split_steps(aligned, split, splits)
+    final_start = 8 * jnp.maximum(lax.div(end - block_kv + 7, jnp.int32(8)), 0)
+    chunk = final_chunk(splits, block_kv)
+    has_chunk = (chunk * split < block_kv).astype(jnp.int32)
+    chunk_start = final_start + jnp.minimum(chunk * split, block_kv - chunk)
+    owned_from = jnp.maximum(aligned * block_kv, final_start + chunk * split)
+    return TilePlan(aligned, first, num_aligned, num_aligned + has_chunk, lax.div(chunk_start, 8), owned_from)
 
 
 def node_words(tree_mask) -> jax.Array | np.ndarray:
@@ -149,6 +174,8 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
     pipeline = Pipeline(rows=NODE_BLOCK, block_kv=bkv, head_dim=D, stages=config.num_stages,
                         dtype=q.dtype, scale=sm_scale * LOG2E, ping_pong=config.ping_pong,
                         interpret=interpret, reduction_scratch_bytes=config.reduction_scratch_bytes)
+    chunk = final_chunk(splits, bkv)
+    chunk_pipeline = dataclasses.replace(pipeline, block_kv=chunk)
     if Np != N:
         q = jnp.pad(q, ((0, 0), (0, Np - N), (0, 0), (0, 0)))
     padded_size = max(bkv, -(-S // 8) * 8)  # TMA into 8-row tiles wants S % 8 == 0 (see supports)
@@ -165,39 +192,50 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
             kv_head, b = lax.axis_index("kv_head"), lax.axis_index("batch")
             n0 = lax.div(row_block, jnp.int32(pairs)) * NODE_BLOCK
             pair = lax.rem(row_block, jnp.int32(pairs))
-            prefix = jnp.clip(lengths_ref[b], 0, S - N)
-            end = prefix + N
-            plan = tile_plan(end, split, splits, bkv)
-            aligned, a0, num_aligned, steps = plan.aligned, plan.first, plan.num_aligned, plan.steps
-            num_unmasked = jnp.clip(lax.div(prefix, jnp.int32(bkv)) - a0, 0, num_aligned)
 
-            def tile_start(i):  # written as 8 * (...) so that the compiler sees the alignment
-                return 8 * jnp.where(i < num_aligned, (a0 + i) * (bkv // 8), plan.final_start_8)
+            def schedule():
+                """This CTA's steps: the chunk of the final tile (if any) first, so that its masking
+                overlaps the first loads of the other splits, then the aligned tiles, unmasked ones
+                first. Called where needed: it waits for the row's length, and the consumers
+                first send their queries' copy on its way."""
+                prefix = jnp.clip(lengths_ref[b], 0, S - N)
+                plan = tile_plan(prefix + N, split, splits, bkv)
+                chunks = plan.steps - plan.num_aligned  # 0 or 1
+
+                def aligned_start(i):  # written as 8 * (...) so that the compiler sees the alignment
+                    return 8 * ((plan.first + i - chunks) * (bkv // 8))
+
+                return prefix, plan, chunks, aligned_start, 8 * plan.chunk_start_8
 
             @pl.when(wg == CONSUMERS)
             def _producer():
-                pipeline.produce(smem, barriers, k_ref, v_ref, steps,
-                                 lambda i: (b, pl.ds(tile_start(i), bkv), kv_head))
+                _, plan, chunks, aligned_start, chunk_start = schedule()
+                pipeline.produce_segments(
+                    smem, barriers, k_ref, v_ref,
+                    [(0, chunks, lambda i: (b, pl.ds(chunk_start, chunk), kv_head), chunk),
+                     (chunks, plan.steps, lambda i: (b, pl.ds(aligned_start(i), bkv), kv_head), bkv)])
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
                 head = kv_head * G + pair * CONSUMERS + wg
-                my_q = pipeline.load_queries(wg, smem, barriers, q_ref.at[b, pl.ds(n0, NODE_BLOCK), head])
+                my_q = pipeline.start_queries(wg, smem, barriers, q_ref.at[b, pl.ds(n0, NODE_BLOCK), head])
                 word_batch = b if mask_batched else 0
+                # The mask words and the row's length load while the queries are in flight.
                 if interpret:
                     row_words = [words_ref[word_batch, w, pl.ds(n0, NODE_BLOCK)] for w in range(num_words)]
                 else:  # a plain (unoptimised) load: 64 words per warpgroup, once per CTA
                     row_words = [plgpu.load(words_ref.at[word_batch, w], pl.ds(n0, NODE_BLOCK),
                                             layout=pipeline.row_layout(), optimized=False)
                                  for w in range(num_words)]
+                prefix, plan, chunks, aligned_start, chunk_start = schedule()
+                num_unmasked = jnp.clip(lax.div(prefix, jnp.int32(bkv)) - plan.first, 0, plan.num_aligned)
+                pipeline.wait_queries(wg, barriers)
 
-                def allowed(i):
-                    # d = key - prefix: keys the final tile shares with the aligned ones are out
-                    # (d < first_unseen), prefix keys (d < 0) in, tree keys (0 <= d < N) through the
-                    # node's ancestor bit. Few operations per score: this is the critical path's last
-                    # step.
-                    d = pipeline.iota(1) + (tile_start(i) - prefix)
-                    first_unseen = jnp.where(i < num_aligned, -prefix, aligned * bkv - prefix)
+                def visible(stepper, start, owned_from=None):
+                    # d = key - prefix: prefix keys (d < 0) in, tree keys (0 <= d < N) through the
+                    # node's ancestor bit, and in the final tile's chunk the keys below owned_from
+                    # (another step's) out. Few operations per score: every masked step pays them.
+                    d = stepper.iota(1) + (start - prefix)
                     if len(row_words) == 1:
                         word = lax.broadcast_in_dim(row_words[0], d.shape, [0])
                     else:
@@ -206,10 +244,17 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
                             word = jnp.where(d < 32 * (w + 1),
                                              lax.broadcast_in_dim(row_words[w], d.shape, [0]), word)
                     ancestor = ((word >> (d & 31)) & 1) == 1
-                    return (d >= first_unseen) & ((d < 0) | ((d < N) & ancestor))
+                    seen = (d < 0) | ((d < N) & ancestor)
+                    return seen if owned_from is None else seen & (d >= owned_from - prefix)
 
-                carry = pipeline.consume(wg, my_q, smem, barriers,
-                                         [(0, num_unmasked, None), (num_unmasked, steps, allowed)])
+                # Masked: the final tile's chunk, and aligned tiles that reach past the prefix (when
+                # the tree starts mid-tile). Unmasked: the aligned tiles wholly inside the prefix.
+                unmasked_end = chunks + num_unmasked
+                carry = pipeline.consume(wg, my_q, smem, barriers, [
+                    (0, chunks, lambda i: visible(chunk_pipeline, chunk_start, plan.chunk_owned_from),
+                     chunk_pipeline),
+                    (chunks, unmasked_end, None),
+                    (unmasked_end, plan.steps, lambda i: visible(pipeline, aligned_start(i)))])
                 rows = pl.ds(n0, NODE_BLOCK)
                 if splits == 1:
                     out_dst, lse_dst = out_ref.at[b, rows, head], lse_ref.at[b, head, rows]
@@ -235,15 +280,13 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
         **pipeline.kernel_options(),
     )(lengths, words, q, k_cache, v_cache)
     if splits > 1:
-        out, lse = merge_splits(out, lse, interpret=interpret)
+        out, lse = merge_splits(out, lse, interpret=interpret, rows=config.merge_rows,
+                                num_warps=config.merge_warps)
     return out[:, :N], lse[:, :, :N]
 
 
-MERGE_ROWS = 16  # node rows per merge program: B * H * Np / 16 programs, 128 at B=1, H=32, N=64
-
-
 def _merge_kernel(parts_ref, lse_ref, out_ref, merged_lse_ref):
-    """Merges the splits of MERGE_ROWS rows of one head by their logsumexp.
+    """Merges the splits of R node rows of one head by their logsumexp.
 
     parts_ref [P, R, D] (each split's o / l), lse_ref [P, R] (-inf: the split saw no key of the row,
     and its part is zeros); out_ref [R, D], merged_lse_ref [R]. The loops over the splits are
@@ -262,7 +305,7 @@ def _merge_kernel(parts_ref, lse_ref, out_ref, merged_lse_ref):
     merged_lse_ref[...] = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
 
 
-def merge_splits(parts, lse, *, interpret: bool):
+def merge_splits(parts, lse, *, interpret: bool, rows: int = 16, num_warps: int = 4):
     """(out [B, Np, H, D] in parts' dtype, lse [B, H, Np]) from the splits' parts [B, P, H, Np, D] and
     lse [B, P, H, Np]: the whole merge in one launch.
 
@@ -275,7 +318,6 @@ def merge_splits(parts, lse, *, interpret: bool):
     kernel (and Pallas' interpreter runs on CPU).
     """
     B, P, H, Np, D = parts.shape
-    rows = MERGE_ROWS
     return pl.pallas_call(
         _merge_kernel,
         grid=(Np // rows, H, B),
@@ -285,7 +327,7 @@ def merge_splits(parts, lse, *, interpret: bool):
                    pl.BlockSpec((None, None, rows), lambda r, h, b: (b, h, r))],
         out_shape=[jax.ShapeDtypeStruct((B, Np, H, D), parts.dtype),
                    jax.ShapeDtypeStruct((B, H, Np), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="tree_attention_merge",
     )(parts, lse)
