@@ -13,8 +13,8 @@ last (the kernel's critical path).
 The profiler writes its trace through a host callback, hence `cpu` among the platforms. Durations
 inside a warpgroup are clock cycles, converted at the SM clock given by --clock-ghz (1.755 GHz:
 an H100 SXM under load); CTA start offsets come from the global timer. The profiler's own
-bookkeeping adds a little to each phase. Session 12 ran this on an H100 (the output is
-`results/tree_kernel_timeline_session12.txt`, from an earlier version of the kernel).
+bookkeeping adds a little to each phase. Outputs from an H100, each from the kernel of its day:
+`results/tree_kernel_timeline_session12.txt` and `results/tree_kernel_timeline_session13.txt`.
 """
 
 from __future__ import annotations
