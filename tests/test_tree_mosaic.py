@@ -115,8 +115,8 @@ def test_tile_plan_visits_every_key_once(splits, num_nodes, block_kv=128):
         assert plan.num_aligned[row].max() - plan.num_aligned[row].min() <= 1
 
 
-@pytest.mark.parametrize("P", [2, 3, 8])
-def test_merge_splits_matches_the_xla_merge(P):
+@pytest.mark.parametrize("P, rows", [(2, 4), (3, 16), (8, 4)])
+def test_merge_splits_matches_the_xla_merge(P, rows):
     # Pallas interpreter on CPU; splits that saw no key of a row (lse -inf, zero parts), rows no split
     # saw, and split counts that are not powers of two (the kernel unrolls its loop over them).
     rng = np.random.default_rng(5)
@@ -126,7 +126,7 @@ def test_merge_splits_matches_the_xla_merge(P):
     lse[:, 1, :, :20] = -np.inf
     lse[0, :, 2, 30:33] = -np.inf
     parts = jnp.where(jnp.isinf(jnp.asarray(lse))[..., None], 0, parts)
-    out, merged_lse = mosaic_kernel.merge_splits(parts, jnp.asarray(lse), interpret=True)
+    out, merged_lse = mosaic_kernel.merge_splits(parts, jnp.asarray(lse), interpret=True, rows=rows)
     want_out, want_lse = combine_splits(parts, jnp.asarray(lse), axis=1)  # [B, H, Np, D], [B, H, Np]
     assert out.shape == (B, Np, H, D) and out.dtype == parts.dtype
     np.testing.assert_allclose(np.asarray(out, np.float32),

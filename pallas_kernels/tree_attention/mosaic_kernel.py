@@ -40,6 +40,9 @@ from pallas_kernels.tree_attention import masking
 
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
 MIN_AUTO_NODES = 32  # the default dispatch uses this kernel from this tree size on
+# The split merge (`merge_splits`): node rows and warps per program. At batch 1 and 8 splits on an
+# H100: 4 rows, 1 warp 2.24 us; 8 rows, 8 warps 2.31 us; 16 rows, 4 warps 2.59 us.
+MERGE_ROWS, MERGE_WARPS = 4, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +53,8 @@ class MosaicTreeConfig:
     num_stages: int = 2
     ping_pong: bool = True
     reduction_scratch_bytes: int = 2048  # see Pipeline.reduction_scratch_bytes
-    # The split merge (`merge_splits`): node rows and warps per program. At batch 1 and 8 splits
-    # on an H100: 4 rows, 1 warp 2.24 us; 8 rows, 8 warps 2.31 us; 16 rows, 4 warps 2.59 us.
-    merge_rows: int = 4
-    merge_warps: int = 1
+    merge_rows: int = MERGE_ROWS
+    merge_warps: int = MERGE_WARPS
 
     @classmethod
     def for_splits(cls, num_splits: int) -> "MosaicTreeConfig":
@@ -106,7 +107,8 @@ def final_chunk(splits: int, block_kv: int) -> int:
     the critical path's extra step (the other splits did one step fewer), and its slowest (2.9
     against 1.6 us at batch 1 on an H100). Cut in chunks, it adds half a step to the first splits,
     which hold the shorter shares of the aligned tiles, and they run it first, while the other
-    splits still wait for their first tiles: the batch-1 kernel went from 21.9 to 19.2 us.
+    splits still wait for their first tiles: the batch-1 kernel takes 19.2-19.5 us against 22.7 us
+    before (BENCHMARKS.md, session 13).
     """
     return min(block_kv, (-(-block_kv // splits) + 63) // 64 * 64)
 
@@ -305,7 +307,7 @@ def _merge_kernel(parts_ref, lse_ref, out_ref, merged_lse_ref):
     merged_lse_ref[...] = jnp.where(total > 0, top + jnp.log(safe_total), -jnp.inf)
 
 
-def merge_splits(parts, lse, *, interpret: bool, rows: int = 16, num_warps: int = 4):
+def merge_splits(parts, lse, *, interpret: bool, rows: int = MERGE_ROWS, num_warps: int = MERGE_WARPS):
     """(out [B, Np, H, D] in parts' dtype, lse [B, H, Np]) from the splits' parts [B, P, H, Np, D] and
     lse [B, P, H, Np]: the whole merge in one launch.
 
