@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import mosaic_fwd, triton_bwd, triton_fwd
+from pallas_kernels.flash_attention import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
 from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
 from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
 from pallas_kernels.flash_attention.kernel_common import LOG2E, KernelSpec
 from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
+
+logger = logging.getLogger(__name__)
 
 
 def feature_names(*, causal=False, window_size=(-1, -1), segment_ids=None, softcap=0.0,
@@ -50,6 +53,8 @@ class _Launch:
     interpret: bool
     # The Hopper forward's tiles, or None when the portable forward runs.
     mosaic_blocks: mosaic_fwd.MosaicBlocks | None = None
+    # The Hopper backward's tiles, or None when the portable backward runs.
+    mosaic_bwd_config: mosaic_bwd.MosaicBwdConfig | None = None
 
     @property
     def kernel_spec(self) -> KernelSpec:
@@ -182,6 +187,12 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
+    D, T, S = problem.head_dim, problem.q_len, problem.kv_len
+    aux_cotangent = jax.tree.map(lambda _: None, aux)
+    if launch.mosaic_bwd_config is not None:
+        dq, dk, dv = mosaic_bwd.backward(qp, kp, vp, dop, lse, delta, problem=_mosaic_problem(problem),
+                                         config=launch.mosaic_bwd_config, interpret=launch.interpret)
+        return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D], aux_cotangent
     extras_dkdv, spec = _prepare_extras(launch, aux, blocks.block_q_dkv, blocks.block_k_dkv)
     extras_dq, _ = _prepare_extras(launch, aux, blocks.block_q_dq, blocks.block_k_dq)
     dq, dk, dv = triton_bwd.backward(
@@ -189,9 +200,7 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
         block_q_dkv=blocks.block_q_dkv, block_k_dkv=blocks.block_k_dkv,
         block_q_dq=blocks.block_q_dq, block_k_dq=blocks.block_k_dq,
         num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd, interpret=launch.interpret)
-    D, T, S = problem.head_dim, problem.q_len, problem.kv_len
     # Segment ids, slopes, mask and seed are not differentiated (integers, booleans, or by choice).
-    aux_cotangent = jax.tree.map(lambda _: None, aux)
     return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D], aux_cotangent
 
 
@@ -201,10 +210,24 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 BACKENDS = ("portable", "mosaic")
 
 
+def _split_backend(backend):
+    """backend -> (forward, backward) choices: one name for both, or a (forward, backward) pair."""
+    pair = tuple(backend) if isinstance(backend, (tuple, list)) else (backend, backend)
+    if len(pair) != 2 or any(b is not None and b not in BACKENDS for b in pair):
+        raise ValueError(f"backend must be one of {BACKENDS}, None, or a (forward, backward) pair of "
+                         f"those; got {backend=}")
+    return pair
+
+
+def _log_fallback(direction: str, problem: AttentionProblem, features) -> None:
+    logger.info("flash_attention %s: the portable kernel runs (the Hopper kernel covers bf16/f16, "
+                "head dim 64 or 128, causal and window; this call has dtype=%s, head_dim=%d, "
+                "features=%s)", direction, problem.dtype, problem.head_dim, features)
+
+
 def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool):
     """The Hopper forward's tiles when it runs this call, else None."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend=}")
+    backend = _split_backend(backend)[0]
     covered = mosaic_fwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
     if backend == "mosaic":
         if not covered:
@@ -212,9 +235,27 @@ def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool
                 f"backend='mosaic' covers bf16/f16, head dim 64 or 128, causal and window only; got "
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
         return mosaic_fwd.MosaicBlocks()
-    if (backend is None and covered and mosaic_fwd.preferred(head_dim=problem.head_dim)
-            and not interpret and on_hopper()):
-        return mosaic_fwd.MosaicBlocks()
+    if backend is None and not interpret and on_hopper():
+        if covered and mosaic_fwd.preferred(head_dim=problem.head_dim):
+            return mosaic_fwd.MosaicBlocks()
+        _log_fallback("forward", problem, features)
+    return None
+
+
+def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: bool):
+    """The Hopper backward's tiles when it runs this call's backward, else None."""
+    backend = _split_backend(backend)[1]
+    covered = mosaic_bwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
+    if backend == "mosaic":
+        if not covered:
+            raise ValueError(
+                f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal and window "
+                f"only; got dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
+        return mosaic_bwd.MosaicBwdConfig()
+    if backend is None and not interpret and on_hopper():
+        if covered:
+            return mosaic_bwd.MosaicBwdConfig()
+        _log_fallback("backward", problem, features)
     return None
 
 
@@ -261,9 +302,10 @@ def flash_attention(
         masked row). Gradients flow through it.
       block_sizes: a `BlockSizes`; None looks up the tuning cache or the heuristic.
       interpret: run the kernels in interpret mode; None = True off GPU.
-      backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper forward; raises
-        ValueError for calls it does not cover), or None: "mosaic" on Hopper GPUs where it covers
-        the call, else "portable". The backward is the portable one in every case.
+      backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper kernels; raises
+        ValueError for calls they do not cover), None: "mosaic" on Hopper GPUs where it covers the
+        call, else "portable" with one log line naming the reason; or a (forward, backward) pair
+        of those choices.
 
     Returns:
       out [B, T, H, D] in q's dtype (zeros for fully masked rows), and lse when `return_lse`.
@@ -287,11 +329,15 @@ def flash_attention(
         block_sizes = lookup_block_sizes(device_kind, problem.dtype, problem.head_dim, features)
     blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
     mosaic_blocks = _choose_mosaic(backend, problem, features, bool(interpret))
+    mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, bool(interpret))
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_blocks is not None:
         q_multiple = max(q_multiple, 2 * mosaic_blocks.block_q)
         k_multiple = max(k_multiple, mosaic_blocks.block_kv)
+    if mosaic_bwd_config is not None:
+        q_multiple = max(q_multiple, mosaic_bwd_config.q_multiple)
+        k_multiple = max(k_multiple, mosaic_bwd_config.kv_multiple)
     launch = _Launch(
         problem=problem,
         blocks=blocks,
@@ -300,6 +346,7 @@ def flash_attention(
         padded_head_dim=max(MIN_BLOCK, 1 << (problem.head_dim - 1).bit_length()),
         interpret=bool(interpret),
         mosaic_blocks=mosaic_blocks,
+        mosaic_bwd_config=mosaic_bwd_config,
     )
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
            "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}

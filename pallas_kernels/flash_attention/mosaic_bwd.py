@@ -1,0 +1,440 @@
+"""FlashAttention backward for Hopper as two Pallas Mosaic GPU kernels (wgmma + TMA, warp-specialised).
+
+FA2's backward (Dao, 2023, Algorithm 2) laid out the FA3 way (Shah et al., 2024, §3.3) for Hopper:
+every CTA runs two consumer warpgroups and one producer warpgroup that streams tiles with TMA into
+a ring of shared-memory slots, and the products are asynchronous wgmma.
+
+- dK/dV kernel: one CTA per 2 * block_kv keys of one KV head. Each consumer keeps its block_kv keys'
+  K and V in shared memory and their dK, dV accumulators in registers for the whole CTA; the producer
+  streams (Q, dO, [lse, delta]) tiles of every query head of the GQA group, over the query tiles that
+  can see these keys. The GQA reduction is that loop: no repeated K/V, no [B, S, H, D] partials.
+- dQ kernel: one CTA per 2 * block_q query rows of one head, streaming K/V like the forward and
+  recomputing P and dP.
+
+Every sum is accumulated in a fixed order inside one CTA, so the result is deterministic. Causal and
+window calls visit only the tiles of their band and mask only its edges. The inputs are padded to
+tile multiples by `api.py`; lse arrives in log2 units with +inf for a row that saw no key (all its P
+are then exactly 0) and delta = rowsum(dO * O) - dlse.
+
+`interpret=True` runs Mosaic GPU's CPU simulator, which lacks wgmma with a transposed operand and
+register layouts: there the products are plain dots on the shared-memory tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash_attention.mosaic_fwd import MosaicProblem, _key_tile_ranges
+from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E
+
+_TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
+_SWIZZLE_BYTES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdConfig:
+    """Tile shapes of the Hopper backward."""
+
+    block_q: int = 64  # dK/dV kernel: query rows per streamed tile
+    block_kv: int = 64  # dK/dV kernel: keys per consumer (a CTA covers CONSUMERS * block_kv)
+    block_q_dq: int = 64  # dQ kernel: query rows per consumer (a CTA covers CONSUMERS * block_q_dq)
+    block_kv_dq: int = 64  # dQ kernel: keys per streamed tile
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
+            if getattr(self, name) % 64:
+                raise ValueError(f"Mosaic GPU tiles must be multiples of 64 rows: {name}={getattr(self, name)}")
+        if self.num_stages < 2:
+            raise ValueError(f"the streamed ring needs at least 2 slots: {self.num_stages=}")
+
+    @property
+    def q_multiple(self) -> int:
+        return max(self.block_q, CONSUMERS * self.block_q_dq)
+
+    @property
+    def kv_multiple(self) -> int:
+        return max(CONSUMERS * self.block_kv, self.block_kv_dq)
+
+
+def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
+    """Whether the Hopper backward covers a call (the rest runs the portable backward)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim in (64, 128)
+            and set(features) <= {"causal", "window"})
+
+
+def _plgpu():
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
+
+    return plgpu
+
+
+def _smem_transforms():
+    plgpu = _plgpu()
+    return (plgpu.TilingTransform((8, _TILE_COLUMNS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+
+
+def _kernel_options(interpret: bool) -> dict:
+    plgpu = _plgpu()
+    options = dict(num_threads=CONSUMERS + 1, thread_name="wg",
+                   compiler_params=plgpu.CompilerParams(approx_math=True))
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        options["interpret"] = InterpretGPUParams()
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class _Matmuls:
+    """The products of one consumer, as wgmma on the GPU and as dots in the simulator."""
+
+    interpret: bool
+
+    def dot_t(self, a_ref, b_ref, shape):
+        """a [M, D] · b [N, D]ᵀ -> f32 [M, N], both operands in shared memory."""
+        if self.interpret:
+            return lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        plgpu = _plgpu()
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+    def accumulate(self, acc, a, b_ref):
+        """acc [M, N] += a [M, K] (registers) · b [K, N] (shared memory)."""
+        if self.interpret:
+            return acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
+        plgpu = _plgpu()
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_ref)
+
+        return pl.run_state(product)(plgpu.ACC.init(acc))
+
+    def accumulate_and_dot_t(self, acc, a, b_ref, c_ref, d_ref, shape):
+        """(acc + a · b, c · dᵀ): two products issued together, waited on once."""
+        if self.interpret:
+            return self.accumulate(acc, a, b_ref), self.dot_t(c_ref, d_ref, shape)
+        plgpu = _plgpu()
+
+        def products(refs):
+            acc_ref, other_ref = refs
+            plgpu.wgmma(acc_ref, a, b_ref)
+            plgpu.wgmma(other_ref, c_ref, plgpu.transpose_ref(d_ref, (1, 0)))
+
+        zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+        return pl.run_state(products)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
+
+    def zeros(self, shape):
+        if self.interpret:
+            return jnp.zeros(shape, jnp.float32)
+        plgpu = _plgpu()
+        return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+    def vector(self, ref, reduced_dim: int):
+        """A f32 vector from shared memory, laid out to broadcast along `reduced_dim` of a tile."""
+        if self.interpret:
+            return ref[...]
+        plgpu = _plgpu()
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim))
+
+    def iota(self, shape, dim: int):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        plgpu = _plgpu()
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _visible(q_idx, k_idx, problem: MosaicProblem):
+    """bool tile: which (query, key) pairs attend under the causal/window band and kv_len."""
+    visible = k_idx < problem.kv_len
+    if problem.window_right >= 0:
+        visible &= k_idx <= q_idx + (problem.q_offset + problem.window_right)
+    if problem.window_left >= 0:
+        visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
+    return visible
+
+
+def _query_tile_ranges(k0, keys: int, problem: MosaicProblem, block_q: int, padded_q_len: int):
+    """[lo, hi): query tiles some row of which sees a key of [k0, k0 + keys); [full_lo, full_hi):
+    tiles whose every row sees every one of these keys (no mask needed). The mirror image of the
+    forward's key ranges: query i sees key j iff i + off - left <= j <= i + off + right."""
+    off, left, right = problem.q_offset, problem.window_left, problem.window_right
+    k_last = k0 + keys - 1
+    T = problem.q_len
+    lo_row = jnp.clip(k0 - off - right, 0, T) if right >= 0 else jnp.int32(0)
+    hi_row = jnp.clip(k_last - off + left + 1, 0, T) if left >= 0 else jnp.int32(T)
+    full_lo_row = jnp.clip(k_last - off - right, 0, padded_q_len) if right >= 0 else jnp.int32(0)
+    full_hi_row = jnp.clip(k0 - off + left + 1, 0, padded_q_len) if left >= 0 else jnp.int32(padded_q_len)
+    bq = jnp.int32(block_q)
+    hi = lax.div(hi_row + (block_q - 1), bq)
+    lo = jnp.minimum(lax.div(lo_row, bq), hi)
+    full_lo = jnp.clip(lax.div(full_lo_row + (block_q - 1), bq), lo, hi)
+    full_hi = jnp.clip(lax.div(full_hi_row, bq), full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, interpret: bool):
+    """-> dK, dV [B, Sp, K, D] in q's dtype, summed over the GQA group."""
+    plgpu = _plgpu()
+    B, Tp, H, D = q.shape
+    Sp, K = k.shape[1], k.shape[2]
+    bq, bkv, stages = config.block_q, config.block_kv, config.num_stages
+    G = problem.group_size
+    cta_keys = CONSUMERS * bkv
+    scale = problem.sm_scale * LOG2E
+    masks = problem.window_left >= 0 or problem.window_right >= 0 or problem.kv_len != Sp
+    mm = _Matmuls(interpret)
+    transforms = _smem_transforms()
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_ref, dv_ref):
+        def per_warpgroup(smem, barriers):
+            kv_smem, q_smem, do_smem, stats_smem = smem
+            kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free = barriers
+            wg = lax.axis_index("wg")
+            b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
+            k0 = lax.axis_index("kv_tiles") * cta_keys
+            lo, full_lo, full_hi, hi = _query_tile_ranges(k0, cta_keys, problem, bq, Tp)
+            tiles = hi - lo
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+
+                @pl.loop(0, G * tiles)
+                def _(i):
+                    slot = lax.rem(i, jnp.int32(stages))
+                    head = kv_head * G + lax.div(i, tiles)
+                    rows = pl.ds((lo + lax.rem(i, tiles)) * bq, bq)
+                    for ref, dst, ready, free in ((q_ref, q_smem, q_ready, q_free),
+                                                  (do_ref, do_smem, do_ready, do_free)):
+                        @pl.when(i >= stages)
+                        def _(free=free):
+                            plgpu.barrier_wait(free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(ref.at[b, rows, head], dst.at[slot], ready.at[slot])
+
+                    @pl.when(i >= stages)
+                    def _():
+                        plgpu.barrier_wait(stats_free.at[slot])
+
+                    plgpu.copy_gmem_to_smem(stats_ref.at[b, head, :, rows], stats_smem.at[slot],
+                                            stats_ready.at[slot])
+
+                # Observe each slot's last release before the barriers are freed.
+                for slot in range(stages):
+                    @pl.when(G * tiles > slot)
+                    def _():
+                        for free in (q_free, do_free, stats_free):
+                            plgpu.barrier_wait(free.at[slot])
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                keys0 = k0 + wg * bkv
+                my_k, my_v = kv_smem.at[0, wg], kv_smem.at[1, wg]
+                plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(keys0, bkv), kv_head], my_k, kv_ready.at[wg])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(keys0, bkv), kv_head], my_v, kv_ready.at[wg])
+                plgpu.barrier_wait(kv_ready.at[wg])
+
+                def step(i, t, carry, masked: bool):
+                    dk, dv = carry
+                    slot = lax.rem(i, jnp.int32(stages))
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    s_t = mm.dot_t(my_k, q_smem.at[slot], (bkv, bq))  # [keys, queries]
+                    plgpu.barrier_wait(stats_ready.at[slot])
+                    lse = mm.vector(stats_smem.at[slot, 0], 0)
+                    delta = mm.vector(stats_smem.at[slot, 1], 0)
+                    plgpu.barrier_arrive(stats_free.at[slot])
+                    p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                    if masked:
+                        q_idx = t * bq + mm.iota(s_t.shape, 1)
+                        k_idx = keys0 + mm.iota(s_t.shape, 0)
+                        p_t = jnp.where(_visible(q_idx, k_idx, problem), p_t, 0.0)
+                    plgpu.barrier_wait(do_ready.at[slot])
+                    # dV += Pᵀ dO, and dPᵀ = V dOᵀ, issued together.
+                    dv, dp_t = mm.accumulate_and_dot_t(dv, p_t.astype(q.dtype), do_smem.at[slot],
+                                                       my_v, do_smem.at[slot], (bkv, bq))
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                    dk = mm.accumulate(dk, ds_t.astype(q.dtype), q_smem.at[slot])  # dK += dSᵀ Q
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+
+                def head_loop(g, carry):
+                    base = g * tiles - lo  # step number of tile t is base + t
+
+                    def run(first, last, masked, carry):
+                        return lax.fori_loop(first, last, lambda t, c: step(base + t, t, c, masked), carry)
+
+                    if not masks:
+                        return run(lo, hi, False, carry)
+                    carry = run(lo, full_lo, True, carry)
+                    carry = run(full_lo, full_hi, False, carry)
+                    return run(full_hi, hi, True, carry)
+
+                dk, dv = lax.fori_loop(0, G, head_loop, (mm.zeros((bkv, D)), mm.zeros((bkv, D))))
+                # dS was left unscaled: the softmax scale is applied once to the finished dK.
+                my_k[...] = (dk * problem.sm_scale).astype(q.dtype)
+                my_v[...] = dv.astype(q.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_k, dk_ref.at[b, pl.ds(keys0, bkv), kv_head])
+                plgpu.copy_smem_to_gmem(my_v, dv_ref.at[b, pl.ds(keys0, bkv), kv_head])
+                plgpu.wait_smem_to_gmem(0)
+
+        smem = (
+            plgpu.SMEM((2, CONSUMERS, bkv, D), q.dtype, transforms=transforms),  # this CTA's K, V
+            plgpu.SMEM((stages, bq, D), q.dtype, transforms=transforms),  # Q ring
+            plgpu.SMEM((stages, bq, D), q.dtype, transforms=transforms),  # dO ring
+            plgpu.SMEM((stages, 2, bq), jnp.float32),  # [lse, delta] ring
+        )
+        barriers = (
+            plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # kv_ready: K and V landed
+            plgpu.Barrier(num_barriers=stages),  # q_ready
+            plgpu.Barrier(num_barriers=stages),  # do_ready
+            plgpu.Barrier(num_barriers=stages),  # stats_ready
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # stats_free
+        )
+        pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
+    return plgpu.kernel(body, out_type=(out, out), grid=(Sp // cta_keys, K, B),
+                        grid_names=("kv_tiles", "kv_heads", "batch"),
+                        **_kernel_options(interpret))(q, k, v, do, stats)
+
+
+def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, interpret: bool):
+    """-> dQ [B, Tp, H, D] in q's dtype."""
+    plgpu = _plgpu()
+    B, Tp, H, D = q.shape
+    Sp = k.shape[1]
+    bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
+    cta_rows = CONSUMERS * bq
+    scale = problem.sm_scale * LOG2E
+    masks = problem.window_left >= 0 or problem.window_right >= 0 or problem.kv_len != Sp
+    mm = _Matmuls(interpret)
+    transforms = _smem_transforms()
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, dq_ref):
+        def per_warpgroup(smem, barriers):
+            qdo_smem, k_smem, v_smem, stats_smem = smem
+            mine_ready, k_ready, v_ready, k_free, v_free = barriers
+            wg = lax.axis_index("wg")
+            b, h = lax.axis_index("batch"), lax.axis_index("heads")
+            row0 = lax.axis_index("q_tiles") * cta_rows
+            lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                kv_head = lax.div(h, jnp.int32(problem.group_size))
+
+                @pl.loop(0, hi - lo)
+                def _(i):
+                    slot = lax.rem(i, jnp.int32(stages))
+                    keys = pl.ds((lo + i) * bkv, bkv)
+                    for ref, dst, ready, free in ((k_ref, k_smem, k_ready, k_free),
+                                                  (v_ref, v_smem, v_ready, v_free)):
+                        @pl.when(i >= stages)
+                        def _(free=free):
+                            plgpu.barrier_wait(free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(ref.at[b, keys, kv_head], dst.at[slot], ready.at[slot])
+
+                for slot in range(stages):
+                    @pl.when(hi - lo > slot)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+                rows0 = row0 + wg * bq
+                my_q, my_do = qdo_smem.at[0, wg], qdo_smem.at[1, wg]
+                my_stats = stats_smem.at[wg]
+                rows = pl.ds(rows0, bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, mine_ready.at[wg])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, mine_ready.at[wg])
+                plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, rows], my_stats, mine_ready.at[wg])
+                plgpu.barrier_wait(mine_ready.at[wg])
+                lse = mm.vector(my_stats.at[0], 1)
+                delta = mm.vector(my_stats.at[1], 1)
+
+                def step(i, dq, masked: bool):
+                    slot = lax.rem(i - lo, jnp.int32(stages))
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    s = mm.dot_t(my_q, k_smem.at[slot], (bq, bkv))
+                    p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    if masked:
+                        q_idx = rows0 + mm.iota(s.shape, 0)
+                        k_idx = i * bkv + mm.iota(s.shape, 1)
+                        p = jnp.where(_visible(q_idx, k_idx, problem), p, 0.0)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    dp = mm.dot_t(my_do, v_smem.at[slot], (bq, bkv))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                    dq = mm.accumulate(dq, ds.astype(q.dtype), k_smem.at[slot])  # dQ += dS K
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
+
+                def run(first, last, masked, dq):
+                    return lax.fori_loop(first, last, lambda i, c: step(i, c, masked), dq)
+
+                dq = mm.zeros((bq, D))
+                if masks:
+                    dq = run(lo, full_lo, True, dq)
+                    dq = run(full_lo, full_hi, False, dq)
+                    dq = run(full_hi, hi, True, dq)
+                else:
+                    dq = run(lo, hi, False, dq)
+                my_q[...] = (dq * problem.sm_scale).astype(q.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(my_q, dq_ref.at[b, rows, h])
+                plgpu.wait_smem_to_gmem(0)
+
+        smem = (
+            plgpu.SMEM((2, CONSUMERS, bq, D), q.dtype, transforms=transforms),  # each consumer's Q, dO
+            plgpu.SMEM((stages, bkv, D), q.dtype, transforms=transforms),  # K ring
+            plgpu.SMEM((stages, bkv, D), q.dtype, transforms=transforms),  # V ring
+            plgpu.SMEM((CONSUMERS, 2, bq), jnp.float32),  # each consumer's [lse, delta]
+        )
+        barriers = (
+            plgpu.Barrier(num_arrivals=3, num_barriers=CONSUMERS),  # Q, dO and stats landed
+            plgpu.Barrier(num_barriers=stages),  # k_ready
+            plgpu.Barrier(num_barriers=stages),  # v_ready
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
+        )
+        pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
+
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
+                        grid=(Tp // cta_rows, H, B), grid_names=("q_tiles", "heads", "batch"),
+                        **_kernel_options(interpret))(q, k, v, do, stats)
+
+
+def backward(q, k, v, do, lse2, delta, *, problem: MosaicProblem, config: MosaicBwdConfig,
+             interpret: bool = False):
+    """Padded q, do [B, Tp, H, D], k, v [B, Sp, K, D], lse2 (log2 units, +inf for empty rows) and
+    delta [B, H, Tp] f32 -> (dQ, dK, dV) padded, in q's dtype."""
+    Tp, Sp = q.shape[1], k.shape[1]
+    if Tp % config.q_multiple or Sp % config.kv_multiple:
+        raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {config.q_multiple}, "
+                         f"{Sp=} % {config.kv_multiple}")
+    stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Tp]: one copy per tile brings both
+    kwargs = dict(problem=problem, config=config, interpret=interpret)
+    dk, dv = _dkdv(q, k, v, do, stats, **kwargs)
+    dq = _dq(q, k, v, do, stats, **kwargs)
+    return dq, dk, dv
