@@ -45,6 +45,10 @@ class MosaicBwdConfig:
     block_q_dq: int = 64  # dQ kernel: query rows per consumer (a CTA covers CONSUMERS * block_q_dq)
     block_kv_dq: int = 64  # dQ kernel: keys per streamed tile
     num_stages: int = 2
+    # False: the dK/dV kernel also adds each step's dQ partial into an f32 buffer in global memory
+    # with TMA reduce-add (FA3's route: no second pass, but the order of the additions varies from
+    # run to run). True: a separate dQ kernel sums in a fixed order (bitwise reproducible).
+    deterministic: bool = True
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
@@ -121,19 +125,43 @@ class _Matmuls:
 
         return pl.run_state(product)(plgpu.ACC.init(acc))
 
-    def accumulate_and_dot_t(self, acc, a, b_ref, c_ref, d_ref, shape):
-        """(acc + a · b, c · dᵀ): two products issued together, waited on once."""
+    def accumulate_t(self, acc, a_ref, b_ref):
+        """acc [M, N] += a [K, M]ᵀ · b [K, N], both in shared memory."""
         if self.interpret:
-            return self.accumulate(acc, a, b_ref), self.dot_t(c_ref, d_ref, shape)
+            return acc + lax.dot_general(a_ref[...], b_ref[...], (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+        plgpu = _plgpu()
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), b_ref)
+
+        return pl.run_state(product)(plgpu.ACC.init(acc))
+
+    def two_dot_t(self, a_ref, b_ref, c_ref, d_ref, shape):
+        """(a · bᵀ, c · dᵀ), all four in shared memory: issued together, waited on once."""
+        if self.interpret:
+            return self.dot_t(a_ref, b_ref, shape), self.dot_t(c_ref, d_ref, shape)
+        plgpu = _plgpu()
+
+        def products(first_ref, second_ref):
+            plgpu.wgmma(first_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+            plgpu.wgmma(second_ref, c_ref, plgpu.transpose_ref(d_ref, (1, 0)))
+            return first_ref[...], second_ref[...]
+
+        return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+    def two_accumulate(self, acc1, a1, b1_ref, acc2, a2, b2_ref):
+        """(acc1 + a1 · b1, acc2 + a2 · b2), a in registers: issued together, waited on once."""
+        if self.interpret:
+            return self.accumulate(acc1, a1, b1_ref), self.accumulate(acc2, a2, b2_ref)
         plgpu = _plgpu()
 
         def products(refs):
-            acc_ref, other_ref = refs
-            plgpu.wgmma(acc_ref, a, b_ref)
-            plgpu.wgmma(other_ref, c_ref, plgpu.transpose_ref(d_ref, (1, 0)))
+            first_ref, second_ref = refs
+            plgpu.wgmma(first_ref, a1, b1_ref)
+            plgpu.wgmma(second_ref, a2, b2_ref)
 
-        zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-        return pl.run_state(products)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
+        return pl.run_state(products)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
 
     def zeros(self, shape):
         if self.interpret:
@@ -184,8 +212,10 @@ def _query_tile_ranges(k0, keys: int, problem: MosaicProblem, block_q: int, padd
     return lo, full_lo, full_hi, hi
 
 
-def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, interpret: bool):
-    """-> dK, dV [B, Sp, K, D] in q's dtype, summed over the GQA group."""
+def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
+          interpret: bool):
+    """-> dK, dV [B, Sp, K, D] in q's dtype, summed over the GQA group. With `dq_acc` (a mutable f32
+    [B, Tp, H, D] ref holding zeros), each step's unscaled dQ partial is also added into it."""
     plgpu = _plgpu()
     B, Tp, H, D = q.shape
     Sp, K = k.shape[1], k.shape[2]
@@ -197,9 +227,13 @@ def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig
     mm = _Matmuls(interpret)
     transforms = _smem_transforms()
 
-    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_ref, dv_ref):
+    with_dq = dq_acc is not None
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
+        dq_ref, dk_ref, dv_ref = refs if with_dq else (None, *refs)
+
         def per_warpgroup(smem, barriers):
-            kv_smem, q_smem, do_smem, stats_smem = smem
+            kv_smem, q_smem, do_smem, stats_smem, *dq_smem = smem
             kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free = barriers
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
@@ -251,7 +285,9 @@ def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig
                     dk, dv = carry
                     slot = lax.rem(i, jnp.int32(stages))
                     plgpu.barrier_wait(q_ready.at[slot])
-                    s_t = mm.dot_t(my_k, q_smem.at[slot], (bkv, bq))  # [keys, queries]
+                    plgpu.barrier_wait(do_ready.at[slot])
+                    # Sᵀ = K Qᵀ and dPᵀ = V dOᵀ [keys, queries] need only shared memory: one issue.
+                    s_t, dp_t = mm.two_dot_t(my_k, q_smem.at[slot], my_v, do_smem.at[slot], (bkv, bq))
                     plgpu.barrier_wait(stats_ready.at[slot])
                     lse = mm.vector(stats_smem.at[slot, 0], 0)
                     delta = mm.vector(stats_smem.at[slot, 1], 0)
@@ -261,15 +297,30 @@ def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig
                         q_idx = t * bq + mm.iota(s_t.shape, 1)
                         k_idx = keys0 + mm.iota(s_t.shape, 0)
                         p_t = jnp.where(_visible(q_idx, k_idx, problem), p_t, 0.0)
-                    plgpu.barrier_wait(do_ready.at[slot])
-                    # dV += Pᵀ dO, and dPᵀ = V dOᵀ, issued together.
-                    dv, dp_t = mm.accumulate_and_dot_t(dv, p_t.astype(q.dtype), do_smem.at[slot],
-                                                       my_v, do_smem.at[slot], (bkv, bq))
-                    plgpu.barrier_arrive(do_free.at[slot])
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                    dk = mm.accumulate(dk, ds_t.astype(q.dtype), q_smem.at[slot])  # dK += dSᵀ Q
+                    ds_t = ds_t.astype(q.dtype)
+                    # dV += Pᵀ dO and dK += dSᵀ Q, issued together.
+                    dv, dk = mm.two_accumulate(dv, p_t.astype(q.dtype), do_smem.at[slot],
+                                               dk, ds_t, q_smem.at[slot])
+                    plgpu.barrier_arrive(do_free.at[slot])
                     plgpu.barrier_arrive(q_free.at[slot])
+                    if with_dq:
+                        add_dq_partial(ds_t, i, t)
                     return dk, dv
+
+                def add_dq_partial(ds_t, i, t):
+                    """dQ[tile rows] += dSᵀ K over this consumer's keys, by TMA reduce-add."""
+                    ds_smem, part_smem = dq_smem[0].at[wg], dq_smem[1].at[wg]
+                    ds_smem[...] = ds_t
+                    plgpu.commit_smem()
+                    part = mm.accumulate_t(mm.zeros((bq, D)), ds_smem, my_k)
+                    # The previous partial must have left shared memory before it is overwritten.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    part_smem[...] = part
+                    plgpu.commit_smem()
+                    head = kv_head * G + lax.div(i, tiles)
+                    plgpu.copy_smem_to_gmem(part_smem, dq_ref.at[b, pl.ds(t * bq, bq), head],
+                                            reduction_op="add")
 
                 def head_loop(g, carry):
                     base = g * tiles - lo  # step number of tile t is base + t
@@ -298,6 +349,9 @@ def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig
             plgpu.SMEM((stages, bq, D), q.dtype, transforms=transforms),  # dO ring
             plgpu.SMEM((stages, 2, bq), jnp.float32),  # [lse, delta] ring
         )
+        if with_dq:
+            smem += (plgpu.SMEM((CONSUMERS, bkv, bq), q.dtype, transforms=transforms),  # dSᵀ
+                     plgpu.SMEM((CONSUMERS, bq, D), jnp.float32))  # dQ partial on its way out
         barriers = (
             plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # kv_ready: K and V landed
             plgpu.Barrier(num_barriers=stages),  # q_ready
@@ -310,9 +364,15 @@ def _dkdv(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig
         pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
-    return plgpu.kernel(body, out_type=(out, out), grid=(Sp // cta_keys, K, B),
-                        grid_names=("kv_tiles", "kv_heads", "batch"),
-                        **_kernel_options(interpret))(q, k, v, do, stats)
+    launch = dict(grid=(Sp // cta_keys, K, B), grid_names=("kv_tiles", "kv_heads", "batch"))
+    if not with_dq:
+        return plgpu.kernel(body, out_type=(out, out), **launch, **_kernel_options(interpret))(
+            q, k, v, do, stats)
+    # pl.kernel (unlike plgpu.kernel) takes a mutable ref argument, updated in place.
+    options = _kernel_options(interpret)
+    mesh = plgpu.Mesh(**launch, num_threads=options.pop("num_threads"),
+                      thread_name=options.pop("thread_name"))
+    return pl.kernel(body, out_type=(out, out), mesh=mesh, **options)(q, k, v, do, stats, dq_acc)
 
 
 def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, interpret: bool):
@@ -333,7 +393,12 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
             mine_ready, k_ready, v_ready, k_free, v_free = barriers
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            row0 = lax.axis_index("q_tiles") * cta_rows
+            # Rows that see the most keys first: under a causal band those are the last rows, and
+            # starting them early keeps the tail of the grid short.
+            tile = lax.axis_index("q_tiles")
+            if problem.window_right >= 0:
+                tile = (Tp // cta_rows - 1) - tile
+            row0 = tile * cta_rows
             lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
 
             @pl.when(wg == CONSUMERS)
@@ -376,15 +441,15 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
                 def step(i, dq, masked: bool):
                     slot = lax.rem(i - lo, jnp.int32(stages))
                     plgpu.barrier_wait(k_ready.at[slot])
-                    s = mm.dot_t(my_q, k_smem.at[slot], (bq, bkv))
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    # S = Q Kᵀ and dP = dO Vᵀ need only shared memory: one issue, one wait.
+                    s, dp = mm.two_dot_t(my_q, k_smem.at[slot], my_do, v_smem.at[slot], (bq, bkv))
+                    plgpu.barrier_arrive(v_free.at[slot])
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
                     if masked:
                         q_idx = rows0 + mm.iota(s.shape, 0)
                         k_idx = i * bkv + mm.iota(s.shape, 1)
                         p = jnp.where(_visible(q_idx, k_idx, problem), p, 0.0)
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    dp = mm.dot_t(my_do, v_smem.at[slot], (bq, bkv))
-                    plgpu.barrier_arrive(v_free.at[slot])
                     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                     dq = mm.accumulate(dq, ds.astype(q.dtype), k_smem.at[slot])  # dQ += dS K
                     plgpu.barrier_arrive(k_free.at[slot])
@@ -435,6 +500,9 @@ def backward(q, k, v, do, lse2, delta, *, problem: MosaicProblem, config: Mosaic
                          f"{Sp=} % {config.kv_multiple}")
     stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Tp]: one copy per tile brings both
     kwargs = dict(problem=problem, config=config, interpret=interpret)
-    dk, dv = _dkdv(q, k, v, do, stats, **kwargs)
-    dq = _dq(q, k, v, do, stats, **kwargs)
-    return dq, dk, dv
+    if config.deterministic:
+        dk, dv = _dkdv(q, k, v, do, stats, **kwargs)
+        return _dq(q, k, v, do, stats, **kwargs), dk, dv
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, dv = _dkdv(q, k, v, do, stats, dq_acc, **kwargs)
+    return (jax.freeze(dq_acc) * problem.sm_scale).astype(q.dtype), dk, dv
