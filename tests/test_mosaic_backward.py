@@ -1,0 +1,98 @@
+"""The Hopper backward (`backend="mosaic"`) against the pure-jnp reference, value and gradients.
+
+`gpu` tests run the wgmma kernels on an H100/H200 over the argument grid of the portable tests (odd
+lengths, T != S, GQA/MQA, causal bottom-right, windows, bf16 and f16, head dims 64 and 128), in both
+dQ modes. `simulator` tests run the deterministic kernels in Mosaic GPU's CPU simulator (opt-in, see
+conftest). Tolerance basis as in test_flash_attention: 2x the error of XLA in the input dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import attention_reference, flash_attention
+from pallas_kernels.flash_attention import api, mosaic_bwd
+from test_flash_attention import _output_and_grads, _random_inputs, assert_within_xla_error
+
+GRID = [
+    # B, T, S, H, K, D, kwargs
+    (2, 256, 256, 4, 4, 128, {}),
+    (1, 333, 517, 4, 2, 128, {"causal": True}),  # bottom-right causal, padded rows and keys
+    (2, 512, 512, 4, 1, 64, {"causal": True}),  # MQA: the group loop of the dK/dV kernel
+    (1, 700, 300, 2, 2, 64, {"causal": True}),  # T > S: rows that see no key
+    (1, 600, 900, 4, 2, 128, {"window_size": (100, 20)}),
+    (1, 77, 1, 2, 1, 64, {}),  # one key
+    (1, 1, 129, 2, 2, 128, {"causal": True}),  # one query
+]
+
+
+def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=False, deterministic=True, seed=0, **kwargs):
+    q, k, v, do = _random_inputs(seed, B, T, S, H, K, D, dtype)
+    config = mosaic_bwd.MosaicBwdConfig(deterministic=deterministic)
+    attention = functools.partial(flash_attention, backend=("portable", "mosaic"), interpret=interpret)
+    with _bwd_config(config):
+        ours = jax.jit(lambda *a: _output_and_grads(attention, *a, **kwargs))(q, k, v, do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    exact = _output_and_grads(attention_reference, *f32, **kwargs)
+    same_dtype = _output_and_grads(functools.partial(
+        attention_reference, compute_dtype=dtype, precision=jax.lax.Precision.DEFAULT), q, k, v, do, **kwargs)
+    for name, a, e, s in zip(("out", "dq", "dk", "dv"), ours, exact, same_dtype):
+        assert a.dtype == dtype, f"{name} dtype {a.dtype}"
+        assert_within_xla_error(a, e, s, dtype, name)
+    return ours
+
+
+class _bwd_config:
+    """Runs the Mosaic backward with `config` (the dispatcher's default otherwise)."""
+
+    def __init__(self, config):
+        self.config, self.real = config, api._choose_mosaic_bwd
+
+    def __enter__(self):
+        api._choose_mosaic_bwd = lambda *a: dataclasses.replace(self.real(*a), **dataclasses.asdict(self.config))
+
+    def __exit__(self, *exc):
+        api._choose_mosaic_bwd = self.real
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("B,T,S,H,K,D,kwargs", GRID)
+def test_mosaic_backward_on_gpu(B, T, S, H, K, D, kwargs, deterministic):
+    _check(B, T, S, H, K, D, deterministic=deterministic, **kwargs)
+
+
+@pytest.mark.gpu
+def test_mosaic_backward_float16_on_gpu():
+    _check(2, 300, 300, 4, 2, 128, dtype=jnp.float16, causal=True)
+
+
+@pytest.mark.gpu
+def test_mosaic_backward_deterministic_mode_is_bitwise_reproducible():
+    first = _check(1, 1000, 1000, 4, 2, 128, causal=True, seed=3)
+    second = _check(1, 1000, 1000, 4, 2, 128, causal=True, seed=3)
+    for a, b in zip(first, second):
+        assert bool(jnp.all(a == b))
+
+
+@pytest.mark.simulator
+@pytest.mark.parametrize("T,S,kwargs", [
+    (128, 128, {}),
+    (77, 129, {"causal": True}),
+    (130, 200, {"window_size": (40, 8)}),
+])
+def test_mosaic_backward_in_simulator(T, S, kwargs):
+    _check(1, T, S, 2, 1, 64, interpret=True, **kwargs)
+
+
+def test_mosaic_backward_rejects_calls_it_does_not_cover():
+    q, k, v, _ = _random_inputs(0, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="backward"):
+        flash_attention(q, k, v, softcap=5.0, backend=("portable", "mosaic"))
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention(q, k, v, backend=("mosaic", "fast"))
