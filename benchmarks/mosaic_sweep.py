@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from benchmarks.flash_attention import Case, _inputs, _time
 from pallas_kernels import flash_attention
-from pallas_kernels.flash_attention import mosaic_fwd
+from pallas_kernels.fa2 import mosaic_fwd
 
 
 def main() -> None:

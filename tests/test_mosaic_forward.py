@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.flash_attention import mosaic_fwd
+from pallas_kernels.fa2 import mosaic_fwd
 from test_flash_attention import _output_and_grads, _random_inputs, assert_within_xla_error
 
 

@@ -10,16 +10,16 @@ import pytest
 from jax.experimental import checkify
 
 from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.tree_attention import (
+from pallas_kernels.tree import (
     TreeAttentionConfig,
     checked_tree_attention,
     decode_attention,
     tree_attention,
     tree_attention_reference,
 )
-from pallas_kernels.tree_attention import arguments, masking
-from pallas_kernels.tree_attention.reference import tree_visibility
-from pallas_kernels.tree_attention.tuning import num_splits_heuristic
+from pallas_kernels.tree import arguments, masking
+from pallas_kernels.tree.reference import tree_visibility
+from pallas_kernels.tree.tuning import num_splits_heuristic
 
 FLOOR = {jnp.dtype(jnp.float32): 2e-6, jnp.dtype(jnp.bfloat16): 1e-3, jnp.dtype(jnp.float16): 1e-4}
 
@@ -279,7 +279,7 @@ def test_pack_tree_mask_round_trip():
 @pytest.mark.parametrize("num_splits", [1, 3, 17])  # 17: past the unrolled merge, the reduction form
 def test_combine_splits_matches_one_softmax(num_splits):
     """Merging per-split (o / l, lse) equals attention over all keys at once, empty splits included."""
-    from pallas_kernels.tree_attention.triton_kernel import combine_splits
+    from pallas_kernels.tree.triton_kernel import combine_splits
 
     keys = jax.random.split(jax.random.key(num_splits), 2)
     scores = jax.random.normal(keys[0], (2, 5, num_splits * 4)) * 3  # [B, R, keys]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import tree_attention
-from pallas_kernels.tree_attention import mosaic_kernel
-from pallas_kernels.tree_attention.triton_kernel import combine_splits
+from pallas_kernels.tree import mosaic_kernel
+from pallas_kernels.tree.triton_kernel import combine_splits
 from test_tree_attention import check_against_reference, make_inputs, random_tree
 
 

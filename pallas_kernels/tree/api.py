@@ -20,10 +20,10 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
-from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
-from pallas_kernels.tree_attention import arguments, mosaic_kernel
-from pallas_kernels.tree_attention.triton_kernel import tree_attention_call
-from pallas_kernels.tree_attention.tuning import (
+from pallas_kernels.common.mosaic_pipeline import on_hopper
+from pallas_kernels.tree import arguments, mosaic_kernel
+from pallas_kernels.tree.triton_kernel import tree_attention_call
+from pallas_kernels.tree.tuning import (
     TreeAttentionConfig,
     next_power_of_two,
     num_splits_heuristic,

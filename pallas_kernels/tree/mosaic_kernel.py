@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
-from pallas_kernels.tree_attention import masking
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
+from pallas_kernels.tree import masking
 
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
 MIN_AUTO_NODES = 32  # the default dispatch uses this kernel from this tree size on

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention import masking
+from pallas_kernels.fa2 import masking
 
 
 @dataclasses.dataclass(frozen=True)

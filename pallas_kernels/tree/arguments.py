@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from pallas_kernels.flash_attention.arguments import check_heads_and_dtypes
+from pallas_kernels.fa2.arguments import check_heads_and_dtypes
 
 MAX_NODES = 128  # 4 uint32 bit words per node in the kernel's packed mask
 

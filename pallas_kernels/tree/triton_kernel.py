@@ -39,9 +39,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.kernel_common import LN2, LOG2E
-from pallas_kernels.tree_attention import masking
-from pallas_kernels.tree_attention.tuning import TreeAttentionConfig, next_power_of_two, row_tiling
+from pallas_kernels.fa2.kernel_common import LN2, LOG2E
+from pallas_kernels.tree import masking
+from pallas_kernels.tree.tuning import TreeAttentionConfig, next_power_of_two, row_tiling
 
 M_INIT = -1e30  # finite start for the running max, so an all-masked tile gives exp2(-inf - m) = 0
 

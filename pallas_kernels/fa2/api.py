@@ -16,11 +16,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import mosaic_fwd, triton_bwd, triton_fwd
-from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
-from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
-from pallas_kernels.flash_attention.kernel_common import LOG2E, KernelSpec
-from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
+from pallas_kernels.fa2 import mosaic_fwd, triton_bwd, triton_fwd
+from pallas_kernels.common.mosaic_pipeline import on_hopper
+from pallas_kernels.fa2.arguments import AttentionProblem, validate
+from pallas_kernels.fa2.kernel_common import LOG2E, KernelSpec
+from pallas_kernels.fa2.block_sizes import MIN_BLOCK, BlockSizes, lookup_block_sizes
 
 
 def feature_names(*, causal=False, window_size=(-1, -1), segment_ids=None, softcap=0.0,

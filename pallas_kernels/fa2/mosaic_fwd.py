@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,7 +164,7 @@ def autotune(q, k, v, *, candidates: list[BlockSizes] | None = None, repeats: in
     Returns:
       The fastest BlockSizes; candidates that fail to compile are skipped with a log line.
     """
-    from pallas_kernels.flash_attention.api import feature_names, flash_attention
+    from pallas_kernels.fa2.api import feature_names, flash_attention
 
     device_kind = jax.devices()[0].device_kind
     candidates = candidates or candidate_block_sizes(q.shape[-1])
