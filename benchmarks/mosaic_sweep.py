@@ -44,8 +44,8 @@ def main() -> None:
         if D == 64:
             candidates += [(128, 64, 2, True), (128, 64, 3, True), (64, 128, 3, True)]
         for bq, bkv, stages, ping_pong in candidates:
-            blocks = mosaic_fwd.MosaicBlocks(block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong)
-            fn = jax.jit(lambda q, k, v, blocks=blocks: mosaic_fwd.forward(q, k, v, problem=problem, blocks=blocks)[0])
+            config = mosaic_fwd.MosaicFwdConfig(block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong)
+            fn = jax.jit(lambda q, k, v, config=config: mosaic_fwd.forward(q, k, v, problem=problem, config=config)[0])
             key = f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''}"
             try:
                 if not rows and not row.get("checked"):

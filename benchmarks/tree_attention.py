@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.tree import TreeAttentionConfig, tree_attention, tree_attention_reference
+from pallas_kernels import tree_attention, tree_attention_reference
 from pallas_kernels.tree.reference import tree_visibility
-from pallas_kernels.tree.tuning import row_tiling
+from pallas_kernels.tree.tuning import TreeAttentionConfig, row_tiling
 
 L2_FLUSH_BYTES = 160 * 2 ** 20  # rotate through this many bytes of caches (H100 L2: 50 MB)
 MAX_CHAINED_COPIES = 16  # enough to cycle >= 64 MB through L2 at the smallest cases

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.tree_attention import Case, make_inputs, random_tree
-from pallas_kernels.tree import tree_attention
+from pallas_kernels import tree_attention
 
 CALLS = 20
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.tree_attention import Case, make_inputs, random_tree
-from pallas_kernels.fa2 import mosaic_pipeline
+from pallas_kernels.common import mosaic_pipeline
 from pallas_kernels.tree import mosaic_kernel
 
 PHASES = {"produce": "produce", "wait_queries": "q_wait", "consume": "consume", "_step": "step", "store": "store"}

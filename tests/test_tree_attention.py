@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.tree import (
-    TreeAttentionConfig,
+from pallas_kernels import (
+    attention_reference,
     checked_tree_attention,
     decode_attention,
+    flash_attention,
     tree_attention,
     tree_attention_reference,
 )
 from pallas_kernels.tree import arguments, masking
 from pallas_kernels.tree.reference import tree_visibility
-from pallas_kernels.tree.tuning import num_splits_heuristic
+from pallas_kernels.tree.tuning import TreeAttentionConfig, num_splits_heuristic
 
 FLOOR = {jnp.dtype(jnp.float32): 2e-6, jnp.dtype(jnp.bfloat16): 1e-3, jnp.dtype(jnp.float16): 1e-4}
 

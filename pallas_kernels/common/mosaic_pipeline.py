@@ -16,25 +16,17 @@ carried through run_state: there the two products are plain dots on the shared-m
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+from pallas_kernels.common.numerics import LN2
+
 CONSUMERS = 2
 _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
 _SWIZZLE_BYTES = 128
-
-
-def on_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x), where these kernels run."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def _plgpu():

@@ -35,7 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
+from pallas_kernels.common.device import num_sms as device_sm_count
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, Pipeline
+from pallas_kernels.common.numerics import LOG2E
 from pallas_kernels.tree import masking
 
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
@@ -79,8 +81,12 @@ def runs_in_place(cache_size: int, block_kv: int = 128) -> bool:
 
 
 def num_splits_for(*, batch: int, num_kv_heads: int, group_size: int, num_nodes: int, cache_size: int,
-                   block_kv: int, num_sms: int = 132) -> int:
-    """Prefix splits so that about one wave of CTAs covers the GPU (never more splits than tiles)."""
+                   block_kv: int, num_sms: int | None = None) -> int:
+    """Prefix splits so that about one wave of CTAs covers the GPU (never more splits than tiles).
+
+    num_sms: the GPU's SM count, None = the default device's (`common.device.num_sms`).
+    """
+    num_sms = num_sms or device_sm_count()
     ctas = batch * num_kv_heads * (group_size // 2) * -(-num_nodes // NODE_BLOCK)
     return int(max(1, min(num_sms // max(ctas, 1), cache_size // block_kv)))
 

@@ -39,9 +39,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.fa2.kernel_common import LN2, LOG2E
+from pallas_kernels.common.numerics import LN2, LOG2E, next_power_of_two
 from pallas_kernels.tree import masking
-from pallas_kernels.tree.tuning import TreeAttentionConfig, next_power_of_two, row_tiling
+from pallas_kernels.tree.tuning import TreeAttentionConfig, row_tiling
 
 M_INIT = -1e30  # finite start for the running max, so an all-masked tile gives exp2(-inf - m) = 0
 
