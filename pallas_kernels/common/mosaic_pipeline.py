@@ -4,8 +4,8 @@ A CTA runs three warpgroups: warpgroup 2 streams K/V tiles with TMA into a ring 
 shared-memory slots; warpgroups 0 and 1 each own `rows` query rows and consume every tile with two
 asynchronous wgmma (S = Q Kᵀ, then O += P V) around a base-2 online softmax (FA2's deferred 1/l).
 With `ping_pong`, a schedule barrier makes the two consumers alternate, so one warpgroup's softmax
-overlaps the other's matrix products (FA3). The kernels (`mosaic_fwd`, the tree kernel) only decide
-which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
+overlaps the other's matrix products (FA3). The kernels (`fa2.mosaic_fwd`, `tree.mosaic_kernel`)
+only decide which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
 
 Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages.
 `interpret=True` runs Mosaic GPU's CPU simulator, which executes the warpgroups as threads with real

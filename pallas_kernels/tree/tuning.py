@@ -1,8 +1,8 @@
 """Tile sizes and the split-KV heuristic for the tree-attention kernel.
 
-The defaults reuse the forward tiles that `flash_attention` measured on an H100 (the prefix loop is
-the same FA2 loop); they were not measured for this kernel, and are meant to be revised from the
-benchmark's `--tune` sweep (benchmarks/tree_attention.py).
+The defaults start from the forward tiles that `flash_attention` measured on an H100 (the prefix loop
+is the same FA2 loop); the tile sweep of benchmarks/tree_attention.py (`--tune`) on an H100 kept them
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class TreeAttentionConfig:
 
         The prefix loop is FA2's forward loop, so large trees start from the forward tiles measured
         for `flash_attention` on an H100 (bf16, D=128: 128 x 128 tiles, 8 warps, 3 stages; see
-        flash_attention/tuning.py). Small trees (decode: rows <= 64) are memory-bound: half-size
+        fa2/block_sizes.py). Small trees (decode: rows <= 64) are memory-bound: half-size
         key tiles and 4 warps leave shared memory for two programs per SM, which the split heuristic
         assumes. float32 tiles take twice the shared memory per stage; D=256 halves the rows.
         """
