@@ -33,7 +33,7 @@ def _case(seed, *, B, N, H, K, D, S, dtype=jnp.bfloat16, lengths=None, batched_m
 
 
 @pytest.mark.simulator
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [pytest.param(1, marks=pytest.mark.simulator_smoke), 3])
 def test_tree_mosaic_in_simulator(num_splits):
     # Row 0's tree starts mid-tile, row 1's prefix ends exactly on a tile boundary (256).
     _case(0, B=2, N=21, H=4, K=2, D=64, S=300, lengths=[150, 256], batched_mask=True,
@@ -70,6 +70,7 @@ def test_tree_mosaic_sequence_shorter_than_a_tile_in_simulator():
 
 
 @pytest.mark.simulator
+@pytest.mark.simulator_smoke
 def test_tree_mosaic_single_token_decode_in_simulator():
     _case(4, B=2, N=1, H=2, K=1, D=64, S=320, lengths=[130, 191], num_splits=2, interpret=True)
 
