@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -25,6 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import BlockSizes, attention_reference, flash_attention
+from pallas_kernels.testing import attention_inputs, median_time
+
+# Each timing sample is 5 calls back to back (the host's dispatch hides behind the GPU's work), after two
+# warm-up calls; a run of `repeats` calls takes max(3, repeats // 5) samples.
+BATCHED = dict(warmup=2, calls_per_sample=5)
+
+
+def samples(repeats: int) -> int:
+    return max(3, repeats // 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,25 +51,10 @@ class Case:
         f = 4.0 * self.batch * self.seq_len ** 2 * self.num_heads * self.head_dim
         return f / 2 if self.causal else f
 
-
-def _inputs(case: Case, dtype, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    shape = (case.batch, case.seq_len, case.num_heads, case.head_dim)
-    return [jax.random.normal(key, shape, dtype) for key in keys]
-
-
-def _time(fn, *args, repeats: int = 20) -> float:
-    """Median seconds of one call (after two warm-up calls), timed in batches of 5."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(max(3, repeats // 5)):
-        start = time.perf_counter()
-        for _ in range(5):
-            result = fn(*args)
-        jax.block_until_ready(result)
-        samples.append((time.perf_counter() - start) / 5)
-    return float(np.median(samples))
+    def inputs(self, dtype, seed: int = 0):
+        """q, k, v, do: [B, T, H, D] each (T = S, as many KV heads as query heads)."""
+        return attention_inputs(seed, self.batch, self.seq_len, self.seq_len, self.num_heads, self.num_heads,
+                                self.head_dim, dtype)
 
 
 def _peers(case: Case):
@@ -96,7 +89,7 @@ def _peers(case: Case):
 
 
 def bench_case(case: Case, dtype, repeats: int, only: list[str] | None = None) -> dict:
-    q, k, v, do = _inputs(case, dtype)
+    q, k, v, do = case.inputs(dtype)
     row = {"case": case.label, **dataclasses.asdict(case)}
     for name, attn in _peers(case).items():
         if only and name not in only:
@@ -108,8 +101,8 @@ def bench_case(case: Case, dtype, repeats: int, only: list[str] | None = None) -
             return vjp(do)
 
         try:
-            t_fwd = _time(fwd, q, k, v, repeats=repeats)
-            t_all = _time(jax.jit(fwd_bwd), q, k, v, do, repeats=repeats)
+            t_fwd = median_time(fwd, samples(repeats), args=(q, k, v), **BATCHED)
+            t_all = median_time(jax.jit(fwd_bwd), samples(repeats), args=(q, k, v, do), **BATCHED)
         except Exception as error:
             row[name] = {"error": repr(error)[:300]}
             print(f"  {case.label} {name}: FAILED {repr(error)[:300]}")
@@ -129,13 +122,10 @@ def check_correctness(dtype) -> list[dict]:
     """Kernel error vs f32 reference, next to XLA's error in the same dtype, over a feature grid."""
     results = []
     B, T, S, H, K, D = 2, 333, 517, 8, 2, 80
-    keys = jax.random.split(jax.random.key(1), 5)
-    q = jax.random.normal(keys[0], (B, T, H, D), dtype)
-    k = jax.random.normal(keys[1], (B, S, K, D), dtype)
-    v = jax.random.normal(keys[2], (B, S, K, D), dtype)
-    do = jax.random.normal(keys[3], (B, T, H, D), dtype)
-    segments = (jnp.cumsum(jax.random.bernoulli(keys[4], 0.01, (B, T)), 1),
-                jnp.cumsum(jax.random.bernoulli(keys[4], 0.01, (B, S)), 1))
+    q, k, v, do = attention_inputs(1, B, T, S, H, K, D, dtype)
+    segment_key = jax.random.key(2)
+    segments = (jnp.cumsum(jax.random.bernoulli(segment_key, 0.01, (B, T)), 1),
+                jnp.cumsum(jax.random.bernoulli(segment_key, 0.01, (B, S)), 1))
     grid = {
         "plain": {}, "causal": {"causal": True}, "window": {"window_size": (64, 16)},
         "segments": {"segment_ids": segments}, "softcap+alibi": {"softcap": 20.0, "alibi_slopes": jnp.linspace(0.01, 0.1, H)},
@@ -165,7 +155,7 @@ def check_correctness(dtype) -> list[dict]:
 
 def sweep(case: Case, dtype, repeats: int) -> list[dict]:
     """Times our kernel over block-size candidates on one case; the best goes to the tuning cache."""
-    q, k, v, do = _inputs(case, dtype)
+    q, k, v, do = case.inputs(dtype)
     rows = []
     fwd_candidates = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
                       (128, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
@@ -176,8 +166,8 @@ def sweep(case: Case, dtype, repeats: int) -> list[dict]:
     for bq, bk, warps, stages in fwd_candidates:
         blocks = BlockSizes(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
         try:
-            t = _time(jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=case.causal, block_sizes=blocks)),
-                      q, k, v, repeats=repeats)
+            t = median_time(jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=case.causal, block_sizes=blocks)),
+                            samples(repeats), args=(q, k, v), **BATCHED)
             rows.append({"kind": "fwd", "blocks": [bq, bk, warps, stages], "tflops": case.flops() / t / 1e12})
         except Exception as error:
             rows.append({"kind": "fwd", "blocks": [bq, bk, warps, stages], "error": repr(error)[:200]})
@@ -190,9 +180,9 @@ def sweep(case: Case, dtype, repeats: int) -> list[dict]:
             out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=case.causal, block_sizes=blocks), q, k, v)
             return vjp(do)
         try:
-            t_fwd = _time(jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=case.causal, block_sizes=blocks)),
-                          q, k, v, repeats=repeats)
-            t = _time(jax.jit(fwd_bwd), q, k, v, do, repeats=repeats) - t_fwd
+            t_fwd = median_time(jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=case.causal, block_sizes=blocks)),
+                                samples(repeats), args=(q, k, v), **BATCHED)
+            t = median_time(jax.jit(fwd_bwd), samples(repeats), args=(q, k, v, do), **BATCHED) - t_fwd
             rows.append({"kind": "bwd", "blocks": [bq, bk, dq_q, dq_k, warps, stages],
                          "tflops": 2.5 * case.flops() / t / 1e12})
         except Exception as error:
@@ -204,7 +194,7 @@ def sweep(case: Case, dtype, repeats: int) -> list[dict]:
 def peak_memory_128k(dtype) -> dict:
     """fwd+bwd at B=1, S=128k, H=16, D=128: must run; reports the device's peak bytes in use."""
     case = Case(1, 131072, 16, 128, True)
-    q, k, v, do = _inputs(case, dtype)
+    q, k, v, do = case.inputs(dtype)
 
     def fwd_bwd(q, k, v, do):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v)

@@ -16,12 +16,13 @@ import numpy as np
 
 sys.path.insert(0, "tests")
 from pallas_kernels import attention_reference, flash_attention  # noqa: E402
-from pallas_kernels.flash_attention import mosaic_bwd  # noqa: E402
-from test_flash_attention import _output_and_grads, _random_inputs  # noqa: E402
+from pallas_kernels.fa2 import mosaic_bwd  # noqa: E402
+from pallas_kernels.testing import attention_inputs  # noqa: E402
+from test_flash_attention import _output_and_grads  # noqa: E402
 
 
 def check(B, T, S, H, K, D, dtype=jnp.bfloat16, atomic=False, **kw):
-    q, k, v, do = _random_inputs(1, B, T, S, H, K, D, dtype)
+    q, k, v, do = attention_inputs(1, B, T, S, H, K, D, dtype)
     fn = (lambda q, k, v, **kw: _atomic(q, k, v, kw.pop("causal", False))) if atomic and set(kw) <= {"causal"} else \
         functools.partial(flash_attention, backend="mosaic")
     ours = jax.jit(lambda *a: _output_and_grads(fn, *a, **kw))(q, k, v, do)
@@ -56,7 +57,7 @@ def timed(fn, *args, iters=10, samples=5):
 def _atomic(q, k, v, causal):
     """Ours with the nondeterministic (TMA reduce-add) dQ."""
     import dataclasses
-    from pallas_kernels.flash_attention import api
+    from pallas_kernels.fa2 import api
     real = api._choose_mosaic_bwd
     api._choose_mosaic_bwd = lambda *a: dataclasses.replace(real(*a), deterministic=False)
     try:
@@ -82,7 +83,7 @@ def peers(causal):
 
 
 def bench(B, S, H, D, causal, only=None):
-    q, k, v, do = _random_inputs(0, B, S, S, H, H, D, jnp.bfloat16)
+    q, k, v, do = attention_inputs(0, B, S, S, H, H, D, jnp.bfloat16)
     flops = 4.0 * B * S * S * H * D / (2 if causal else 1)
     row = {"case": f"{B}x{S}x{H}x{D}{' causal' if causal else ''}"}
     for name, fn in peers(causal).items():

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/mosaic_sweep.py --out $OUT/mosaic_sweep.json
 
-Prints TFLOP/s per (case, tiles) and writes JSON; the winner per head dim becomes `MosaicBlocks`'
-default in `mosaic_fwd.default_blocks`.
+Prints TFLOP/s per (case, tiles) and writes JSON; the winner is the candidate for `MosaicFwdConfig`'s
+defaults.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks.flash_attention import Case, _inputs, _time
+from benchmarks.flash_attention import BATCHED, Case, samples
 from pallas_kernels import flash_attention
-from pallas_kernels.flash_attention import mosaic_fwd
+from pallas_kernels.fa2 import mosaic_fwd
+from pallas_kernels.testing import median_time
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     rows = []
     for D, causal in itertools.product(args.head_dims, (False, True)):
         case = Case(2, 8192, 16 if D == 128 else 32, D, causal)
-        q, k, v, _ = _inputs(case, jnp.bfloat16)
+        q, k, v, _ = case.inputs(jnp.bfloat16)
         row = {"case": case.label}
         peers = {
             "portable": lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="portable"),
@@ -36,7 +37,7 @@ def main() -> None:
                                                                   implementation="cudnn"),
         }
         for name, fn in peers.items():
-            row[name] = case.flops() / _time(jax.jit(fn), q, k, v, repeats=args.repeats) / 1e12
+            row[name] = case.flops() / median_time(jax.jit(fn), samples(args.repeats), args=(q, k, v), **BATCHED) / 1e12
         problem = mosaic_fwd.MosaicProblem(
             q_len=case.seq_len, kv_len=case.seq_len, q_offset=0, window_left=-1,
             window_right=0 if causal else -1, sm_scale=D ** -0.5, group_size=1)
@@ -44,8 +45,8 @@ def main() -> None:
         if D == 64:
             candidates += [(128, 64, 2, True), (128, 64, 3, True), (64, 128, 3, True)]
         for bq, bkv, stages, ping_pong in candidates:
-            blocks = mosaic_fwd.MosaicBlocks(block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong)
-            fn = jax.jit(lambda q, k, v, blocks=blocks: mosaic_fwd.forward(q, k, v, problem=problem, blocks=blocks)[0])
+            config = mosaic_fwd.MosaicFwdConfig(block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong)
+            fn = jax.jit(lambda q, k, v, config=config: mosaic_fwd.forward(q, k, v, problem=problem, config=config)[0])
             key = f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''}"
             try:
                 if not rows and not row.get("checked"):
@@ -53,7 +54,7 @@ def main() -> None:
                     err = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - ref.astype(jnp.float32))))
                     row["checked"] = err
                     print("max |mosaic - cudnn|", err, flush=True)
-                row[key] = case.flops() / _time(fn, q, k, v, repeats=args.repeats) / 1e12
+                row[key] = case.flops() / median_time(fn, samples(args.repeats), args=(q, k, v), **BATCHED) / 1e12
             except Exception as error:
                 row[key] = repr(error)[:400]
             print(case.label, key, row[key], flush=True)

@@ -24,8 +24,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +32,7 @@ from flax import nnx
 
 from fa2jax import Transformer, TransformerConfig
 from fa2jax.model import with_invariant_rows
+from pallas_kernels.testing import median_time
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, TreeTopology, generate_incremental
 from spec.comparison import mean_draft_passes
 
@@ -104,17 +103,6 @@ def real_text_prompts(ckpt: str, batch: int, prompt_len: int) -> jax.Array:
         if len(rows) == batch:
             return jnp.asarray(np.stack(rows))
     raise ValueError(f"fewer than {batch=} validation files have {prompt_len=} tokens")
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of fn() after one warm-up call (which compiles)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def component_times(model: Transformer, batch: int, context: int, num_nodes: int, mask, repeats: int) -> dict:

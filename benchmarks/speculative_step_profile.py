@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.speculative import median_time
 from fa2jax import Transformer, TransformerConfig
+from pallas_kernels.testing import median_time
 from spec import ExpansionTree, SpeculativeDecoder, generate_incremental
 
 

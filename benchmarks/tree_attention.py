@@ -18,7 +18,7 @@ sizes measures the host's dispatch (~40 us) rather than the GPU.
 
 Effective bandwidth = bytes of K/V the attention needs (2 * B * (prefix + N) * K * D * itemsize)
 divided by the time; the copy ceiling is measured in the same run (read + write of a 2 GiB array).
-Defaults are the issue's model shape: H=32 query heads, K=8 KV heads, D=128, bf16.
+Defaults are the verification shape of an 8B-class model: H=32 query heads, K=8 KV heads, D=128, bf16.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.tree_attention import TreeAttentionConfig, tree_attention, tree_attention_reference
-from pallas_kernels.tree_attention.reference import tree_visibility
-from pallas_kernels.tree_attention.tuning import row_tiling
+from pallas_kernels import tree_attention, tree_attention_reference
+from pallas_kernels.testing import median_time, random_tree, tree_attention_in_dtype, tree_inputs
+from pallas_kernels.tree.reference import tree_visibility
+from pallas_kernels.tree.tuning import TreeAttentionConfig, row_tiling
 
 L2_FLUSH_BYTES = 160 * 2 ** 20  # rotate through this many bytes of caches (H100 L2: 50 MB)
 MAX_CHAINED_COPIES = 16  # enough to cycle >= 64 MB through L2 at the smallest cases
@@ -67,43 +68,22 @@ class Case:
         return 2 * self.batch * self.cache_size * self.num_kv_heads * self.head_dim * jnp.dtype(dtype).itemsize
 
 
-def random_tree(num_nodes: int, seed: int = 0) -> np.ndarray:
-    """Ancestor-or-self mask of a random tree (parent index < own index)."""
-    rng = np.random.default_rng(seed)
-    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, num_nodes)]
-    mask = np.zeros((num_nodes, num_nodes), bool)
-    for i in range(num_nodes):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
-
-
 def make_inputs(case: Case, dtype, copies: int = 1, seed: int = 0):
-    """q, `copies` independent (k, v) caches, lengths, mask. Random normal values, never zeros."""
-    keys = jax.random.split(jax.random.key(seed), 1 + 2 * copies)
-    q = jax.random.normal(keys[0], (case.batch, case.nodes, case.num_heads, case.head_dim), dtype)
-    shape = (case.batch, case.cache_size, case.num_kv_heads, case.head_dim)
-    caches = [(jax.random.normal(keys[1 + 2 * i], shape, dtype), jax.random.normal(keys[2 + 2 * i], shape, dtype))
-              for i in range(copies)]
-    lengths = jnp.full((case.batch,), case.prefix, jnp.int32)
-    return q, caches, lengths, jnp.asarray(random_tree(case.nodes, seed))
+    """q, `copies` independent (k, v) caches, lengths (every row holds `case.prefix`), the tree mask of
+    `random_tree(seed, N)`. Random normal values, never zeros."""
+    rng = np.random.default_rng(seed)
+    draws = [tree_inputs(rng, B=case.batch, N=case.nodes, H=case.num_heads, K=case.num_kv_heads, D=case.head_dim,
+                         S=case.cache_size, dtype=dtype, lengths=[case.prefix] * case.batch, poison=False)
+             for _ in range(copies)]
+    q, _, _, lengths = draws[0]
+    return q, [(k, v) for _, k, v, _ in draws], lengths, jnp.asarray(random_tree(seed, case.nodes))
 
 
-def time_calls(fn, args_list, repeats: int) -> float:
-    """Median seconds per call. Calls cycle through args_list (different caches, so no L2 reuse)."""
-    for args in args_list[:2]:
-        jax.block_until_ready(fn(*args))
-    per_batch = max(10, len(args_list))
-    samples = []
-    for _ in range(max(3, repeats)):
-        start = time.perf_counter()
-        for i in range(per_batch):
-            result = fn(*args_list[i % len(args_list)])
-        jax.block_until_ready(result)
-        samples.append((time.perf_counter() - start) / per_batch)
-    return float(np.median(samples))
+def time_calls(fn, arg_sets, repeats: int) -> float:
+    """Median seconds per call, dispatched one by one; calls take arg_sets in turn (different caches,
+    so no L2 reuse)."""
+    return median_time(fn, max(3, repeats), arg_sets=arg_sets, warmup=2,
+                       calls_per_sample=max(10, len(arg_sets)))
 
 
 class ChainTimer:
@@ -176,7 +156,7 @@ def implementations(case: Case, dtype, mosaic_splits=()) -> dict[str, Impl]:
         prepare=lambda lengths, mask: (lengths, mask), dynamic_mask=True)}
     # A static tree (SpecInfer's expansion trees): the mask is a trace-time constant, so its packing
     # into bit words is folded at compile time and the call is the kernel (plus the split merge).
-    static_mask = np.asarray(random_tree(case.nodes, 0))
+    static_mask = np.asarray(random_tree(0, case.nodes))
     impls["ours-static-tree"] = Impl(
         run=jax.jit(lambda q, k, v, lengths: tree_attention(q, k, v, lengths, static_mask)),
         prepare=lambda lengths, mask: lengths)
@@ -256,22 +236,6 @@ def bench_case(case: Case, dtype, repeats: int, ceiling: float, mosaic_splits=()
 # ---------------------------------------------------------------------------------------------------
 # Correctness of the compiled kernel, before any timing.
 
-def xla_in_dtype(q, k, v, lengths, mask, softcap=0.0):
-    """The same attention in the input dtype through XLA: the error basis."""
-    B, N, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
-    visible = tree_visibility(lengths, mask, S)
-    used = jnp.any(visible, axis=1)[:, :, None, None]
-    k, v = jnp.where(used, k, 0).astype(q.dtype), jnp.where(used, v, 0).astype(q.dtype)
-    s = jnp.einsum("bnkgd,bskd->bkgns", q.reshape(B, N, K, H // K, D), k, preferred_element_type=q.dtype)
-    s = s * jnp.asarray(D ** -0.5, q.dtype)
-    if softcap > 0:
-        s = jnp.asarray(softcap, q.dtype) * jnp.tanh(s / jnp.asarray(softcap, q.dtype))
-    s = jnp.where(visible[:, None, None], s, jnp.asarray(-jnp.inf, q.dtype))
-    out = jnp.einsum("bkgns,bskd->bnkgd", jax.nn.softmax(s, axis=-1), v, preferred_element_type=q.dtype)
-    return out.reshape(B, N, H, D), jax.nn.logsumexp(s, axis=-1).reshape(B, H, N)
-
-
 CHECKS = [  # (B, prefix, N, H, K, D, dtype, softcap, num_splits)
     (2, 1000, 1, 32, 8, 128, jnp.bfloat16, 0.0, None),
     (3, 3000, 7, 8, 8, 64, jnp.bfloat16, 0.0, 5),
@@ -280,7 +244,7 @@ CHECKS = [  # (B, prefix, N, H, K, D, dtype, softcap, num_splits)
     (2, 1500, 100, 16, 2, 80, jnp.bfloat16, 0.0, 3),
     (1, 4000, 128, 32, 8, 128, jnp.bfloat16, 0.0, None),
     (2, 777, 128, 8, 1, 128, jnp.float32, 0.0, 4),
-    (8, 8192, 64, 32, 8, 128, jnp.bfloat16, 0.0, None),  # the issue's headline shape
+    (8, 8192, 64, 32, 8, 128, jnp.bfloat16, 0.0, None),  # the headline shape
     (1, 8192, 64, 32, 8, 128, jnp.bfloat16, 0.0, None),
 ]
 
@@ -289,19 +253,15 @@ def check_correctness(checks=CHECKS) -> list[dict]:
     results = []
     for B, prefix, N, H, K, D, dtype, softcap, splits in checks:
         rng = np.random.default_rng(prefix + N)
-        S = prefix + N + 61  # spare slots, poisoned with NaN below
-        keys = jax.random.split(jax.random.key(prefix), 3)
-        q = jax.random.normal(keys[0], (B, N, H, D), dtype)
-        k = jax.random.normal(keys[1], (B, S, K, D), dtype)
-        v = jax.random.normal(keys[2], (B, S, K, D), dtype)
-        lengths = jnp.asarray(rng.integers(0, prefix + 1, size=B).clip(0, S - N), jnp.int32).at[0].set(prefix)
-        unused = (jnp.arange(S)[None] >= (lengths + N)[:, None])[:, :, None, None]
-        k, v = jnp.where(unused, jnp.nan, k).astype(dtype), jnp.where(unused, jnp.nan, v).astype(dtype)
-        mask = jnp.asarray(np.stack([random_tree(N, seed) for seed in range(B)]))
+        S = prefix + N + 61  # spare slots, poisoned with NaN
+        lengths = rng.integers(0, prefix + 1, size=B).clip(0, S - N)
+        lengths[0] = prefix
+        q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=dtype, lengths=lengths)
+        mask = jnp.asarray(np.stack([random_tree(seed, N) for seed in range(B)]))
         out, lse = tree_attention(q, k, v, lengths, mask, softcap=softcap, num_splits=splits, return_lse=True)
         ref_out, ref_lse = jax.jit(lambda *a: tree_attention_reference(*a, softcap=softcap, return_lse=True))(
             q, k, v, lengths, mask)
-        base_out, base_lse = jax.jit(lambda *a: xla_in_dtype(*a, softcap=softcap))(q, k, v, lengths, mask)
+        base_out, base_lse = jax.jit(lambda *a: tree_attention_in_dtype(*a, softcap=softcap))(q, k, v, lengths, mask)
         row = {"check": f"B{B} prefix{prefix} N{N} H{H} K{K} D{D} {jnp.dtype(dtype).name} softcap{softcap} "
                         f"splits{splits}"}
         ok = True
@@ -318,7 +278,7 @@ def check_correctness(checks=CHECKS) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tuning sweep on the issue's two target shapes.
+# Tuning sweep on the two target shapes (B=8 and B=1, prefix 8192, N=64).
 
 TUNE_CONFIGS = [TreeAttentionConfig(block_rows=r, block_k=k, num_warps=w, num_stages=s)
                 for r in (64, 128, 256) for k in (32, 64, 128) for w in (4, 8) for s in (2, 3)
@@ -381,7 +341,7 @@ def plot(rows: list[dict], ceiling: float, path: pathlib.Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out"))
-    parser.add_argument("--quick", action="store_true", help="only the issue's two target cases")
+    parser.add_argument("--quick", action="store_true", help="only the two target cases")
     parser.add_argument("--tune", action="store_true",
                         help="also sweep tile configs on the two target cases and a decode case (N=1)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness section")

@@ -2,7 +2,8 @@
 
 The benchmark's device time per call (`tree_attention.py`) includes the gaps between launches; this
 script shows what the call is made of: the attention kernel, the mask packing (dynamic masks only)
-and the split merge. It traces 20 calls with `jax.profiler` (CUPTI) at the issue's two target shapes
+and the split merge. It traces 20 calls with `jax.profiler` (CUPTI) at the two target shapes (B=1 and 8,
+prefix 8192, N=64)
 and prints the median duration per kernel name.
 
     PYTHONPATH=. python3 benchmarks/tree_profile.py [--trace-dir /tmp/tree_profile]
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.tree_attention import Case, make_inputs, random_tree
-from pallas_kernels.tree_attention import tree_attention
+from benchmarks.tree_attention import Case, make_inputs
+from pallas_kernels import tree_attention
+from pallas_kernels.testing import random_tree
 
 CALLS = 20
 
@@ -46,7 +48,7 @@ def main() -> None:
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
     for case in (Case(1, 8192, 64), Case(8, 8192, 64)):
         q, caches, lengths, mask = make_inputs(case, jnp.bfloat16, copies=2)
-        static_mask = np.asarray(random_tree(case.nodes, 0))
+        static_mask = np.asarray(random_tree(0, case.nodes))
         calls = {"dynamic mask": jax.jit(lambda q, k, v, lengths, mask: tree_attention(q, k, v, lengths, mask)),
                  "static mask": jax.jit(lambda q, k, v, lengths, mask: tree_attention(q, k, v, lengths, static_mask))}
         for label, call in calls.items():

@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.tree_attention import Case, make_inputs, random_tree
-from pallas_kernels.flash_attention import mosaic_pipeline
-from pallas_kernels.tree_attention import mosaic_kernel
+from benchmarks.tree_attention import Case, make_inputs
+from pallas_kernels.common import mosaic_pipeline
+from pallas_kernels.testing import random_tree
+from pallas_kernels.tree import mosaic_kernel
 
 PHASES = {"produce": "produce", "wait_queries": "q_wait", "consume": "consume", "_step": "step", "store": "store"}
 
@@ -97,10 +98,10 @@ def main() -> None:
     parser.add_argument("--clock-ghz", type=float, default=1.755)
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
-    words = mosaic_kernel.node_words(random_tree(64, 0))
+    words = mosaic_kernel.node_words(random_tree(0, 64))
     current = {}
     instrument(current)
-    for batch in (1, 8):  # the two target shapes: N=64, H=32, K=8, D=128, prefix 8192
+    for batch in (1, 8):  # the two target shapes: N=64, H=32, K=8, D=128, prefix 8192
         profile_dir = current["path"] = args.out / f"B{batch}"
         shutil.rmtree(profile_dir, ignore_errors=True)
         profile_dir.mkdir(parents=True)

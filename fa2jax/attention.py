@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from pallas_kernels import decode_attention as decode_kernel
 from pallas_kernels import flash_attention as flash_kernel
 from pallas_kernels import tree_attention as tree_kernel
-from pallas_kernels.flash_attention import masking
-from pallas_kernels.flash_attention.arguments import validate
+from pallas_kernels.fa2 import masking
+from pallas_kernels.fa2.arguments import validate
 
 logger = logging.getLogger(__name__)
 

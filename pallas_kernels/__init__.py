@@ -1,10 +1,15 @@
-"""Pallas kernels: FlashAttention-2 forward/backward, tree attention and decode attention."""
+"""Pallas kernels: FlashAttention-2 forward/backward, tree attention and decode attention.
 
-from pallas_kernels.flash_attention.api import flash_attention
-from pallas_kernels.flash_attention.reference import attention_reference
-from pallas_kernels.flash_attention.tuning import BlockSizes, autotune
-from pallas_kernels.tree_attention.api import checked_tree_attention, decode_attention, tree_attention
-from pallas_kernels.tree_attention.reference import tree_attention_reference
+The public functions live here; the families live in `fa2/` (flash_attention) and `tree/`
+(tree_attention, decode_attention), both built on `common/`.
+"""
+
+from pallas_kernels.fa2.api import flash_attention
+from pallas_kernels.fa2.block_sizes import BlockSizes
+from pallas_kernels.fa2.reference import attention_reference
+from pallas_kernels.fa2.tuning import autotune
+from pallas_kernels.tree.api import checked_tree_attention, decode_attention, tree_attention
+from pallas_kernels.tree.reference import tree_attention_reference
 
 __all__ = [
     "BlockSizes",

@@ -15,17 +15,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, attention_reference, flash_attention
+from pallas_kernels.testing import attention_inputs
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
-
-
-def _random_inputs(seed, B, T, S, H, K, D, dtype):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (B, S, K, D), jnp.float32).astype(dtype)
-    do = jax.random.normal(keys[3], (B, T, H, D), jnp.float32).astype(dtype)
-    return q, k, v, do
 
 
 def _output_and_grads(fn, q, k, v, do, **kwargs):
@@ -79,13 +71,13 @@ SHAPES = {  # (B, T, S, H, K, D)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_shapes_float32(shape, causal):
-    check_against_reference(*_random_inputs(0, *SHAPES[shape], jnp.float32), causal=causal)
+    check_against_reference(*attention_inputs(0, *SHAPES[shape], jnp.float32), causal=causal)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", ["odd-77-gqa-d40", "T<S-mqa", "d128"])
 def test_shapes_half_precision(shape, dtype):
-    check_against_reference(*_random_inputs(1, *SHAPES[shape], dtype), causal=True)
+    check_against_reference(*attention_inputs(1, *SHAPES[shape], dtype), causal=True)
 
 
 def _feature_kwargs(name, B, T, S, H):
@@ -114,20 +106,20 @@ FEATURES = ["window", "window-left-causal", "segments", "softcap", "alibi-per-he
 @pytest.mark.parametrize("shape", ["odd-77-gqa-d40", "T>S-d80"])
 def test_features_float32(feature, shape):
     B, T, S, H, K, D = SHAPES[shape]
-    check_against_reference(*_random_inputs(8, B, T, S, H, K, D, jnp.float32),
+    check_against_reference(*attention_inputs(8, B, T, S, H, K, D, jnp.float32),
                             **_feature_kwargs(feature, B, T, S, H))
 
 
 @pytest.mark.parametrize("feature", ["segments", "softcap", "dropout", "everything"])
 def test_features_bfloat16(feature):
     B, T, S, H, K, D = SHAPES["T<S-mqa"]
-    check_against_reference(*_random_inputs(9, B, T, S, H, K, D, jnp.bfloat16),
+    check_against_reference(*attention_inputs(9, B, T, S, H, K, D, jnp.bfloat16),
                             **_feature_kwargs(feature, B, T, S, H))
 
 
 def test_single_segment_ids_array_when_t_equals_s():
     B, T, S, H, K, D = SHAPES["odd-77-gqa-d40"]
-    q, k, v, do = _random_inputs(10, B, T, S, H, K, D, jnp.float32)
+    q, k, v, do = attention_inputs(10, B, T, S, H, K, D, jnp.float32)
     ids = _segments(10, B, T, T, 3)[0]
     single = flash_attention(q, k, v, segment_ids=ids, block_sizes=SMALL_BLOCKS)
     pair = flash_attention(q, k, v, segment_ids=(ids, ids), block_sizes=SMALL_BLOCKS)
@@ -136,7 +128,7 @@ def test_single_segment_ids_array_when_t_equals_s():
 
 def test_lse_and_its_gradient():
     B, T, S, H, K, D = SHAPES["T>S-d80"]
-    q, k, v, do = _random_inputs(11, B, T, S, H, K, D, jnp.float32)
+    q, k, v, do = attention_inputs(11, B, T, S, H, K, D, jnp.float32)
     dlse = jax.random.normal(jax.random.key(12), (B, H, T))
 
     def loss(fn, q, k, v):
@@ -155,7 +147,7 @@ def test_lse_and_its_gradient():
 
 def test_fully_masked_rows_give_zeros_and_finite_gradients():
     B, T, S, H, K, D = 1, 40, 40, 2, 1, 64
-    q, k, v, do = _random_inputs(13, B, T, S, H, K, D, jnp.float32)
+    q, k, v, do = attention_inputs(13, B, T, S, H, K, D, jnp.float32)
     mask = jnp.ones((1, 1, T, S), bool).at[:, :, 5].set(False).at[:, :, 30:].set(False)
     q_ids = jnp.zeros((B, T), jnp.int32).at[:, 7].set(9)  # query 7's segment has no keys
 
@@ -178,7 +170,7 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients():
 def test_nan_in_padding_does_not_leak():
     """Padding tokens (their own segment id) hold NaN in q, k and v: real tokens are unaffected."""
     B, T, H, K, D = 2, 45, 4, 2, 64
-    q, k, v, do = _random_inputs(14, B, T, T, H, K, D, jnp.float32)
+    q, k, v, do = attention_inputs(14, B, T, T, H, K, D, jnp.float32)
     lengths = np.array([45, 29])
     is_pad = np.arange(T)[None, :] >= lengths[:, None]  # [B, T]
     ids = jnp.asarray(np.where(is_pad, -1, 1), jnp.int32)
@@ -196,7 +188,7 @@ def test_nan_in_padding_does_not_leak():
 
 def test_deterministic_bitwise():
     B, T, S, H, K, D = SHAPES["odd-77-gqa-d40"]
-    q, k, v, do = _random_inputs(15, B, T, S, H, K, D, jnp.bfloat16)
+    q, k, v, do = attention_inputs(15, B, T, S, H, K, D, jnp.bfloat16)
     run = jax.jit(functools.partial(_output_and_grads, flash_attention, causal=True, dropout_rate=0.2,
                                     dropout_seed=3, block_sizes=SMALL_BLOCKS))
     first, second = run(q, k, v, do), run(q, k, v, do)
@@ -206,7 +198,7 @@ def test_deterministic_bitwise():
 
 def test_dropout_seed_changes_mask_and_rate_is_respected():
     B, T, S, H, K, D = 1, 64, 64, 2, 2, 16
-    q, k, v, _ = _random_inputs(16, B, T, S, H, K, D, jnp.float32)
+    q, k, v, _ = attention_inputs(16, B, T, S, H, K, D, jnp.float32)
     v_ones = jnp.ones_like(v)
     a = flash_attention(q, k, v, dropout_rate=0.3, dropout_seed=1, block_sizes=SMALL_BLOCKS)
     b = flash_attention(q, k, v, dropout_rate=0.3, dropout_seed=2, block_sizes=SMALL_BLOCKS)
@@ -220,7 +212,7 @@ def test_dropout_seed_changes_mask_and_rate_is_respected():
 def test_block_size_independence():
     """Different tilings (and so different padding and loop splits) compute the same function."""
     B, T, S, H, K, D = SHAPES["T>S-d80"]
-    q, k, v, do = _random_inputs(17, B, T, S, H, K, D, jnp.float32)
+    q, k, v, do = attention_inputs(17, B, T, S, H, K, D, jnp.float32)
     kwargs = dict(causal=True, window_size=(30, 2))
     small = _output_and_grads(functools.partial(flash_attention, block_sizes=SMALL_BLOCKS), q, k, v, do, **kwargs)
     large = _output_and_grads(functools.partial(flash_attention, block_sizes=BlockSizes(
@@ -231,7 +223,7 @@ def test_block_size_independence():
 
 def test_jax_nn_agrees_on_plain_causal_gqa():
     """An outside oracle: jax.nn.dot_product_attention (XLA) on GQA + causal with T != S."""
-    q, k, v, _ = _random_inputs(18, 1, 20, 50, 4, 2, 32, jnp.float32)
+    q, k, v, _ = attention_inputs(18, 1, 20, 50, 4, 2, 32, jnp.float32)
     ours = flash_attention(q, k, v, causal=True, block_sizes=SMALL_BLOCKS)
     # jax.nn aligns causal masks top-left; build the bottom-right mask explicitly.
     mask = (jnp.arange(50)[None, :] <= jnp.arange(20)[:, None] + 30)[None, None]

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.flash_attention import api, mosaic_bwd
-from test_flash_attention import _output_and_grads, _random_inputs, assert_within_xla_error
+from pallas_kernels.fa2 import api, mosaic_bwd
+from pallas_kernels.testing import attention_inputs
+from test_flash_attention import _output_and_grads, assert_within_xla_error
 
 GRID = [
     # B, T, S, H, K, D, kwargs
@@ -32,7 +33,7 @@ GRID = [
 
 
 def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=False, deterministic=True, seed=0, **kwargs):
-    q, k, v, do = _random_inputs(seed, B, T, S, H, K, D, dtype)
+    q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, dtype)
     config = mosaic_bwd.MosaicBwdConfig(deterministic=deterministic)
     attention = functools.partial(flash_attention, backend=("portable", "mosaic"), interpret=interpret)
     with _bwd_config(config):
@@ -91,7 +92,7 @@ def test_mosaic_backward_in_simulator(T, S, kwargs):
 
 
 def test_mosaic_backward_rejects_calls_it_does_not_cover():
-    q, k, v, _ = _random_inputs(0, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
+    q, k, v, _ = attention_inputs(0, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="backward"):
         flash_attention(q, k, v, softcap=5.0, backend=("portable", "mosaic"))
     with pytest.raises(ValueError, match="backend"):

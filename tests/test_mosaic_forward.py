@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.flash_attention import mosaic_fwd
-from test_flash_attention import _output_and_grads, _random_inputs, assert_within_xla_error
+from pallas_kernels.common.device import on_hopper
+from pallas_kernels.fa2 import mosaic_fwd
+from pallas_kernels.testing import attention_inputs
+from test_flash_attention import _output_and_grads, assert_within_xla_error
 
 
 def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False, seed=0, **kwargs):
-    q, k, v, do = _random_inputs(seed, B, T, S, H, K, D, dtype)
+    q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, dtype)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     same_dtype_ref = lambda *a, **kw: attention_reference(
         *a, compute_dtype=dtype, precision=jax.lax.Precision.DEFAULT, **kw)
@@ -44,7 +46,7 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
 
 
 @pytest.mark.parametrize("T,S,kwargs", [
-    (128, 128, {}),
+    pytest.param(128, 128, {}, marks=pytest.mark.simulator_smoke),
     (128, 256, {"causal": True}),  # bottom-right aligned: the CTA sees a band, the producer skips tiles
     (77, 129, {}),  # padded queries and keys past kv_len masked in the last tile
     (130, 75, {"causal": True}),  # T > S: the first rows see no key (zeros, lse -inf)
@@ -90,7 +92,7 @@ def test_mosaic_tile_ranges_bound_the_band():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
 def test_mosaic_forward_on_gpu(causal, D):
-    if "9." not in str(getattr(jax.devices()[0], "compute_capability", "")):
+    if not on_hopper():
         pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
     _check(2, 1000, 1000, 8, 2, D, interpret=False, causal=causal, grads=True)
     _check(1, 333, 517, 4, 4, D, interpret=False, causal=causal, window_size=(100, -1) if causal else (-1, -1))

@@ -9,84 +9,24 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.tree_attention import (
-    TreeAttentionConfig,
+from pallas_kernels import (
+    attention_reference,
     checked_tree_attention,
     decode_attention,
+    flash_attention,
     tree_attention,
     tree_attention_reference,
 )
-from pallas_kernels.tree_attention import arguments, masking
-from pallas_kernels.tree_attention.reference import tree_visibility
-from pallas_kernels.tree_attention.tuning import num_splits_heuristic
+from pallas_kernels.testing import ancestor_mask, random_tree, tree_attention_in_dtype, tree_inputs
+from pallas_kernels.tree import arguments, masking
+from pallas_kernels.tree.tuning import TreeAttentionConfig, num_splits_heuristic
 
 FLOOR = {jnp.dtype(jnp.float32): 2e-6, jnp.dtype(jnp.bfloat16): 1e-3, jnp.dtype(jnp.float16): 1e-4}
 
 
-def ancestor_mask(parents) -> np.ndarray:
-    """bool [N, N] ancestor-or-self closure of a parent array (-1: a root)."""
-    n = len(parents)
-    mask = np.zeros((n, n), bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
-
-
-def random_tree(rng, n, num_padding=0) -> np.ndarray:
-    """A random tree on the first n - num_padding nodes (parent index < own index), then padding
-    nodes that see only themselves."""
-    real = n - num_padding
-    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, real)] + [-1] * num_padding
-    return ancestor_mask(parents[:n])
-
-
-def make_inputs(rng, *, B, N, H, K, D, S, dtype, lengths=None, poison=True):
-    """Random q, caches and lengths; cache slots past each row's tree are NaN when `poison`."""
-    keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(1 << 30))), 3)
-    q = jax.random.normal(keys[0], (B, N, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (B, S, K, D), jnp.float32).astype(dtype)
-    if lengths is None:
-        lengths = rng.integers(0, S - N + 1, size=B)
-        lengths[0] = 0
-        if B > 1:
-            lengths[1] = S - N
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if poison:
-        unused = jnp.arange(S)[None, :] >= (lengths + N)[:, None]  # [B, S]
-        k = jnp.where(unused[:, :, None, None], jnp.nan, k).astype(dtype)
-        v = jnp.where(unused[:, :, None, None], jnp.nan, v).astype(dtype)
-    return q, k, v, lengths
-
-
-def xla_in_dtype(q, k, v, lengths, mask, *, sm_scale=None, softcap=0.0):
-    """The same attention done by XLA in the input dtype (the tolerance basis). Returns (out, lse)."""
-    B, N, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
-    dtype = q.dtype
-    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    visible = tree_visibility(lengths, mask, S)  # [B, N, S]
-    used = jnp.any(visible, axis=1)[:, :, None, None]
-    k = jnp.where(used, k, jnp.zeros_like(k))
-    v = jnp.where(used, v, jnp.zeros_like(v))
-    scores = jnp.einsum("bnkgd,bskd->bkgns", q.reshape(B, N, K, H // K, D), k, preferred_element_type=dtype)
-    scores = scores * jnp.asarray(sm_scale, dtype)
-    if softcap > 0:
-        scores = jnp.asarray(softcap, dtype) * jnp.tanh(scores / jnp.asarray(softcap, dtype))
-    scores = jnp.where(visible[:, None, None], scores, jnp.asarray(-jnp.inf, dtype))
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgns,bskd->bnkgd", probs, v, preferred_element_type=dtype)
-    return out.reshape(B, N, H, D), lse.reshape(B, H, N)
-
-
 # Jitted once per shape: run eagerly, the dense computations cost more than the interpreted kernel.
 reference = jax.jit(tree_attention_reference, static_argnames=("sm_scale", "softcap", "return_lse"))
-xla_basis = jax.jit(xla_in_dtype, static_argnames=("sm_scale", "softcap"))
+xla_basis = jax.jit(tree_attention_in_dtype, static_argnames=("sm_scale", "softcap"))
 
 
 def max_err(x, y) -> float:
@@ -132,7 +72,7 @@ def test_matches_reference(case):
     N, H, K, D, S, dtype, softcap, num_splits, batched, padding = case
     rng = np.random.default_rng(N * 1000 + D)
     B = 3
-    q, k, v, lengths = make_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=dtype)
+    q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=dtype)
     if batched:
         mask = np.stack([random_tree(rng, N, padding) for _ in range(B)])
     else:
@@ -143,7 +83,7 @@ def test_matches_reference(case):
 def test_small_tiles_and_row_blocks():
     """Several node blocks per KV head (the last one partial), several key blocks per split, odd lengths."""
     rng = np.random.default_rng(7)
-    q, k, v, lengths = make_inputs(rng, B=2, N=20, H=4, K=1, D=32, S=150, dtype=jnp.float32,
+    q, k, v, lengths = tree_inputs(rng, B=2, N=20, H=4, K=1, D=32, S=150, dtype=jnp.float32,
                                    lengths=[77, 129])
     config = TreeAttentionConfig(block_rows=32, block_k=16, num_warps=4, num_stages=2)
     check_against_reference(q, k, v, lengths, random_tree(rng, 20), num_splits=3, config=config)
@@ -151,7 +91,7 @@ def test_small_tiles_and_row_blocks():
 
 def test_nan_in_unused_slots_does_not_leak():
     rng = np.random.default_rng(3)
-    q, k, v, lengths = make_inputs(rng, B=2, N=5, H=2, K=1, D=64, S=70, dtype=jnp.float32, poison=False)
+    q, k, v, lengths = tree_inputs(rng, B=2, N=5, H=2, K=1, D=64, S=70, dtype=jnp.float32, poison=False)
     mask = random_tree(rng, 5)
     poisoned_k, poisoned_v = (x.at[:, 60:].set(jnp.nan).at[0, 8:].set(jnp.inf) for x in (k, v))
     lengths = jnp.array([3, 50], jnp.int32)  # row 0 uses slots [0, 8), row 1 uses [0, 55)
@@ -172,7 +112,7 @@ BATCH_INVARIANT_CASES = [  # (N, S, num_splits, block_k): S not a whole number o
 def test_batch_invariant_walk_matches_reference(case):
     N, S, num_splits, block_k = case
     rng = np.random.default_rng(N + S)
-    q, k, v, lengths = make_inputs(rng, B=3, N=N, H=4, K=2, D=32, S=S, dtype=jnp.bfloat16)
+    q, k, v, lengths = tree_inputs(rng, B=3, N=N, H=4, K=2, D=32, S=S, dtype=jnp.bfloat16)
     config = TreeAttentionConfig(block_rows=32, block_k=block_k, num_warps=4, num_stages=2)
     check_against_reference(q, k, v, lengths, random_tree(rng, N, num_padding=N // 4),
                             num_splits=num_splits, config=config, batch_invariant=True)
@@ -185,7 +125,7 @@ def test_batch_invariant_chain_equals_decode_bitwise(dtype):
     itself): the premise of greedy speculative output equal to incremental decoding."""
     N, S, prefix = 8, 90, 37  # prefix and S chosen so the chain crosses a tile and a split boundary
     rng = np.random.default_rng(11)
-    q, k, v, _ = make_inputs(rng, B=1, N=N, H=4, K=2, D=32, S=S, dtype=dtype, poison=False)
+    q, k, v, _ = tree_inputs(rng, B=1, N=N, H=4, K=2, D=32, S=S, dtype=dtype, poison=False)
     config = TreeAttentionConfig(block_rows=32, block_k=16, num_warps=4, num_stages=2)
     kwargs = dict(num_splits=3, config=config, batch_invariant=True)
     chain = np.tril(np.ones((N, N), bool))
@@ -202,7 +142,7 @@ def test_batch_invariant_chain_equals_decode_bitwise(dtype):
 
 def test_deterministic():
     rng = np.random.default_rng(4)
-    q, k, v, lengths = make_inputs(rng, B=2, N=9, H=4, K=2, D=64, S=90, dtype=jnp.bfloat16)
+    q, k, v, lengths = tree_inputs(rng, B=2, N=9, H=4, K=2, D=64, S=90, dtype=jnp.bfloat16)
     mask = random_tree(rng, 9)
     first = tree_attention(q, k, v, lengths, mask, num_splits=3)
     second = tree_attention(q, k, v, lengths, mask, num_splits=3)
@@ -212,7 +152,7 @@ def test_deterministic():
 def test_traced_mask_and_lengths_under_jit():
     """One compile serves every length and every tree: both are data."""
     rng = np.random.default_rng(5)
-    q, k, v, lengths = make_inputs(rng, B=2, N=6, H=4, K=2, D=64, S=64, dtype=jnp.float32)
+    q, k, v, lengths = tree_inputs(rng, B=2, N=6, H=4, K=2, D=64, S=64, dtype=jnp.float32)
     traces = []
 
     @jax.jit
@@ -222,7 +162,7 @@ def test_traced_mask_and_lengths_under_jit():
     for _ in range(2):
         mask = jnp.asarray(np.stack([random_tree(rng, 6), random_tree(rng, 6, 2)]))
         lengths = jnp.asarray(rng.integers(0, 64 - 6 + 1, size=2), jnp.int32)
-        q, k, v, _ = make_inputs(rng, B=2, N=6, H=4, K=2, D=64, S=64, dtype=jnp.float32, lengths=lengths)
+        q, k, v, _ = tree_inputs(rng, B=2, N=6, H=4, K=2, D=64, S=64, dtype=jnp.float32, lengths=lengths)
         got = run(q, k, v, lengths, mask)
         ref = reference(q, k, v, lengths, mask)
         assert_within_basis(got, ref, xla_basis(q, k, v, lengths, mask)[0], jnp.float32, "jit")
@@ -232,7 +172,7 @@ def test_traced_mask_and_lengths_under_jit():
 @pytest.mark.parametrize("T", [1, 4])
 def test_decode_equals_chain_tree_and_reference(T):
     rng = np.random.default_rng(T)
-    q, k, v, lengths = make_inputs(rng, B=3, N=T, H=8, K=2, D=64, S=70, dtype=jnp.bfloat16)
+    q, k, v, lengths = tree_inputs(rng, B=3, N=T, H=8, K=2, D=64, S=70, dtype=jnp.bfloat16)
     chain = np.tril(np.ones((T, T), bool))
     got = decode_attention(q, k, v, lengths, num_splits=2)
     np.testing.assert_array_equal(np.asarray(got, np.float32),
@@ -245,7 +185,7 @@ def test_chain_tree_equals_causal_attention(use_flash):
     """A chain tree over [prefix | T new tokens] is bottom-right causal attention over those tokens."""
     rng = np.random.default_rng(11)
     T, L, S = 8, 37, 64
-    q, k, v, _ = make_inputs(rng, B=2, N=T, H=4, K=2, D=64, S=S, dtype=jnp.float32,
+    q, k, v, _ = tree_inputs(rng, B=2, N=T, H=4, K=2, D=64, S=S, dtype=jnp.float32,
                              lengths=[L, L])
     chain = np.tril(np.ones((T, T), bool))
     got = tree_attention(q, k, v, jnp.array([L, L], jnp.int32), chain, num_splits=2)
@@ -279,7 +219,7 @@ def test_pack_tree_mask_round_trip():
 @pytest.mark.parametrize("num_splits", [1, 3, 17])  # 17: past the unrolled merge, the reduction form
 def test_combine_splits_matches_one_softmax(num_splits):
     """Merging per-split (o / l, lse) equals attention over all keys at once, empty splits included."""
-    from pallas_kernels.tree_attention.triton_kernel import combine_splits
+    from pallas_kernels.tree.triton_kernel import combine_splits
 
     keys = jax.random.split(jax.random.key(num_splits), 2)
     scores = jax.random.normal(keys[0], (2, 5, num_splits * 4)) * 3  # [B, R, keys]
@@ -312,7 +252,7 @@ def test_split_heuristic():
 
 def _valid_args(N=4, H=4, K=2, D=16, S=32, B=2):
     rng = np.random.default_rng(0)
-    q, k, v, lengths = make_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=jnp.float32, poison=False,
+    q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=jnp.float32, poison=False,
                                    lengths=[0] * B)
     return dict(q=q, k_cache=k, v_cache=v, cache_lengths=lengths, tree_mask=np.tril(np.ones((N, N), bool)))
 
@@ -407,7 +347,7 @@ def test_decode_rejects_long_queries():
 def test_out_of_range_lengths_are_caught_by_checkify_and_stay_in_bounds():
     rng = np.random.default_rng(8)
     N, S = 6, 40
-    q, k, v, _ = make_inputs(rng, B=3, N=N, H=2, K=1, D=16, S=S, dtype=jnp.float32, poison=False)
+    q, k, v, _ = tree_inputs(rng, B=3, N=N, H=2, K=1, D=16, S=S, dtype=jnp.float32, poison=False)
     mask = jnp.asarray(random_tree(rng, N))
     run = jax.jit(lambda lengths, mask: checked_tree_attention(q, k, v, lengths, mask, num_splits=2))
     good = jnp.array([0, 10, S - N], jnp.int32)
@@ -433,7 +373,7 @@ def test_out_of_range_lengths_are_caught_by_checkify_and_stay_in_bounds():
 def test_issue_shape_compiled(num_splits):
     """The issue's shape through the compiled Triton kernel: long loops, 64 nodes, GQA 4, D=128."""
     rng = np.random.default_rng(64)
-    q, k, v, lengths = make_inputs(rng, B=2, N=64, H=32, K=8, D=128, S=8192 + 64 + 37, dtype=jnp.bfloat16,
+    q, k, v, lengths = tree_inputs(rng, B=2, N=64, H=32, K=8, D=128, S=8192 + 64 + 37, dtype=jnp.bfloat16,
                                    lengths=[8192, 3001])
     mask = np.stack([random_tree(rng, 64), random_tree(rng, 64, 20)])
     check_against_reference(q, k, v, lengths, mask, num_splits=num_splits, backend="portable")

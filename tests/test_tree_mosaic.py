@@ -16,22 +16,24 @@ import numpy as np
 import pytest
 
 from pallas_kernels import tree_attention
-from pallas_kernels.tree_attention import mosaic_kernel
-from pallas_kernels.tree_attention.triton_kernel import combine_splits
-from test_tree_attention import check_against_reference, make_inputs, random_tree
+from pallas_kernels.common.device import on_hopper
+from pallas_kernels.testing import random_tree, tree_inputs
+from pallas_kernels.tree import mosaic_kernel
+from pallas_kernels.tree.triton_kernel import combine_splits
+from test_tree_attention import check_against_reference
 
 
 def _case(seed, *, B, N, H, K, D, S, dtype=jnp.bfloat16, lengths=None, batched_mask=False, poison=False,
           **kwargs):
     rng = np.random.default_rng(seed)
-    q, k, v, lengths = make_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=dtype, lengths=lengths,
+    q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=dtype, lengths=lengths,
                                    poison=poison)
     mask = np.stack([random_tree(rng, N, 3) for _ in range(B)]) if batched_mask else random_tree(rng, N)
     check_against_reference(q, k, v, lengths, mask, backend="mosaic", **kwargs)
 
 
 @pytest.mark.simulator
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [pytest.param(1, marks=pytest.mark.simulator_smoke), 3])
 def test_tree_mosaic_in_simulator(num_splits):
     # Row 0's tree starts mid-tile, row 1's prefix ends exactly on a tile boundary (256).
     _case(0, B=2, N=21, H=4, K=2, D=64, S=300, lengths=[150, 256], batched_mask=True,
@@ -46,7 +48,7 @@ def test_tree_mosaic_balanced_splits_in_simulator(num_splits):
     # the result.
     rng = np.random.default_rng(6)
     B, N, S = 4, 7, 400
-    q, k, v, lengths = make_inputs(rng, B=B, N=N, H=2, K=1, D=64, S=S, dtype=jnp.bfloat16,
+    q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=2, K=1, D=64, S=S, dtype=jnp.bfloat16,
                                    lengths=[0, 121, 256, 389], poison=False)
     unread = jnp.arange(S)[None, :] >= jnp.maximum(lengths + N + 7, 128)[:, None]  # [B, S]
     k, v = (jnp.where(unread[:, :, None, None], jnp.nan, x).astype(x.dtype) for x in (k, v))
@@ -68,6 +70,7 @@ def test_tree_mosaic_sequence_shorter_than_a_tile_in_simulator():
 
 
 @pytest.mark.simulator
+@pytest.mark.simulator_smoke
 def test_tree_mosaic_single_token_decode_in_simulator():
     _case(4, B=2, N=1, H=2, K=1, D=64, S=320, lengths=[130, 191], num_splits=2, interpret=True)
 
@@ -148,10 +151,10 @@ def test_tree_mosaic_rejects_what_it_does_not_cover():
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [None, 1, 5, 8])
 def test_tree_mosaic_issue_shape_on_gpu(num_splits):
-    if "9." not in str(getattr(jax.devices()[0], "compute_capability", "")):
+    if not on_hopper():
         pytest.skip("the Mosaic GPU tree kernel needs a Hopper GPU")
     rng = np.random.default_rng(64)
-    q, k, v, lengths = make_inputs(rng, B=2, N=64, H=32, K=8, D=128, S=8192 + 64 + 37, dtype=jnp.bfloat16,
+    q, k, v, lengths = tree_inputs(rng, B=2, N=64, H=32, K=8, D=128, S=8192 + 64 + 37, dtype=jnp.bfloat16,
                                    lengths=[8192, 3001], poison=False)
     mask = np.stack([random_tree(rng, 64), random_tree(rng, 64, 20)])
     check_against_reference(q, k, v, lengths, mask, num_splits=num_splits, backend="mosaic")

@@ -17,28 +17,14 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
-from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
-from pallas_kernels.flash_attention.arguments import AttentionProblem, validate
-from pallas_kernels.flash_attention.kernel_common import LOG2E, KernelSpec
-from pallas_kernels.flash_attention.tuning import MIN_BLOCK, BlockSizes, lookup_block_sizes
+from pallas_kernels.common.device import device_kind, on_hopper, resolve_interpret
+from pallas_kernels.common.numerics import LOG2E, next_power_of_two
+from pallas_kernels.fa2 import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
+from pallas_kernels.fa2.arguments import AttentionProblem, validate
+from pallas_kernels.fa2.block_sizes import MIN_BLOCK, BlockSizes, feature_names, lookup_block_sizes
+from pallas_kernels.fa2.kernel_common import KernelSpec
 
 logger = logging.getLogger(__name__)
-
-
-def feature_names(*, causal=False, window_size=(-1, -1), segment_ids=None, softcap=0.0,
-                  alibi_slopes=None, mask=None, dropout_rate=0.0, **_) -> tuple[str, ...]:
-    """The feature set of a call, as used in the tuning-cache key."""
-    present = {
-        "causal": causal,
-        "window": tuple(window_size) != (-1, -1),
-        "segments": segment_ids is not None,
-        "softcap": softcap > 0,
-        "alibi": alibi_slopes is not None,
-        "mask": mask is not None,
-        "dropout": dropout_rate > 0,
-    }
-    return tuple(name for name, on in present.items() if on)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +38,7 @@ class _Launch:
     padded_head_dim: int
     interpret: bool
     # The Hopper forward's tiles, or None when the portable forward runs.
-    mosaic_blocks: mosaic_fwd.MosaicBlocks | None = None
+    mosaic_config: mosaic_fwd.MosaicFwdConfig | None = None
     # The Hopper backward's tiles, or None when the portable backward runs.
     mosaic_bwd_config: mosaic_bwd.MosaicBwdConfig | None = None
 
@@ -152,9 +138,9 @@ def _mosaic_problem(problem: AttentionProblem) -> mosaic_fwd.MosaicProblem:
 def _forward(q, k, v, aux, launch: _Launch):
     problem, blocks = launch.problem, launch.blocks
     qp, kp, vp = _pad_qkv(launch, q, k, v)
-    if launch.mosaic_blocks is not None:
+    if launch.mosaic_config is not None:
         out, lse = mosaic_fwd.forward(qp, kp, vp, problem=_mosaic_problem(problem),
-                                      blocks=launch.mosaic_blocks, interpret=launch.interpret)
+                                      config=launch.mosaic_config, interpret=launch.interpret)
         return out[:, :problem.q_len, :, :problem.head_dim], lse
     extras, spec = _prepare_extras(launch, aux, blocks.block_q, blocks.block_k)
     out, lse = triton_fwd.forward(
@@ -188,6 +174,7 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
     D, T, S = problem.head_dim, problem.q_len, problem.kv_len
+    # Segment ids, slopes, mask and seed are not differentiated (integers, booleans, or by choice).
     aux_cotangent = jax.tree.map(lambda _: None, aux)
     if launch.mosaic_bwd_config is not None:
         dq, dk, dv = mosaic_bwd.backward(qp, kp, vp, dop, lse, delta, problem=_mosaic_problem(problem),
@@ -200,7 +187,6 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
         block_q_dkv=blocks.block_q_dkv, block_k_dkv=blocks.block_k_dkv,
         block_q_dq=blocks.block_q_dq, block_k_dq=blocks.block_k_dq,
         num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd, interpret=launch.interpret)
-    # Segment ids, slopes, mask and seed are not differentiated (integers, booleans, or by choice).
     return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D], aux_cotangent
 
 
@@ -234,10 +220,10 @@ def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool
             raise ValueError(
                 f"backend='mosaic' covers bf16/f16, head dim 64 or 128, causal and window only; got "
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
-        return mosaic_fwd.MosaicBlocks()
+        return mosaic_fwd.MosaicFwdConfig()
     if backend is None and not interpret and on_hopper():
         if covered and mosaic_fwd.preferred(head_dim=problem.head_dim):
-            return mosaic_fwd.MosaicBlocks()
+            return mosaic_fwd.MosaicFwdConfig()
         _log_fallback("forward", problem, features)
     return None
 
@@ -257,11 +243,6 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
             return mosaic_bwd.MosaicBwdConfig()
         _log_fallback("backward", problem, features)
     return None
-
-
-def default_interpret() -> bool:
-    """Interpret mode everywhere but on a GPU backend."""
-    return jax.default_backend() not in ("gpu", "cuda", "rocm")
 
 
 def flash_attention(
@@ -319,22 +300,21 @@ def flash_attention(
         dropout_rate=dropout_rate, dropout_seed=dropout_seed)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a pallas_kernels.BlockSizes or None, got {block_sizes=}")
-    if interpret is None:
-        interpret = default_interpret()
+    interpret = resolve_interpret(interpret)
     features = feature_names(causal=causal, window_size=window_size, segment_ids=segment_ids,
                              softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
                              dropout_rate=dropout_rate)
     if block_sizes is None:
-        device_kind = "cpu" if interpret else jax.devices()[0].device_kind
-        block_sizes = lookup_block_sizes(device_kind, problem.dtype, problem.head_dim, features)
+        kind = "cpu" if interpret else device_kind()
+        block_sizes = lookup_block_sizes(kind, problem.dtype, problem.head_dim, features)
     blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
-    mosaic_blocks = _choose_mosaic(backend, problem, features, bool(interpret))
-    mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, bool(interpret))
+    mosaic_config = _choose_mosaic(backend, problem, features, interpret)
+    mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    if mosaic_blocks is not None:
-        q_multiple = max(q_multiple, 2 * mosaic_blocks.block_q)
-        k_multiple = max(k_multiple, mosaic_blocks.block_kv)
+    if mosaic_config is not None:
+        q_multiple = max(q_multiple, 2 * mosaic_config.block_q)
+        k_multiple = max(k_multiple, mosaic_config.block_kv)
     if mosaic_bwd_config is not None:
         q_multiple = max(q_multiple, mosaic_bwd_config.q_multiple)
         k_multiple = max(k_multiple, mosaic_bwd_config.kv_multiple)
@@ -343,9 +323,9 @@ def flash_attention(
         blocks=blocks,
         padded_q_len=_round_up(problem.q_len, q_multiple),
         padded_kv_len=_round_up(problem.kv_len, k_multiple),
-        padded_head_dim=max(MIN_BLOCK, 1 << (problem.head_dim - 1).bit_length()),
-        interpret=bool(interpret),
-        mosaic_blocks=mosaic_blocks,
+        padded_head_dim=max(MIN_BLOCK, next_power_of_two(problem.head_dim)),
+        interpret=interpret,
+        mosaic_config=mosaic_config,
         mosaic_bwd_config=mosaic_bwd_config,
     )
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,

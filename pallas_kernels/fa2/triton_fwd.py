@@ -21,9 +21,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import masking
-from pallas_kernels.flash_attention.kernel_common import (
-    LN2, KernelSpec, block_ranges, scalar_specs, tile_allowed, tile_scores, zero_nonfinite_rows)
+from pallas_kernels.common.numerics import LN2
+from pallas_kernels.fa2 import masking
+from pallas_kernels.fa2.kernel_common import (
+    KernelSpec, block_ranges, scalar_specs, tile_allowed, tile_scores, zero_nonfinite_rows)
 
 
 def _forward_kernel(*refs, names: tuple[str, ...], spec: KernelSpec, block_q: int, block_k: int):

@@ -1,24 +1,22 @@
-"""Block sizes: heuristics per head dim, dtype and GPU, an autotuner, and its JSON cache.
+"""Block sizes of the portable kernels: the config, heuristics per head dim, dtype and GPU, and the cache.
 
 FA2 leaves block sizes to hand tuning. Here `block_sizes=None` looks up the cache shipped with the
-package (measured on an H100, see BENCHMARKS.md), then a user cache written by `autotune`, then falls
-back to `heuristic_block_sizes`. The cache key is (device kind, dtype, head dim, feature set).
+package (measured on an H100, see BENCHMARKS.md), then a user cache written by the autotuner
+(`tuning.autotune`, which sits above the API and writes through `save_block_sizes`), then falls back
+to `heuristic_block_sizes`. The cache key is (device kind, dtype, head dim, feature set). This module
+imports no other part of the package but `common`, so the API and the autotuner both read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pathlib
-import time
-from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
-logger = logging.getLogger(__name__)
+from pallas_kernels.common.numerics import next_power_of_two
 
 SHIPPED_CACHE = pathlib.Path(__file__).with_name("tuning_cache.json")
 USER_CACHE_ENV = "FA2JAX_TUNING_CACHE"
@@ -54,8 +52,8 @@ class BlockSizes:
 
     def fitted(self, q_len: int, kv_len: int) -> "BlockSizes":
         """Shrinks blocks that exceed the (power-of-two rounded) sequence, so short inputs pad little."""
-        q_cap = max(MIN_BLOCK, _next_power_of_2(q_len))
-        k_cap = max(MIN_BLOCK, _next_power_of_2(kv_len))
+        q_cap = max(MIN_BLOCK, next_power_of_two(q_len))
+        k_cap = max(MIN_BLOCK, next_power_of_two(kv_len))
         return dataclasses.replace(
             self,
             block_q=min(self.block_q, q_cap),
@@ -65,10 +63,6 @@ class BlockSizes:
             block_q_dq=min(self.block_q_dq, q_cap),
             block_k_dq=min(self.block_k_dq, k_cap),
         )
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def heuristic_block_sizes(head_dim: int, dtype, device_kind: str) -> BlockSizes:
@@ -96,12 +90,27 @@ def heuristic_block_sizes(head_dim: int, dtype, device_kind: str) -> BlockSizes:
                       num_warps_bwd=4, num_stages_bwd=1)
 
 
+def feature_names(*, causal=False, window_size=(-1, -1), segment_ids=None, softcap=0.0,
+                  alibi_slopes=None, mask=None, dropout_rate=0.0, **_) -> tuple[str, ...]:
+    """The feature set of a call, as used in the tuning-cache key."""
+    present = {
+        "causal": causal,
+        "window": tuple(window_size) != (-1, -1),
+        "segments": segment_ids is not None,
+        "softcap": softcap > 0,
+        "alibi": alibi_slopes is not None,
+        "mask": mask is not None,
+        "dropout": dropout_rate > 0,
+    }
+    return tuple(name for name, on in present.items() if on)
+
+
 def cache_key(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> str:
     """'NVIDIA H100 80GB HBM3|bfloat16|128|causal,segments' -- features sorted, empty for plain."""
     return "|".join([device_kind, jnp.dtype(dtype).name, str(head_dim), ",".join(sorted(features))])
 
 
-def _user_cache_path() -> pathlib.Path:
+def user_cache_path() -> pathlib.Path:
     default = pathlib.Path.home() / ".cache" / "fa2jax" / "tuning_cache.json"
     return pathlib.Path(os.environ.get(USER_CACHE_ENV, default))
 
@@ -115,12 +124,23 @@ def _read_cache(path: pathlib.Path) -> dict:
 
 def lookup_block_sizes(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> BlockSizes:
     """User cache, then the shipped cache, then the heuristic; a cached feature set falls back to plain."""
-    caches = [_read_cache(_user_cache_path()), _read_cache(SHIPPED_CACHE)]
+    caches = [_read_cache(user_cache_path()), _read_cache(SHIPPED_CACHE)]
     for key in (cache_key(device_kind, dtype, head_dim, features), cache_key(device_kind, dtype, head_dim, ())):
         for cache in caches:
             if key in cache:
                 return BlockSizes(**cache[key])
     return heuristic_block_sizes(head_dim, dtype, device_kind)
+
+
+def save_block_sizes(key: str, blocks: BlockSizes, path: pathlib.Path | None = None) -> None:
+    """Writes `blocks` under `key` into the user cache (atomically: a temporary file, then a rename)."""
+    path = user_cache_path() if path is None else path
+    cache = _read_cache(path)
+    cache[key] = dataclasses.asdict(blocks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def candidate_block_sizes(head_dim: int) -> list[BlockSizes]:
@@ -137,63 +157,3 @@ def candidate_block_sizes(head_dim: int) -> list[BlockSizes]:
                         block_q_dkv=bwd_q, block_k_dkv=bwd_k, block_q_dq=bwd_k, block_k_dq=bwd_q,
                         num_warps_bwd=num_warps, num_stages_bwd=min(num_stages, 2)))
     return candidates
-
-
-def _median_seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def autotune(q, k, v, *, candidates: list[BlockSizes] | None = None, repeats: int = 10,
-             include_backward: bool = True, save: bool = True, **attention_kwargs) -> BlockSizes:
-    """Times candidate block sizes on the current device and caches the fastest.
-
-    Args:
-      q, k, v: representative inputs ([B, T, H, D], [B, S, K, D]).
-      candidates: block sizes to try (default `candidate_block_sizes(D)`).
-      repeats: timed runs per candidate (median taken).
-      include_backward: time forward + backward (training) instead of forward alone.
-      save: write the winner into the user cache (`$FA2JAX_TUNING_CACHE` or ~/.cache/fa2jax/).
-      **attention_kwargs: the feature arguments of `flash_attention` (causal, window_size, ...).
-
-    Returns:
-      The fastest BlockSizes; candidates that fail to compile are skipped with a log line.
-    """
-    from pallas_kernels.flash_attention.api import feature_names, flash_attention
-
-    device_kind = jax.devices()[0].device_kind
-    candidates = candidates or candidate_block_sizes(q.shape[-1])
-    best, best_time = None, float("inf")
-    for blocks in candidates:
-        def run(blocks=blocks):
-            if include_backward:
-                return jax.grad(lambda q, k, v: flash_attention(
-                    q, k, v, block_sizes=blocks, **attention_kwargs).astype(jnp.float32).sum(),
-                    argnums=(0, 1, 2))(q, k, v)
-            return flash_attention(q, k, v, block_sizes=blocks, **attention_kwargs)
-        fn = jax.jit(run)
-        try:
-            seconds = _median_seconds(fn, repeats)
-        except Exception as error:  # a candidate that does not compile (e.g. out of shared memory)
-            logger.info("autotune: %s failed: %s", blocks, error)
-            continue
-        logger.info("autotune: %s took %.1f us", blocks, seconds * 1e6)
-        if seconds < best_time:
-            best, best_time = blocks, seconds
-    if best is None:
-        raise ValueError(f"no candidate block size ran on {device_kind=}")
-    if save:
-        path = _user_cache_path()
-        cache = _read_cache(path)
-        key = cache_key(device_kind, q.dtype, q.shape[-1], feature_names(**attention_kwargs))
-        cache[key] = dataclasses.asdict(best)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(path)
-    return best

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from pallas_kernels.flash_attention.arguments import check_heads_and_dtypes
+from pallas_kernels.common.checks import check_heads_and_dtypes, check_rank
 
 MAX_NODES = 128  # 4 uint32 bit words per node in the kernel's packed mask
 
@@ -40,18 +40,13 @@ class TreeProblem:
         return self.num_heads // self.num_kv_heads
 
 
-def _check_rank(name: str, shape: tuple[int, ...], rank: int) -> None:
-    if len(shape) != rank:
-        raise ValueError(f"{name} must have rank {rank}, got {name}.shape={tuple(shape)}")
-
-
 def validate(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale, softcap, num_splits=None):
     """Checks every argument (shapes, dtypes, Python values, a concrete mask's contents).
 
     Returns the `TreeProblem`; raises `ValueError` naming the offending value.
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_rank(name, x.shape, 4)
+        check_rank(name, x.shape, 4)
     batch, num_nodes, num_heads, head_dim = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape=} and {v_cache.shape=}")

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention.masking import MaskConfig
-
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MAX_HEAD_DIM = 256
+from pallas_kernels.common.checks import check_heads_and_dtypes, check_rank
+from pallas_kernels.fa2.masking import MaskConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,30 +39,6 @@ class AttentionProblem:
         return self.num_heads // self.num_kv_heads
 
 
-def _check_rank(name: str, x: jax.Array, rank: int) -> None:
-    if x.ndim != rank:
-        raise ValueError(f"{name} must have rank {rank}, got {name}.shape={tuple(x.shape)}")
-
-
-def check_heads_and_dtypes(arrays: dict) -> None:
-    """Checks shared by every attention kernel: GQA head counts, head dim and one supported dtype.
-
-    `arrays` maps names to the query and key/value arrays ([B, T, H, D] first, then [B, S, K, D]).
-    """
-    (q_name, q), (_, k), *_ = arrays.items()
-    num_heads, head_dim, num_kv_heads = q.shape[2], q.shape[3], k.shape[2]
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads must be a multiple of KV heads, got {num_heads=} and {num_kv_heads=}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim=}")
-    for name, x in arrays.items():
-        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}.dtype={jnp.dtype(x.dtype)} is not one of float32, bfloat16, float16")
-    if len({jnp.dtype(x.dtype) for x in arrays.values()}) != 1:
-        described = ", ".join(f"{name}.dtype={jnp.dtype(x.dtype)}" for name, x in arrays.items())
-        raise ValueError(f"{', '.join(arrays)} must share a dtype, got {described}")
-
-
 def validate(
     q,
     k,
@@ -83,7 +56,7 @@ def validate(
 ):
     """Checks every argument and returns (problem, segment_ids, alibi_slopes, mask) normalised."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_rank(name, x, 4)
+        check_rank(name, x.shape, 4)
     batch, q_len, num_heads, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {k.shape=} and {v.shape=}")

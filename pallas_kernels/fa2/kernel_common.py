@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention import masking
+from pallas_kernels.common.numerics import LOG2E
+from pallas_kernels.fa2 import masking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +58,6 @@ class KernelSpec:
         config = self.mask_config
         return (self.kv_padded or config.left_limit is not None or config.right_limit is not None
                 or self.has_segments or self.mask_heads > 0)
-
-
-# The kernels keep scores in log2 units and use exp2: with no softcap or ALiBi, log2(e) folds into
-# the softmax scale, so each score costs one multiply before exp2 (FA2's Triton kernels do the same).
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def tile_scores(q, k, q_idx, k_idx, spec: KernelSpec, slope):

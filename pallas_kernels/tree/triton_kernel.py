@@ -23,7 +23,7 @@ node's result does not depend on where the prefix ends. Slower for short prefixe
 (the splits past the prefix idle), but a chain verified in one call reproduces one-token decoding
 bit for bit, which the fast walk (whose split shares follow the prefix length) does not.
 
-Tuned on: nothing yet (written without a GPU at hand); see tuning.py and the benchmark's --tune.
+Tuned on: an H100, where the benchmark's `--tune` sweep kept the default tiles (see tuning.py).
 Caveats: forward only (no VJP: verification is inference). Scores use exp2 with the scale folded in.
 A head dim that is not a power of two is padded per tile (masked loads); a group size G that is not
 a power of two costs a padded copy of q.
@@ -39,9 +39,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.kernel_common import LN2, LOG2E
-from pallas_kernels.tree_attention import masking
-from pallas_kernels.tree_attention.tuning import TreeAttentionConfig, next_power_of_two, row_tiling
+from pallas_kernels.common.numerics import LN2, LOG2E, next_power_of_two
+from pallas_kernels.tree import masking
+from pallas_kernels.tree.tuning import TreeAttentionConfig, row_tiling
 
 M_INIT = -1e30  # finite start for the running max, so an all-masked tile gives exp2(-inf - m) = 0
 
@@ -226,7 +226,7 @@ def combine_splits(o, lse, axis: int = 2):
     if num_splits > MAX_UNROLLED_SPLITS:
         return _combine_splits_reduce(o, lse, axis)
     # Split by split, so every op is elementwise over the output: with reductions over P, XLA made
-    # four kernels (max, exp, divide, sum; 6.2 us at B=1 on an H100), this way two (4.2 us).
+    # four kernels (max, exp, divide, sum), this way two, which take less time (BENCHMARKS.md).
     parts = [lax.index_in_dim(o, p, axis, keepdims=False) for p in range(num_splits)]
     lses = [lax.index_in_dim(lse, p, axis, keepdims=False) for p in range(num_splits)]
     top = functools.reduce(jnp.maximum, lses)

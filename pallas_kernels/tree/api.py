@@ -20,15 +20,11 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
-from pallas_kernels.flash_attention.mosaic_pipeline import on_hopper
-from pallas_kernels.tree_attention import arguments, mosaic_kernel
-from pallas_kernels.tree_attention.triton_kernel import tree_attention_call
-from pallas_kernels.tree_attention.tuning import (
-    TreeAttentionConfig,
-    next_power_of_two,
-    num_splits_heuristic,
-    row_tiling,
-)
+from pallas_kernels.common.device import on_hopper, resolve_interpret
+from pallas_kernels.common.numerics import next_power_of_two
+from pallas_kernels.tree import arguments, mosaic_kernel
+from pallas_kernels.tree.triton_kernel import tree_attention_call
+from pallas_kernels.tree.tuning import TreeAttentionConfig, num_splits_heuristic, row_tiling
 
 
 def tree_attention(
@@ -86,11 +82,10 @@ def tree_attention(
     cache_lengths, tree_mask = _as_array(cache_lengths), _as_array(tree_mask)
     problem = arguments.validate(q, k_cache, v_cache, cache_lengths, tree_mask, sm_scale=sm_scale,
                                  softcap=softcap, num_splits=num_splits)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     if batch_invariant and backend == "mosaic":
         raise ValueError(f"batch_invariant=True runs on the portable kernel only, got {backend=}")
-    if _use_mosaic(backend, problem, bool(interpret)) and not batch_invariant:
+    if _use_mosaic(backend, problem, interpret) and not batch_invariant:
         if num_splits is None:
             num_splits = mosaic_kernel.num_splits_for(
                 batch=problem.batch, num_kv_heads=problem.num_kv_heads, group_size=problem.group_size,
@@ -100,7 +95,7 @@ def tree_attention(
         out, lse = _tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words,
                                           sm_scale=problem.sm_scale, num_splits=num_splits,
                                           config=mosaic_kernel.MosaicTreeConfig.for_splits(num_splits),
-                                          interpret=bool(interpret))
+                                          interpret=interpret)
         return (out, lse) if return_lse else out
     if config is None:
         config = TreeAttentionConfig.heuristic(next_power_of_two(problem.head_dim), problem.dtype,
@@ -112,7 +107,7 @@ def tree_attention(
                                           block_k=config.block_k, block_rows=tiling.block_rows)
     out, lse = _tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, sm_scale=problem.sm_scale,
                                softcap=problem.softcap, num_splits=num_splits, config=config,
-                               interpret=bool(interpret), batch_invariant=bool(batch_invariant))
+                               interpret=interpret, batch_invariant=bool(batch_invariant))
     return (out, lse) if return_lse else out
 
 

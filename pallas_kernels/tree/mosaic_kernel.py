@@ -1,6 +1,6 @@
 """Tree attention for Hopper as a Pallas Mosaic GPU kernel (TMA producer, two wgmma consumers).
 
-The pipeline of the Hopper FlashAttention forward (`flash_attention.mosaic_pipeline`), laid out for
+The pipeline of the Hopper FlashAttention forward (`common.mosaic_pipeline`), laid out for
 verification: a CTA serves one KV head of one batch row, and its two consumer warpgroups take two
 query heads of that KV head (64 tree nodes each), so every K/V tile streamed into shared memory is
 used by 2 x 64 query rows. The prefix is split across CTAs (Flash-Decoding) when batch x KV heads
@@ -35,13 +35,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
-from pallas_kernels.tree_attention import masking
+from pallas_kernels.common.device import num_sms as device_sm_count
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, Pipeline
+from pallas_kernels.common.numerics import LOG2E
+from pallas_kernels.tree import masking
 
 NODE_BLOCK = 64  # query rows per consumer warpgroup (one wgmma M extent)
 MIN_AUTO_NODES = 32  # the default dispatch uses this kernel from this tree size on
-# The split merge (`merge_splits`): node rows and warps per program. At batch 1 and 8 splits on an
-# H100: 4 rows, 1 warp 2.24 us; 8 rows, 8 warps 2.31 us; 16 rows, 4 warps 2.59 us.
+# The split merge (`merge_splits`): node rows and warps per program, the fastest of 4/8/16 rows and
+# 1/4/8 warps at batch 1 and 8 splits on an H100 (BENCHMARKS.md).
 MERGE_ROWS, MERGE_WARPS = 4, 1
 
 
@@ -59,11 +61,10 @@ class MosaicTreeConfig:
     @classmethod
     def for_splits(cls, num_splits: int) -> "MosaicTreeConfig":
         """Three K/V stages when the prefix is split. A split grid is one short wave whose CTAs run
-        about nine steps. On an H100 at batch 1 (8 splits), with the final tile run last by one
-        split, the kernel took 21.8 us with three stages against 22.4 us with two; with its chunks
-        run first (`final_chunk`), 19.17 against 19.14 us, a tie. A long unsplit loop did better
-        with two (batch 8: 120.0 against 121.5 us). Three 128-key stages fill shared memory only
-        without Mosaic's reduction scratch, which this kernel never uses.
+        about nine steps; there three stages were at least as fast as two on an H100 (batch 1, 8
+        splits), while a long unsplit loop did better with two (batch 8; BENCHMARKS.md). Three
+        128-key stages fill shared memory only without Mosaic's reduction scratch, which this
+        kernel never uses.
         """
         return cls(num_stages=3, reduction_scratch_bytes=0) if num_splits > 1 else cls()
 
@@ -79,8 +80,12 @@ def runs_in_place(cache_size: int, block_kv: int = 128) -> bool:
 
 
 def num_splits_for(*, batch: int, num_kv_heads: int, group_size: int, num_nodes: int, cache_size: int,
-                   block_kv: int, num_sms: int = 132) -> int:
-    """Prefix splits so that about one wave of CTAs covers the GPU (never more splits than tiles)."""
+                   block_kv: int, num_sms: int | None = None) -> int:
+    """Prefix splits so that about one wave of CTAs covers the GPU (never more splits than tiles).
+
+    num_sms: the GPU's SM count, None = the default device's (`common.device.num_sms`).
+    """
+    num_sms = num_sms or device_sm_count()
     ctas = batch * num_kv_heads * (group_size // 2) * -(-num_nodes // NODE_BLOCK)
     return int(max(1, min(num_sms // max(ctas, 1), cache_size // block_kv)))
 
@@ -104,11 +109,10 @@ def final_chunk(splits: int, block_kv: int) -> int:
 
     The final tile holds the tree, so it is the one step whose scores need the packed mask, which
     takes about as long again as the step's matrix products. Run whole by the last split, it was
-    the critical path's extra step (the other splits did one step fewer), and its slowest (2.9
-    against 1.6 us at batch 1 on an H100). Cut in chunks, it adds half a step to the first splits,
-    which hold the shorter shares of the aligned tiles, and they run it first, while the other
-    splits still wait for their first tiles: the batch-1 kernel takes 19.2-19.5 us against 22.7 us
-    before (BENCHMARKS.md, session 13).
+    the critical path's extra step (the other splits did one step fewer), and its slowest step.
+    Cut in chunks, it adds half a step to the first splits, which hold the shorter shares of the
+    aligned tiles, and they run it first, while the other splits still wait for their first tiles,
+    which made the batch-1 kernel faster on an H100 (BENCHMARKS.md).
     """
     return min(block_kv, (-(-block_kv // splits) + 63) // 64 * 64)
 
@@ -292,8 +296,8 @@ def _merge_kernel(parts_ref, lse_ref, out_ref, merged_lse_ref):
 
     parts_ref [P, R, D] (each split's o / l), lse_ref [P, R] (-inf: the split saw no key of the row,
     and its part is zeros); out_ref [R, D], merged_lse_ref [R]. The loops over the splits are
-    unrolled, so that all the loads are in flight at once (a loop waited for each in turn: 4 us at
-    8 splits on an H100).
+    unrolled, so that all the loads are in flight at once (a loop waited for each in turn, which
+    was slower on an H100; BENCHMARKS.md).
     """
     num_splits = parts_ref.shape[0]
     lse = [lse_ref[p] for p in range(num_splits)]
@@ -312,7 +316,7 @@ def merge_splits(parts, lse, *, interpret: bool, rows: int = MERGE_ROWS, num_war
     lse [B, P, H, Np]: the whole merge in one launch.
 
     One launch instead of the two fusions XLA made of the same math (a transpose fusion and a select
-    fusion: 4.2 us plus a launch gap at B=1 on an H100). Not inside the attention kernel: that needs
+    fusion, and the launch gap between them; BENCHMARKS.md). Not inside the attention kernel: that needs
     its CTAs to synchronise, through global atomics or semaphores ("the last split merges") or a
     cluster barrier with distributed shared memory, and Mosaic GPU's simulator (JAX 0.10 to 0.11)
     runs none of those, so such a kernel could only be tested on a GPU. The merge is elementwise

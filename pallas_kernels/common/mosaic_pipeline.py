@@ -4,8 +4,8 @@ A CTA runs three warpgroups: warpgroup 2 streams K/V tiles with TMA into a ring 
 shared-memory slots; warpgroups 0 and 1 each own `rows` query rows and consume every tile with two
 asynchronous wgmma (S = Q Kᵀ, then O += P V) around a base-2 online softmax (FA2's deferred 1/l).
 With `ping_pong`, a schedule barrier makes the two consumers alternate, so one warpgroup's softmax
-overlaps the other's matrix products (FA3). The kernels (`mosaic_fwd`, the tree kernel) only decide
-which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
+overlaps the other's matrix products (FA3). The kernels (`fa2.mosaic_fwd`, `tree.mosaic_kernel`)
+only decide which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
 
 Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages.
 `interpret=True` runs Mosaic GPU's CPU simulator, which executes the warpgroups as threads with real
@@ -16,31 +16,29 @@ carried through run_state: there the two products are plain dots on the shared-m
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+from pallas_kernels.common.numerics import LN2
+
 CONSUMERS = 2
 _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
 _SWIZZLE_BYTES = 128
-
-
-def on_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x), where these kernels run."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def _plgpu():
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
 
     return plgpu
+
+
+def smem_transforms():
+    """The shared-memory tiling of every 16-bit tile a wgmma reads: 8 x 64 tiles, 128-byte swizzle."""
+    plgpu = _plgpu()
+    return (plgpu.TilingTransform((8, _TILE_COLUMNS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +61,7 @@ class Pipeline:
     def run(self, body: Callable, refs):
         """Allocates shared memory and barriers for all warpgroups, then body(smem, barriers)."""
         plgpu = _plgpu()
-        transforms = (plgpu.TilingTransform((8, _TILE_COLUMNS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+        transforms = smem_transforms()
         smem = (
             plgpu.SMEM((CONSUMERS, self.rows, self.head_dim), self.dtype, transforms=transforms),  # Q, then O
             plgpu.SMEM((self.stages, self.block_kv, self.head_dim), self.dtype, transforms=transforms),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.tree_attention.arguments import validate
+from pallas_kernels.tree.arguments import validate
 
 
 def tree_visibility(cache_lengths: jax.Array, tree_mask: jax.Array, cache_size: int) -> jax.Array:

@@ -1,28 +1,20 @@
 """Tile sizes and the split-KV heuristic for the tree-attention kernel.
 
-The defaults reuse the forward tiles that `flash_attention` measured on an H100 (the prefix loop is
-the same FA2 loop); they were not measured for this kernel, and are meant to be revised from the
-benchmark's `--tune` sweep (benchmarks/tree_attention.py).
+The defaults start from the forward tiles that `flash_attention` measured on an H100 (the prefix loop
+is the same FA2 loop); the tile sweep of benchmarks/tree_attention.py (`--tune`) on an H100 kept them
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 
-DEFAULT_NUM_SMS = 132  # H100 SXM
+from pallas_kernels.common.device import num_sms
+from pallas_kernels.common.numerics import is_power_of_two, next_power_of_two
+
 MAX_SPLITS = 64
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x >= 1 and x & (x - 1) == 0
-
-
-def next_power_of_two(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +37,9 @@ class TreeAttentionConfig:
     def __post_init__(self):
         for name in ("block_rows", "block_k"):
             value = getattr(self, name)
-            if not (_is_power_of_two(value) and value >= 16):
+            if not (is_power_of_two(value) and value >= 16):
                 raise ValueError(f"{name} must be a power of two >= 16, got {name}={value}")
-        if not _is_power_of_two(self.num_warps):
+        if not is_power_of_two(self.num_warps):
             raise ValueError(f"num_warps must be a power of two, got {self.num_warps=}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages=}")
@@ -58,7 +50,7 @@ class TreeAttentionConfig:
 
         The prefix loop is FA2's forward loop, so large trees start from the forward tiles measured
         for `flash_attention` on an H100 (bf16, D=128: 128 x 128 tiles, 8 warps, 3 stages; see
-        flash_attention/tuning.py). Small trees (decode: rows <= 64) are memory-bound: half-size
+        fa2/block_sizes.py). Small trees (decode: rows <= 64) are memory-bound: half-size
         key tiles and 4 warps leave shared memory for two programs per SM, which the split heuristic
         assumes. float32 tiles take twice the shared memory per stage; D=256 halves the rows.
         """
@@ -104,16 +96,6 @@ def row_tiling(num_nodes: int, group: int, block_rows: int) -> RowTiling:
     nodes_per_block = rows // padded_group
     return RowTiling(num_nodes=num_nodes, group=group, padded_group=padded_group, block_rows=rows,
                      nodes_per_block=nodes_per_block, node_blocks=-(-num_nodes // nodes_per_block))
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms() -> int:
-    """Streaming multiprocessors of the default device (132 when unknown, e.g. on CPU)."""
-    try:
-        count = getattr(jax.devices()[0], "core_count", None)
-    except RuntimeError:
-        count = None
-    return int(count) if count else DEFAULT_NUM_SMS
 
 
 def num_splits_heuristic(*, batch: int, num_kv_heads: int, row_blocks: int, cache_size: int, block_k: int,

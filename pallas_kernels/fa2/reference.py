@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import masking
-from pallas_kernels.flash_attention.arguments import validate
+from pallas_kernels.fa2 import masking
+from pallas_kernels.fa2.arguments import validate
 
 
 def attention_reference(

@@ -29,11 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention.mosaic_fwd import MosaicProblem, _key_tile_ranges
-from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E
-
-_TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
-_SWIZZLE_BYTES = 128
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
+from pallas_kernels.common.numerics import LOG2E
+from pallas_kernels.fa2.mosaic_fwd import MosaicProblem, _key_tile_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +75,6 @@ def _plgpu():
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
 
     return plgpu
-
-
-def _smem_transforms():
-    plgpu = _plgpu()
-    return (plgpu.TilingTransform((8, _TILE_COLUMNS)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
 
 
 def _kernel_options(interpret: bool) -> dict:
@@ -225,7 +218,7 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
     scale = problem.sm_scale * LOG2E
     masks = problem.window_left >= 0 or problem.window_right >= 0 or problem.kv_len != Sp
     mm = _Matmuls(interpret)
-    transforms = _smem_transforms()
+    transforms = smem_transforms()
 
     with_dq = dq_acc is not None
 
@@ -385,7 +378,7 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
     scale = problem.sm_scale * LOG2E
     masks = problem.window_left >= 0 or problem.window_right >= 0 or problem.kv_len != Sp
     mm = _Matmuls(interpret)
-    transforms = _smem_transforms()
+    transforms = smem_transforms()
 
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, dq_ref):
         def per_warpgroup(smem, barriers):

@@ -20,8 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import masking
-from pallas_kernels.flash_attention.kernel_common import (
+from pallas_kernels.fa2 import masking
+from pallas_kernels.fa2.kernel_common import (
     KernelSpec, block_ranges, scalar_specs, tile_allowed, tile_scores, zero_nonfinite_rows)
 
 

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention.mosaic_pipeline import CONSUMERS, LOG2E, Pipeline
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, Pipeline
+from pallas_kernels.common.numerics import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicBlocks:
+class MosaicFwdConfig:
     """Tile shapes of the Hopper kernel: a CTA covers 2 * block_q query rows (two consumers)."""
 
     block_q: int = 64
@@ -94,18 +95,18 @@ def _key_tile_ranges(row0, rows: int, problem: MosaicProblem, block_kv: int, pad
     return lo, full_lo, full_hi, hi
 
 
-def forward(q, k, v, *, problem: MosaicProblem, blocks: MosaicBlocks, interpret: bool = False):
+def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpret: bool = False):
     """q [B, Tp, H, D], k/v [B, Sp, K, D] padded to tile multiples -> (O [B, Tp, H, D], lse [B, H, Tp])."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
 
     B, Tp, H, D = q.shape
     Sp = k.shape[1]
-    bq, bkv = blocks.block_q, blocks.block_kv
+    bq, bkv = config.block_q, config.block_kv
     cta_rows = CONSUMERS * bq
     if Tp % cta_rows or Sp % bkv:
         raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {cta_rows}, {Sp=} % {bkv}")
-    pipeline = Pipeline(rows=bq, block_kv=bkv, head_dim=D, stages=blocks.num_stages, dtype=q.dtype,
-                        scale=problem.sm_scale * LOG2E, ping_pong=blocks.ping_pong, interpret=interpret)
+    pipeline = Pipeline(rows=bq, block_kv=bkv, head_dim=D, stages=config.num_stages, dtype=q.dtype,
+                        scale=problem.sm_scale * LOG2E, ping_pong=config.ping_pong, interpret=interpret)
     masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
 
     def body(q_ref, k_ref, v_ref, out_ref, lse_ref):

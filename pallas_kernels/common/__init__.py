@@ -1,0 +1,1 @@
+"""What every kernel family shares: constants, device queries, argument checks, the Mosaic GPU pipeline."""

@@ -1,0 +1,152 @@
+"""Every Hopper (Mosaic GPU) kernel lowers for sm90, checked on a CPU-only machine.
+
+Interpret mode and Mosaic GPU's CPU simulator never run the Mosaic GPU lowering (wgmma, register
+layouts, swizzled TMA tiles), so without this file a change that breaks the default fast path on
+H100/H200 would pass `make test`. `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` runs
+Pallas' lowering of each kernel to a Mosaic GPU MLIR module, with its layout inference and
+verification, for compute capability 9.0 (what Mosaic GPU assumes when the default device reports
+none: `jax.experimental.mosaic.gpu.core._infer_arch`). The passes after that (to PTX) run only when
+XLA compiles on a GPU: that part is left to the `gpu` tests. Inputs are abstract (no memory, no run);
+a case takes about a second.
+
+Each entry of KERNELS is one way into the Hopper kernels with the custom calls its lowering must
+contain; a new kernel is one more entry, or a changed count in an existing one.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention, flash_attention, tree_attention
+from pallas_kernels.testing import random_tree
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+
+
+def kernel_counts(lowered_text: str) -> dict[str, int]:
+    """Custom calls in lowered StableHLO: Mosaic GPU kernels and Triton kernels (Pallas' Triton backend)."""
+    return {"mosaic": len(re.findall(r"custom_call @mosaic_gpu\w*\(", lowered_text)),
+            "triton": lowered_text.count("custom_call @__gpu$xla.gpu.triton(")}
+
+
+def lower_for_sm90(fn, *abstract_args) -> dict[str, int]:
+    lowered = jax.jit(fn).trace(*abstract_args).lower(lowering_platforms=("cuda",))
+    return kernel_counts(lowered.as_text())
+
+
+# -- FlashAttention ---------------------------------------------------------------------------------
+
+FA_CASES = {  # (B, T, S, H, K, D, dtype), features: head dims 64 and 128, GQA/MQA, lengths off the tiles
+    "d64-plain": ((1, 128, 128, 2, 2, 64, BF16), {}),
+    "d128-causal-gqa": ((2, 200, 333, 8, 2, 128, BF16), dict(causal=True)),
+    "d64-window-mqa-f16": ((1, 77, 129, 4, 1, 64, F16), dict(window_size=(40, 8))),
+    "d128-causal-t>s": ((1, 130, 75, 4, 4, 128, BF16), dict(causal=True)),
+    "d128-left-window-f16": ((1, 300, 517, 4, 2, 128, F16), dict(window_size=(100, -1))),
+    "d64-causal-window-gqa": ((2, 96, 160, 6, 2, 64, BF16), dict(causal=True, window_size=(32, 0))),
+}
+
+
+def _fa_forward(features):
+    return functools.partial(flash_attention, backend="mosaic", interpret=False, return_lse=True, **features)
+
+
+def _fa_forward_backward(features, backend="mosaic"):
+    attention = functools.partial(flash_attention, backend=backend, interpret=False, **features)
+
+    def fwd_bwd(q, k, v, do):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return out, vjp(do)
+    return fwd_bwd
+
+
+KERNELS = {  # name -> (builder of the lowered function, the custom calls its lowering holds)
+    "fa2-forward": (_fa_forward, {"mosaic": 1, "triton": 0}),
+    # The Hopper forward, then the Hopper dK/dV and dQ kernels.
+    "fa2-forward+backward": (_fa_forward_backward, {"mosaic": 3, "triton": 0}),
+    # The Hopper forward, then the portable backward (dK/dV and dQ, Triton).
+    "fa2-forward+portable-backward": (
+        functools.partial(_fa_forward_backward, backend=("mosaic", "portable")), {"mosaic": 1, "triton": 2}),
+    # The Hopper backward alone, dQ added by TMA reduce-add from the dK/dV kernel (one kernel).
+    "fa2-atomic-backward": (lambda features: _atomic_backward(features), {"mosaic": 1, "triton": 0}),
+}
+
+
+def _atomic_backward(features):
+    """mosaic_bwd.backward with deterministic=False on tile-multiple inputs."""
+    from pallas_kernels.fa2 import mosaic_bwd
+    from pallas_kernels.fa2.mosaic_fwd import MosaicProblem
+
+    left, right = features.get("window_size", (-1, -1))
+    right = 0 if features.get("causal") else right
+
+    def backward(q, k, v, do):
+        B, T, H, D = q.shape
+        S, K = k.shape[1], k.shape[2]
+        config = mosaic_bwd.MosaicBwdConfig(deterministic=False)
+        pad = lambda x, n: jnp.pad(x, [(0, 0), (0, -(-x.shape[1] // n) * n - x.shape[1]), (0, 0), (0, 0)])
+        q, do = pad(q, config.q_multiple), pad(do, config.q_multiple)
+        k, v = pad(k, config.kv_multiple), pad(v, config.kv_multiple)
+        stats = jnp.zeros((B, H, q.shape[1]), jnp.float32)
+        problem = MosaicProblem(q_len=T, kv_len=S, q_offset=S - T, window_left=left, window_right=right,
+                                sm_scale=D ** -0.5, group_size=H // K)
+        return mosaic_bwd.backward(q, k, v, do, stats, stats, problem=problem, config=config)
+    return backward
+
+
+@pytest.mark.parametrize("case", list(FA_CASES))
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_flash_attention_mosaic_lowers_for_sm90(kernel, case):
+    (B, T, S, H, K, D, dtype), features = FA_CASES[case]
+    build, expected = KERNELS[kernel]
+    q = jax.ShapeDtypeStruct((B, T, H, D), dtype)
+    kv = jax.ShapeDtypeStruct((B, S, K, D), dtype)
+    args = (q, kv, kv, q) if kernel.endswith("backward") else (q, kv, kv)
+    assert lower_for_sm90(build(features), *args) == expected
+
+
+# -- tree and decode attention ----------------------------------------------------------------------
+
+TREE_CASES = {  # (B, N, H, K, D, S, dtype), keyword arguments, Triton kernels (the split merge)
+    # a tree that starts mid-tile, one split: no merge
+    "n21-d64-one-split": ((2, 21, 4, 2, 64, 300, BF16), dict(num_splits=1), 0),
+    # several splits: their partial results merge in one Triton kernel
+    "n21-d64-three-splits": ((2, 21, 4, 2, 64, 304, BF16), dict(num_splits=3), 1),
+    # two node blocks per head pair, head dim 128
+    "n100-d128-f16": ((1, 100, 4, 1, 128, 400, F16), dict(num_splits=2), 1),
+    # the verification shape (H=32, K=8, N=64) with the split heuristic (4 splits at 132 SMs), a
+    # cache that is no multiple of 8 (copied with padding)
+    "n64-d128-gqa4-heuristic": ((2, 64, 32, 8, 128, 1101, BF16), {}, 1),
+    # the whole sequence shorter than one 128-key tile
+    "n8-d64-short-cache": ((2, 8, 2, 1, 64, 100, BF16), dict(num_splits=1), 0),
+}
+
+
+@pytest.mark.parametrize("traced_mask", [False, True], ids=["static-mask", "traced-mask"])
+@pytest.mark.parametrize("case", list(TREE_CASES))
+def test_tree_attention_mosaic_lowers_for_sm90(case, traced_mask):
+    (B, N, H, K, D, S, dtype), kwargs, merges = TREE_CASES[case]
+    q = jax.ShapeDtypeStruct((B, N, H, D), dtype)
+    cache = jax.ShapeDtypeStruct((B, S, K, D), dtype)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    attention = functools.partial(tree_attention, backend="mosaic", interpret=False, **kwargs)
+    if traced_mask:  # packed into bit words inside the jit, by XLA
+        fn, mask = attention, (jax.ShapeDtypeStruct((B, N, N), jnp.bool_),)
+    else:  # packed at trace time
+        static = np.stack([random_tree(seed, N) for seed in range(B)])
+        fn, mask = (lambda q, k, v, lengths: attention(q, k, v, lengths, static)), ()
+    assert lower_for_sm90(fn, q, cache, cache, lengths, *mask) == {"mosaic": 1, "triton": merges}
+
+
+@pytest.mark.parametrize("T,num_splits,merges", [(1, 1, 0), (1, 4, 1), (4, 2, 1)])
+def test_decode_attention_mosaic_lowers_for_sm90(T, num_splits, merges):
+    q = jax.ShapeDtypeStruct((2, T, 8, 128), BF16)
+    cache = jax.ShapeDtypeStruct((2, 1024, 2, 128), BF16)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    fn = functools.partial(decode_attention, backend="mosaic", interpret=False, num_splits=num_splits)
+    assert lower_for_sm90(fn, q, cache, cache, lengths) == {"mosaic": 1, "triton": merges}
