@@ -20,12 +20,12 @@ How children are chosen:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from typing import TYPE_CHECKING, Any
 
 from fa2jax import KVCache
 from spec.generation import call_model
