@@ -5,11 +5,11 @@ its next-token logits at all N node slots of the partly filled tree, picks child
 and after verification tells each drafter which root path was accepted. A drafter keeps whatever
 state it needs for that (a KV cache, an n-gram table, nothing) and never sees the target.
 
-Every method runs inside the one jitted `lax.while_loop` of `SpeculativeDecoder.generate`, so it
-must be pure and traceable; `params` is handed to the loop as an argument (new weights do not
-recompile) and back to each call. The decoder wraps a plain `Transformer` in `ModelDrafter`, so
-another kind of draft (a layer-skip model, n-gram lookup, a fixed guess) only implements this
-protocol.
+Every method but `check_capacity` runs inside the one jitted `lax.while_loop` of
+`SpeculativeDecoder.generate`, so it must be pure and traceable; `params` is handed to the loop
+as an argument (new weights do not recompile) and back to each call. The decoder wraps a plain
+`Transformer` in `ModelDrafter`, so another kind of draft (a layer-skip model, n-gram lookup, a
+fixed guess) only implements this protocol.
 """
 from __future__ import annotations
 

@@ -204,6 +204,22 @@ def test_verify_tree_is_a_deprecated_alias(tokens):
         np.testing.assert_array_equal(a, b)
 
 
+def test_renamed_public_names_warn_and_still_work():
+    import fa2jax
+    import fa2jax.tokenizer
+    import fa2jax.training
+    from fa2jax._deprecation import warn_renamed
+
+    warn_renamed.cache_clear()
+    for module, old, new in ((fa2jax, "RopeScaling", "RopeScalingConfig"),
+                             (fa2jax.training, "Preset", "RunConfig"),
+                             (fa2jax.tokenizer, "load_tokenizer", "read_tokenizer_file")):
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(module, old) is getattr(module, new)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fa2jax.no_such_name  # noqa: B018
+
+
 def test_accept_then_decode_equals_forward(model, tokens):
     lengths = jnp.array([5, 3], jnp.int32)
     cache = _prefilled(model, tokens, lengths)

@@ -13,6 +13,8 @@ from fa2jax.model import Transformer
 
 @struct.dataclass
 class TrainState:
+    """What one train step updates (donated to it and returned anew)."""
+
     step: jax.Array  # [] int32, optimizer steps taken; also the position in the data order
     params: Any  # nnx.State of the model's nnx.Param variables, in param_dtype (float32)
     opt_state: Any  # optax state over `params`
