@@ -11,12 +11,12 @@ writes JSON to --out.
 
 Cost model (SpecInfer section 6; all times measured in the same run):
     speedup ~= tokens per step * t_decode(target) / (draft passes * t_draft + t_verify(target))
-where t_decode is one target decode step, t_verify one target `verify_tree` over the N nodes,
-t_draft one draft `verify_tree` over the N nodes, and draft passes the measured mean per step
+where t_decode is one target decode step, t_verify one target `score_tree` over the N nodes,
+t_draft one draft `score_tree` over the N nodes, and draft passes the measured mean per step
 (one per level, plus the K/V fix-up pass in steps that accept a deepest-level node:
-`spec.comparison.mean_draft_passes`). Until trained models exist the
-models are random (presets), so acceptance is near its floor of 1 token per step; --draft-preset
-same drafts with the target itself, the ceiling (depth + 1 tokens per step).
+`spec.comparison.mean_draft_passes`). Without --target-ckpt / --draft-ckpt the models are random
+(presets), so acceptance is near its floor of 1 token per step; --draft-preset same drafts with
+the target itself, the ceiling (depth + 1 tokens per step).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fa2jax import Transformer, TransformerConfig
+from fa2jax import Transformer, TransformerConfig, load_pretrained, load_tokenizer
 from fa2jax.model import with_invariant_rows
 from pallas_kernels.testing import median_time
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder, TreeTopology, generate_incremental
@@ -60,24 +60,21 @@ def tree_configs(quick: bool) -> dict:
     }
 
 
-def build_model(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=None,
-                invariant_rows: int = 0) -> Transformer:
-    """A model from a checkpoint folder, or a random one from a `TransformerConfig` preset.
+def model_for_run(preset: str, ckpt: str | None, seed: int, min_len: int, dtype=None,
+                  invariant_rows: int = 0) -> Transformer:
+    """A model from a checkpoint folder (`fa2jax.load_pretrained`), or a random one from a
+    `TransformerConfig` preset.
 
     `dtype` overrides the compute dtype (float32 for the bitwise greedy-equality check);
-    `invariant_rows` makes the cached calls batch-invariant (see `TransformerConfig`). A checkpoint
-    is loaded for inference: its (float32 master) weights are cast once to the compute dtype, so a
-    bf16 model reads bf16 weights rather than casting float32 ones on every step.
+    `invariant_rows` makes the cached calls batch-invariant (see `TransformerConfig`). A checkpoint's
+    weights are cast once to the compute dtype, so a bf16 model reads bf16 weights rather than
+    casting float32 ones on every step.
     """
     if ckpt:
-        from fa2jax import checkpoint
-        from fa2jax.training import load_model, model_config_from_dict, resolve_checkpoint
-
-        stored = model_config_from_dict(checkpoint.read_metadata(resolve_checkpoint(ckpt))["model_config"])
-        config = stored.replace(invariant_rows=invariant_rows, **({"dtype": dtype} if dtype else {}))
-        if config.max_len < min_len:
-            raise ValueError(f"checkpoint model too short for this run: {config.max_len=} {min_len=}")
-        return load_model(ckpt, config).inference_module()
+        model = load_pretrained(ckpt, dtype=dtype, invariant_rows=invariant_rows)
+        if model.config.max_len < min_len:
+            raise ValueError(f"checkpoint model too short for this run: {model.config.max_len=} {min_len=}")
+        return model
     config = getattr(TransformerConfig, preset)()
     config = config.replace(max_len=max(config.max_len, min_len), invariant_rows=invariant_rows,
                             **({"dtype": dtype} if dtype else {}))
@@ -90,11 +87,9 @@ def real_text_prompts(ckpt: str, batch: int, prompt_len: int) -> jax.Array:
     Trained models accept far more of a draft's guesses on text like their training data than on
     random token ids, so checkpoints are measured on real (validation-split) prompts.
     """
-    from fa2jax.checkpoint import read_tokenizer
     from fa2jax.data import find_documents, split_documents
-    from fa2jax.training import resolve_checkpoint
 
-    tokenizer = read_tokenizer(resolve_checkpoint(ckpt))
+    tokenizer = load_tokenizer(ckpt)
     rows = []
     for doc in split_documents(find_documents(None, None), 0.05).val:
         ids = tokenizer.encode(doc.text)
@@ -119,7 +114,7 @@ def component_times(model: Transformer, batch: int, context: int, num_nodes: int
 
     @jax.jit
     def tree(params, cache, mask):
-        return nnx.merge(graphdef, params).verify_tree(nodes, mask, cache)[0]
+        return nnx.merge(graphdef, params).score_tree(nodes, mask, cache)[0]
 
     return {"decode": median_time(lambda: decode(params, cache), repeats),
             "tree": median_time(lambda: tree(params, cache, mask), repeats)}
@@ -159,8 +154,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target-preset", default="target_1b")
     parser.add_argument("--draft-preset", default="draft_20m", help='a preset name, or "same" for the target')
-    parser.add_argument("--target-ckpt", default=None, help="training checkpoint folder of the target")
-    parser.add_argument("--draft-ckpt", default=None, help="training checkpoint folder of the draft")
+    parser.add_argument("--target-ckpt", default=None, help="model folder of the target (fa2jax.load_pretrained)")
+    parser.add_argument("--draft-ckpt", default=None, help="model folder of the draft (fa2jax.load_pretrained)")
     parser.add_argument("--draft2-ckpt", default=None, help="second draft of merged trees (default: a reseeded draft)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=1,
@@ -204,13 +199,13 @@ def main():
         trees = {k: v for k, v in trees.items() if k not in skipped}
     max_nodes = max([t.num_nodes for t, _ in trees.values()] + [args.invariant_rows])
     min_len = args.prompt_len + args.max_new_tokens + max_nodes
-    target = build_model(args.target_preset, args.target_ckpt, 0, min_len, target_dtype, args.invariant_rows)
+    target = model_for_run(args.target_preset, args.target_ckpt, 0, min_len, target_dtype, args.invariant_rows)
     plain_target = with_invariant_rows(target, 0) if args.invariant_rows else None
     if args.draft_preset == "same" and not args.draft_ckpt:
         drafts = [target, target]
     else:
-        drafts = [build_model(args.draft_preset, args.draft_ckpt, 1, min_len, draft_dtype),
-                  build_model(args.draft_preset, args.draft2_ckpt, 2, min_len, draft_dtype)]
+        drafts = [model_for_run(args.draft_preset, args.draft_ckpt, 1, min_len, draft_dtype),
+                  model_for_run(args.draft_preset, args.draft2_ckpt, 2, min_len, draft_dtype)]
     vocab = target.config.vocab_size
 
     if args.target_ckpt:

@@ -36,7 +36,7 @@ def bf16_model(config: TransformerConfig, seed: int) -> Transformer:
 
 
 def pass_in_loop_seconds(model: Transformer, num_nodes: int, context: int, passes: int) -> float:
-    """Seconds of one `verify_tree` over a chain of num_nodes, run `passes` times in a fori_loop."""
+    """Seconds of one `score_tree` over a chain of num_nodes, run `passes` times in a fori_loop."""
     graphdef, params = nnx.split(model)
     cache = model.init_cache(1, context + num_nodes + 8).replace(lengths=jnp.array([context], jnp.int32))
     mask = np.tril(np.ones((num_nodes, num_nodes), bool))
@@ -45,7 +45,7 @@ def pass_in_loop_seconds(model: Transformer, num_nodes: int, context: int, passe
     @jax.jit
     def run(params, cache):
         def body(i, c):
-            logits, written = nnx.merge(graphdef, params).verify_tree(tokens + i, mask, c)
+            logits, written = nnx.merge(graphdef, params).score_tree(tokens + i, mask, c)
             # The logits feed the carry, so no pass is dead code; the length never changes.
             return written.replace(lengths=c.lengths + (logits[0, 0, 0] > 1e30).astype(jnp.int32))
         return jax.lax.fori_loop(0, passes, body, cache).lengths

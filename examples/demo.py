@@ -15,28 +15,23 @@ the time goes.
 import argparse
 from pathlib import Path
 
+from flax import nnx
+
 from fa2jax import checkpoint as ckpt
-from fa2jax.training import count_params, load_model, resolve_checkpoint
-import speculative_generate as sg
-from spec.comparison import compare, format_report
+from fa2jax import load_pretrained, load_tokenizer
+from fa2jax.model import with_min_len
+from fa2jax.training import count_params
+from spec import ExpansionTree
+from spec.comparison import compare, decode_text, encode_prompts, format_report
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 PROMPTS = ("import os\nimport sys\n\n\ndef main(", "    @property\n    def name(self):\n", "def __init__(self, name")
 
 
-def export_params(run, out) -> Path:
-    """Copies the newest checkpoint of a train.py run without its optimizer state (a third of
-    the size), which is all generation reads."""
-    path = resolve_checkpoint(run)
-    meta = ckpt.read_metadata(path)
-    parts = load_model(path)
-    return ckpt.save_checkpoint(out, meta["step"], {"params": parts.params}, meta, ckpt.read_tokenizer(path), keep=1)
-
-
 def describe_model(name: str, path) -> str:
-    meta = ckpt.read_metadata(resolve_checkpoint(path))
+    meta = ckpt.read_metadata(ckpt.resolve_checkpoint(path))
     c, summary = meta["model_config"], meta.get("summary", {})
-    params = count_params(load_model(path).params)
+    params = count_params(nnx.state(load_pretrained(path), nnx.Param))
     line = (f"{name}: {c['num_layers']} layers, d_model {c['d_model']}, {params / 1e6:.2f}M params, "
             f"{meta['step']} steps")
     if "acceptance_after" in summary:
@@ -53,26 +48,27 @@ def main(argv=None):
     p.add_argument("--export", nargs=2, metavar=("RUN", "OUT"), help="write RUN's params-only checkpoint to OUT")
     args = p.parse_args(argv)
     if args.export:
-        print(f"wrote {export_params(*args.export)}")
+        print(f"wrote {ckpt.export_params(*args.export)}")
         return []
 
     target_dir, draft_dir = Path(args.checkpoints) / "target", Path(args.checkpoints) / "draft"
     print(describe_model("target", target_dir))
     print(describe_model("draft ", draft_dir))
-    tokenizer = sg.read_tokenizer(target_dir)
-    prompt, lengths = sg.encode_prompts(tokenizer, list(PROMPTS))
-    tree = sg.build_tree([args.tree], None, num_drafts=1)
+    tokenizer = load_tokenizer(target_dir)
+    prompt, lengths = encode_prompts(tokenizer, list(PROMPTS))
+    tree = ExpansionTree.parse(args.tree)
+    # RoPE has no learned length: max_len, set for training, is raised to what this run needs.
     needed = prompt.shape[1] + args.max_new_tokens + tree.num_nodes
-    target = sg.load_model(target_dir, min_len=needed)
-    draft = sg.load_model(draft_dir, min_len=needed)
+    target = with_min_len(load_pretrained(target_dir), needed)
+    draft = with_min_len(load_pretrained(draft_dir), needed)
 
     reports = []
     for verify, temperature in (("greedy", 0.0), ("stochastic", args.temperature)):
         report = compare(target, [draft], tree, prompt, lengths, verify=verify, temperature=temperature,
                             max_new_tokens=args.max_new_tokens, seed=0, eos_id=tokenizer.eos_id)
-        print(f"\n===== {sg.describe(report)}, temperature {temperature}")
+        print(f"\n===== {report.title}, temperature {temperature}")
         for text, ids in zip(PROMPTS, report.continuations()):
-            print(f"--- {text!r} continues:\n{sg.decode(tokenizer, ids)}")
+            print(f"--- {text!r} continues:\n{decode_text(tokenizer, ids)}")
         print()
         print(format_report(report))
         reports.append(report)

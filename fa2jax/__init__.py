@@ -1,10 +1,12 @@
 """fa2jax: FlashAttention-2 attention layers and a Llama-style model for JAX / Flax NNX."""
 
+from fa2jax._deprecation import renamed_attributes
 from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
-from fa2jax.config import RopeScaling, TransformerConfig
+from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.hf_llama import load_hf_llama
 from fa2jax.kv_cache import KVCache
 from fa2jax.layers import MultiHeadAttention, attention_fn
+from fa2jax.loading import load_pretrained, load_tokenizer
 from fa2jax.model import Transformer
 
 __all__ = [
@@ -17,7 +19,13 @@ __all__ = [
     "MultiHeadAttention",
     "Transformer",
     "TransformerConfig",
-    "RopeScaling",
+    "RopeScalingConfig",
     "KVCache",
+    # loading
+    "load_pretrained",
+    "load_tokenizer",
     "load_hf_llama",
 ]
+
+# Renamed public names, still served with a DeprecationWarning.
+__getattr__ = renamed_attributes(__name__, {"RopeScaling": ("RopeScalingConfig", RopeScalingConfig)})

@@ -11,6 +11,10 @@ killed mid-write leaves the previous checkpoints intact and never a partial one 
 `step_*` name. Restoring checks every path, shape and dtype against a target pytree (built by
 initialising the model and optimizer afresh, or with `jax.eval_shape`) and raises on any
 difference rather than loading into the wrong structure.
+
+A run folder of examples/train.py holds its checkpoints under checkpoints/; `resolve_checkpoint`
+finds the newest, `load_transformer` builds its model (what `fa2jax.load_pretrained` calls for
+this format), `export_params` copies one without the optimizer state.
 """
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
+from flax import nnx, serialization
 
-from fa2jax.tokenizer import Tokenizer, load_tokenizer
+from fa2jax.config import RopeScalingConfig, TransformerConfig
+from fa2jax.model import Transformer
+from fa2jax.tokenizer import Tokenizer, read_tokenizer_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.msgpack"
@@ -71,6 +77,14 @@ def config_from_dict(cls: type, values: dict) -> Any:
     return cls(**{k: fix(v) for k, v in values.items() if k in known})
 
 
+def model_config_from_dict(values: dict) -> TransformerConfig:
+    """Rebuilds a TransformerConfig stored by `config_to_dict` (its RoPE scaling included)."""
+    values = dict(values)
+    if isinstance(values.get("rope_scaling"), dict):
+        values["rope_scaling"] = RopeScalingConfig(**values["rope_scaling"])
+    return config_from_dict(TransformerConfig, values)
+
+
 def _flatten(tree: Any) -> dict[str, Any]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     flat = {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
@@ -100,6 +114,28 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in `directory`, or None."""
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """`path` itself if it is a checkpoint, else the newest checkpoint under its checkpoints/ or
+    under it (a run folder of examples/train.py, or the folder holding the `step_*`), else None."""
+    path = Path(path)
+    if (path / META_FILE).is_file() and (path / STATE_FILE).is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = latest_checkpoint(folder)
+        if found is not None:
+            return found
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """`find_checkpoint(path)`, or a ValueError naming the path."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise ValueError(f"no checkpoint in {str(path)!r}: expected a step_* folder ({STATE_FILE} + {META_FILE}), "
+                         f"or a folder holding step_* folders directly or under checkpoints/")
+    return found
 
 
 def save_checkpoint(
@@ -158,7 +194,7 @@ def read_tokenizer(path: str | os.PathLike) -> Tokenizer:
     file = Path(path) / TOKENIZER_FILE
     if not file.is_file():
         raise ValueError(f"checkpoint has no tokenizer: {str(file)=}")
-    return load_tokenizer(file)
+    return read_tokenizer_file(file)
 
 
 def load_checkpoint(path: str | os.PathLike, target: Any, strict: bool = True) -> tuple[Any, dict]:
@@ -191,3 +227,51 @@ def load_checkpoint(path: str | os.PathLike, target: Any, strict: bool = True) -
             )
         values.append(jax.numpy.asarray(got))
     return jax.tree_util.tree_unflatten(treedef, values), read_metadata(path)
+
+
+def read_model_config(path: str | os.PathLike) -> TransformerConfig:
+    """The model config of a checkpoint (or of the newest one in a run folder)."""
+    return model_config_from_dict(read_metadata(resolve_checkpoint(path))["model_config"])
+
+
+def load_transformer(path: str | os.PathLike) -> Transformer:
+    """The model of a checkpoint (or of the newest one in a run folder), parameters as stored.
+
+    Args:
+      path: anything `resolve_checkpoint` accepts.
+
+    Returns:
+      A Transformer of the stored config holding the checkpoint's parameters (the optimizer
+      state, if saved, is not read).
+    """
+    path = resolve_checkpoint(path)
+    config = read_model_config(path)
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"{type(abstract).__name__} has variables besides nnx.Param that checkpoints do not hold")
+    loaded, _ = load_checkpoint(path, {"params": params}, strict=False)
+    return nnx.merge(graphdef, loaded["params"], rest)
+
+
+def export_params(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Copies the newest checkpoint of `run` without its optimizer state (a third of the size),
+    which is all generation reads.
+
+    Args:
+      run: a checkpoint, or a folder `resolve_checkpoint` finds one in.
+      out: folder to write the `step_*` checkpoint into.
+
+    Returns:
+      The written checkpoint folder.
+    """
+    path = resolve_checkpoint(run)
+    meta = read_metadata(path)
+    target = {"params": _abstract_params(model_config_from_dict(meta["model_config"]))}
+    params, _ = load_checkpoint(path, target, strict=False)
+    return save_checkpoint(out, meta["step"], params, meta, read_tokenizer(path), keep=1)
+
+
+def _abstract_params(config: TransformerConfig) -> Any:
+    """ShapeDtypeStructs of a Transformer's nnx.Param state: the target to restore parameters into."""
+    return nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), nnx.Param)

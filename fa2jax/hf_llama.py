@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
 
-from fa2jax.config import RopeScaling, TransformerConfig
+from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloa
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _rope_settings(hf: dict) -> tuple[float, RopeScaling | None]:
+def _rope_settings(hf: dict) -> tuple[float, RopeScalingConfig | None]:
     """RoPE theta and scaling from either config layout (transformers < 5: rope_theta + rope_scaling;
     transformers >= 5: rope_parameters)."""
     params = dict(hf.get("rope_parameters") or {})
@@ -40,9 +40,9 @@ def _rope_settings(hf: dict) -> tuple[float, RopeScaling | None]:
     if kind in (None, "default"):
         return theta, None
     if kind == "linear":
-        return theta, RopeScaling("linear", float(settings["factor"]))
+        return theta, RopeScalingConfig("linear", float(settings["factor"]))
     if kind == "llama3":
-        return theta, RopeScaling(
+        return theta, RopeScalingConfig(
             "llama3", float(settings["factor"]), low_freq_factor=float(settings["low_freq_factor"]),
             high_freq_factor=float(settings["high_freq_factor"]),
             original_max_len=int(settings["original_max_position_embeddings"]))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from fa2jax import attention
-from fa2jax.config import RopeScaling
+from fa2jax.config import RopeScalingConfig
 from fa2jax.kv_cache import KVCache
 
 
@@ -40,7 +40,7 @@ class RMSNorm(nnx.Module):
         return normed.astype(dtype) * self.scale[...].astype(dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> jax.Array:
     """Inverse frequencies [D/2] float32: theta ** (-2i / D), optionally rescaled for long contexts."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is None:
@@ -133,7 +133,7 @@ class MultiHeadAttention(nnx.Module):
         window_size: tuple[int, int] = (-1, -1),
         softcap: float = 0.0,
         rope_theta: float | None = None,
-        rope_scaling: RopeScaling | None = None,
+        rope_scaling: RopeScalingConfig | None = None,
         implementation: str | None = None,
         rngs: nnx.Rngs,
     ):

@@ -5,9 +5,9 @@ Calls, all pure once split with `nnx.split` (lengths are data, so none recompile
     model.init_cache(batch, max_len)             an empty `KVCache`
     model.prefill(tokens, lengths, cache)        right-padded prompts -> logits, cache
     model.decode(tokens, cache)                  T new tokens per row -> logits, cache (lengths += T)
-    model.verify_tree(tokens, tree_mask, cache)  N speculative tree nodes -> logits (lengths unchanged)
+    model.score_tree(tokens, tree_mask, cache)   N speculative tree nodes -> logits (lengths unchanged)
 and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2jax.kv_cache`).
-With `config.invariant_rows` = R, decode and verify_tree both run as R-row tree verifications, so
+With `config.invariant_rows` = R, decode and score_tree both run as R-row tree verifications, so
 a token's logits do not depend on which of the two computed it (see `TransformerConfig`).
 
 Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities.
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fa2jax._deprecation import warn_renamed
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
 from fa2jax.layers import MultiHeadAttention, RMSNorm, SwiGLU, segment_positions
@@ -160,7 +161,7 @@ class Transformer(nnx.Module):
         self._check_tokens(tokens)
         T = tokens.shape[1]
         if self.config.invariant_rows:  # the same computation as verifying a chain of T nodes
-            logits, cache = self.verify_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
+            logits, cache = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
             return logits, cache.replace(lengths=cache.lengths + T)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
         x = self.embed(tokens)
@@ -168,8 +169,8 @@ class Transformer(nnx.Module):
             x, cache = block.extend(x, positions, cache, layer)
         return self._logits(x), cache.replace(lengths=cache.lengths + T)
 
-    def verify_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Scores N speculative tree nodes in one pass.
+    def score_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Scores N speculative tree nodes in one pass: the logits of every node's next token.
 
         Node i sits at RoPE position lengths[b] + depth(i), depth(i) = tree_mask[i].sum() - 1, and its K/V
         go to slot lengths[b] + i; lengths are not advanced (`cache.accept` commits the accepted path).
@@ -203,13 +204,36 @@ class Transformer(nnx.Module):
             x, cache = block.extend(x, positions, cache, layer, tree_mask, batch_invariant=rows > 0)
         return self._logits(x)[:, :N], cache
 
+    def verify_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Deprecated name of `score_tree` (`SpeculativeDecoder.verify_tree` is the accept/reject step)."""
+        warn_renamed("Transformer.verify_tree", "Transformer.score_tree")
+        return self.score_tree(tokens, tree_mask, cache)
 
-def with_invariant_rows(model: Transformer, rows: int) -> Transformer:
-    """The same parameter arrays (not copied) under `config.invariant_rows = rows` (0: plain calls)."""
-    config = model.config.replace(invariant_rows=rows)
+
+def replace_config(model: Transformer, **changes) -> Transformer:
+    """The same parameter arrays (not copied) under `model.config.replace(**changes)`.
+
+    Only for fields that keep every parameter's shape (max_len, invariant_rows, attention_impl,
+    dtype, ...): the arrays are reused as they are.
+    """
+    config = model.config.replace(**changes)
     twin = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     nnx.update(twin, nnx.state(model))
     return twin
+
+
+def with_invariant_rows(model: Transformer, rows: int) -> Transformer:
+    """The same parameter arrays (not copied) under `config.invariant_rows = rows` (0: plain calls)."""
+    return replace_config(model, invariant_rows=rows)
+
+
+def with_min_len(model: Transformer, min_len: int) -> Transformer:
+    """`model`, with `config.max_len` raised to `min_len` when it is shorter (the same arrays).
+
+    RoPE has no learned length, so a model trained on short rows can hold longer caches; the
+    generate functions check `max_len` against prompt + new tokens + tree nodes.
+    """
+    return model if model.config.max_len >= min_len else replace_config(model, max_len=min_len)
 
 
 def _pad_tree_mask(tree_mask, rows: int):

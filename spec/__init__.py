@@ -1,10 +1,12 @@
 """SpecInfer-style tree speculative decoding for `fa2jax.Transformer` models.
 
-Trees (`ExpansionTree`, `MergedTree`, `DynamicTree`), lossless greedy and stochastic verification,
-and `SpeculativeDecoder`, whose `generate` is one jit-compiled loop; `generate_incremental` is the
+Trees (`ExpansionTree`, `MergedTree`, `DynamicTree`), drafts (the `Drafter` protocol; a
+`Transformer` draft is a `ModelDrafter`), lossless greedy and stochastic verification, and
+`SpeculativeDecoder`, whose `generate` is one jit-compiled loop; `generate_incremental` is the
 target-only baseline with the same result type.
 """
 from spec.decoder import DecodeState, SpeculativeDecoder
+from spec.drafters import Drafter, ModelDrafter
 from spec.generation import GenerationResult, GenerationStats
 from spec.incremental import generate_incremental
 from spec.sampling import warp_probs
@@ -14,6 +16,8 @@ from spec.verify import VerifyResult, verify_greedy, verify_stochastic
 __all__ = [
     "SpeculativeDecoder",
     "DecodeState",
+    "Drafter",
+    "ModelDrafter",
     "generate_incremental",
     "GenerationResult",
     "GenerationStats",

@@ -4,7 +4,8 @@
 compiled by a first run, timed on a second) and returns a `Report`; `CostModel` predicts the
 speedup from separately timed pieces (SpecInfer's analysis):
     speedup ~= tokens per step x t_decode(target) / (draft passes x t_draft + t_verify(target)).
-Used by examples/speculative_generate.py and the demo.
+`encode_prompts` and `decode_text` turn text into the padded prompt batch and ids back into text.
+Used by examples/speculative_generate.py and examples/demo.py.
 """
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def measure_cost_model(target, drafts, decoder: SpeculativeDecoder, batch: int, 
     cache_len = context + n
     return CostModel(
         t_decode=seconds_per_call(target, "decode", nodes[:, :1], cache_len=cache_len, context=context),
-        t_verify=seconds_per_call(target, "verify_tree", nodes, mask, cache_len=cache_len, context=context),
-        t_draft=tuple(seconds_per_call(d, "verify_tree", nodes, mask, cache_len=cache_len, context=context)
+        t_verify=seconds_per_call(target, "score_tree", nodes, mask, cache_len=cache_len, context=context),
+        t_draft=tuple(seconds_per_call(d, "score_tree", nodes, mask, cache_len=cache_len, context=context)
                       for d in drafts),
         passes=tuple(draft_passes(decoder.tree)))
 
@@ -141,6 +142,31 @@ class Report:
 
     def continuations(self) -> list[np.ndarray]:
         return [self.tokens[b, p:n] for b, (p, n) in enumerate(zip(self.prompt_lengths, self.lengths))]
+
+    @property
+    def title(self) -> str:
+        return f"{self.verify} verification, {self.num_drafts} draft(s), {self.tree}"
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompt ids [B, P] int32 and lengths [B] of `texts`."""
+    ids = [tokenizer.encode(t) for t in texts]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError(f"every prompt must encode to at least one token: {texts=}")
+    lengths = np.array([len(x) for x in ids], np.int32)
+    prompt = np.zeros((len(ids), lengths.max()), np.int32)
+    for row, x in enumerate(ids):
+        prompt[row, : len(x)] = x
+    return prompt, lengths
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Text of `ids`; ids past the tokenizer's vocabulary (a model's may be rounded up past it, and
+    an untrained model may emit them) are dropped and counted."""
+    size = getattr(tokenizer, "vocab_size", None)
+    kept = [int(i) for i in ids if size is None or i < size]
+    dropped = len(ids) - len(kept)
+    return tokenizer.decode(kept) + (f" [{dropped} ids past the tokenizer's vocabulary]" if dropped else "")
 
 
 def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "greedy", max_new_tokens: int,

@@ -1,12 +1,13 @@
 """`SpeculativeDecoder`: SpecInfer-style tree speculative decoding as one jit-compiled while loop.
 
 Algorithm (Miao et al., "SpecInfer", ASPLOS'24): per step the drafts grow a token tree rooted at
-the last emitted token (`spec.draft`), the target scores every node in one `verify_tree` pass,
+the last emitted token (`spec.draft`), the target scores every node in one `score_tree` pass,
 verification keeps the longest acceptable root path plus one token of the target's own
-(`spec.verify`), and every model's cache commits that path (`KVCache.accept`). A step emits
-between 1 and depth + 1 tokens for a single target pass; the output is exactly the target's own
-greedy decoding (verify="greedy") or has exactly the target's sampling distribution
-(verify="stochastic").
+(`spec.verify`), and the target's cache and every draft's state commit that path
+(`KVCache.accept`, `Drafter.commit`). A step emits between 1 and depth + 1 tokens for a single
+target pass; the output is exactly the target's own greedy decoding (verify="greedy") or has
+exactly the target's sampling distribution (verify="stochastic"). A draft is anything that
+implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafter`.
 
 The loop is a `lax.while_loop` over `DecodeState`; prefill, the loop and the result are one jitted
 function, compiled once per (batch, prompt length, max_new_tokens) and decoder. Rows advance by
@@ -19,7 +20,7 @@ prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes is writ
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ from flax import nnx, struct
 
 from fa2jax import KVCache, Transformer
 from spec import verify as verify_lib
-from spec.draft import complete_tree_kv, draft_dynamic_tree, draft_static_tree, static_exact_kv_depths
+from spec.draft import draft_dynamic_tree, draft_static_tree, static_exact_kv_depths
+from spec.drafters import Drafter, as_drafter
 from spec.generation import (
     GenerationResult, GenerationStats, cache_len, call_model, check_capacity, check_generate_args, emit_tokens,
     first_token)
@@ -53,8 +55,8 @@ class DecodeState:
     done: jax.Array
     # Target's committed context: prompt + emitted tokens except the root.
     target_cache: KVCache
-    # One cache per draft, committed in lockstep with the target's.
-    draft_caches: tuple[KVCache, ...]
+    # One state per draft (a KVCache for a draft model), committed in lockstep with the target's.
+    draft_caches: tuple[Any, ...]
     # PRNG key, split once per step.
     rng: jax.Array
     # Target passes so far, prefill included.  # [] int32
@@ -72,7 +74,7 @@ def _as_tree(tree) -> ExpansionTree | MergedTree | DynamicTree:
 
 
 class SpeculativeDecoder:
-    """Tree speculative decoding of a target `Transformer` with one or more draft `Transformer`s.
+    """Tree speculative decoding of a target `Transformer` with one or more drafts.
 
     Example:
       decoder = SpeculativeDecoder(target, [draft], tree=ExpansionTree.specinfer())
@@ -81,18 +83,19 @@ class SpeculativeDecoder:
     The models' parameters are captured when the decoder is built (`nnx.split`).
     """
 
-    def __init__(self, target: Transformer, drafts: Transformer | Sequence[Transformer], *, tree=None,
-                 verify: str = "greedy"):
+    def __init__(self, target: Transformer, drafts: Transformer | Drafter | Sequence[Transformer | Drafter], *,
+                 tree=None, verify: str = "greedy"):
         """Builds the decoder.
 
         Args:
           target: the model whose output is reproduced.
-          drafts: one draft, or one per subtree of a `MergedTree`.
+          drafts: one draft, or one per subtree of a `MergedTree`: `Transformer`s (wrapped in
+            `ModelDrafter`) or anything implementing `spec.Drafter`.
           tree: ExpansionTree, MergedTree (one ExpansionTree per draft), DynamicTree, or a widths
             tuple; default SpecInfer's (1, 1, 3, 1, 1, 1, 1, 1).
           verify: "greedy" (temperature 0 only) or "stochastic" (any temperature, lossless).
         """
-        drafts = (drafts,) if isinstance(drafts, nnx.Module) else tuple(drafts)
+        drafts = (drafts,) if isinstance(drafts, (nnx.Module, Drafter)) else tuple(drafts)
         tree = ExpansionTree.specinfer() if tree is None else _as_tree(tree)
         if verify not in VERIFY_MODES:
             raise ValueError(f"{verify=} is not one of {VERIFY_MODES}")
@@ -100,20 +103,19 @@ class SpeculativeDecoder:
             raise ValueError(f"need at least one draft model: {drafts=}")
         if tree.num_drafts != len(drafts):
             raise ValueError(f"the tree expands {tree.num_drafts} draft(s) but {len(drafts)=} were given")
+        self.drafters = tuple(as_drafter(d) for d in drafts)
         vocab = target.config.vocab_size
-        for i, d in enumerate(drafts):
-            if d.config.vocab_size != vocab:
-                raise ValueError(
-                    f"draft {i} has another vocabulary than the target: {d.config.vocab_size=} vs {vocab=}")
+        for i, d in enumerate(self.drafters):
+            if d.vocab_size != vocab:
+                raise ValueError(f"draft {i} has another vocabulary than the target: {d.vocab_size=} vs {vocab=}")
         self.tree = tree
         self.verify = verify
         self.vocab_size = vocab
         self._target_config = target.config
-        self._draft_configs = tuple(d.config for d in drafts)
         self._target_def, self._target_params = nnx.split(target)
-        split = [nnx.split(d) for d in drafts]
-        self._draft_defs = tuple(g for g, _ in split)
-        self._draft_params = tuple(p for _, p in split)
+        self._draft_params = tuple(d.params for d in self.drafters)
+        # The draft models' graphdefs (None for other drafters), for tests that call them directly.
+        self._draft_defs = tuple(getattr(d, "graphdef", None) for d in self.drafters)
         self._static = isinstance(tree, (ExpansionTree, MergedTree))
         if self._static:
             self._topology = tree.topology()
@@ -138,58 +140,58 @@ class SpeculativeDecoder:
 
     # -- the three pure pieces of a step -------------------------------------------------------
 
-    def draft(self, draft_params, caches, root, key, temperature, top_p) -> tuple[TokenTree, tuple[KVCache, ...]]:
+    def draft(self, draft_params, caches, root, key, temperature, top_p) -> tuple[TokenTree, tuple[Any, ...]]:
         """Grows this step's token tree (see `spec.draft`).
 
         Args:
-          draft_params: the drafts' nnx states.
-          caches: the drafts' caches.
+          draft_params: the drafters' params.
+          caches: the drafters' states.
           root: last emitted token per row.  # [B] int32
           key: PRNG key.
           temperature, top_p: sampling warp (scalars).
 
         Returns:
-          (tree, draft caches with the tree's K/V written, exact except at depths past
+          (tree, draft states with the tree recorded, exact except at depths past
           `exact_kv_depths`: see `complete_draft_kv`).
         """
         if self._static:
             return draft_static_tree(
-                self._draft_defs, draft_params, caches, root, key, topology=self._topology,
+                self.drafters, draft_params, caches, root, key, topology=self._topology,
                 sampled=self._sampled, vocab_size=self.vocab_size, temperature=temperature, top_p=top_p)
-        tree, cache = draft_dynamic_tree(
-            self._draft_defs[0], draft_params[0], caches[0], root, tree=self.tree, temperature=temperature,
+        tree, state = draft_dynamic_tree(
+            self.drafters[0], draft_params[0], caches[0], root, tree=self.tree, temperature=temperature,
             top_p=top_p)
-        return tree, (cache,)
+        return tree, (state,)
 
-    def complete_draft_kv(self, draft_params, caches, tree: TokenTree, accepted_depth) -> tuple[KVCache, ...]:
-        """Makes the drafts' K/V exact along every path that will be committed.
+    def complete_draft_kv(self, draft_params, caches, tree: TokenTree, accepted_depth) -> tuple[Any, ...]:
+        """Makes the drafts' states (K/V) exact along every path that will be committed.
 
         Drafting leaves the deepest nodes' K/V computed from placeholder tokens (`spec.draft`). One
-        more pass fixes them, but it is needed only when some row accepts such a node, so it runs
-        under `lax.cond`: most steps skip it.
+        more pass (`Drafter.complete`) fixes them, but it is needed only when some row accepts such
+        a node, so it runs under `lax.cond`: most steps skip it.
 
         Args:
-          draft_params: the drafts' nnx states.
-          caches: the drafts' caches after `draft`.
+          draft_params: the drafters' params.
+          caches: the drafters' states after `draft`.
           tree: this step's tree.
           accepted_depth: depth of the deepest node each row commits, -1 for none.  # [B] int32
 
         Returns:
-          the drafts' caches, exact wherever `accept` will read.
+          the drafts' states, exact wherever `accept` will read.
         """
         mask = self._topology.ancestor_mask if self._static else tree.mask
         deepest = jnp.max(accepted_depth)
         completed = []
-        for g, p, c, exact in zip(self._draft_defs, draft_params, caches, self._exact_kv_depths):
+        for d, p, c, exact in zip(self.drafters, draft_params, caches, self._exact_kv_depths):
             completed.append(jax.lax.cond(
-                deepest > exact, lambda c, g=g, p=p: complete_tree_kv(g, p, c, tree.tokens, mask), lambda c: c, c))
+                deepest > exact, lambda c, d=d, p=p: d.complete(p, c, tree.tokens, mask), lambda c: c, c))
         return tuple(completed)
 
     def score(self, target_params, cache, tree: TokenTree) -> tuple[jax.Array, KVCache]:
         """The target's logits at every node.  Returns (logits # [B, N, V], cache with the nodes' K/V)."""
         # A static tree's mask is its topology's (NumPy, so the kernels get it packed at trace time).
         mask = self._topology.ancestor_mask if self._static else tree.mask
-        return call_model(self._target_def, target_params, "verify_tree", tree.tokens, mask, cache)
+        return call_model(self._target_def, target_params, "score_tree", tree.tokens, mask, cache)
 
     def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p) -> verify_lib.VerifyResult:
         """Accepted path and bonus token (see `spec.verify`)."""
@@ -207,7 +209,8 @@ class SpeculativeDecoder:
           state: loop state before this step.
           tree: this step's tree.
           result: its verification.
-          target_cache, draft_caches: caches holding the tree's K/V past the committed context.
+          target_cache, draft_caches: the target's cache and the drafts' states holding the tree
+            past the committed context.
           eos_id: scalar, -1 for none.
 
         Returns:
@@ -226,7 +229,7 @@ class SpeculativeDecoder:
         return state.replace(
             tokens=buffer, lengths=lengths, done=done, root=jnp.where(active, result.bonus, state.root),
             target_cache=target_cache.accept(result.path, commit),
-            draft_caches=tuple(c.accept(result.path, commit) for c in draft_caches),
+            draft_caches=tuple(d.commit(c, result.path, commit) for d, c in zip(self.drafters, draft_caches)),
             target_calls=state.target_calls + 1, accepted_histogram=hist)
 
     def step(self, target_params, draft_params, state: DecodeState, temperature, top_p, eos_id) -> DecodeState:
@@ -246,7 +249,7 @@ class SpeculativeDecoder:
         """Prefills every model and emits the first token from the target's prompt logits; pure.
 
         Args:
-          target_params, draft_params: the models' nnx states.
+          target_params, draft_params: the target's nnx state and the drafters' params.
           prompt: right-padded prompts, checked.  # [B, P] int32
           prompt_lengths: prompt lengths.  # [B] int32
           temperature, top_p: sampling warp (scalars).
@@ -262,11 +265,8 @@ class SpeculativeDecoder:
         target = nnx.merge(self._target_def, target_params)
         target_cache = target.init_cache(batch, cache_len(target.config, committed, self.num_nodes))
         target_logits, target_cache = target.prefill(prompt, prompt_lengths, target_cache)
-        draft_caches = []
-        for g, p in zip(self._draft_defs, draft_params):
-            draft = nnx.merge(g, p)
-            cache = draft.init_cache(batch, cache_len(draft.config, committed, self.num_nodes))
-            draft_caches.append(draft.prefill(prompt, prompt_lengths, cache)[1])
+        draft_caches = [d.init(p, prompt, prompt_lengths, committed=committed, num_nodes=self.num_nodes)
+                        for d, p in zip(self.drafters, draft_params)]
         rng, k_first = jax.random.split(rng)
         root = first_token(target_logits, prompt_lengths, k_first, temperature, top_p)
         buffer = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
@@ -317,8 +317,8 @@ class SpeculativeDecoder:
             raise ValueError(f'verify="greedy" reproduces greedy decoding only: {temperature=}; use "stochastic"')
         committed = args.prompt.shape[1] + args.max_new_tokens
         check_capacity(self._target_config, cache_len(self._target_config, committed, self.num_nodes), "target")
-        for i, config in enumerate(self._draft_configs):
-            check_capacity(config, cache_len(config, committed, self.num_nodes), f"draft {i}")
+        for i, drafter in enumerate(self.drafters):
+            drafter.check_capacity(committed, self.num_nodes, f"draft {i}")
         return self._generate_jit(
             self._target_params, self._draft_params, args.prompt, args.prompt_lengths,
             jnp.float32(args.temperature), jnp.float32(args.top_p), args.rng, jnp.int32(args.eos_id),

@@ -1,12 +1,13 @@
-"""Drafting: the draft models grow one token tree per step, a whole level per forward pass.
+"""Drafting: the drafters grow one token tree per step, a whole level per proposal.
 
-Every level is one `verify_tree` call of a draft over all N node slots: nodes not chosen yet hold
-placeholder tokens, and since a node's mask row covers only itself and its ancestors, placeholders
-never change the logits of chosen nodes. The logits at the depth-d nodes give the depth-(d+1)
-tokens. A pass computes exact K/V for every node whose ancestors and own token were chosen when it
-ran, so after the last level every node but the deepest level's holds exact K/V in the draft's
-cache. `complete_tree_kv` runs the one more pass that fixes the deepest level; the decoder runs it
-only in steps whose accepted path reaches a node deeper than the draft's exact depth
+Every level is one `Drafter.propose` call over all N node slots (for a draft model, one
+`score_tree` pass): nodes not chosen yet hold placeholder tokens, and since a node's mask row
+covers only itself and its ancestors, placeholders never change the logits of chosen nodes. The
+logits at the depth-d nodes give the depth-(d+1) tokens. A pass computes exact K/V for every node
+whose ancestors and own token were chosen when it ran, so after the last level every node but the
+deepest level's holds exact K/V in the draft's cache. `Drafter.complete` (for a model,
+`complete_tree_kv`) runs the one more pass that fixes the deepest level; the decoder runs it only
+in steps whose accepted path reaches a node deeper than the draft's exact depth
 (`SpeculativeDecoder.exact_kv_depths`), so a draft runs `depth` tree passes in most steps and
 `depth + 1` when it guessed the whole way.
 
@@ -19,6 +20,8 @@ How children are chosen:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,11 +32,14 @@ from spec.generation import call_model
 from spec.sampling import sample_probs, warp_probs
 from spec.trees import DynamicTree, TokenTree, TreeTopology, ancestor_mask_from_parents
 
+if TYPE_CHECKING:
+    from spec.drafters import Drafter
+
 
 def draft_static_tree(
-    graphdefs: tuple[nnx.GraphDef, ...],
-    params: tuple[nnx.State, ...],
-    caches: tuple[KVCache, ...],
+    drafters: tuple[Drafter, ...],
+    params: tuple[Any, ...],
+    states: tuple[Any, ...],
     root: jax.Array,
     key: jax.Array,
     *,
@@ -42,12 +48,12 @@ def draft_static_tree(
     vocab_size: int,
     temperature,
     top_p,
-) -> tuple[TokenTree, tuple[KVCache, ...]]:
+) -> tuple[TokenTree, tuple[Any, ...]]:
     """Grows an expansion or merged tree with a fixed topology.
 
     Args:
-      graphdefs, params: the split draft models; draft s proposes the nodes with source s.
-      caches: each draft's cache holding the committed context (the root excluded).
+      drafters, params: the drafts and their params; draft s proposes the nodes with source s.
+      states: each draft's state holding the committed context (the root excluded).
       root: last emitted token per row.  # [B] int32
       key: PRNG key.
       topology: static tree layout.
@@ -56,8 +62,8 @@ def draft_static_tree(
       temperature, top_p: warp applied to the drafts' distributions.
 
     Returns:
-      (tree, caches with the tree's K/V written at lengths + slot, exact up to the depth
-      `static_exact_kv_depths` gives; lengths unchanged).
+      (tree, states with the tree recorded (a model's K/V at lengths + slot), exact up to the
+      depth `static_exact_kv_depths` gives; nothing committed).
     """
     batch = root.shape[0]
     n = topology.num_nodes
@@ -70,12 +76,12 @@ def draft_static_tree(
     proposal = jnp.zeros((batch, n, vocab_size), jnp.float32) if sampled.any() else None  # [B, N, V]
     valid = np.asarray(topology.valid)
     for d in range(topology.max_depth):
-        for s in range(len(graphdefs)):
+        for s in range(len(drafters)):
             nodes = np.nonzero((depth == d + 1) & (source == s) & valid)[0]
             if nodes.size == 0:
                 continue
-            logits, written = call_model(graphdefs[s], params[s], "verify_tree", tokens, mask, caches[s])
-            caches = caches[:s] + (written,) + caches[s + 1:]
+            logits, written = drafters[s].propose(params[s], states[s], tokens, mask)
+            states = states[:s] + (written,) + states[s + 1:]
             at_parent = logits[:, parents[nodes]]  # [B, n_level, V]
             level_sampled = sampled[nodes]
             chosen = jnp.zeros((batch, nodes.size), jnp.int32)  # [B, n_level]
@@ -96,19 +102,19 @@ def draft_static_tree(
         depth=jnp.broadcast_to(jnp.asarray(depth), (batch, n)),
         valid=jnp.broadcast_to(jnp.asarray(valid), (batch, n)),
         proposal=proposal)
-    return tree, caches
+    return tree, states
 
 
 def draft_dynamic_tree(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    cache: KVCache,
+    drafter: Drafter,
+    params: Any,
+    state: Any,
     root: jax.Array,
     *,
     tree: DynamicTree,
     temperature,
     top_p,
-) -> tuple[TokenTree, KVCache]:
+) -> tuple[TokenTree, Any]:
     """Grows a dynamic tree: each level keeps the best-scoring children of the previous level,
     plus the draft's greedy chain.
 
@@ -118,15 +124,15 @@ def draft_dynamic_tree(
     the order verification tries siblings in.
 
     Args:
-      graphdef, params: the split draft model.
-      cache: its cache holding the committed context (the root excluded).
+      drafter, params: the draft and its params.
+      state: its state holding the committed context (the root excluded).
       root: last emitted token per row.  # [B] int32
       tree: the dynamic tree configuration.
       temperature, top_p: warp applied to the draft's distribution.
 
     Returns:
-      (tree, cache with the tree's K/V written, exact up to depth `tree.depth - 1`; lengths
-      unchanged).
+      (tree, state with the tree recorded, exact up to depth `tree.depth - 1`; nothing
+      committed).
     """
     batch = root.shape[0]
     n, sizes = tree.num_nodes, tree.level_sizes
@@ -137,7 +143,7 @@ def draft_dynamic_tree(
     temperature = jnp.asarray(temperature, jnp.float32)
     for d in range(tree.depth):
         mask = ancestor_mask_from_parents(parents, d)
-        logits, cache = call_model(graphdef, params, "verify_tree", tokens, mask, cache)
+        logits, state = drafter.propose(params, state, tokens, mask)
         lo, size, size_next = tree.level_start(d), sizes[d], sizes[d + 1]
         frontier = logits[:, lo: lo + size]  # [B, size, V]
         probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p), jax.nn.softmax(frontier, -1))
@@ -157,7 +163,7 @@ def draft_dynamic_tree(
         tokens=tokens, parents=parents, mask=mask,
         depth=jnp.broadcast_to(jnp.asarray(tree.slot_depth), (batch, n)),
         valid=jnp.ones((batch, n), bool))
-    return out, cache
+    return out, state
 
 
 def static_exact_kv_depths(topology: TreeTopology, num_drafts: int) -> tuple[int, ...]:
@@ -172,7 +178,8 @@ def static_exact_kv_depths(topology: TreeTopology, num_drafts: int) -> tuple[int
 
 def complete_tree_kv(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens: jax.Array,
                      mask) -> KVCache:
-    """One pass of a draft over the finished tree: exact K/V for every node, the deepest too.
+    """One pass of a draft model over the finished tree: exact K/V for every node, the deepest too
+    (`ModelDrafter.complete`).
 
     Args:
       graphdef, params: the split draft model.
@@ -183,4 +190,4 @@ def complete_tree_kv(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, 
     Returns:
       the cache with every node's K/V exact, lengths unchanged.
     """
-    return call_model(graphdef, params, "verify_tree", tokens, mask, cache)[1]
+    return call_model(graphdef, params, "score_tree", tokens, mask, cache)[1]

@@ -163,6 +163,14 @@ class ExpansionTree:
         """The expansion configuration SpecInfer evaluates by default, <1, 1, 3, 1, 1, 1, 1, 1>."""
         return cls((1, 1, 3, 1, 1, 1, 1, 1))
 
+    @classmethod
+    def parse(cls, widths: str) -> ExpansionTree:
+        """From comma-separated widths, e.g. "1,1,3,1" (a command-line flag)."""
+        try:
+            return cls(tuple(int(w) for w in widths.split(",")))
+        except ValueError:
+            raise ValueError(f"expansion widths are comma-separated positive ints, e.g. 1,1,3,1: {widths=}") from None
+
     @property
     def num_drafts(self) -> int:
         return 1

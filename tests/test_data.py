@@ -12,7 +12,7 @@ from fa2jax.data import (
     split_documents,
     tokenize_documents,
 )
-from fa2jax.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from fa2jax.tokenizer import BPETokenizer, ByteTokenizer, read_tokenizer_file
 
 # Text that breaks naive tokenizers: leading/trailing/repeated spaces, tabs, CRLF, accents, CJK,
 # an emoji (4-byte UTF-8) and a lone combining mark.
@@ -201,7 +201,7 @@ def test_byte_tokenizer_round_trip(tmp_path):
     assert max(ids) < 256 and tok.eos_id == 256 and tok.vocab_size == 257
     assert tok.decode(ids + [tok.eos_id]) == AWKWARD
     tok.save(tmp_path / "tok.json")
-    assert isinstance(load_tokenizer(tmp_path / "tok.json"), ByteTokenizer)
+    assert isinstance(read_tokenizer_file(tmp_path / "tok.json"), ByteTokenizer)
     with pytest.raises(ValueError, match="outside the byte vocabulary"):
         tok.decode([300])
 
@@ -217,7 +217,7 @@ def test_bpe_tokenizer_round_trip_and_reload(tmp_path):
     code = corpus[0]
     assert len(tok.encode(code)) < 0.6 * len(code.encode("utf-8"))
     tok.save(tmp_path / "tok.json")
-    loaded = load_tokenizer(tmp_path / "tok.json")
+    loaded = read_tokenizer_file(tmp_path / "tok.json")
     assert loaded.encode(code) == tok.encode(code)
     assert loaded.eos_id == tok.eos_id and loaded.vocab_size == tok.vocab_size
     assert loaded.decode(tok.encode(code) + [tok.eos_id]) == code
@@ -229,7 +229,7 @@ def test_bpe_tokenizer_errors(tmp_path):
         BPETokenizer.train(["abc"], vocab_size=100)
     (tmp_path / "bad.json").write_text('{"kind": "sentencepiece"}')
     with pytest.raises(ValueError, match="sentencepiece"):
-        load_tokenizer(tmp_path / "bad.json")
+        read_tokenizer_file(tmp_path / "bad.json")
 
 
 def test_tokenize_documents_appends_eos():

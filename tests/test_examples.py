@@ -4,8 +4,9 @@ The models are random and written to tmp_path in the formats the scripts read: t
 checkpoints (with a byte tokenizer) and a Hugging Face Llama folder. A draft is a noisy copy of
 the target, so it agrees with it often and trees are accepted several levels deep.
 """
-import importlib.util
+import runpy
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fa2jax import Transformer, TransformerConfig
+from fa2jax import Transformer, TransformerConfig, load_pretrained, load_tokenizer
 from fa2jax import checkpoint as ckpt
+from fa2jax.model import with_min_len
 from fa2jax.tokenizer import ByteTokenizer
 from spec import DynamicTree, ExpansionTree, MergedTree
 
@@ -24,15 +26,12 @@ VOCAB = 384  # ByteTokenizer's 257 ids, rounded up like train.py does
 PROMPTS = ["def f(x):", "import os\n"]
 
 
-def _import(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # demo.py imports speculative_generate by name
-    spec.loader.exec_module(module)
-    return module
+def _script(name):
+    """The functions of an examples/ script (its `main`), run from its file without `__main__`."""
+    return types.SimpleNamespace(**runpy.run_path(str(EXAMPLES / f"{name}.py")))
 
 
-sg = _import("speculative_generate")
+sg = _script("speculative_generate")
 
 
 def _save(model, directory):
@@ -55,7 +54,7 @@ def _noisy_copy(model, scale, seed):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    # max_len 32 is below prompt + tokens + tree: load_model must raise it.
+    # max_len 32 is below prompt + tokens + tree: the script must raise it.
     target = Transformer(TransformerConfig.tiny(vocab_size=VOCAB, max_len=32), rngs=nnx.Rngs(0))
     return {
         "target": _save(target, root / "target"),
@@ -165,29 +164,28 @@ def test_hf_llama_folder(tmp_path, capsys):
                       "def hello", "--max-new-tokens", "12", "--tree", "2,2", "--ignore-eos"])
     assert report.identical and report.new_tokens == (12, 12)
     assert "tokens identical to incremental: yes" in capsys.readouterr().out
-    assert sg.read_tokenizer(tmp_path / "target").eos_id == eos
+    assert load_tokenizer(tmp_path / "target").eos_id == eos
     assert sg.read_tokenizer(tmp_path / "target", "bytes").encode("def") == list(b"def")
 
 
 def test_export_keeps_only_params(tmp_path):
-    demo = _import("demo")
     model = Transformer(TransformerConfig.tiny(vocab_size=VOCAB), rngs=nnx.Rngs(3))
     params = nnx.split(model, nnx.Param, ...)[1]
     meta = {"model_config": ckpt.config_to_dict(model.config)}
     state = {"step": jnp.int32(7), "params": params, "opt_state": {"mu": params, "nu": params}}
     ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 7, state, meta, ByteTokenizer())
-    out = demo.export_params(tmp_path / "run", tmp_path / "export")
+    out = ckpt.export_params(tmp_path / "run", tmp_path / "export")
     assert out.name == "step_00000007"
     full = (tmp_path / "run" / "checkpoints" / out.name / ckpt.STATE_FILE).stat().st_size
     assert (out / ckpt.STATE_FILE).stat().st_size < full / 2
-    loaded = sg.load_model(tmp_path / "export", min_len=600)
+    loaded = with_min_len(load_pretrained(tmp_path / "export"), 600)
     assert loaded.config.max_len == 600
     for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_demo_on_committed_checkpoints(capsys):
-    demo = _import("demo")
+    demo = _script("demo")
     greedy, stochastic = demo.main(["--max-new-tokens", "24"])
     out = capsys.readouterr().out
     assert greedy.identical and "tokens identical to incremental: yes" in out
@@ -198,7 +196,7 @@ def test_demo_on_committed_checkpoints(capsys):
 
 def test_train_script_extra_data_goes_to_training_only(tmp_path, monkeypatch, capsys):
     """--extra-train-data adds training files and leaves the validation split as it was."""
-    train_script = _import("train")
+    train_script = _script("train")
     corpus, extra = tmp_path / "corpus", tmp_path / "extra"
     for folder, count in ((corpus, 40), (extra, 3)):
         folder.mkdir()

@@ -1,6 +1,8 @@
-"""load_hf_llama against transformers' own LlamaForCausalLM (torch on CPU, f32)."""
+"""load_hf_llama against transformers' own LlamaForCausalLM (torch on CPU, f32), and the same folders
+through fa2jax.load_pretrained / load_tokenizer."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fa2jax import load_hf_llama
+from fa2jax import load_hf_llama, load_pretrained, load_tokenizer
 from fa2jax.hf_llama import config_from_hf
+from fa2jax.loading import load_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -114,3 +117,40 @@ def test_unsupported_checkpoints_raise(tied):
     assert config.rope_theta == 5e5 and config.param_dtype == jnp.bfloat16 and config.rope_scaling is None
     with pytest.raises(ValueError, match="config.json"):
         load_hf_llama(directory / "missing")
+
+
+def test_load_pretrained_and_tokenizer_open_a_hf_folder(tied, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _, source = tied
+    directory = tmp_path / "llama"
+    shutil.copytree(source, directory)
+    config, expected = load_hf_llama(directory)
+    model = load_pretrained(directory)
+    assert model.config == config and load_config(directory) == config
+    tokens = jnp.asarray([[5, 17, 3, 60, 2]], jnp.int32)
+    np.testing.assert_array_equal(model(tokens), expected(tokens))
+    half = load_pretrained(directory, dtype=jnp.bfloat16, attention_impl="xla")
+    assert half.config.dtype == half.config.param_dtype == jnp.bfloat16 and half.config.attention_impl == "xla"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(half, nnx.Param)))
+
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        load_tokenizer(directory)
+    # A small byte-level BPE whose end token is the config's eos_token_id, as a hub folder holds.
+    rust = Tokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.train_from_iterator(["def hello(world):\n    return world\n"] * 20, trainer=trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    rust.save(str(directory / "tokenizer.json"))
+    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config["eos_token_id"] = [rust.token_to_id("</s>"), 1]  # Llama 3 lists several: the first ends text
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    tokenizer = load_tokenizer(directory)
+    assert tokenizer.eos_id == rust.token_to_id("</s>") and tokenizer.vocab_size == rust.get_vocab_size()
+    ids = tokenizer.encode("def hello(world):")
+    assert ids == rust.encode("def hello(world):").ids and tokenizer.decode(ids) == "def hello(world):"
+    tokenizer.save(tmp_path / "saved.json")  # the fa2jax tokenizer-file form round-trips
+    again = load_tokenizer(tmp_path / "saved.json")
+    assert again.encode("def hello") == tokenizer.encode("def hello") and again.eos_id == tokenizer.eos_id

@@ -29,7 +29,7 @@ class JittedModel:
         self._forward = nnx.jit(Transformer.__call__)
         self._prefill = nnx.jit(Transformer.prefill)
         self._decode = nnx.jit(Transformer.decode)
-        self._verify = nnx.jit(Transformer.verify_tree)
+        self._score = nnx.jit(Transformer.score_tree)
 
     def __call__(self, tokens, segment_ids=None, positions=None):
         return self._forward(self.model, tokens, segment_ids, positions)
@@ -43,8 +43,8 @@ class JittedModel:
     def decode(self, tokens, cache):
         return self._decode(self.model, tokens, cache)
 
-    def verify_tree(self, tokens, tree_mask, cache):
-        return self._verify(self.model, tokens, tree_mask, cache)
+    def score_tree(self, tokens, tree_mask, cache):
+        return self._score(self.model, tokens, tree_mask, cache)
 
 
 @pytest.fixture(scope="module", params=IMPLS)
@@ -163,7 +163,7 @@ def _prefilled(model, tokens, lengths):
 
 
 @pytest.mark.parametrize("per_row_mask", [False, True])
-def test_verify_tree_equals_each_path(model, tokens, per_row_mask):
+def test_score_tree_equals_each_path(model, tokens, per_row_mask):
     lengths = jnp.array([5, 3], jnp.int32)
     cache = _prefilled(model, tokens, lengths)
     mask = _tree_mask(PARENTS)
@@ -174,7 +174,7 @@ def test_verify_tree_equals_each_path(model, tokens, per_row_mask):
         parents = [PARENTS, tuple(range(-1, len(PARENTS) - 1))]
     else:
         masks, parents = mask, [PARENTS, PARENTS]
-    logits, new_cache = model.verify_tree(nodes, masks, cache)
+    logits, new_cache = model.score_tree(nodes, masks, cache)
     np.testing.assert_array_equal(new_cache.lengths, lengths)
     for b in range(2):
         for i in range(len(PARENTS)):
@@ -184,11 +184,47 @@ def test_verify_tree_equals_each_path(model, tokens, per_row_mask):
                                        err_msg=f"row {b} node {i}")
 
 
+def test_verify_tree_is_a_deprecated_alias(tokens):
+    """The old name warns once per process and returns what score_tree returns."""
+    import warnings
+
+    from fa2jax._deprecation import warn_renamed
+
+    plain = Transformer(TransformerConfig.tiny(attention_impl="xla"), rngs=nnx.Rngs(0))
+    cache = _prefilled(plain, tokens, jnp.array([5, 3], jnp.int32))
+    nodes, mask = tokens[:, :len(PARENTS)], _tree_mask(PARENTS)
+    warn_renamed.cache_clear()
+    with pytest.warns(DeprecationWarning, match="Transformer.score_tree"):
+        old = plain.verify_tree(nodes, mask, cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.verify_tree(nodes, mask, cache)  # once only
+    new = plain.score_tree(nodes, mask, cache)
+    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_renamed_public_names_warn_and_still_work():
+    import fa2jax
+    import fa2jax.tokenizer
+    import fa2jax.training
+    from fa2jax._deprecation import warn_renamed
+
+    warn_renamed.cache_clear()
+    for module, old, new in ((fa2jax, "RopeScaling", "RopeScalingConfig"),
+                             (fa2jax.training, "Preset", "RunConfig"),
+                             (fa2jax.tokenizer, "load_tokenizer", "read_tokenizer_file")):
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(module, old) is getattr(module, new)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fa2jax.no_such_name  # noqa: B018
+
+
 def test_accept_then_decode_equals_forward(model, tokens):
     lengths = jnp.array([5, 3], jnp.int32)
     cache = _prefilled(model, tokens, lengths)
     nodes = jax.random.randint(jax.random.key(3), (2, len(PARENTS)), 0, model.config.vocab_size, dtype=jnp.int32)
-    _, cache = model.verify_tree(nodes, _tree_mask(PARENTS), cache)
+    _, cache = model.score_tree(nodes, _tree_mask(PARENTS), cache)
     # Row 0 accepts 0 -> 1 -> 5, row 1 only the root; unaccepted path entries are ignored.
     path_indices = jnp.array([[0, 1, 5], [0, 2, 4]], jnp.int32)
     num_accepted = jnp.array([3, 1], jnp.int32)
@@ -226,7 +262,7 @@ def _check_invariant_rows(config, tokens, rows=6, nodes=5):
     chain = np.tril(np.ones((nodes, nodes), bool))
     _, start = invariant.prefill(tokens, lengths, invariant.init_cache(2, MAX_LEN))
     new = jnp.stack([tokens[0, 7:7 + nodes], tokens[1, 4:4 + nodes]])  # [2, nodes]
-    verified, _ = invariant.verify_tree(new, chain, start)
+    verified, _ = invariant.score_tree(new, chain, start)
     cache = start
     for t in range(nodes):
         decoded, cache = invariant.decode(new[:, t:t + 1], cache)
@@ -237,12 +273,12 @@ def _check_invariant_rows(config, tokens, rows=6, nodes=5):
     logits_of = {}
     for name, model in (("plain", plain), ("f32", reference_model)):
         _, model_start = model.prefill(tokens, lengths, model.init_cache(2, MAX_LEN))
-        logits_of[name] = model.verify_tree(new, chain, model_start)[0]
+        logits_of[name] = model.score_tree(new, chain, model_start)[0]
     reference = logits_of["f32"]
     plain_error = float(jnp.max(jnp.abs(logits_of["plain"] - reference)))
     assert float(jnp.max(jnp.abs(verified - reference))) <= 2 * plain_error + 1e-3
     with pytest.raises(ValueError, match="invariant_rows"):
-        invariant.verify_tree(jnp.zeros((2, rows + 1), jnp.int32), np.tril(np.ones((rows + 1,) * 2, bool)), start)
+        invariant.score_tree(jnp.zeros((2, rows + 1), jnp.int32), np.tril(np.ones((rows + 1,) * 2, bool)), start)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -312,7 +348,7 @@ def test_bad_calls_raise(model, tokens):
     with pytest.raises(ValueError, match="longer than the cache"):
         model.prefill(tokens, jnp.array([3, 3]), cache)
     with pytest.raises(ValueError, match="tree_mask"):
-        model.verify_tree(tokens[:, :3], jnp.ones((4, 4), bool), cache)
+        model.score_tree(tokens[:, :3], jnp.ones((4, 4), bool), cache)
     with pytest.raises(ValueError, match="tokens"):
         model(tokens.astype(jnp.float32))
 
@@ -342,7 +378,7 @@ def test_pallas_cached_calls_match_xla(tokens):
         model = JittedModel(Transformer(TransformerConfig.tiny(attention_impl=impl), rngs=nnx.Rngs(0)))
         prefill_logits, cache = model.prefill(tokens, lengths, model.init_cache(2, MAX_LEN))
         decode_logits, cache = model.decode(tokens[:, :2], cache)
-        tree_logits, _ = model.verify_tree(nodes, _tree_mask(PARENTS), cache)
+        tree_logits, _ = model.score_tree(nodes, _tree_mask(PARENTS), cache)
         results[impl] = (prefill_logits, decode_logits, tree_logits)
     for name, a, b in zip(("prefill", "decode", "tree"), results["pallas"], results["xla"]):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)

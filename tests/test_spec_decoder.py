@@ -131,6 +131,53 @@ def test_draft_of_another_size(models):
     _assert_same(decoder.generate(prompt, lengths, max_new_tokens=9), baseline)
 
 
+class FixedTokenDrafter:
+    """A `spec.Drafter` with no model: it always proposes one token; its state counts commits."""
+
+    params = ()
+
+    def __init__(self, token: int):
+        self.vocab_size = VOCAB
+        self.token = token
+
+    def check_capacity(self, committed, num_nodes, name):
+        pass
+
+    def init(self, params, prompt, prompt_lengths, *, committed, num_nodes):
+        return jnp.zeros((prompt.shape[0],), jnp.int32)  # [B] tokens committed so far
+
+    def propose(self, params, state, tokens, tree_mask):
+        logits = 10.0 * jax.nn.one_hot(self.token, self.vocab_size)  # [V]
+        return jnp.broadcast_to(logits, (*tokens.shape, self.vocab_size)), state
+
+    def complete(self, params, state, tokens, tree_mask):
+        return state
+
+    def commit(self, state, path, num_accepted):
+        return state + num_accepted
+
+
+@pytest.mark.parametrize("name", ["chain", "dynamic", "merged-with-a-model"])
+def test_custom_drafter_plugs_in(models, name):
+    """A Drafter that is not a model drives the unchanged loop; greedy output stays the target's."""
+    rng = np.random.default_rng(TEST_SEED)
+    target = models["target"]
+    prompt, lengths = _prompts(rng, [5, 2, 7], 7)
+    baseline = generate_incremental(target, prompt, lengths, max_new_tokens=14)
+    emitted = np.concatenate([np.asarray(baseline.tokens[b, int(lengths[b]):]) for b in range(3)])
+    fixed = FixedTokenDrafter(int(np.bincount(emitted).argmax()))  # the target's favourite: sometimes accepted
+    assert isinstance(fixed, spec.Drafter)
+    tree, drafts = {
+        "chain": (ExpansionTree.chain(3), [fixed]),
+        "dynamic": (DynamicTree(num_nodes=6, depth=3, top_k=2), fixed),
+        "merged-with-a-model": (MergedTree((ExpansionTree((2, 1)), ExpansionTree((1, 1)))), [models["close"], fixed]),
+    }[name]
+    decoder = SpeculativeDecoder(target, drafts, tree=tree)
+    result = decoder.generate(prompt, lengths, max_new_tokens=14)
+    _assert_same(result, baseline)
+    assert np.asarray(result.stats.accepted_histogram).sum() > 0
+
+
 @pytest.mark.parametrize("tree", [ExpansionTree((1, 3, 1)), DynamicTree(num_nodes=7, depth=3, top_k=2)],
                          ids=["expansion", "dynamic"])
 def test_draft_equal_to_target_accepts_everything(models, tree):

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from fa2jax import checkpoint as ckpt
-from fa2jax.config import RopeScaling, TransformerConfig
+from fa2jax import load_pretrained
+from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.data import Document, PackedRows, pack_documents, split_documents, tokenize_documents
 from fa2jax.tokenizer import ByteTokenizer
 from fa2jax.training import (
@@ -21,7 +22,6 @@ from fa2jax.training import (
     distillation_kl_sum,
     evaluate,
     learning_rate_schedule,
-    load_model,
     make_optimizer,
     make_train_step,
     model_config_from_dict,
@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_and_rotation(tmp_path):
 
 
 def test_config_json_round_trip():
-    cfg = TransformerConfig.draft_20m(rope_scaling=RopeScaling("llama3", 8.0), attention_impl="xla")
+    cfg = TransformerConfig.draft_20m(rope_scaling=RopeScalingConfig("llama3", 8.0), attention_impl="xla")
     stored = json.loads(json.dumps(ckpt.config_to_dict(cfg)))
     assert stored["dtype"] == "bfloat16"
     back = model_config_from_dict(stored)
@@ -255,7 +255,7 @@ def test_distillation_raises_acceptance(rows, tmp_path):
     train_rows, val_rows = rows
     trained = train(MODEL, _cfg(steps=12, checkpoint_every=12), train_rows, val_rows, tmp_path / "teacher",
                     ByteTokenizer(), progress=False)
-    teacher = load_model(tmp_path / "teacher")
+    teacher = ModelParts.from_model(load_pretrained(tmp_path / "teacher"))
     assert ckpt.config_to_dict(teacher.config) == ckpt.config_to_dict(MODEL)
     batch = {k: v[:2] for k, v in vars(val_rows).items()}
     via_module = teacher.module()(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
