@@ -113,6 +113,7 @@ def main():
                    dict(B=1, T=600, S=900, H=4, K=2, D=128, window_size=(100, 20)),
                    dict(B=1, T=256, S=256, H=2, K=2, D=64, dtype=jnp.float16),
                    dict(B=2, T=1024, S=1024, H=4, K=2, D=128, atomic=True),
+                   dict(B=1, T=333, S=517, H=4, K=2, D=256, causal=True),
                    dict(B=1, T=333, S=517, H=4, K=2, D=128, causal=True, atomic=True)]:
             try:
                 check(**kw)
@@ -120,7 +121,7 @@ def main():
                 print("check", kw, "ERROR", repr(error)[:1500], flush=True)
     only = [x for x in args.only.split(",") if x]
     rows = []
-    for B, S, H, D in ((2, 8192, 16, 128), (4, 4096, 32, 64), (1, 16384, 16, 128)):
+    for B, S, H, D in ((2, 8192, 16, 128), (4, 4096, 32, 64), (1, 16384, 16, 128), (2, 8192, 8, 256)):
         for causal in (False, True):
             rows.append(bench(B, S, H, D, causal, only))
     with open(f"{args.out}/probe.json", "w") as f:

@@ -206,9 +206,9 @@ def _split_backend(backend):
 
 
 def _log_fallback(direction: str, problem: AttentionProblem, features) -> None:
-    logger.info("flash_attention %s: the portable kernel runs (the Hopper kernel covers bf16/f16, "
-                "head dim 64 or 128, causal and window; this call has dtype=%s, head_dim=%d, "
-                "features=%s)", direction, problem.dtype, problem.head_dim, features)
+    logger.info("flash_attention %s: the portable kernel runs (the Hopper kernel does not cover or "
+                "is not preferred for dtype=%s, head_dim=%d, features=%s)", direction, problem.dtype,
+                problem.head_dim, features)
 
 
 def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool):
@@ -218,20 +218,25 @@ def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool
     if backend == "mosaic":
         if not covered:
             raise ValueError(
-                f"backend='mosaic' covers bf16/f16, head dim 64 or 128, causal and window only; got "
+                f"backend='mosaic' covers bf16/f16, head dim 64, 128 or 256, causal and window only; got "
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
-        return mosaic_fwd.MosaicFwdConfig()
+        return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
     if backend is None and not interpret and on_hopper():
         if covered and mosaic_fwd.preferred(head_dim=problem.head_dim):
-            return mosaic_fwd.MosaicFwdConfig()
+            return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
         _log_fallback("forward", problem, features)
     return None
 
 
 def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: bool):
     """The Hopper backward's tiles when it runs this call's backward, else None."""
+    strict = isinstance(backend, (tuple, list))  # a pair names the backward's kernel exactly
     backend = _split_backend(backend)[1]
     covered = mosaic_bwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
+    if backend == "mosaic" and not strict and not covered:
+        # backend="mosaic" forces the Hopper forward; a backward it lacks (e.g. D=256) is portable.
+        _log_fallback("backward", problem, features)
+        return None
     if backend == "mosaic":
         if not covered:
             raise ValueError(
@@ -284,9 +289,10 @@ def flash_attention(
       block_sizes: a `BlockSizes`; None looks up the tuning cache or the heuristic.
       interpret: run the kernels in interpret mode; None = True off GPU.
       backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper kernels; raises
-        ValueError for calls they do not cover), None: "mosaic" on Hopper GPUs where it covers the
-        call, else "portable" with one log line naming the reason; or a (forward, backward) pair
-        of those choices.
+        ValueError for a forward they do not cover, runs the portable backward with a log line
+        where the Hopper backward lacks the call, e.g. head dim 256), None: "mosaic" on Hopper
+        GPUs where it covers the call, else "portable" with one log line naming the reason; or a
+        (forward, backward) pair of those choices, each forced strictly.
 
     Returns:
       out [B, T, H, D] in q's dtype (zeros for fully masked rows), and lse when `return_lse`.
