@@ -16,7 +16,6 @@ import numpy as np
 
 sys.path.insert(0, "tests")
 from pallas_kernels import attention_reference, flash_attention  # noqa: E402
-from pallas_kernels.fa2 import mosaic_bwd  # noqa: E402
 from pallas_kernels.testing import attention_inputs  # noqa: E402
 from test_flash_attention import _output_and_grads  # noqa: E402
 
@@ -56,14 +55,7 @@ def timed(fn, *args, iters=10, samples=5):
 
 def _atomic(q, k, v, causal):
     """Ours with the nondeterministic (TMA reduce-add) dQ."""
-    import dataclasses
-    from pallas_kernels.fa2 import api
-    real = api._choose_mosaic_bwd
-    api._choose_mosaic_bwd = lambda *a: dataclasses.replace(real(*a), deterministic=False)
-    try:
-        return flash_attention(q, k, v, causal=causal, backend="mosaic")
-    finally:
-        api._choose_mosaic_bwd = real
+    return flash_attention(q, k, v, causal=causal, backend="mosaic", deterministic=False)
 
 
 def peers(causal):

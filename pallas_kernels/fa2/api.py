@@ -267,7 +267,8 @@ def flash_attention(
     return_lse: bool = False,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
-    backend: str | None = None,
+    backend: str | tuple[str | None, str | None] | None = None,
+    deterministic: bool = True,
 ):
     """FlashAttention-2, forward and backward, as Pallas kernels.
 
@@ -288,6 +289,9 @@ def flash_attention(
         masked row). Gradients flow through it.
       block_sizes: a `BlockSizes`; None looks up the tuning cache or the heuristic.
       interpret: run the kernels in interpret mode; None = True off GPU.
+      deterministic: True sums dQ in a fixed order (bitwise reproducible). False lets the Hopper
+        backward add dQ partials from its dK/dV kernel with TMA reduce-add (one kernel less; the
+        order of additions varies between runs). The portable backward is deterministic always.
       backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper kernels; raises
         ValueError for a forward they do not cover, runs the portable backward with a log line
         where the Hopper backward lacks the call, e.g. head dim 256), None: "mosaic" on Hopper
@@ -316,6 +320,10 @@ def flash_attention(
     blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
     mosaic_config = _choose_mosaic(backend, problem, features, interpret)
     mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic=}")
+    if mosaic_bwd_config is not None and not deterministic:
+        mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:
