@@ -6,6 +6,7 @@
   python examples/train.py --preset draft-20m --teacher out/target --distill-weight 0.5
   python examples/train.py ... --teacher out/target --teacher-continuations 4096   # + the target's own text
   python examples/train.py ... --resume                       # continue the run in --out exactly
+  python examples/train.py --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2)
 
 Every field of TrainConfig and the size fields of TransformerConfig are flags (--d-model,
 --grad-accum, ...); unset flags keep the preset's value. Writes <out>/checkpoints/, metrics.jsonl
@@ -14,7 +15,7 @@ and loss.png. The logic lives in fa2jax.training; this file is its command line.
 import argparse
 import time
 
-from fa2jax import load_pretrained
+from fa2jax import load_pretrained, sharding
 from fa2jax.data import Corpus, find_documents, pack_corpus, split_documents
 from fa2jax.loading import load_config
 from fa2jax.training import presets, teacher_continuations, train
@@ -46,6 +47,9 @@ def parse_args():
     p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (parameters stay float32)")
     p.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
                    help="default: pallas on GPU, automatic elsewhere")
+    p.add_argument("--mesh", help="train across the devices of this mesh, e.g. data=8 or data=2,fsdp=2,model=2: "
+                                   "data/fsdp split the batch (fsdp also the parameters), model splits heads and "
+                                   "MLP (fa2jax.sharding); --batch-size is the global micro-batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-after-minutes", type=float,
                    help="checkpoint and exit after this much training time (continue with --resume)")
@@ -55,6 +59,7 @@ def parse_args():
 
 def main():
     args = parse_args()
+    mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
     run = presets()[args.preset]
     out = args.out or f"out/{args.preset}"
     train_cfg = cli.train_config(run, args)
@@ -89,7 +94,7 @@ def main():
           f"vocabulary {tokenizer.vocab_size}")
     summary = train(model_cfg, train_cfg, train_rows, val_rows, out, tokenizer, resume=args.resume,
                     teacher=args.teacher, progress=not args.no_progress,
-                    stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes)
+                    stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes, mesh=mesh)
     for key in ("step", "loss", "val_loss", "val_ppl", "acceptance_before", "acceptance_after"):
         if key in summary:
             print(f"{key}: {summary[key]}")

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx, serialization
 
+from fa2jax import sharding
 from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.model import Transformer
 from fa2jax.tokenizer import Tokenizer, read_tokenizer_file
@@ -203,7 +204,8 @@ def load_checkpoint(path: str | os.PathLike, target: Any, strict: bool = True) -
     Args:
       path: a `step_*` folder written by `save_checkpoint`.
       target: a pytree with the same structure as the saved state; leaves may be arrays or
-        jax.ShapeDtypeStruct (only their shape and dtype are used).
+        jax.ShapeDtypeStruct (their shape and dtype are used, and a NamedSharding they carry
+        places the restored array, e.g. from `fa2jax.sharding.abstract_sharded`).
       strict: if False, saved leaves that `target` lacks are ignored (e.g. load only
         {"params": ...} from a full training checkpoint); missing leaves always raise.
 
@@ -225,7 +227,10 @@ def load_checkpoint(path: str | os.PathLike, target: Any, strict: bool = True) -
                 f"checkpoint leaf {key}: saved {got.shape=} {got.dtype=}, "
                 f"expected {leaf.shape=} {leaf.dtype=}"
             )
-        values.append(jax.numpy.asarray(got))
+        placement = getattr(leaf, "sharding", None)
+        # A target leaf placed on a mesh receives its shards directly (each device only its own).
+        values.append(jax.device_put(got, placement) if isinstance(placement, jax.sharding.NamedSharding)
+                      else jax.numpy.asarray(got))
     return jax.tree_util.tree_unflatten(treedef, values), read_metadata(path)
 
 
@@ -234,11 +239,12 @@ def read_model_config(path: str | os.PathLike) -> TransformerConfig:
     return model_config_from_dict(read_metadata(resolve_checkpoint(path))["model_config"])
 
 
-def load_transformer(path: str | os.PathLike) -> Transformer:
+def load_transformer(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """The model of a checkpoint (or of the newest one in a run folder), parameters as stored.
 
     Args:
       path: anything `resolve_checkpoint` accepts.
+      mesh: read every parameter straight into its shards on this mesh (`fa2jax.sharding`).
 
     Returns:
       A Transformer of the stored config holding the checkpoint's parameters (the optimizer
@@ -250,6 +256,8 @@ def load_transformer(path: str | os.PathLike) -> Transformer:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"{type(abstract).__name__} has variables besides nnx.Param that checkpoints do not hold")
+    if mesh is not None:
+        params = sharding.abstract_sharded(params, mesh)
     loaded, _ = load_checkpoint(path, {"params": params}, strict=False)
     return nnx.merge(graphdef, loaded["params"], rest)
 

@@ -213,6 +213,12 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split on `mesh`: the product of its batch axes' sizes."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes[a] for a in _mesh_axes(mesh, "batch"))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """The sharding of a [B, T, ...] batch of data: rows split over the batch axes."""
     return NamedSharding(mesh, PartitionSpec(_mesh_axes(mesh, "batch") or None, *(None,) * (ndim - 1)))

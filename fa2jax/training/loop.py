@@ -16,8 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from fa2jax import checkpoint as ckpt
+from fa2jax import sharding
 from fa2jax.config import TransformerConfig
 from fa2jax.data import BatchSchedule, PackedRows
 from fa2jax.loading import load_pretrained
@@ -61,6 +63,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     stop_after_seconds: float | None = None,
+    mesh: Mesh | None = None,
 ) -> dict:
     """Trains (or continues training) a Transformer, writing checkpoints, metrics and a plot.
 
@@ -78,6 +81,9 @@ def train(
       progress: show a tqdm bar.
       stop_after_seconds: leave the loop (with a checkpoint) at the first logging step after this
         much wall time, so long runs fit in fixed-length jobs and continue with `resume`.
+      mesh: train across its devices (`fa2jax.sharding.parse_mesh`): batch rows split over the
+        data/fsdp axes, parameters and optimizer state placed by `fa2jax.sharding`'s rules.
+        Checkpoints hold whole arrays, so a run may resume on another mesh or on one device.
 
     Returns:
       The last metrics: step, loss, val_loss, val_ppl, and acceptance rates with a teacher.
@@ -88,6 +94,9 @@ def train(
         raise ValueError(f"rows must have T = {cfg.seq_len=}: {train_rows.seq_len=} {val_rows.seq_len=}")
     if cfg.seq_len > model_config.max_len:
         raise ValueError(f"{cfg.seq_len=} exceeds {model_config.max_len=}")
+    if mesh is not None and cfg.batch_size % sharding.batch_shards(mesh):
+        raise ValueError(f"{cfg.batch_size=} does not split over the {sharding.batch_shards(mesh)} batch shards of "
+                         f"{dict(mesh.shape)=}")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
@@ -109,6 +118,8 @@ def train(
         if teacher_parts.config.vocab_size != model_config.vocab_size:
             raise ValueError(f"distillation needs one vocabulary: {teacher_parts.config.vocab_size=} != "
                              f"{model_config.vocab_size=}")
+        if mesh is not None:
+            teacher_parts = dataclasses.replace(teacher_parts, params=sharding.shard(teacher_parts.params, mesh))
     meta = {
         "model_config": ckpt.config_to_dict(model_config),
         "train_config": ckpt.config_to_dict(cfg),
@@ -119,12 +130,16 @@ def train(
     summary: dict[str, Any] = {}
     if latest is not None:
         _check_resume(ckpt.read_metadata(latest), model_config, cfg, train_rows)
-        tree, saved_meta = ckpt.load_checkpoint(latest, state.to_tree())
+        # With a mesh each array is read straight into its shards.
+        target = state.to_tree() if mesh is None else sharding.abstract_sharded(state.to_tree(), mesh)
+        tree, saved_meta = ckpt.load_checkpoint(latest, target)
         state = TrainState(**tree)
         summary.update(saved_meta.get("summary", {}))
         truncate_metrics(metrics_path, int(state.step))
     else:
         metrics_path.unlink(missing_ok=True)
+        if mesh is not None:
+            state = sharding.shard(state, mesh)
 
     def acceptance(params):
         return measure_acceptance(parts, params, teacher_parts, val_rows, cfg.batch_size, cfg.eval_batches)
@@ -134,8 +149,8 @@ def train(
         summary["acceptance_before"] = before
         append_metrics(metrics_path, {"step": int(state.step), **{f"{k}_before": v for k, v in before.items()}})
 
-    train_step = make_train_step(parts, cfg, tx, teacher_parts)
-    eval_step = make_eval_step(parts)
+    train_step = make_train_step(parts, cfg, tx, teacher_parts, mesh=mesh)
+    eval_step = make_eval_step(parts, mesh)
     t_params = teacher_parts.params if teacher_parts is not None else None
     t_rest = teacher_parts.rest if teacher_parts is not None else None
     flops_per_token = training_flops_per_token(model_config, count_params(state.params), cfg.seq_len)
