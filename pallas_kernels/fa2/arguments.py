@@ -80,8 +80,11 @@ def validate(
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a (left, right) pair, got {window_size=}")
     # Ints only: a float such as 1.5 is a mistake, not a window to truncate.
-    window_left, window_right = (static_int(f"window_size[{i}] (of {window_size=})", w)
-                                 for i, w in enumerate(window_size))
+    try:
+        window_left, window_right = (static_int(f"window_size[{i}]", w) for i, w in enumerate(window_size))
+    except TypeError as error:
+        raise TypeError(f"window_size must be a (left, right) pair of ints, -1 = unbounded, got {window_size=}: "
+                        f"{error}") from None
     if window_left < -1 or window_right < -1:
         raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size=}")
 
