@@ -2,6 +2,7 @@
 
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
+from fa2jax.checking import checked
 from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.hf_llama import load_hf_llama
 from fa2jax.kv_cache import KVCache
@@ -21,6 +22,7 @@ __all__ = [
     "TransformerConfig",
     "RopeScalingConfig",
     "KVCache",
+    "checked",
     # loading
     "load_pretrained",
     "load_tokenizer",

@@ -73,6 +73,11 @@ class TransformerConfig:
             attention splits depend on the row count and the prefix length, so without this greedy
             speculative decoding in bf16 can part from incremental decoding at near-ties. Caches
             then need R spare slots (the generate functions size them so).
+        tokenizer_vocab_size: None, or the tokenizer's vocabulary when `vocab_size` was padded past
+            it (examples/train.py rounds it up to a multiple for speed): the cached calls (prefill,
+            decode, score_tree) give the padding rows [tokenizer_vocab_size, vocab_size) logit
+            -inf, so no sampler picks an id no tokenizer can decode. `load_pretrained` sets it from
+            a fa2jax checkpoint's tokenizer.
     """
 
     vocab_size: int
@@ -91,6 +96,7 @@ class TransformerConfig:
     attention_impl: str | None = None
     rope_scaling: RopeScalingConfig | None = None
     invariant_rows: int = 0
+    tokenizer_vocab_size: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
@@ -116,6 +122,10 @@ class TransformerConfig:
                 raise ValueError(f"{name} must be a floating dtype, got {name}={dtype}")
         if not isinstance(self.invariant_rows, int) or self.invariant_rows < 0:
             raise ValueError(f"invariant_rows must be an int >= 0, got {self.invariant_rows=}")
+        if self.tokenizer_vocab_size is not None and not (
+                isinstance(self.tokenizer_vocab_size, int) and 1 <= self.tokenizer_vocab_size <= self.vocab_size):
+            raise ValueError(f"tokenizer_vocab_size must be None or an int in [1, vocab_size={self.vocab_size}], got "
+                             f"{self.tokenizer_vocab_size=}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScalingConfig):
             raise ValueError(f"rope_scaling must be a RopeScalingConfig or None, got {self.rope_scaling=}")
 

@@ -158,11 +158,23 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
             raise ValueError(f"{dtype=} must be a floating dtype")
     path, fmt = _find_format(path, "model")
     model = fmt.load_model(path, dtype)
+    if fmt.name == "fa2jax" and "tokenizer_vocab_size" not in overrides:
+        overrides["tokenizer_vocab_size"] = _tokenizer_vocab(path, fmt, model.config)
     dtype = jnp.dtype(model.config.dtype if dtype is None else dtype)
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
     # Cast arrays in place of the stored ones: the float32 copies are freed as the model is replaced.
     nnx.update(model, jax.tree.map(cast, nnx.state(model, nnx.Param)))
     return replace_config(model, dtype=dtype, param_dtype=dtype, **overrides)
+
+
+def _tokenizer_vocab(path: Path, fmt: ModelFormat, config: TransformerConfig) -> int | None:
+    """The stored tokenizer's vocabulary when the model's is padded past it (examples/train.py pads
+    to a multiple: those logit rows are untrained), else the config's own setting."""
+    try:
+        vocab = fmt.load_tokenizer(path).vocab_size
+    except ValueError:  # a checkpoint saved without its tokenizer
+        return config.tokenizer_vocab_size
+    return vocab if vocab < config.vocab_size else config.tokenizer_vocab_size
 
 
 def load_config(path: str | os.PathLike) -> TransformerConfig:

@@ -10,7 +10,13 @@ and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2
 With `config.invariant_rows` = R, decode and score_tree both run as R-row tree verifications, so
 a token's logits do not depend on which of the two computed it (see `TransformerConfig`).
 
-Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities.
+Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities. With
+`config.tokenizer_vocab_size` set (a vocabulary padded past the tokenizer's), the cached calls give
+the padding rows logit -inf, so no sampler picks them.
+
+Misuse (a token id outside the vocabulary, prefill lengths outside [0, T], a batch other than the
+cache's, a call that would write past the cache's end) raises a ValueError at the call when the
+values are concrete; inside `jit` the data-dependent checks run under `fa2jax.checked` (checkify).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import checkify
 
+from fa2jax import checking
 from fa2jax._deprecation import warn_renamed
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
 from fa2jax.layers import MultiHeadAttention, RMSNorm, SwiGLU, segment_positions
+from pallas_kernels.tree import arguments as tree_arguments
 
 
 class Block(nnx.Module):
@@ -78,18 +87,35 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=config.dtype,
                                       param_dtype=config.param_dtype, rngs=rngs)
 
-    def _check_tokens(self, tokens: jax.Array, name: str = "tokens") -> None:
+    def _check_tokens(self, tokens: jax.Array, name: str = "tokens", cache: KVCache | None = None,
+                      prompt_lengths=None) -> jax.Array | None:
+        """Shape and dtype, the cache's batch, and ids in [0, V) (see `fa2jax.checking`), only within
+        the prompts when `prompt_lengths` are given: those are checked too and returned as int32."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"{name} must be an integer [B, T] array, got {tokens.shape=} {tokens.dtype=}")
+        if cache is not None:
+            checking.check_batch(name, tokens.shape[0], cache.batch)
+        valid = None
+        if prompt_lengths is not None:
+            prompt_lengths = _check_prefill_lengths(prompt_lengths, tokens.shape)
+            valid = jnp.arange(tokens.shape[1])[None, :] < prompt_lengths[:, None]  # [B, T]
+        checking.check_token_ids(tokens, self.config.vocab_size, name, valid)
+        return prompt_lengths
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32."""
+    def _logits(self, x: jax.Array, mask_padding: bool = True) -> jax.Array:
+        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32; the vocabulary's
+        padding rows (`config.tokenizer_vocab_size` on) at -inf when `mask_padding`."""
         x = self.final_norm(x)
         if self.lm_head is None:
             weight = self.embed.embedding[...].astype(x.dtype)  # [V, d_model]
-            return jnp.einsum("btd,vd->btv", x, weight, preferred_element_type=jnp.float32)
-        weight = self.lm_head.kernel[...].astype(x.dtype)  # [d_model, V]
-        return jnp.einsum("btd,dv->btv", x, weight, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, weight, preferred_element_type=jnp.float32)
+        else:
+            weight = self.lm_head.kernel[...].astype(x.dtype)  # [d_model, V]
+            logits = jnp.einsum("btd,dv->btv", x, weight, preferred_element_type=jnp.float32)
+        used, vocab = self.config.tokenizer_vocab_size, self.config.vocab_size
+        if mask_padding and used is not None and used < vocab:
+            logits = jnp.where(jnp.arange(vocab) < used, logits, -jnp.inf)
+        return logits
 
     def __call__(
         self,
@@ -106,7 +132,8 @@ class Transformer(nnx.Module):
             positions: [B, T] RoPE positions; by default each segment counts from 0 (or 0..T-1).
 
         Returns:
-            logits [B, T, V] float32.
+            logits [B, T, V] float32. The vocabulary's padding rows are not masked here: losses take
+            logs of probabilities (0 * log 0 would be NaN).
         """
         self._check_tokens(tokens)
         if positions is None:
@@ -117,7 +144,7 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         for block in self.layers:
             x = block(x, segment_ids=segment_ids, positions=positions)
-        return self._logits(x)
+        return self._logits(x, mask_padding=False)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` (default config.max_len) tokens.
@@ -133,20 +160,25 @@ class Transformer(nnx.Module):
         """Runs right-padded prompts from position 0 and fills the cache.
 
         Args:
-            tokens: [B, T]; row b's prompt is tokens[b, :lengths[b]], the rest is padding.
-            lengths: [B] int32 prompt lengths.
-            cache: a cache with T <= max_len; every row is overwritten from slot 0.
+            tokens: [B, T]; row b's prompt is tokens[b, :lengths[b]], the rest is padding (any value).
+            lengths: [B] int32 prompt lengths, in [0, T].
+            cache: a cache of B rows with T <= max_len; every row is overwritten from slot 0.
 
         Returns:
             (logits [B, T, V] float32, cache with lengths = lengths). Logits at padding are meaningless.
+
+        Raises:
+            ValueError: wrong shapes, a batch other than the cache's, or (concrete values) lengths
+                outside [0, T] or prompt tokens outside [0, V); under `fa2jax.checked` the last two
+                also inside `jit`.
         """
-        self._check_tokens(tokens)
+        lengths = self._check_tokens(tokens, cache=cache, prompt_lengths=lengths)
         if tokens.shape[1] > cache.max_len:
             raise ValueError(f"prompt longer than the cache: {tokens.shape=} vs {cache.max_len=}")
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.prefill(x, cache, layer)
-        return self._logits(x), cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
+        return self._logits(x), cache.replace(lengths=lengths)
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Appends T tokens per row at positions lengths .. lengths + T - 1 (causal among themselves).
@@ -157,9 +189,15 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, T, V] float32, cache with lengths += T).
+
+        Raises:
+            ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V) or
+                lengths + T > max_len (+ R with invariant_rows = R); under `fa2jax.checked` the last two
+                also inside `jit`.
         """
-        self._check_tokens(tokens)
+        self._check_tokens(tokens, cache=cache)
         T = tokens.shape[1]
+        checking.check_cache_room(cache.lengths, max(T, self.config.invariant_rows), cache.max_len, "decoding")
         if self.config.invariant_rows:  # the same computation as verifying a chain of T nodes
             logits, cache = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
             return logits, cache.replace(lengths=cache.lengths + T)
@@ -183,15 +221,26 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, N, V] float32, cache with the nodes' K/V written).
+
+        Raises:
+            ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V), a
+                mask that is not a tree, or lengths + N (or R) > max_len; under `fa2jax.checked` the
+                last three also inside `jit`.
         """
-        self._check_tokens(tokens)
+        self._check_tokens(tokens, cache=cache)
         B, N = tokens.shape
         if not isinstance(tree_mask, np.ndarray):  # a NumPy mask stays one: a trace-time constant
             tree_mask = jnp.asarray(tree_mask)
         if tree_mask.shape not in ((N, N), (B, N, N)) or tree_mask.dtype != jnp.bool_:
             raise ValueError(f"tree_mask must be bool [N, N] or [B, N, N] with {B=} {N=}, got "
                              f"{tree_mask.shape=} {tree_mask.dtype=}")
+        concrete_mask = checking.concrete(tree_mask)
+        if concrete_mask is not None:
+            tree_arguments.check_tree_closure(concrete_mask)
+        else:
+            tree_arguments.check_tree_mask(tree_mask, check=checkify.debug_check)
         rows = self.config.invariant_rows
+        checking.check_cache_room(cache.lengths, max(N, rows), cache.max_len, "scoring the tree")
         if rows:
             if N > rows:
                 raise ValueError(f"{N=} tokens in one call exceed config.invariant_rows={rows}")
@@ -234,6 +283,27 @@ def with_min_len(model: Transformer, min_len: int) -> Transformer:
     generate functions check `max_len` against prompt + new tokens + tree nodes.
     """
     return model if model.config.max_len >= min_len else replace_config(model, max_len=min_len)
+
+
+def _check_prefill_lengths(lengths, tokens_shape: tuple[int, ...]) -> jax.Array:
+    """lengths as int32 [B] after checking them against tokens [B, T] (values: see `fa2jax.checking`)."""
+    lengths = lengths if isinstance(lengths, (np.ndarray, jax.Array)) else np.asarray(lengths)
+    B, T = tokens_shape
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer [B] array with B={B} (tokens' batch), got {lengths.shape=} "
+                         f"{lengths.dtype=}")
+    values = checking.concrete(lengths)
+    if values is not None:
+        bad = (values < 0) | (values > T)
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise ValueError(f"prefill lengths must lie in [0, T={T}] (tokens.shape[1]), got lengths[{b}]="
+                             f"{int(values[b])} (lengths={values.tolist()})")
+    else:
+        checkify.debug_check(jnp.all((lengths >= 0) & (lengths <= T)),
+                             f"prefill lengths must lie in [0, T={T}] (tokens.shape[1]), got {{lengths}}",
+                             lengths=lengths)
+    return jnp.asarray(lengths, jnp.int32)
 
 
 def _pad_tree_mask(tree_mask, rows: int):
