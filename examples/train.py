@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     # Everything that can fail on the command line alone fails here, before any data is read.
     out = cli.check_writable(args.out or f"out/{args.preset}")
     needs_bpe = not args.resume and not args.teacher and (args.tokenizer or "bpe") == "bpe"
-    cli.check_extras(["matplotlib"] + ["tqdm"] * show + ["tokenizers"] * needs_bpe)
+    cli.check_extras(["matplotlib", *(["tqdm"] if show else []), *(["tokenizers"] if needs_bpe else [])])
     resumed = cli.resumed_run(out, args, run) if args.resume else None
     if args.teacher_continuations and not args.teacher:
         raise cli.UsageError(f"--teacher-continuations {args.teacher_continuations} needs --teacher")

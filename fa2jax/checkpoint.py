@@ -24,6 +24,7 @@ step (`CorruptCheckpointError`), and `restore_newest` falls back to the newest o
 Rotation keeps the newest `keep` checkpoints and, besides them, the newest *verified* one (read back
 and matched: at a restore, or just before a rotation would delete anything), so a checkpoint that
 went bad on disk never costs the last good one. While a save is being written there may be one more.
+Reading a checkpoint back costs one more copy of the state on its devices while it is checked.
 
 Checkpoints written before orbax (state.msgpack) are still read, through `fa2jax.legacy_checkpoint`.
 A run folder of examples/train.py holds its checkpoints under checkpoints/; `resolve_checkpoint`
@@ -521,6 +522,13 @@ class CheckpointStore:
             self._manager.reload()
         return restored
 
+    def delete(self, step: int) -> None:
+        """Deletes checkpoint `step`."""
+        if legacy.is_legacy_checkpoint(self.path(step)):
+            shutil.rmtree(self.path(step))
+        else:
+            self._manager.delete(step)
+
     def close(self) -> None:
         """Waits for the last save, rotates, and releases orbax's threads."""
         self.wait()
@@ -536,9 +544,10 @@ class CheckpointStore:
     def _rotate(self) -> None:
         """Deletes all but the newest `keep` checkpoints and the newest verified one.
 
-        Before deleting anything the newest checkpoint, if this store wrote it, is read back; a
-        failure is recorded in `warnings` and leaves the older verified one protected. Nothing is
-        deleted while no checkpoint is verified.
+        Before deleting anything the newest checkpoint, if this store wrote it, is read back onto the
+        devices it was saved from (one more copy of the state there, briefly: on one device, the
+        training step's activations are freed by then); a failure is recorded in `warnings` and
+        leaves the older verified one protected. Nothing is deleted while no checkpoint is verified.
         """
         steps = self.steps()
         if self.keep is None or len(steps) <= self.keep:
@@ -554,10 +563,7 @@ class CheckpointStore:
         protected = set(steps[-self.keep:]) | {self.verified}
         for step in steps:
             if step not in protected:
-                if legacy.is_legacy_checkpoint(self.path(step)):
-                    shutil.rmtree(self.path(step))
-                else:
-                    self._manager.delete(step)
+                self.delete(step)
 
 
 # ------------------------------------------------------------------------- one-call conveniences
@@ -580,8 +586,7 @@ def save_checkpoint(
     """
     with CheckpointStore(directory, keep) as store:
         if step in store.steps():
-            shutil.rmtree(store.path(step))
-            store._manager.reload()
+            store.delete(step)
         return store.save(step, state, metadata, tokenizer)
 
 

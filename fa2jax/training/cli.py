@@ -78,8 +78,8 @@ def _fit_warmup(values: dict, explicit: dict) -> dict:
     if "warmup_steps" in explicit or values["warmup_steps"] < values["steps"]:
         return values
     fitted = values["steps"] // 10
-    print(f"--warmup-steps: {values['warmup_steps']} (the default) does not fit in --steps {values['steps']}; "
-          f"warming up for {fitted} steps instead")
+    print(f"--warmup-steps: {values['warmup_steps']} (not given on the command line) does not fit in "
+          f"--steps {values['steps']}; warming up for {fitted} steps instead")
     return {**values, "warmup_steps": fitted}
 
 
