@@ -2,9 +2,10 @@
 
 A format is an entry of `FORMATS`, tried in order; the first whose `matches` accepts the path
 opens it:
-  fa2jax     a checkpoint folder written by fa2jax (`step_*`: state.msgpack, meta.json,
-             tokenizer.json), or a folder holding them directly or under checkpoints/ (a run
-             folder of examples/train.py): its newest checkpoint
+  fa2jax     a checkpoint folder written by fa2jax (`step_*`: orbax's state/, meta/meta.json,
+             tokenizer/tokenizer.json; or the older state.msgpack, meta.json, tokenizer.json), or a
+             folder holding them directly or under checkpoints/ (a run folder of examples/train.py):
+             its newest intact checkpoint (`fa2jax.checkpoint`)
   hf         a Hugging Face model folder (config.json, *.safetensors, tokenizer.json); its
              config.json's `model_type` picks the loader in `HF_FAMILIES`
   tokenizer  a tokenizer file written by a fa2jax tokenizer's `save` (tokenizers only)
@@ -79,8 +80,8 @@ def _hf_family(path: Path) -> HFFamily:
 FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat(
         name="fa2jax",
-        expects="a fa2jax checkpoint folder (step_*: state.msgpack + meta.json) or a folder holding them "
-                "directly or under checkpoints/ (an examples/train.py run folder)",
+        expects="a fa2jax checkpoint folder (step_*: state/ + meta/meta.json, or state.msgpack + meta.json) or a "
+                "folder holding them directly or under checkpoints/ (an examples/train.py run folder)",
         matches=lambda path: ckpt.find_checkpoint(path) is not None,
         load_model=lambda path, dtype: ckpt.load_transformer(path),
         load_config=ckpt.read_model_config,
