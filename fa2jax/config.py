@@ -33,7 +33,9 @@ class RopeScalingConfig:
             frequencies and keeps the high ones, with a linear ramp between the dimensions that turn
             `beta_slow` and `beta_fast` times over `original_max_len`, and scales cos/sin by
             `attention_factor`; "dynamic" (NTK-aware) raises the RoPE base once a call's longest
-            position passes `original_max_len`, as a function of that length.
+            position passes `original_max_len`, as a function of that length (transformers'
+            rule: past that length a cached call, a tree verification or a padded prefill rotates
+            with the base of its own longest position, not of each token's).
         factor: how much longer the context is than the one the model was pre-trained on.
         low_freq_factor / high_freq_factor: "llama3" only.
         original_max_len: the pre-training context ("llama3", "yarn"); for "dynamic" the length
@@ -122,7 +124,9 @@ class TransformerConfig:
         attn_scale: softmax scale of the scores; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5).
         layer_windows: () for full causal attention everywhere, else one entry per layer: 0 for full
             attention, W > 0 for a sliding window in which a token sees itself and the W - 1 tokens
-            before it (Hugging Face's `sliding_window`).
+            before it (Hugging Face's `sliding_window`). The KV cache keeps every position; cached
+            calls of a windowed layer whose cache is longer than W mask it in dense attention (the
+            Pallas tree kernel has no window, so attention_impl="pallas" raises there).
         local_rope_theta: when set, the layers with a window use this RoPE base without scaling
             (Gemma 3's local layers); None: every layer uses rope_theta and rope_scaling.
     """

@@ -37,7 +37,7 @@ class Block(nnx.Module):
     (Gemma 2/3: x + post_norm(attn(norm(x)))). Layer `layer` takes its window and RoPE from the config.
     """
 
-    def __init__(self, config: TransformerConfig, layer: int = 0, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, layer: int, *, rngs: nnx.Rngs):
         norm = dict(epsilon=config.norm_eps, offset=config.norm_offset, dtype=config.dtype,
                     param_dtype=config.param_dtype)
         window = config.layer_window(layer)
