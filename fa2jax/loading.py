@@ -7,7 +7,7 @@ opens it:
              folder holding them directly or under checkpoints/ (a run folder of examples/train.py):
              its newest intact checkpoint (`fa2jax.checkpoint`)
   hf         a Hugging Face model folder (config.json, *.safetensors, tokenizer.json); its
-             config.json's `model_type` picks the loader in `HF_FAMILIES`
+             config.json's `model_type` picks the family in `fa2jax.hf_families.HF_FAMILIES`
   tokenizer  a tokenizer file written by a fa2jax tokenizer's `save` (tokenizers only)
 Another file format (GGUF, ...) is one more `ModelFormat` entry; another Hugging Face family one
 more `HF_FAMILIES` entry. The loaders build the model abstractly and fill in the stored arrays,
@@ -16,7 +16,6 @@ so no random initialisation of a large model runs first.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fa2jax import checkpoint as ckpt
+from fa2jax import hf
 from fa2jax.config import TransformerConfig
-from fa2jax.hf_llama import config_from_hf, load_hf_llama
 from fa2jax.model import Transformer, replace_config
 from fa2jax.tokenizer import HFTokenizer, Tokenizer, read_tokenizer_file
 
@@ -50,33 +49,6 @@ class ModelFormat:
     load_tokenizer: Callable[[Path], Tokenizer] | None
 
 
-def _hf_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))
-
-
-@dataclasses.dataclass(frozen=True)
-class HFFamily:
-    """How one Hugging Face `model_type` maps to ours."""
-
-    config: Callable[[dict], TransformerConfig]  # parsed config.json -> TransformerConfig
-    load: Callable[[Path, Any], Transformer]  # (folder, dtype or None) -> model
-
-
-# Hugging Face `model_type` -> its mapping.
-HF_FAMILIES: dict[str, HFFamily] = {
-    "llama": HFFamily(config=config_from_hf,
-                      load=lambda path, dtype: load_hf_llama(path, dtype=dtype, param_dtype=dtype)[1]),
-}
-
-
-def _hf_family(path: Path) -> HFFamily:
-    model_type = _hf_config(path).get("model_type")
-    if model_type not in HF_FAMILIES:
-        raise ValueError(f"{str(path)!r} holds a Hugging Face model of {model_type=}; the families loaded are "
-                         f"{sorted(HF_FAMILIES)}")
-    return HF_FAMILIES[model_type]
-
-
 FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat(
         name="fa2jax",
@@ -91,8 +63,8 @@ FORMATS: tuple[ModelFormat, ...] = (
         name="hf",
         expects="a Hugging Face model folder (config.json + *.safetensors, and tokenizer.json for the tokenizer)",
         matches=lambda path: (path / "config.json").is_file(),
-        load_model=lambda path, dtype: _hf_family(path).load(path, dtype),
-        load_config=lambda path: _hf_family(path).config(_hf_config(path)),
+        load_model=lambda path, dtype: hf.load_hf(path, dtype=dtype, param_dtype=dtype)[1],
+        load_config=hf.read_config,
         load_tokenizer=HFTokenizer.from_folder,
     ),
     ModelFormat(
