@@ -3,6 +3,7 @@
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
 from fa2jax.config import RopeScalingConfig, TransformerConfig
+from fa2jax.hf_export import save_pretrained
 from fa2jax.hf_llama import load_hf_llama
 from fa2jax.kv_cache import KVCache
 from fa2jax.layers import MultiHeadAttention, attention_fn
@@ -25,6 +26,7 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "load_hf_llama",
+    "save_pretrained",
 ]
 
 # Renamed public names, still served with a DeprecationWarning.
