@@ -169,7 +169,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
             raise ValueError(f"{dtype=} must be a floating dtype")
     path, fmt = _find_format(path, "model")
     model = fmt.load_model(path, dtype)
-    dtype = jnp.dtype(dtype or model.config.dtype)
+    dtype = jnp.dtype(model.config.dtype if dtype is None else dtype)
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
     # Cast arrays in place of the stored ones: the float32 copies are freed as the model is replaced.
     nnx.update(model, jax.tree.map(cast, nnx.state(model, nnx.Param)))
