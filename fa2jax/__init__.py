@@ -1,5 +1,8 @@
 """fa2jax: FlashAttention-2 attention layers and a Llama-style model for JAX / Flax NNX."""
 
+# The package version, read by pyproject.toml (tool.setuptools.dynamic); CHANGELOG.md says what changed.
+__version__ = "0.2.0.dev0"
+
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
 from fa2jax.config import RopeScalingConfig, TransformerConfig

@@ -55,7 +55,10 @@ _IGNORED = frozenset({"rope_freqs.weight"})
 
 
 def _reader(path: str | os.PathLike):
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'fa2jax[gguf,tokenizers]'") from e
 
     path = Path(path)
     if not path.is_file():

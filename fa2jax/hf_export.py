@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.flax import save_file
 
 from fa2jax.config import TransformerConfig
 from fa2jax.hf_llama import config_from_hf
@@ -172,8 +173,6 @@ def save_pretrained(model: Transformer, folder: str | os.PathLike, tokenizer: To
       ValueError: the model uses something Llama cannot express, or `max_shard_bytes` < 1.
       TypeError: `model` is no Transformer, or `tokenizer` is of a kind that has no tokenizer.json.
     """
-    from safetensors.flax import save_file
-
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a fa2jax Transformer, got {type(model)=}")
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:

@@ -249,7 +249,8 @@ def test_smollm2_logits_match_transformers():
     model = fa2jax.load_pretrained(file)
     assert model.config.tie_embeddings and model.config.num_layers == 30
     assert (model.config.num_heads, model.config.num_kv_heads, model.config.vocab_size) == (9, 3, 49152)
-    tokens = np.array([[1, 4093, 198, 504, 3575, 282, 4649, 314, 2]])  # <|im_start|>user\nThe capital of France is<|im_end|>
+    # "<|im_start|>user\nThe capital of France is<|im_end|>" in SmolLM2's vocabulary
+    tokens = np.array([[1, 4093, 198, 504, 3575, 282, 4649, 314, 2]])
     ours = np.asarray(model(jnp.asarray(tokens)))
     theirs = _transformers_logits(file, tokens)
     scale = np.abs(theirs).max()

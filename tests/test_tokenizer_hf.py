@@ -100,7 +100,8 @@ def test_trained_bpe_is_a_hugging_face_tokenizer(tmp_path, trained):
     step = tmp_path / "checkpoints" / "step_00000003"
     text = "def add(x, y):\n    return x + y  # Héllo 42<|endoftext|>"
     assert "kind" not in json.loads((step / "tokenizer.json").read_text())
-    assert PreTrainedTokenizerFast(tokenizer_file=str(step / "tokenizer.json"))(text)["input_ids"] == trained.encode(text)
+    alone = PreTrainedTokenizerFast(tokenizer_file=str(step / "tokenizer.json"))
+    assert alone(text)["input_ids"] == trained.encode(text)
     theirs = AutoTokenizer.from_pretrained(step)
     assert theirs(text)["input_ids"] == trained.encode(text) and theirs.eos_token == "<|endoftext|>"
     back = fa2jax.load_tokenizer(tmp_path)
@@ -151,7 +152,8 @@ def test_smollm2_gguf_tokenizer_matches_transformers():
     tok = fa2jax.load_tokenizer(file)
     theirs = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     assert tok.vocab_size == 49152 and tok.eos_ids == [2] and tok.id_to_token(2) == "<|im_end|>"
-    text = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat's the café's name? naïve 2024<|im_end|>"
+    text = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat's the café's name? "
+            "naïve 2024<|im_end|>")
     ids = tok.encode(text)
     assert ids == theirs(text)["input_ids"] and ids[0] == 1 and ids[-1] == 2
     assert tok.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
