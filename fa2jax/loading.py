@@ -8,8 +8,10 @@ opens it:
              its newest intact checkpoint (`fa2jax.checkpoint`)
   hf         a Hugging Face model folder (config.json, *.safetensors, tokenizer.json); its
              config.json's `model_type` picks the family in `fa2jax.hf_families.HF_FAMILIES`
-  tokenizer  a tokenizer file written by a fa2jax tokenizer's `save` (tokenizers only)
-Another file format (GGUF, ...) is one more `ModelFormat` entry; another Hugging Face family one
+  gguf       a llama.cpp GGUF file (`*.gguf`): weights dequantised, tokenizer from its metadata
+  tokenizer  a tokenizer file: a Hugging Face tokenizer.json or one written by a fa2jax
+             tokenizer's `save` (tokenizers only)
+Another file format is one more `ModelFormat` entry; another Hugging Face family one
 more `HF_FAMILIES` entry. The loaders build the model abstractly and fill in the stored arrays,
 so no random initialisation of a large model runs first.
 """
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fa2jax import checkpoint as ckpt
-from fa2jax import hf
+from fa2jax import gguf_llama, hf
 from fa2jax.config import TransformerConfig
 from fa2jax.model import Transformer, replace_config
 from fa2jax.tokenizer import HFTokenizer, Tokenizer, read_tokenizer_file
@@ -68,8 +70,16 @@ FORMATS: tuple[ModelFormat, ...] = (
         load_tokenizer=HFTokenizer.from_folder,
     ),
     ModelFormat(
+        name="gguf",
+        expects="a llama.cpp GGUF file (*.gguf)",
+        matches=lambda path: path.is_file() and path.suffix == ".gguf",
+        load_model=lambda path, dtype: gguf_llama.load_gguf(path, dtype=dtype, param_dtype=dtype)[1],
+        load_config=gguf_llama.read_config,
+        load_tokenizer=lambda path: HFTokenizer.from_gguf(gguf_llama.read_metadata(path)),
+    ),
+    ModelFormat(
         name="tokenizer",
-        expects="a tokenizer file saved by a fa2jax tokenizer (tokenizers only)",
+        expects="a tokenizer file (a Hugging Face tokenizer.json, or one saved by a fa2jax tokenizer)",
         matches=lambda path: path.is_file() and path.suffix == ".json",
         load_model=None,
         load_config=None,
@@ -110,7 +120,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
     """A `Transformer` from any format in `FORMATS`, ready for inference.
 
     Args:
-      path: a fa2jax checkpoint or run folder, or a Hugging Face model folder.
+      path: a fa2jax checkpoint or run folder, a Hugging Face model folder, or a GGUF file.
       dtype: the compute dtype, which the floating parameters are cast to as well (once, so a
         bf16 model reads bf16 weights); None keeps the stored compute dtype (a fa2jax checkpoint's
         float32 training masters are then cast to it).
@@ -161,7 +171,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     Args:
       path: a fa2jax checkpoint or run folder (its saved tokenizer), a Hugging Face model folder
-        (its tokenizer.json, end-of-text from config.json), or a tokenizer file saved by fa2jax.
+        (its tokenizer.json; eos ids from generation_config.json, config.json and
+        tokenizer_config.json; chat template from tokenizer_config.json), a GGUF file (its
+        tokenizer.ggml.* metadata and tokenizer.chat_template), or a tokenizer file.
 
     Raises:
       ValueError: the path holds no tokenizer in a known format.
