@@ -1,4 +1,8 @@
-"""`Transformer`: a Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA) with KV-cache and tree-verify calls.
+"""`Transformer`: a Llama-style decoder (RMSNorm, RoPE, gated MLP, GQA) with KV-cache and tree-verify calls.
+
+The open-weight families are switches of `TransformerConfig` on this one decoder (biases, qk-norm,
+softcaps, per-layer sliding windows, (1 + w) norms, GeGLU, post-norms, embedding scale); the
+Hugging Face tensor names of each family are mapped in `fa2jax.hf_families`.
 
 Calls, all pure once split with `nnx.split` (lengths are data, so none recompiles per length):
     model(tokens, segment_ids, positions)        training forward over packed sequences -> logits
@@ -31,46 +35,65 @@ from fa2jax import checking
 from fa2jax._deprecation import warn_renamed
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
-from fa2jax.layers import MultiHeadAttention, RMSNorm, SwiGLU, segment_positions
+from fa2jax.layers import GatedMLP, MultiHeadAttention, RMSNorm, segment_positions
 from pallas_kernels.tree import arguments as tree_arguments
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        norm = dict(epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+    With `config.post_norms` each sublayer's output is normalised again before its residual add
+    (Gemma 2/3: x + post_norm(attn(norm(x)))). Layer `layer` takes its window and RoPE from the config.
+    """
+
+    def __init__(self, config: TransformerConfig, layer: int, *, rngs: nnx.Rngs):
+        norm = dict(epsilon=config.norm_eps, offset=config.norm_offset, dtype=config.dtype,
+                    param_dtype=config.param_dtype)
+        window = config.layer_window(layer)
+        rope_theta, rope_scaling = config.layer_rope(layer)
         self.attn_norm = RMSNorm(config.d_model, **norm)
         self.attn = MultiHeadAttention(
             config.num_heads, config.d_model, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-            dtype=config.dtype, param_dtype=config.param_dtype, use_bias=False, is_causal=True,
-            rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, implementation=config.attention_impl,
+            dtype=config.dtype, param_dtype=config.param_dtype, use_bias=config.qkv_bias, out_bias=config.out_bias,
+            is_causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=config.attn_softcap,
+            scale=config.attn_scale, rope_theta=rope_theta, rope_scaling=rope_scaling, qk_norm=config.qk_norm,
+            norm_epsilon=config.norm_eps, norm_offset=config.norm_offset, implementation=config.attention_impl,
             rngs=rngs)
+        self.attn_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
-        self.mlp = SwiGLU(config.d_model, config.d_ff, dtype=config.dtype, param_dtype=config.param_dtype,
-                          rngs=rngs)
+        self.mlp = GatedMLP(config.d_model, config.d_ff, activation=config.mlp_activation, use_bias=config.mlp_bias,
+                            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.mlp_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
+
+    def _residuals(self, x, attn):
+        """The attention output `attn` added to x, then the MLP sublayer: [B, T, d_model] -> the same."""
+        if self.attn_post_norm is not None:
+            attn = self.attn_post_norm(attn)
+        x = x + attn
+        mlp = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            mlp = self.mlp_post_norm(mlp)
+        return x + mlp
 
     def __call__(self, x, *, segment_ids, positions):  # x [B, T, d_model]
-        x = x + self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._residuals(x, self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions))
 
     def prefill(self, x, cache: KVCache, layer: int):
         attn, cache = self.attn.prefill(self.attn_norm(x), cache, layer)
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return self._residuals(x, attn), cache
 
     def extend(self, x, positions, cache: KVCache, layer: int, tree_mask=None, batch_invariant: bool = False):
         attn, cache = self.attn.extend(self.attn_norm(x), positions, cache, layer, tree_mask, batch_invariant)
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return self._residuals(x, attn), cache
 
 
 class Transformer(nnx.Module):
     """Decoder-only language model; see the module docstring for its calls.
 
     Parameters: `embed` (nnx.Embed [V, d_model]), `layers[i]` (`Block`: attn_norm, attn.{query, key,
-    value, out}, mlp_norm, mlp.{gate, up, down}), `final_norm`, and `lm_head` [d_model, V] unless
-    embeddings are tied.
+    value, out} (with q_norm, k_norm under config.qk_norm), mlp_norm, mlp.{gate, up, down}, and
+    attn_post_norm, mlp_post_norm under config.post_norms), `final_norm`, and `lm_head` [d_model, V]
+    unless embeddings are tied.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -78,9 +101,9 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
                                param_dtype=config.param_dtype,
                                embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.d_model, epsilon=config.norm_eps, dtype=config.dtype,
-                                  param_dtype=config.param_dtype)
+        self.layers = nnx.List([Block(config, layer, rngs=rngs) for layer in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.d_model, epsilon=config.norm_eps, offset=config.norm_offset,
+                                  dtype=config.dtype, param_dtype=config.param_dtype)
         if config.tie_embeddings:
             self.lm_head = nnx.data(None)
         else:
@@ -102,9 +125,17 @@ class Transformer(nnx.Module):
         checking.check_token_ids(tokens, self.config.vocab_size, name, valid)
         return prompt_lengths
 
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, d_model] in the compute dtype."""
+        x = self.embed(tokens)
+        if self.config.scale_embeddings:  # Gemma rounds sqrt(d_model) to the dtype first (55.43 -> 55.5 in bf16)
+            x = x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+        return x
+
     def _logits(self, x: jax.Array, mask_padding: bool = True) -> jax.Array:
-        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32; the vocabulary's
-        padding rows (`config.tokenizer_vocab_size` on) at -inf when `mask_padding`."""
+        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32 (soft-capped when
+        `config.logit_softcap`); the vocabulary's padding rows (`config.tokenizer_vocab_size` on) at
+        -inf when `mask_padding`."""
         x = self.final_norm(x)
         if self.lm_head is None:
             weight = self.embed.embedding[...].astype(x.dtype)  # [V, d_model]
@@ -112,6 +143,9 @@ class Transformer(nnx.Module):
         else:
             weight = self.lm_head.kernel[...].astype(x.dtype)  # [d_model, V]
             logits = jnp.einsum("btd,dv->btv", x, weight, preferred_element_type=jnp.float32)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * jnp.tanh(logits / cap)
         used, vocab = self.config.tokenizer_vocab_size, self.config.vocab_size
         if mask_padding and used is not None and used < vocab:
             logits = jnp.where(jnp.arange(vocab) < used, logits, -jnp.inf)
@@ -141,7 +175,7 @@ class Transformer(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             else:
                 positions = segment_positions(segment_ids)
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for block in self.layers:
             x = block(x, segment_ids=segment_ids, positions=positions)
         return self._logits(x, mask_padding=False)
@@ -175,7 +209,7 @@ class Transformer(nnx.Module):
         lengths = self._check_tokens(tokens, cache=cache, prompt_lengths=lengths)
         if tokens.shape[1] > cache.max_len:
             raise ValueError(f"prompt longer than the cache: {tokens.shape=} vs {cache.max_len=}")
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.prefill(x, cache, layer)
         return self._logits(x), cache.replace(lengths=lengths)
@@ -202,7 +236,7 @@ class Transformer(nnx.Module):
             logits, cache = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
             return logits, cache.replace(lengths=cache.lengths + T)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer)
         return self._logits(x), cache.replace(lengths=cache.lengths + T)
@@ -248,7 +282,7 @@ class Transformer(nnx.Module):
             tree_mask = _pad_tree_mask(tree_mask, rows)
         depth = jnp.broadcast_to(tree_mask.sum(-1, dtype=jnp.int32) - 1, tokens.shape)  # [B, N or R]
         positions = cache.lengths[:, None] + depth
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer, tree_mask, batch_invariant=rows > 0)
         return self._logits(x)[:, :N], cache

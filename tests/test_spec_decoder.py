@@ -157,7 +157,7 @@ class FixedTokenDrafter:
         return state + num_accepted
 
 
-@pytest.mark.parametrize("name", ["chain", "dynamic", "merged-with-a-model"])
+@pytest.mark.parametrize("name", ["dynamic", "merged-with-a-model"])
 def test_custom_drafter_plugs_in(models, name):
     """A Drafter that is not a model drives the unchanged loop; greedy output stays the target's."""
     rng = np.random.default_rng(TEST_SEED)
@@ -168,7 +168,6 @@ def test_custom_drafter_plugs_in(models, name):
     fixed = FixedTokenDrafter(int(np.bincount(emitted).argmax()))  # the target's favourite: sometimes accepted
     assert isinstance(fixed, spec.Drafter)
     tree, drafts = {
-        "chain": (ExpansionTree.chain(3), [fixed]),
         "dynamic": (DynamicTree(num_nodes=6, depth=3, top_k=2), fixed),
         "merged-with-a-model": (MergedTree((ExpansionTree((2, 1)), ExpansionTree((1, 1)))), [models["close"], fixed]),
     }[name]
