@@ -1,18 +1,15 @@
-"""Train an fa2jax Transformer on real text with the FlashAttention-2 kernels.
+"""Train an fa2jax Transformer on real text: the `fa2jax-train` command (fa2jax.training.command).
 
   python examples/train.py --preset tiny                      # CPU, the stdlib as data, minutes
   python examples/train.py --preset target-1b --out out/target
-  python examples/train.py ... --extra-train-data /path/to/site-packages/numpy --suffix .py
-  python examples/train.py --preset draft-20m --teacher out/target --distill-weight 0.5
-  python examples/train.py ... --teacher out/target --teacher-continuations 4096   # + the target's own text
-  python examples/train.py ... --resume                       # continue the run in --out exactly
+  python examples/train.py ... --resume --steps 6000          # continue the run in --out, extended
 
-Every field of TrainConfig and the size fields of TransformerConfig are flags (--d-model,
---grad-accum, ...); unset flags keep the preset's value. Writes <out>/checkpoints/, metrics.jsonl
-and loss.png. The logic lives in fa2jax.training (the command line in fa2jax.training.command,
-which is also the `fa2jax-train` console script); this file only calls it.
+`python examples/train.py --help` lists every flag. Needs the `examples` extra:
+pip install 'fa2jax[examples]'.
 """
-from fa2jax.training.command import main
+import sys
+
+from fa2jax.training.command import cli_main, main  # noqa: F401  (main: tests call it in-process)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

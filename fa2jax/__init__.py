@@ -5,6 +5,7 @@ __version__ = "0.2.0.dev0"
 
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
+from fa2jax.checking import checked
 from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.hf_export import save_pretrained
 from fa2jax.hf_llama import load_hf_llama
@@ -25,6 +26,7 @@ __all__ = [
     "TransformerConfig",
     "RopeScalingConfig",
     "KVCache",
+    "checked",
     # loading
     "load_pretrained",
     "load_tokenizer",

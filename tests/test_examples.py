@@ -177,8 +177,8 @@ def test_export_keeps_only_params(tmp_path):
     ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 7, state, meta, ByteTokenizer())
     out = ckpt.export_params(tmp_path / "run", tmp_path / "export")
     assert out.name == "step_00000007"
-    full = (tmp_path / "run" / "checkpoints" / out.name / ckpt.STATE_FILE).stat().st_size
-    assert (out / ckpt.STATE_FILE).stat().st_size < full / 2
+    full = ckpt.checkpoint_nbytes(tmp_path / "run" / "checkpoints" / out.name)
+    assert ckpt.checkpoint_nbytes(out) < full / 2
     loaded = with_min_len(load_pretrained(tmp_path / "export"), 600)
     assert loaded.config.max_len == 600
     for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(params)):
