@@ -27,12 +27,10 @@ from fa2jax.hf_llama import config_from_hf
 from fa2jax.model import Transformer
 from fa2jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-# Fields that do not describe the model's function: how it runs here, not what it computes
-# (tokenizer_vocab_size only keeps our samplers off the padding rows of the vocabulary).
+# Fields that do not describe the model's function: how it runs here, not what it computes.
+# tokenizer_vocab_size only masks the padding rows of our logits: transformers has no such switch,
+# so an exported padded vocabulary gives those rows ordinary logits there.
 _RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "invariant_rows", "tokenizer_vocab_size"})
-# The RoPE scaling fields each exported kind reads (the others are unused by it).
-_ROPE_FIELDS = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_len")}
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16",
                 jnp.dtype(jnp.float16): "float16"}
 # transformers reads `format` from a shard's metadata to pick the tensor framework.
@@ -79,22 +77,12 @@ def hf_config(config: TransformerConfig, *, bos_id: int | None = None, eos_ids=(
     if eos_ids:
         hf["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     back = config_from_hf(hf)
-    differ = [f.name for f in dataclasses.fields(config) if f.name not in _RUNTIME_FIELDS | {"rope_scaling"}
-              and getattr(back, f.name) != getattr(config, f.name)]
-    if not _same_rope_scaling(config.rope_scaling, back.rope_scaling):
-        differ.append("rope_scaling")
+    differ = [f.name for f in dataclasses.fields(config)
+              if f.name not in _RUNTIME_FIELDS and getattr(back, f.name) != getattr(config, f.name)]
     if differ:
         raise ValueError(f"a Hugging Face Llama config cannot express this model: {differ=} "
                          f"(ours {[getattr(config, n) for n in differ]}, Llama's {[getattr(back, n) for n in differ]})")
     return hf
-
-
-def _same_rope_scaling(ours, theirs) -> bool:
-    """Whether two RoPE scalings (or None) give the same frequencies: the same kind and the same
-    values of the fields that kind reads."""
-    if ours is None or theirs is None or ours.kind != theirs.kind:
-        return ours is theirs or ours == theirs
-    return all(getattr(ours, f) == getattr(theirs, f) for f in _ROPE_FIELDS[ours.kind])
 
 
 def _rope_scaling(config: TransformerConfig) -> dict | None:
