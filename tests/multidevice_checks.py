@@ -282,8 +282,7 @@ def check_checkpoint_across_meshes():
 def check_train_script_on_meshes():
     """examples/train.py --mesh: two steps on data=4,model=2 stopped after one and resumed on
     fsdp=8 give the losses of the same run on one device."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
-    import train as train_script
+    from fa2jax.training.command import main as train_command
 
     with tempfile.TemporaryDirectory() as folder:
         corpus = os.path.join(folder, "corpus")
@@ -291,16 +290,14 @@ def check_train_script_on_meshes():
         for i in range(24):
             with open(os.path.join(corpus, f"m{i}.py"), "w") as f:
                 f.write(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 6)
-        base = ["train.py", "--preset", "tiny", "--tokenizer", "bytes", "--data", corpus, "--steps", "2",
+        base = ["--preset", "tiny", "--tokenizer", "bytes", "--data", corpus, "--steps", "2",
                 "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1", "--checkpoint-every", "1",
                 "--batch-size", "8", "--seq-len", "32", "--num-layers", "1", "--d-model", "32", "--d-ff", "64",
                 "--head-dim", "8", "--no-progress", "--attention-impl", "xla", "--log-every", "1"]
         runs = {"one": [], "first": ["--mesh", "data=4,model=2", "--stop-after-minutes", "1e-6"],
                 "second": ["--mesh", "fsdp=8", "--resume"]}
         for name, flags in runs.items():
-            out = os.path.join(folder, "one" if name == "one" else "meshes")
-            sys.argv = base + ["--out", out] + flags
-            train_script.main()
+            train_command(base + ["--out", os.path.join(folder, "one" if name == "one" else "meshes")] + flags)
         losses = {}
         for name in ("one", "meshes"):
             records = read_metrics(os.path.join(folder, name, "metrics.jsonl"))

@@ -20,6 +20,7 @@ from fa2jax import checkpoint as ckpt
 from fa2jax.model import with_min_len
 from fa2jax.tokenizer import ByteTokenizer
 from spec import DynamicTree, ExpansionTree, MergedTree
+from spec import cli as spec_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VOCAB = 384  # ByteTokenizer's 257 ids, rounded up like train.py does
@@ -165,7 +166,7 @@ def test_hf_llama_folder(tmp_path, capsys):
     assert report.identical and report.new_tokens == (12, 12)
     assert "tokens identical to incremental: yes" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "target").eos_id == eos
-    assert sg.read_tokenizer(tmp_path / "target", "bytes").encode("def") == list(b"def")
+    assert spec_cli.read_tokenizer(tmp_path / "target", "bytes").encode("def") == list(b"def")
 
 
 def test_export_keeps_only_params(tmp_path):
@@ -176,8 +177,8 @@ def test_export_keeps_only_params(tmp_path):
     ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 7, state, meta, ByteTokenizer())
     out = ckpt.export_params(tmp_path / "run", tmp_path / "export")
     assert out.name == "step_00000007"
-    full = (tmp_path / "run" / "checkpoints" / out.name / ckpt.STATE_FILE).stat().st_size
-    assert (out / ckpt.STATE_FILE).stat().st_size < full / 2
+    full = ckpt.checkpoint_nbytes(tmp_path / "run" / "checkpoints" / out.name)
+    assert ckpt.checkpoint_nbytes(out) < full / 2
     loaded = with_min_len(load_pretrained(tmp_path / "export"), 600)
     assert loaded.config.max_len == 600
     for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(params)):

@@ -102,14 +102,14 @@ def test_greedy_continuation_matches_generate(tied):
 def test_unsupported_checkpoints_raise(tied):
     _, directory = tied
     hf = json.loads((directory / "config.json").read_text())
-    with pytest.raises(ValueError, match="model_type='mistral'"):
-        config_from_hf({**hf, "model_type": "mistral"})
-    with pytest.raises(ValueError, match="kind='yarn'"):
-        config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
-    with pytest.raises(ValueError, match="kind='dynamic'"):
-        config_from_hf({**hf, "rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    with pytest.raises(ValueError, match="attention_bias"):
-        config_from_hf({**hf, "attention_bias": True})
+    with pytest.raises(ValueError, match="model_type='gpt_neox'"):
+        config_from_hf({**hf, "model_type": "gpt_neox"})
+    with pytest.raises(ValueError, match="MistralForCausalLM"):  # the architecture must be the family's
+        config_from_hf({**hf, "architectures": ["MistralForCausalLM"]})
+    with pytest.raises(ValueError, match="kind='longrope'"):
+        config_from_hf({**hf, "rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="kind='su'"):
+        config_from_hf({**hf, "rope_parameters": None, "rope_scaling": {"type": "su", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act"):
         config_from_hf({**hf, "hidden_act": "gelu"})
     old_style = {k: v for k, v in hf.items() if k != "rope_parameters"}
@@ -144,9 +144,10 @@ def test_load_pretrained_and_tokenizer_open_a_hf_folder(tied, tmp_path):
         vocab_size=VOCAB, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     rust.save(str(directory / "tokenizer.json"))
-    hf_config = json.loads((directory / "config.json").read_text())
-    hf_config["eos_token_id"] = [rust.token_to_id("</s>"), 1]  # Llama 3 lists several: the first ends text
-    (directory / "config.json").write_text(json.dumps(hf_config))
+    for name in ("config.json", "generation_config.json"):  # the tokenizer reads generation_config.json first
+        settings = json.loads((directory / name).read_text())
+        settings["eos_token_id"] = [rust.token_to_id("</s>"), 1]  # Llama 3 lists several: the first ends text
+        (directory / name).write_text(json.dumps(settings))
     tokenizer = load_tokenizer(directory)
     assert tokenizer.eos_id == rust.token_to_id("</s>") and tokenizer.vocab_size == rust.get_vocab_size()
     ids = tokenizer.encode("def hello(world):")

@@ -58,12 +58,15 @@ def test_parse_mesh_errors(description, message):
 def test_parameter_rules_for_every_parallelism():
     """DP replicates, FSDP splits the model width, TP splits heads / MLP / vocabulary; optimizer
     moments follow their parameters; every parameter of the Transformer matches a rule."""
-    config = fa2jax.TransformerConfig.tiny(tie_embeddings=False)
-    model = nnx.eval_shape(lambda: fa2jax.Transformer(config, rngs=nnx.Rngs(0)))
-    params = nnx.state(model, nnx.Param)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    # Every family switch on, so that each kind of parameter the decoder can have is seen.
+    every = fa2jax.TransformerConfig.tiny(tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True,
+                                          qk_norm=True, post_norms=True)
+    every_params = nnx.state(nnx.eval_shape(lambda: fa2jax.Transformer(every, rngs=nnx.Rngs(0))), nnx.Param)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(every_params)[0]:
         name = sharding._path_string(path)
         assert sharding.param_logical_axes(name, leaf.ndim) is not None, name
+    config = fa2jax.TransformerConfig.tiny(tie_embeddings=False)
+    params = nnx.state(nnx.eval_shape(lambda: fa2jax.Transformer(config, rngs=nnx.Rngs(0))), nnx.Param)
 
     def specs(**sizes):
         tree = sharding.tree_specs(params, _abstract_mesh(**sizes))

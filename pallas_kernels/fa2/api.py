@@ -302,7 +302,11 @@ def flash_attention(
       out [B, T, H, D] in q's dtype (zeros for fully masked rows), and lse when `return_lse`.
 
     Raises:
-      ValueError: for any malformed argument, before a kernel is built.
+      ValueError: for any malformed argument (a zero-size dimension, a non-finite softcap or
+        sm_scale, ...), before a kernel is built.
+      TypeError: for an argument of the wrong kind: a window entry that is not an int (1.5 is not
+        truncated), or a traced softcap, sm_scale or dropout_rate (the kernels are specialised on
+        them: under jit, pass them as static values, e.g. through functools.partial).
     """
     launch, aux = plan(q, k, v, causal=causal, sm_scale=sm_scale, window_size=window_size, segment_ids=segment_ids,
                        softcap=softcap, alibi_slopes=alibi_slopes, mask=mask, dropout_rate=dropout_rate,

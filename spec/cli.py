@@ -1,0 +1,125 @@
+"""`fa2jax-generate`: speculative generation, timed against the target decoding alone.
+
+  fa2jax-generate --target out/target --draft out/draft --prompt "import os"
+  fa2jax-generate --target hf/llama --draft hf/small --tree 1,1,3,1,1,1,1,1
+  fa2jax-generate ... --dynamic-tree 24 --verify stochastic --temperature 0.8
+  fa2jax-generate ... --draft out/d1 --draft out/d2 --tree 1,1,3 --tree 2,1
+
+A model is a run folder or checkpoint written by fa2jax-train (examples/train.py), a Hugging
+Face folder (config.json + safetensors) or a GGUF file: anything `fa2jax.load_pretrained` opens.
+Prints each continuation, then a table: tokens/s of the incremental and the speculative decoding
+(each compiled by a first run, timed on a second), the speedup, tokens per step, the acceptance
+histogram and, when greedy, whether the tokens equal the incremental ones; and the cost model
+that predicts the speedup from timed pieces.
+`python examples/speculative_generate.py` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fa2jax import load_pretrained, load_tokenizer
+from fa2jax.model import with_invariant_rows, with_min_len
+from fa2jax.tokenizer import ByteTokenizer
+from spec import DynamicTree, ExpansionTree, MergedTree
+from spec.comparison import Report, compare, decode_text, encode_prompts, format_report
+
+
+def read_tokenizer(target, choice: str | None = None):
+    """The tokenizer of the --tokenizer flag: "bytes", a model folder or tokenizer file, or None
+    for the target's own."""
+    return ByteTokenizer() if choice == "bytes" else load_tokenizer(choice or target)
+
+
+# ------------------------------------------------------------------------------------------ trees
+
+
+def build_tree(widths: list[str] | None, dynamic_nodes: int | None, num_drafts: int, depth: int = 5,
+               top_k: int = 4):
+    """The token tree of the CLI flags.
+
+    Args:
+      widths: "--tree" values like "1,1,3,1": one for every draft, or one per draft; None for
+        SpecInfer's (1, 1, 3, 1, 1, 1, 1, 1).
+      dynamic_nodes: node budget of a `DynamicTree` (one draft only), or None.
+      num_drafts: how many drafts are loaded.
+      depth, top_k: of the dynamic tree.
+    """
+    if dynamic_nodes is not None:
+        if widths:
+            raise ValueError(f"give either --tree or --dynamic-tree: {widths=} {dynamic_nodes=}")
+        if num_drafts != 1:
+            raise ValueError(f"a dynamic tree is grown by one draft: {num_drafts=}")
+        return DynamicTree(num_nodes=dynamic_nodes, depth=depth, top_k=top_k)
+    trees = [ExpansionTree.parse(w) for w in widths or []] or [ExpansionTree.specinfer()]
+    if len(trees) == 1:
+        trees = trees * num_drafts
+    if len(trees) != num_drafts:
+        raise ValueError(f"give one --tree for every draft or one per draft: {len(trees)=} {num_drafts=}")
+    return trees[0] if num_drafts == 1 else MergedTree(tuple(trees))
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
+    p = argparse.ArgumentParser(prog="fa2jax-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True,
+                   help="the model to speed up: a train.py run or checkpoint folder, a Hugging Face folder or "
+                        "a GGUF file")
+    p.add_argument("--draft", action="append", required=True,
+                   help="a draft model, in any format --target takes; repeat for several")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    prompts.add_argument("--prompt-file", help="a file whose whole text is the prompt")
+    p.add_argument("--tokenizer", help='"bytes", a model folder or a fa2jax tokenizer file (default: the target\'s)')
+    trees = p.add_mutually_exclusive_group()
+    trees.add_argument("--tree", action="append",
+                       help="expansion widths per depth, e.g. 1,1,3,1,1,1,1,1; one for all drafts or one each")
+    trees.add_argument("--dynamic-tree", type=int, metavar="N", help="a DynamicTree of N nodes (one draft)")
+    p.add_argument("--depth", type=int, default=5, help="levels of --dynamic-tree")
+    p.add_argument("--top-k", type=int, default=4, help="children considered per node by --dynamic-tree")
+    p.add_argument("--verify", choices=("greedy", "stochastic"), default="greedy",
+                   help="greedy: the target's greedy tokens exactly; stochastic: its sampling distribution exactly")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy; > 0 needs --verify stochastic")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of both decodings")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run the target batch-invariant (config.invariant_rows = tree nodes), so that greedy "
+                        "output over a chain tree equals incremental decoding bit for bit on a GPU in bf16")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Report:
+    """Runs `fa2jax-generate` with `argv` (default: sys.argv[1:]); returns the comparison's report."""
+    args = build_parser().parse_args(argv)
+    texts = args.prompt or [Path(args.prompt_file).read_text(encoding="utf-8")]
+    tokenizer = read_tokenizer(args.target, args.tokenizer)
+    prompt, lengths = encode_prompts(tokenizer, texts)
+    tree = build_tree(args.tree, args.dynamic_tree, len(args.draft), args.depth, args.top_k)
+    # RoPE has no learned length: a train.py model's max_len, set for training, is raised to what this run needs.
+    needed = prompt.shape[1] + args.max_new_tokens + tree.num_nodes
+    target = with_min_len(load_pretrained(args.target), needed)
+    if args.batch_invariant:
+        target = with_invariant_rows(target, tree.num_nodes)
+    drafts = [with_min_len(load_pretrained(d), needed) for d in args.draft]
+    eos = None if args.ignore_eos else tokenizer.eos_id
+    report = compare(target, drafts, tree, prompt, lengths, verify=args.verify, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_id=eos)
+    for text, ids in zip(texts, report.continuations()):
+        print(f"--- prompt\n{text}\n--- continuation\n{decode_text(tokenizer, ids)}\n")
+    print(report.title)
+    print(format_report(report))
+    return report
+
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`main` as a process (the `fa2jax-generate` console script): exit status 0 once it has printed
+    the report (a console script passes the return value to sys.exit, which a Report is not)."""
+    main(argv)
+    return 0
