@@ -123,7 +123,7 @@ def check_gradients_and_train_step():
     """One AdamW step (2 micro-batches) on data=2,fsdp=2,model=2 equals the single-device step:
     gradients, loss, updated parameters and optimizer state; the state keeps its placement."""
     mesh = sharding.parse_mesh("data=2,fsdp=2,model=2")
-    config = _tiny(attention_impl="xla")
+    config = _tiny(attention_impl="pallas")  # the GPU default: the kernels per shard under grad and scan
     cfg = TrainConfig(steps=4, batch_size=4, grad_accum=2, seq_len=16, warmup_steps=1, learning_rate=1e-2)
     parts = ModelParts.init(config, seed=0)
     tx = make_optimizer(cfg)
