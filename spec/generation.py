@@ -12,6 +12,10 @@ from flax import nnx, struct
 
 from spec.sampling import sample_probs, warp_probs
 
+# eos ids are padded with -1 (no token) to a multiple of this, so that up to EOS_SLOTS of them, or
+# none, share one compiled loop.
+EOS_SLOTS = 8
+
 
 @struct.dataclass
 class GenerationStats:
@@ -46,10 +50,10 @@ class SamplingArgs:
     temperature: float
     top_p: float
     rng: jax.Array
-    eos_id: int  # the first of eos_ids, -1 when there is none
+    eos_id: int  # the first eos id, -1 when there is none
     top_k: int = 0
     min_p: float = 0.0
-    eos_ids: tuple[int, ...] = (-1,)  # every token that ends a row; (-1,) when there is none
+    eos_ids: tuple[int, ...] = (-1,) * EOS_SLOTS  # every token that ends a row, then -1 padding
 
     def warp(self) -> dict:
         """The warp settings as traced scalars, keyword arguments of the jitted loops."""
@@ -58,10 +62,9 @@ class SamplingArgs:
 
 
 def _eos_tuple(eos_id, vocab_size: int) -> tuple[int, ...]:
-    """eos_id (None, an int or a sequence of ints) as a non-empty tuple of ids, (-1,) for none."""
-    if eos_id is None:
-        return (-1,)
-    ids = (eos_id,) if isinstance(eos_id, (int, np.integer)) else eos_id
+    """eos_id (None, an int or a sequence of ints) as a tuple of ids padded with -1 to a multiple of
+    EOS_SLOTS."""
+    ids = () if eos_id is None else (eos_id,) if isinstance(eos_id, (int, np.integer)) else eos_id
     try:
         ids = tuple(ids)
     except TypeError:
@@ -71,7 +74,8 @@ def _eos_tuple(eos_id, vocab_size: int) -> tuple[int, ...]:
             raise TypeError(f"eos_id must be None, an int or a sequence of ints: {eos_id=}")
         if not 0 <= i < vocab_size:
             raise ValueError(f"eos_id must be a token id: {eos_id=} {vocab_size=}")
-    return tuple(int(i) for i in ids) or (-1,)
+    ids = tuple(int(i) for i in ids)
+    return ids + (-1,) * (-len(ids) % EOS_SLOTS if ids else EOS_SLOTS)
 
 
 def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_tokens: int, temperature: float,

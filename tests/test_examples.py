@@ -97,7 +97,7 @@ def test_stochastic_runs(runs, capsys):
 
 
 def test_dynamic_tree(runs):
-    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--top-k", "3"))
+    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--tree-top-k", "3"))
     assert isinstance(report.tree, DynamicTree) and report.tree.num_nodes == 10
     assert report.identical
 
