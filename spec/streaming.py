@@ -142,8 +142,9 @@ class TextStreamer:
     """Prints (or hands to `write`) the text of one row's streamed tokens as it grows.
 
     Decoding id by id would split multi-byte characters and merged tokens, so the whole row is
-    decoded each time and only the new suffix is written; text ending in an incomplete character
-    (U+FFFD) is held back until the next tokens complete it.
+    decoded each time and only the new suffix is written. Two tails wait for the next tokens: an
+    incomplete character (U+FFFD, which more bytes may complete) and the start of a stop string
+    (never printed if it completes); `flush` writes them once generation has returned.
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str], write: Callable[[str], Any], row: int = 0,
@@ -156,12 +157,10 @@ class TextStreamer:
 
     def __call__(self, row_tokens: list[np.ndarray]) -> None:
         self._ids.extend(int(i) for i in row_tokens[self._row])
-        text = cut_at_stop(self._decode(self._ids), self._stop)
-        if not text.endswith("\ufffd"):
-            self.text = text
-        # A tail that may still grow into a stop string waits: it is never printed if it does.
-        held = max((n for s in self._stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
-        self._emit(len(self.text) - held)
+        self.text = cut_at_stop(self._decode(self._ids), self._stop)
+        ready = self.text.rstrip("\ufffd")
+        held = max((n for s in self._stop for n in range(1, len(s)) if ready.endswith(s[:n])), default=0)
+        self._emit(len(ready) - held)
 
     def flush(self) -> None:
         """Writes what was held back; call it once generation has returned."""

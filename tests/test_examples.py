@@ -124,6 +124,30 @@ def test_prompt_file_without_ignore_eos(runs, tmp_path, capsys):
     assert "while True:" in capsys.readouterr().out
 
 
+def test_chat_sampling_options_and_streaming(runs, tmp_path, capsys):
+    """--chat renders the folder's chat template (jinja2 fallback: the byte tokenizer has no
+    apply_chat_template); one prompt streams its continuation, which equals the timed run's."""
+    import json
+    import shutil
+
+    target = tmp_path / "chat-target"
+    shutil.copytree(runs["target"], target)
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    (target / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    argv = ["--target", str(target), "--draft", runs["draft"], "--prompt", "hi", "--chat", "--max-new-tokens", "10",
+            "--tree", "2,1", "--verify", "stochastic", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95",
+            "--min-p", "0.01", "--stop", "\x00never", "--ignore-eos", "--seed", "3"]
+    report = sg.main(argv)
+    out = capsys.readouterr().out
+    assert report.prompt_lengths.tolist() == [len("<user>hi<a>")]
+    assert report.new_tokens == (10, 10)
+    streamed = out.split("--- continuation\n", 1)[1].split("\n\n" + report.title, 1)[0]
+    # The same seed: the streamed run is the timed speculative run.
+    assert streamed == sg.safe_decode(ByteTokenizer())(report.continuations()[0])
+    with pytest.raises(ValueError, match="chat template"):
+        sg.main(_argv(runs, "--chat"))
+
+
 @pytest.mark.parametrize("argv, drafts, message", [
     (["--tree", "1,x"], ("draft",), "comma-separated"),
     (["--tree", "1,2", "--tree", "1", "--tree", "2"], ("draft", "draft2"), "one per draft"),

@@ -158,14 +158,16 @@ def test_text_streamer_holds_back_partial_text():
                             stop_strings=["END"])
     euro = list("€".encode())
     streamer([np.array(list(b"ab") + euro[:1])])  # half a character: held back
+    assert written == ["ab"]
     streamer([np.array(euro[1:] + list(b"xE"))])  # "E" may start the stop string: held back
     streamer([np.array(list(b"N"))])
     assert "".join(written) == "ab€x"
     streamer([np.array(list(b"D tail"))])  # the stop string and what follows never print
     streamer.flush()
     assert "".join(written) == "ab€x" and streamer.text == "ab€x"
-    other = TextStreamer(lambda ids: bytes(ids).decode(), written.append, stop_strings=["END"])
-    other([np.array(list(b"xE"))])
-    other.flush()  # generation ended on a prefix of a stop string: it is text after all
-    assert written[-2:] == ["x", "E"]
+    other = TextStreamer(lambda ids: bytes(ids).decode("utf-8", errors="replace"), written.append,
+                         stop_strings=["END"])
+    other([np.array(list(b"xE\xff"))])
+    other.flush()  # generation ended on a stop-string prefix and a bad byte: they are text after all
+    assert written[-2:] == ["x", "E\ufffd"]
     assert first_stop("abENDcEN", ["EN", "D"]) == 4 and cut_at_stop("abENDc", ["D", "EN"]) == "ab"
