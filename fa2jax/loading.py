@@ -2,20 +2,22 @@
 
 A format is an entry of `FORMATS`, tried in order; the first whose `matches` accepts the path
 opens it:
-  fa2jax     a checkpoint folder written by fa2jax (`step_*`: state.msgpack, meta.json,
-             tokenizer.json), or a folder holding them directly or under checkpoints/ (a run
-             folder of examples/train.py): its newest checkpoint
+  fa2jax     a checkpoint folder written by fa2jax (`step_*`: orbax's state/, meta/meta.json,
+             tokenizer/tokenizer.json; or the older state.msgpack, meta.json, tokenizer.json), or a
+             folder holding them directly or under checkpoints/ (a run folder of examples/train.py):
+             its newest intact checkpoint (`fa2jax.checkpoint`)
   hf         a Hugging Face model folder (config.json, *.safetensors, tokenizer.json); its
-             config.json's `model_type` picks the loader in `HF_FAMILIES`
-  tokenizer  a tokenizer file written by a fa2jax tokenizer's `save` (tokenizers only)
-Another file format (GGUF, ...) is one more `ModelFormat` entry; another Hugging Face family one
+             config.json's `model_type` picks the family in `fa2jax.hf_families.HF_FAMILIES`
+  gguf       a llama.cpp GGUF file (`*.gguf`): weights dequantised, tokenizer from its metadata
+  tokenizer  a tokenizer file: a Hugging Face tokenizer.json or one written by a fa2jax
+             tokenizer's `save` (tokenizers only)
+Another file format is one more `ModelFormat` entry; another Hugging Face family one
 more `HF_FAMILIES` entry. The loaders build the model abstractly and fill in the stored arrays,
 so no random initialisation of a large model runs first.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fa2jax import checkpoint as ckpt
+from fa2jax import gguf_llama, hf
 from fa2jax.config import TransformerConfig
-from fa2jax.hf_llama import config_from_hf, load_hf_llama
 from fa2jax.model import Transformer, replace_config
 from fa2jax.tokenizer import HFTokenizer, Tokenizer, read_tokenizer_file
 
@@ -49,38 +51,11 @@ class ModelFormat:
     load_tokenizer: Callable[[Path], Tokenizer] | None
 
 
-def _hf_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))
-
-
-@dataclasses.dataclass(frozen=True)
-class HFFamily:
-    """How one Hugging Face `model_type` maps to ours."""
-
-    config: Callable[[dict], TransformerConfig]  # parsed config.json -> TransformerConfig
-    load: Callable[[Path, Any], Transformer]  # (folder, dtype or None) -> model
-
-
-# Hugging Face `model_type` -> its mapping.
-HF_FAMILIES: dict[str, HFFamily] = {
-    "llama": HFFamily(config=config_from_hf,
-                      load=lambda path, dtype: load_hf_llama(path, dtype=dtype, param_dtype=dtype)[1]),
-}
-
-
-def _hf_family(path: Path) -> HFFamily:
-    model_type = _hf_config(path).get("model_type")
-    if model_type not in HF_FAMILIES:
-        raise ValueError(f"{str(path)!r} holds a Hugging Face model of {model_type=}; the families loaded are "
-                         f"{sorted(HF_FAMILIES)}")
-    return HF_FAMILIES[model_type]
-
-
 FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat(
         name="fa2jax",
-        expects="a fa2jax checkpoint folder (step_*: state.msgpack + meta.json) or a folder holding them "
-                "directly or under checkpoints/ (an examples/train.py run folder)",
+        expects="a fa2jax checkpoint folder (step_*: state/ + meta/meta.json, or state.msgpack + meta.json) or a "
+                "folder holding them directly or under checkpoints/ (an examples/train.py run folder)",
         matches=lambda path: ckpt.find_checkpoint(path) is not None,
         load_model=lambda path, dtype: ckpt.load_transformer(path),
         load_config=ckpt.read_model_config,
@@ -90,13 +65,21 @@ FORMATS: tuple[ModelFormat, ...] = (
         name="hf",
         expects="a Hugging Face model folder (config.json + *.safetensors, and tokenizer.json for the tokenizer)",
         matches=lambda path: (path / "config.json").is_file(),
-        load_model=lambda path, dtype: _hf_family(path).load(path, dtype),
-        load_config=lambda path: _hf_family(path).config(_hf_config(path)),
+        load_model=lambda path, dtype: hf.load_hf(path, dtype=dtype, param_dtype=dtype)[1],
+        load_config=hf.read_config,
         load_tokenizer=HFTokenizer.from_folder,
     ),
     ModelFormat(
+        name="gguf",
+        expects="a llama.cpp GGUF file (*.gguf)",
+        matches=lambda path: path.is_file() and path.suffix == ".gguf",
+        load_model=lambda path, dtype: gguf_llama.load_gguf(path, dtype=dtype, param_dtype=dtype)[1],
+        load_config=gguf_llama.read_config,
+        load_tokenizer=lambda path: HFTokenizer.from_gguf(gguf_llama.read_metadata(path)),
+    ),
+    ModelFormat(
         name="tokenizer",
-        expects="a tokenizer file saved by a fa2jax tokenizer (tokenizers only)",
+        expects="a tokenizer file (a Hugging Face tokenizer.json, or one saved by a fa2jax tokenizer)",
         matches=lambda path: path.is_file() and path.suffix == ".json",
         load_model=None,
         load_config=None,
@@ -137,7 +120,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
     """A `Transformer` from any format in `FORMATS`, ready for inference.
 
     Args:
-      path: a fa2jax checkpoint or run folder, or a Hugging Face model folder.
+      path: a fa2jax checkpoint or run folder, a Hugging Face model folder, or a GGUF file.
       dtype: the compute dtype, which the floating parameters are cast to as well (once, so a
         bf16 model reads bf16 weights); None keeps the stored compute dtype (a fa2jax checkpoint's
         float32 training masters are then cast to it).
@@ -158,11 +141,23 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
             raise ValueError(f"{dtype=} must be a floating dtype")
     path, fmt = _find_format(path, "model")
     model = fmt.load_model(path, dtype)
-    dtype = jnp.dtype(dtype or model.config.dtype)
+    if fmt.name == "fa2jax" and "tokenizer_vocab_size" not in overrides:
+        overrides["tokenizer_vocab_size"] = _tokenizer_vocab(path, fmt, model.config)
+    dtype = jnp.dtype(model.config.dtype if dtype is None else dtype)
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
     # Cast arrays in place of the stored ones: the float32 copies are freed as the model is replaced.
     nnx.update(model, jax.tree.map(cast, nnx.state(model, nnx.Param)))
     return replace_config(model, dtype=dtype, param_dtype=dtype, **overrides)
+
+
+def _tokenizer_vocab(path: Path, fmt: ModelFormat, config: TransformerConfig) -> int | None:
+    """The stored tokenizer's vocabulary when the model's is padded past it (examples/train.py pads
+    to a multiple: those logit rows are untrained), else the config's own setting."""
+    try:
+        vocab = fmt.load_tokenizer(path).vocab_size
+    except ValueError:  # a checkpoint saved without its tokenizer
+        return config.tokenizer_vocab_size
+    return vocab if vocab < config.vocab_size else config.tokenizer_vocab_size
 
 
 def load_config(path: str | os.PathLike) -> TransformerConfig:
@@ -176,7 +171,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     Args:
       path: a fa2jax checkpoint or run folder (its saved tokenizer), a Hugging Face model folder
-        (its tokenizer.json, end-of-text from config.json), or a tokenizer file saved by fa2jax.
+        (its tokenizer.json; eos ids from generation_config.json, config.json and
+        tokenizer_config.json; chat template from tokenizer_config.json), a GGUF file (its
+        tokenizer.ggml.* metadata and tokenizer.chat_template), or a tokenizer file.
 
     Raises:
       ValueError: the path holds no tokenizer in a known format.

@@ -1,4 +1,8 @@
-"""`Transformer`: a Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA) with KV-cache and tree-verify calls.
+"""`Transformer`: a Llama-style decoder (RMSNorm, RoPE, gated MLP, GQA) with KV-cache and tree-verify calls.
+
+The open-weight families are switches of `TransformerConfig` on this one decoder (biases, qk-norm,
+softcaps, per-layer sliding windows, (1 + w) norms, GeGLU, post-norms, embedding scale); the
+Hugging Face tensor names of each family are mapped in `fa2jax.hf_families`.
 
 Calls, all pure once split with `nnx.split` (lengths are data, so none recompiles per length):
     model(tokens, segment_ids, positions)        training forward over packed sequences -> logits
@@ -10,7 +14,13 @@ and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2
 With `config.invariant_rows` = R, decode and score_tree both run as R-row tree verifications, so
 a token's logits do not depend on which of the two computed it (see `TransformerConfig`).
 
-Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities.
+Logits are float32 whatever the compute dtype: speculative acceptance compares probabilities. With
+`config.tokenizer_vocab_size` set (a vocabulary padded past the tokenizer's), the cached calls give
+the padding rows logit -inf, so no sampler picks them.
+
+Misuse (a token id outside the vocabulary, prefill lengths outside [0, T], a batch other than the
+cache's, a call that would write past the cache's end) raises a ValueError at the call when the
+values are concrete; inside `jit` the data-dependent checks run under `fa2jax.checked` (checkify).
 """
 
 from __future__ import annotations
@@ -19,49 +29,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import checkify
 
+from fa2jax import checking
 from fa2jax._deprecation import warn_renamed
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
-from fa2jax.layers import MultiHeadAttention, RMSNorm, SwiGLU, segment_positions
+from fa2jax.layers import GatedMLP, MultiHeadAttention, RMSNorm, segment_positions
+from pallas_kernels.tree import arguments as tree_arguments
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        norm = dict(epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+    With `config.post_norms` each sublayer's output is normalised again before its residual add
+    (Gemma 2/3: x + post_norm(attn(norm(x)))). Layer `layer` takes its window and RoPE from the config.
+    """
+
+    def __init__(self, config: TransformerConfig, layer: int, *, rngs: nnx.Rngs):
+        norm = dict(epsilon=config.norm_eps, offset=config.norm_offset, dtype=config.dtype,
+                    param_dtype=config.param_dtype)
+        window = config.layer_window(layer)
+        rope_theta, rope_scaling = config.layer_rope(layer)
         self.attn_norm = RMSNorm(config.d_model, **norm)
         self.attn = MultiHeadAttention(
             config.num_heads, config.d_model, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-            dtype=config.dtype, param_dtype=config.param_dtype, use_bias=False, is_causal=True,
-            rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, implementation=config.attention_impl,
+            dtype=config.dtype, param_dtype=config.param_dtype, use_bias=config.qkv_bias, out_bias=config.out_bias,
+            is_causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=config.attn_softcap,
+            scale=config.attn_scale, rope_theta=rope_theta, rope_scaling=rope_scaling, qk_norm=config.qk_norm,
+            norm_epsilon=config.norm_eps, norm_offset=config.norm_offset, implementation=config.attention_impl,
             rngs=rngs)
+        self.attn_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
-        self.mlp = SwiGLU(config.d_model, config.d_ff, dtype=config.dtype, param_dtype=config.param_dtype,
-                          rngs=rngs)
+        self.mlp = GatedMLP(config.d_model, config.d_ff, activation=config.mlp_activation, use_bias=config.mlp_bias,
+                            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.mlp_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
+
+    def _residuals(self, x, attn):
+        """The attention output `attn` added to x, then the MLP sublayer: [B, T, d_model] -> the same."""
+        if self.attn_post_norm is not None:
+            attn = self.attn_post_norm(attn)
+        x = x + attn
+        mlp = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            mlp = self.mlp_post_norm(mlp)
+        return x + mlp
 
     def __call__(self, x, *, segment_ids, positions):  # x [B, T, d_model]
-        x = x + self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._residuals(x, self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions))
 
     def prefill(self, x, cache: KVCache, layer: int):
         attn, cache = self.attn.prefill(self.attn_norm(x), cache, layer)
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return self._residuals(x, attn), cache
 
     def extend(self, x, positions, cache: KVCache, layer: int, tree_mask=None, batch_invariant: bool = False):
         attn, cache = self.attn.extend(self.attn_norm(x), positions, cache, layer, tree_mask, batch_invariant)
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return self._residuals(x, attn), cache
 
 
 class Transformer(nnx.Module):
     """Decoder-only language model; see the module docstring for its calls.
 
     Parameters: `embed` (nnx.Embed [V, d_model]), `layers[i]` (`Block`: attn_norm, attn.{query, key,
-    value, out}, mlp_norm, mlp.{gate, up, down}), `final_norm`, and `lm_head` [d_model, V] unless
-    embeddings are tied.
+    value, out} (with q_norm, k_norm under config.qk_norm), mlp_norm, mlp.{gate, up, down}, and
+    attn_post_norm, mlp_post_norm under config.post_norms), `final_norm`, and `lm_head` [d_model, V]
+    unless embeddings are tied.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -69,27 +101,55 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
                                param_dtype=config.param_dtype,
                                embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.d_model, epsilon=config.norm_eps, dtype=config.dtype,
-                                  param_dtype=config.param_dtype)
+        self.layers = nnx.List([Block(config, layer, rngs=rngs) for layer in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.d_model, epsilon=config.norm_eps, offset=config.norm_offset,
+                                  dtype=config.dtype, param_dtype=config.param_dtype)
         if config.tie_embeddings:
             self.lm_head = nnx.data(None)
         else:
             self.lm_head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=config.dtype,
                                       param_dtype=config.param_dtype, rngs=rngs)
 
-    def _check_tokens(self, tokens: jax.Array, name: str = "tokens") -> None:
+    def _check_tokens(self, tokens: jax.Array, name: str = "tokens", cache: KVCache | None = None,
+                      prompt_lengths=None) -> jax.Array | None:
+        """Shape and dtype, the cache's batch, and ids in [0, V) (see `fa2jax.checking`), only within
+        the prompts when `prompt_lengths` are given: those are checked too and returned as int32."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"{name} must be an integer [B, T] array, got {tokens.shape=} {tokens.dtype=}")
+        if cache is not None:
+            checking.check_batch(name, tokens.shape[0], cache.batch)
+        valid = None
+        if prompt_lengths is not None:
+            prompt_lengths = _check_prefill_lengths(prompt_lengths, tokens.shape)
+            valid = jnp.arange(tokens.shape[1])[None, :] < prompt_lengths[:, None]  # [B, T]
+        checking.check_token_ids(tokens, self.config.vocab_size, name, valid)
+        return prompt_lengths
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32."""
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, d_model] in the compute dtype."""
+        x = self.embed(tokens)
+        if self.config.scale_embeddings:  # Gemma rounds sqrt(d_model) to the dtype first (55.43 -> 55.5 in bf16)
+            x = x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+        return x
+
+    def _logits(self, x: jax.Array, mask_padding: bool = True) -> jax.Array:
+        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32 (soft-capped when
+        `config.logit_softcap`); the vocabulary's padding rows (`config.tokenizer_vocab_size` on) at
+        -inf when `mask_padding`."""
         x = self.final_norm(x)
         if self.lm_head is None:
             weight = self.embed.embedding[...].astype(x.dtype)  # [V, d_model]
-            return jnp.einsum("btd,vd->btv", x, weight, preferred_element_type=jnp.float32)
-        weight = self.lm_head.kernel[...].astype(x.dtype)  # [d_model, V]
-        return jnp.einsum("btd,dv->btv", x, weight, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, weight, preferred_element_type=jnp.float32)
+        else:
+            weight = self.lm_head.kernel[...].astype(x.dtype)  # [d_model, V]
+            logits = jnp.einsum("btd,dv->btv", x, weight, preferred_element_type=jnp.float32)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * jnp.tanh(logits / cap)
+        used, vocab = self.config.tokenizer_vocab_size, self.config.vocab_size
+        if mask_padding and used is not None and used < vocab:
+            logits = jnp.where(jnp.arange(vocab) < used, logits, -jnp.inf)
+        return logits
 
     def __call__(
         self,
@@ -106,7 +166,8 @@ class Transformer(nnx.Module):
             positions: [B, T] RoPE positions; by default each segment counts from 0 (or 0..T-1).
 
         Returns:
-            logits [B, T, V] float32.
+            logits [B, T, V] float32. The vocabulary's padding rows are not masked here: losses take
+            logs of probabilities (0 * log 0 would be NaN).
         """
         self._check_tokens(tokens)
         if positions is None:
@@ -114,10 +175,10 @@ class Transformer(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             else:
                 positions = segment_positions(segment_ids)
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for block in self.layers:
             x = block(x, segment_ids=segment_ids, positions=positions)
-        return self._logits(x)
+        return self._logits(x, mask_padding=False)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` (default config.max_len) tokens.
@@ -133,20 +194,25 @@ class Transformer(nnx.Module):
         """Runs right-padded prompts from position 0 and fills the cache.
 
         Args:
-            tokens: [B, T]; row b's prompt is tokens[b, :lengths[b]], the rest is padding.
-            lengths: [B] int32 prompt lengths.
-            cache: a cache with T <= max_len; every row is overwritten from slot 0.
+            tokens: [B, T]; row b's prompt is tokens[b, :lengths[b]], the rest is padding (any value).
+            lengths: [B] int32 prompt lengths, in [0, T].
+            cache: a cache of B rows with T <= max_len; every row is overwritten from slot 0.
 
         Returns:
             (logits [B, T, V] float32, cache with lengths = lengths). Logits at padding are meaningless.
+
+        Raises:
+            ValueError: wrong shapes, a batch other than the cache's, or (concrete values) lengths
+                outside [0, T] or prompt tokens outside [0, V); under `fa2jax.checked` the last two
+                also inside `jit`.
         """
-        self._check_tokens(tokens)
+        lengths = self._check_tokens(tokens, cache=cache, prompt_lengths=lengths)
         if tokens.shape[1] > cache.max_len:
             raise ValueError(f"prompt longer than the cache: {tokens.shape=} vs {cache.max_len=}")
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.prefill(x, cache, layer)
-        return self._logits(x), cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
+        return self._logits(x), cache.replace(lengths=lengths)
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Appends T tokens per row at positions lengths .. lengths + T - 1 (causal among themselves).
@@ -157,14 +223,20 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, T, V] float32, cache with lengths += T).
+
+        Raises:
+            ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V) or
+                lengths + T > max_len (+ R with invariant_rows = R); under `fa2jax.checked` the last two
+                also inside `jit`.
         """
-        self._check_tokens(tokens)
+        self._check_tokens(tokens, cache=cache)
         T = tokens.shape[1]
+        checking.check_cache_room(cache.lengths, max(T, self.config.invariant_rows), cache.max_len, "decoding")
         if self.config.invariant_rows:  # the same computation as verifying a chain of T nodes
             logits, cache = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
             return logits, cache.replace(lengths=cache.lengths + T)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer)
         return self._logits(x), cache.replace(lengths=cache.lengths + T)
@@ -183,15 +255,26 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, N, V] float32, cache with the nodes' K/V written).
+
+        Raises:
+            ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V), a
+                mask that is not a tree, or lengths + N (or R) > max_len; under `fa2jax.checked` the
+                last three also inside `jit`.
         """
-        self._check_tokens(tokens)
+        self._check_tokens(tokens, cache=cache)
         B, N = tokens.shape
         if not isinstance(tree_mask, np.ndarray):  # a NumPy mask stays one: a trace-time constant
             tree_mask = jnp.asarray(tree_mask)
         if tree_mask.shape not in ((N, N), (B, N, N)) or tree_mask.dtype != jnp.bool_:
             raise ValueError(f"tree_mask must be bool [N, N] or [B, N, N] with {B=} {N=}, got "
                              f"{tree_mask.shape=} {tree_mask.dtype=}")
+        concrete_mask = checking.concrete(tree_mask)
+        if concrete_mask is not None:
+            tree_arguments.check_tree_closure(concrete_mask)
+        else:
+            tree_arguments.check_tree_mask(tree_mask, check=checkify.debug_check)
         rows = self.config.invariant_rows
+        checking.check_cache_room(cache.lengths, max(N, rows), cache.max_len, "scoring the tree")
         if rows:
             if N > rows:
                 raise ValueError(f"{N=} tokens in one call exceed config.invariant_rows={rows}")
@@ -199,7 +282,7 @@ class Transformer(nnx.Module):
             tree_mask = _pad_tree_mask(tree_mask, rows)
         depth = jnp.broadcast_to(tree_mask.sum(-1, dtype=jnp.int32) - 1, tokens.shape)  # [B, N or R]
         positions = cache.lengths[:, None] + depth
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer, tree_mask, batch_invariant=rows > 0)
         return self._logits(x)[:, :N], cache
@@ -234,6 +317,27 @@ def with_min_len(model: Transformer, min_len: int) -> Transformer:
     generate functions check `max_len` against prompt + new tokens + tree nodes.
     """
     return model if model.config.max_len >= min_len else replace_config(model, max_len=min_len)
+
+
+def _check_prefill_lengths(lengths, tokens_shape: tuple[int, ...]) -> jax.Array:
+    """lengths as int32 [B] after checking them against tokens [B, T] (values: see `fa2jax.checking`)."""
+    lengths = lengths if isinstance(lengths, (np.ndarray, jax.Array)) else np.asarray(lengths)
+    B, T = tokens_shape
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer [B] array with B={B} (tokens' batch), got {lengths.shape=} "
+                         f"{lengths.dtype=}")
+    values = checking.concrete(lengths)
+    if values is not None:
+        bad = (values < 0) | (values > T)
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise ValueError(f"prefill lengths must lie in [0, T={T}] (tokens.shape[1]), got lengths[{b}]="
+                             f"{int(values[b])} (lengths={values.tolist()})")
+    else:
+        checkify.debug_check(jnp.all((lengths >= 0) & (lengths <= T)),
+                             f"prefill lengths must lie in [0, T={T}] (tokens.shape[1]), got {{lengths}}",
+                             lengths=lengths)
+    return jnp.asarray(lengths, jnp.int32)
 
 
 def _pad_tree_mask(tree_mask, rows: int):

@@ -16,9 +16,10 @@ keeps running through the batched passes but commits nothing. With `stream` or `
 same loop runs `chunk_steps` steps at a time, the host streaming and checking stop strings in
 between (`spec.streaming`); its step limit is traced, so all chunks share one compile.
 
-Caches are sized prompt + max_new_tokens + N: the root is emitted but not cached, so at most
-prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes is written past them
-(N becomes the model's invariant_rows when it has more: see `spec.generation.cache_len`).
+Caches are sized prompt + max_new_tokens + N, whatever the models' `max_len`: the root is emitted
+but not cached, so at most prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes
+is written past them (N becomes the model's invariant_rows when it has more: see
+`spec.generation.cache_len`).
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ import numpy as np
 from flax import nnx, struct
 
 from fa2jax import KVCache, Transformer
+from pallas_kernels.tree.arguments import MAX_NODES
 from spec import verify as verify_lib
 from spec.draft import draft_dynamic_tree, draft_static_tree, static_exact_kv_depths
-from spec.drafters import Drafter, as_drafter
+from spec.drafters import Drafter, ModelDrafter, as_drafter
 from spec.generation import (
-    GenerationResult, GenerationStats, cache_len, call_model, check_capacity, check_generate_args, emit_tokens,
-    first_token)
+    GenerationResult, GenerationStats, cache_len, call_model, check_generate_args, emit_tokens, first_token)
 from spec.streaming import DEFAULT_CHUNK_STEPS, check_stream_args, run_chunked
 from spec.trees import DynamicTree, ExpansionTree, MergedTree, TokenTree
 
@@ -75,6 +76,18 @@ def _as_tree(tree) -> ExpansionTree | MergedTree | DynamicTree:
     if isinstance(tree, (tuple, list)):
         return ExpansionTree(tuple(tree))
     raise ValueError(f"tree must be an ExpansionTree, MergedTree, DynamicTree or a widths tuple: {tree=}")
+
+
+def _check_tree_fits_kernel(num_nodes: int, config, name: str) -> None:
+    """Raises when `config`'s model would score the tree with the Pallas tree kernel (attention_impl
+    "pallas", or None on a GPU: see `fa2jax.attention`), which takes at most MAX_NODES rows."""
+    rows = max(num_nodes, config.invariant_rows)
+    uses_kernel = config.attention_impl == "pallas" or (config.attention_impl is None and jax.default_backend() == "gpu")
+    if uses_kernel and rows > MAX_NODES:
+        rows_note = "" if rows == num_nodes else f" ({rows} rows per call with invariant_rows={rows})"
+        raise ValueError(
+            f"the tree has {num_nodes} nodes{rows_note}, but {name} scores it with the Pallas tree-attention "
+            f"kernel, which takes at most {MAX_NODES}: use a smaller tree, or attention_impl='xla' for that model")
 
 
 class SpeculativeDecoder:
@@ -132,6 +145,10 @@ class SpeculativeDecoder:
         if rows and self.num_nodes > rows:
             raise ValueError(f"the tree has {self.num_nodes} nodes, more than the target's "
                              f"invariant_rows={rows} (rows of every batch-invariant call)")
+        models = [("the target", target.config)] + [
+            (f"draft {i}", d.config) for i, d in enumerate(self.drafters) if isinstance(d, ModelDrafter)]
+        for name, config in models:
+            _check_tree_fits_kernel(self.num_nodes, config, name)
         # Under greedy verification no node is sampled: children are the draft's top-k.
         self._sampled = tree.sampled_nodes() if verify == "stochastic" else np.zeros(self.num_nodes, bool)
         self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",))
@@ -347,6 +364,9 @@ class SpeculativeDecoder:
 
         Returns:
           GenerationResult: tokens [B, P + max_new_tokens], lengths [B], stats.
+
+        Caches are sized for the call (see the module docstring), whatever the models' max_len.
+        Call it outside `jax.jit`: it compiles its own loop, and a traced argument raises TypeError.
         """
         args = check_generate_args(
             prompt, prompt_lengths, vocab_size=self.vocab_size, max_new_tokens=max_new_tokens,
@@ -356,7 +376,6 @@ class SpeculativeDecoder:
         if self.verify == "greedy" and args.temperature > 0:
             raise ValueError(f'verify="greedy" reproduces greedy decoding only: {temperature=}; use "stochastic"')
         committed = args.prompt.shape[1] + args.max_new_tokens
-        check_capacity(self._target_config, cache_len(self._target_config, committed, self.num_nodes), "target")
         for i, drafter in enumerate(self.drafters):
             drafter.check_capacity(committed, self.num_nodes, f"draft {i}")
         params = (self._target_params, self._draft_params)

@@ -96,7 +96,18 @@ def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_toke
 
     Returns:
       SamplingArgs with arrays converted.
+
+    Raises:
+      TypeError: an argument is traced (generate was called inside `jax.jit`).
+      ValueError: an argument is out of range.
     """
+    for name, value in (("prompt", prompt), ("prompt_lengths", prompt_lengths), ("max_new_tokens", max_new_tokens),
+                        ("temperature", temperature), ("top_p", top_p), ("rng", rng), ("eos_id", eos_id),
+                        ("top_k", top_k), ("min_p", min_p)):
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(
+                f"generate was called inside jax.jit ({name} is traced): it compiles its own loop and checks "
+                f"its arguments on the host, so call it outside jax.jit, with concrete arrays")
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be an integer [B, P] array: {prompt.shape=} {prompt.dtype=}")
@@ -137,16 +148,9 @@ def cache_len(config, committed: int, call_rows: int) -> int:
     """Cache slots for `committed` tokens plus the rows one call writes past them: `call_rows`, or
     the config's `invariant_rows` when more (a batch-invariant model writes that many every call).
     The incremental baseline and the speculative loop size a target's cache alike, so that with
-    invariant rows both run the same shapes."""
+    invariant rows both run the same shapes. `config.max_len` does not bound it: RoPE has no learned
+    length, so a cache may be longer than the rows a model was trained on."""
     return committed + max(call_rows, config.invariant_rows)
-
-
-def check_capacity(config, needed: int, name: str) -> None:
-    """Raises when a model cannot hold prompt + generated tokens + the rows of one call past them."""
-    if config.max_len < needed:
-        raise ValueError(
-            f"{name} cache too small: needs prompt + max_new_tokens + the rows of one call (tree nodes "
-            f"or invariant_rows) = {needed} slots, {config.max_len=}")
 
 
 def call_model(graphdef: nnx.GraphDef, params: nnx.State, method: str, *args):

@@ -18,8 +18,7 @@ from flax import nnx, struct
 
 from fa2jax import KVCache, Transformer
 from spec.generation import (
-    GenerationResult, GenerationStats, cache_len, call_model, check_capacity, check_generate_args, emit_tokens,
-    first_token)
+    GenerationResult, GenerationStats, cache_len, call_model, check_generate_args, emit_tokens, first_token)
 from spec.sampling import sample_probs, warp_probs
 from spec.streaming import DEFAULT_CHUNK_STEPS, check_stream_args, run_chunked
 
@@ -131,13 +130,15 @@ def generate_incremental(target: Transformer, prompt, prompt_lengths, *, max_new
 
     Returns:
       GenerationResult: tokens [B, P + max_new_tokens], lengths [B], stats (one token per step).
+
+    The cache holds P + max_new_tokens slots, whatever target.config.max_len is. Call it outside
+    `jax.jit` (it compiles its own loop; a traced argument raises TypeError).
     """
     args = check_generate_args(
         prompt, prompt_lengths, vocab_size=target.config.vocab_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id, top_k=top_k, min_p=min_p)
     streaming = check_stream_args(stream=stream, stop_strings=stop_strings, tokenizer=tokenizer, decode=decode,
                                   chunk_steps=chunk_steps)
-    check_capacity(target.config, cache_len(target.config, args.prompt.shape[1] + args.max_new_tokens, 0), "target")
     graphdef, params = nnx.split(target)
     eos, warp = jnp.asarray(args.eos_ids, jnp.int32), args.warp()
     if not streaming.chunked:

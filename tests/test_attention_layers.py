@@ -207,6 +207,32 @@ def test_cache_attention_matches_reference(implementation):
     np.testing.assert_allclose(decode, expected_decode, atol=ATOL)
 
 
+def test_cache_attention_window_counts_positions():
+    """With a window, node i sees prefix slot s (position s) and ancestor j (position lengths + depth(j))
+    only within `window` positions of its own, lengths + depth(i)."""
+    k_cache, v_cache = _cache(14)
+    lengths, window, G = [3, 7], 2, 2
+    q = jax.random.normal(jax.random.key(15), (2, 4, 4, 8))
+    got = fa2jax.tree_attention(q, k_cache, v_cache, jnp.array(lengths), TREE_MASK, window=window,
+                                implementation="xla")
+    mask, depth = np.asarray(TREE_MASK), np.asarray(TREE_MASK).sum(-1) - 1
+    for b, length in enumerate(lengths):
+        for i in range(4):
+            position = length + depth[i]
+            slots = [s for s in range(length) if position - s <= window]
+            slots += [length + j for j in range(4) if mask[i, j] and depth[i] - depth[j] <= window]
+            for h in range(4):
+                k, v = k_cache[b, np.array(slots), h // G], v_cache[b, np.array(slots), h // G]
+                p = jax.nn.softmax(k @ q[b, i, h] / np.sqrt(8))
+                np.testing.assert_allclose(got[b, i, h], p @ v, atol=ATOL, err_msg=f"{b=} {i=} {h=}")
+    # A window as long as the cache hides nothing; the Pallas kernels have none to offer otherwise.
+    unbounded = fa2jax.decode_attention(q, k_cache, v_cache, jnp.array(lengths), implementation="xla")
+    np.testing.assert_array_equal(
+        fa2jax.decode_attention(q, k_cache, v_cache, jnp.array(lengths), window=11, implementation="xla"), unbounded)
+    with pytest.raises(ValueError, match="window=10"):
+        fa2jax.decode_attention(q, k_cache, v_cache, jnp.array(lengths), window=10, implementation="pallas")
+
+
 def _copy_params(src, dst):
     """Copies every parameter of one nnx module into another with the same parameter paths."""
     nnx.update(dst, nnx.state(src, nnx.Param))

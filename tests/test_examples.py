@@ -20,6 +20,7 @@ from fa2jax import checkpoint as ckpt
 from fa2jax.model import with_min_len
 from fa2jax.tokenizer import ByteTokenizer
 from spec import DynamicTree, ExpansionTree, MergedTree
+from spec import cli as spec_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VOCAB = 384  # ByteTokenizer's 257 ids, rounded up like train.py does
@@ -125,27 +126,28 @@ def test_prompt_file_without_ignore_eos(runs, tmp_path, capsys):
 
 
 def test_chat_sampling_options_and_streaming(runs, tmp_path, capsys):
-    """--chat renders the folder's chat template (jinja2 fallback: the byte tokenizer has no
-    apply_chat_template); one prompt streams its continuation, which equals the timed run's."""
+    """--chat renders the tokenizer's chat template; one prompt streams its continuation, which
+    is the timed speculative run's (same seed); the sampling flags reach the decoders."""
     import json
-    import shutil
 
-    target = tmp_path / "chat-target"
-    shutil.copytree(runs["target"], target)
-    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
-    (target / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    argv = ["--target", str(target), "--draft", runs["draft"], "--prompt", "hi", "--chat", "--max-new-tokens", "10",
-            "--tree", "2,1", "--verify", "stochastic", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95",
-            "--min-p", "0.01", "--stop", "\x00never", "--ignore-eos", "--seed", "3"]
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    _byte_bpe(folder, 300)
+    template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[a]{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = load_tokenizer(folder)
+    argv = ["--target", runs["target"], "--draft", runs["draft"], "--tokenizer", str(folder), "--prompt", "hi",
+            "--chat", "--max-new-tokens", "10", "--tree", "2,1", "--verify", "stochastic", "--temperature", "0.9",
+            "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01", "--stop", "never-generated", "--ignore-eos",
+            "--seed", "3"]
     report = sg.main(argv)
     out = capsys.readouterr().out
-    assert report.prompt_lengths.tolist() == [len("<user>hi<a>")]
+    assert report.prompt_lengths.tolist() == [len(tokenizer.encode("[user]hi[a]", add_special_tokens=False))]
     assert report.new_tokens == (10, 10)
     streamed = out.split("--- continuation\n", 1)[1].split("\n\n" + report.title, 1)[0]
-    # The same seed: the streamed run is the timed speculative run.
-    assert streamed == sg.safe_decode(ByteTokenizer())(report.continuations()[0])
+    assert streamed == spec_cli.safe_decode(tokenizer)(report.continuations()[0])
     with pytest.raises(ValueError, match="chat template"):
-        sg.main(_argv(runs, "--chat"))
+        sg.main(_argv(runs, "--chat"))  # the byte tokenizer has none
 
 
 @pytest.mark.parametrize("argv, drafts, message", [
@@ -189,7 +191,7 @@ def test_hf_llama_folder(tmp_path, capsys):
     assert report.identical and report.new_tokens == (12, 12)
     assert "tokens identical to incremental: yes" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "target").eos_id == eos
-    assert sg.read_tokenizer(tmp_path / "target", "bytes").encode("def") == list(b"def")
+    assert spec_cli.read_tokenizer(tmp_path / "target", "bytes").encode("def") == list(b"def")
 
 
 def test_export_keeps_only_params(tmp_path):
@@ -200,8 +202,8 @@ def test_export_keeps_only_params(tmp_path):
     ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 7, state, meta, ByteTokenizer())
     out = ckpt.export_params(tmp_path / "run", tmp_path / "export")
     assert out.name == "step_00000007"
-    full = (tmp_path / "run" / "checkpoints" / out.name / ckpt.STATE_FILE).stat().st_size
-    assert (out / ckpt.STATE_FILE).stat().st_size < full / 2
+    full = ckpt.checkpoint_nbytes(tmp_path / "run" / "checkpoints" / out.name)
+    assert ckpt.checkpoint_nbytes(out) < full / 2
     loaded = with_min_len(load_pretrained(tmp_path / "export"), 600)
     assert loaded.config.max_len == 600
     for got, want in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(params)):

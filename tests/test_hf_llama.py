@@ -102,14 +102,14 @@ def test_greedy_continuation_matches_generate(tied):
 def test_unsupported_checkpoints_raise(tied):
     _, directory = tied
     hf = json.loads((directory / "config.json").read_text())
-    with pytest.raises(ValueError, match="model_type='mistral'"):
-        config_from_hf({**hf, "model_type": "mistral"})
-    with pytest.raises(ValueError, match="kind='yarn'"):
-        config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
-    with pytest.raises(ValueError, match="kind='dynamic'"):
-        config_from_hf({**hf, "rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    with pytest.raises(ValueError, match="attention_bias"):
-        config_from_hf({**hf, "attention_bias": True})
+    with pytest.raises(ValueError, match="model_type='gpt_neox'"):
+        config_from_hf({**hf, "model_type": "gpt_neox"})
+    with pytest.raises(ValueError, match="MistralForCausalLM"):  # the architecture must be the family's
+        config_from_hf({**hf, "architectures": ["MistralForCausalLM"]})
+    with pytest.raises(ValueError, match="kind='longrope'"):
+        config_from_hf({**hf, "rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="kind='su'"):
+        config_from_hf({**hf, "rope_parameters": None, "rope_scaling": {"type": "su", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act"):
         config_from_hf({**hf, "hidden_act": "gelu"})
     old_style = {k: v for k, v in hf.items() if k != "rope_parameters"}

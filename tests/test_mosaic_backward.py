@@ -8,7 +8,6 @@ conftest). Tolerance basis as in test_flash_attention: 2x the error of XLA in th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import attention_reference, flash_attention
-from pallas_kernels.fa2 import api, mosaic_bwd
 from pallas_kernels.testing import attention_inputs
 from test_flash_attention import _output_and_grads, assert_within_xla_error
 
@@ -34,10 +32,9 @@ GRID = [
 
 def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=False, deterministic=True, seed=0, **kwargs):
     q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, dtype)
-    config = mosaic_bwd.MosaicBwdConfig(deterministic=deterministic)
-    attention = functools.partial(flash_attention, backend=("portable", "mosaic"), interpret=interpret)
-    with _bwd_config(config):
-        ours = jax.jit(lambda *a: _output_and_grads(attention, *a, **kwargs))(q, k, v, do)
+    attention = functools.partial(flash_attention, backend=("portable", "mosaic"), interpret=interpret,
+                                  deterministic=deterministic)
+    ours = jax.jit(lambda *a: _output_and_grads(attention, *a, **kwargs))(q, k, v, do)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     exact = _output_and_grads(attention_reference, *f32, **kwargs)
     same_dtype = _output_and_grads(functools.partial(
@@ -46,19 +43,6 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=False, determinist
         assert a.dtype == dtype, f"{name} dtype {a.dtype}"
         assert_within_xla_error(a, e, s, dtype, name)
     return ours
-
-
-class _bwd_config:
-    """Runs the Mosaic backward with `config` (the dispatcher's default otherwise)."""
-
-    def __init__(self, config):
-        self.config, self.real = config, api._choose_mosaic_bwd
-
-    def __enter__(self):
-        api._choose_mosaic_bwd = lambda *a: dataclasses.replace(self.real(*a), **dataclasses.asdict(self.config))
-
-    def __exit__(self, *exc):
-        api._choose_mosaic_bwd = self.real
 
 
 @pytest.mark.gpu
@@ -97,3 +81,5 @@ def test_mosaic_backward_rejects_calls_it_does_not_cover():
         flash_attention(q, k, v, softcap=5.0, backend=("portable", "mosaic"))
     with pytest.raises(ValueError, match="backend"):
         flash_attention(q, k, v, backend=("mosaic", "fast"))
+    with pytest.raises(TypeError, match="deterministic"):
+        flash_attention(q, k, v, deterministic="no")

@@ -1,7 +1,8 @@
 """The Hopper tree kernel (`backend="mosaic"`) against the pure-jnp reference.
 
-Slots past each row's tree hold finite values here (not NaN as in test_tree_attention): the Mosaic
-kernel may read up to 7 of them, masked (see its docstring).
+Slots past each row's tree hold NaN (`poison`), as in test_tree_attention: the Mosaic kernel reads
+up to 7 of them (a whole tile when the row is shorter than one) but takes the final tile's values
+from a copy with those slots zeroed, so none may reach a result (see its docstring).
 
 On CPU it runs in Mosaic GPU's simulator (warpgroups as threads, real barriers and TMA copies; the
 two products as plain dots, since the simulator lacks wgmma with a transposed operand); the `gpu`
@@ -23,7 +24,7 @@ from pallas_kernels.tree.triton_kernel import combine_splits
 from test_tree_attention import check_against_reference
 
 
-def _case(seed, *, B, N, H, K, D, S, dtype=jnp.bfloat16, lengths=None, batched_mask=False, poison=False,
+def _case(seed, *, B, N, H, K, D, S, dtype=jnp.bfloat16, lengths=None, batched_mask=False, poison=True,
           **kwargs):
     rng = np.random.default_rng(seed)
     q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=H, K=K, D=D, S=S, dtype=dtype, lengths=lengths,
@@ -35,7 +36,8 @@ def _case(seed, *, B, N, H, K, D, S, dtype=jnp.bfloat16, lengths=None, batched_m
 @pytest.mark.simulator
 @pytest.mark.parametrize("num_splits", [pytest.param(1, marks=pytest.mark.simulator_smoke), 3])
 def test_tree_mosaic_in_simulator(num_splits):
-    # Row 0's tree starts mid-tile, row 1's prefix ends exactly on a tile boundary (256).
+    # Row 0's tree starts mid-tile, row 1's prefix ends exactly on a tile boundary (256); the final
+    # tiles read 5 and 3 NaN slots past the trees.
     _case(0, B=2, N=21, H=4, K=2, D=64, S=300, lengths=[150, 256], batched_mask=True,
           num_splits=num_splits, interpret=True)
 
@@ -43,15 +45,12 @@ def test_tree_mosaic_in_simulator(num_splits):
 @pytest.mark.simulator
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 8])
 def test_tree_mosaic_balanced_splits_in_simulator(num_splits):
-    # Rows of 1 to 4 tiles, so that some splits get no tile at all (8 splits of one step); slots past
-    # what the kernel may read (7 past the tree, or up to one tile) are NaN, so nothing else reaches
-    # the result.
+    # Rows of 1 to 4 tiles, so that some splits get no tile at all (8 splits of one step); every slot
+    # past each row's tree is NaN.
     rng = np.random.default_rng(6)
     B, N, S = 4, 7, 400
     q, k, v, lengths = tree_inputs(rng, B=B, N=N, H=2, K=1, D=64, S=S, dtype=jnp.bfloat16,
-                                   lengths=[0, 121, 256, 389], poison=False)
-    unread = jnp.arange(S)[None, :] >= jnp.maximum(lengths + N + 7, 128)[:, None]  # [B, S]
-    k, v = (jnp.where(unread[:, :, None, None], jnp.nan, x).astype(x.dtype) for x in (k, v))
+                                   lengths=[0, 121, 256, 389])
     mask = np.stack([random_tree(rng, N) for _ in range(B)])
     check_against_reference(q, k, v, lengths, mask, backend="mosaic", num_splits=num_splits, interpret=True)
 
@@ -64,9 +63,8 @@ def test_tree_mosaic_two_node_blocks_and_head_dim_128_in_simulator():
 
 @pytest.mark.simulator
 def test_tree_mosaic_sequence_shorter_than_a_tile_in_simulator():
-    # prefix + N < one tile: the final tile starts at 0 and reads slots past the tree, which must hold
-    # finite values (the kernel's documented limit), so nothing is poisoned here.
-    _case(2, B=2, N=8, H=2, K=1, D=64, S=160, lengths=[0, 30], poison=False, num_splits=1, interpret=True)
+    # prefix + N < one tile: the final tile starts at 0 and reads up to 127 NaN slots past the tree.
+    _case(2, B=2, N=8, H=2, K=1, D=64, S=160, lengths=[0, 30], num_splits=1, interpret=True)
 
 
 @pytest.mark.simulator
@@ -158,6 +156,26 @@ def test_tree_mosaic_issue_shape_on_gpu(num_splits):
                                    lengths=[8192, 3001], poison=False)
     mask = np.stack([random_tree(rng, 64), random_tree(rng, 64, 20)])
     check_against_reference(q, k, v, lengths, mask, num_splits=num_splits, backend="mosaic")
-    # Rows shorter than one tile or ending off the 8-row grid (finite values past the tree: see the
-    # kernel's docstring).
+    # Rows shorter than one tile or ending off the 8-row grid, NaN past the trees.
     _case(3, B=3, N=21, H=8, K=2, D=128, S=400, lengths=[0, 90, 301], num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tree_mosaic_ignores_nan_past_the_tree_on_gpu(num_splits, seed):
+    """Issue 18: on an H200 a row whose slots past cache_lengths + N held NaN came back NaN (B=2,
+    S=2048, N=128, GQA 16/8, D=128, lengths [1920, 1]): 0 * NaN in the final tile's P V product."""
+    if not on_hopper():
+        pytest.skip("the Mosaic GPU tree kernel needs a Hopper GPU")
+    rng = np.random.default_rng(seed)
+    q, k, v, lengths = tree_inputs(rng, B=2, N=128, H=16, K=8, D=128, S=2048, dtype=jnp.bfloat16,
+                                   lengths=[1920, 1])
+    mask = np.stack([random_tree(rng, 128), random_tree(rng, 128, 30)])
+    out = tree_attention(q, k, v, lengths, mask, num_splits=num_splits, backend="mosaic")
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    check_against_reference(q, k, v, lengths, mask, num_splits=num_splits, backend="mosaic")
+    # Ragged rows around tile and 8-row boundaries, random trees, NaN tails.
+    lengths = [int(x) for x in rng.integers(0, 2048 - 64 + 1, size=6)] + [0, 1, 7, 127, 2048 - 64]
+    _case(seed, B=len(lengths), N=64, H=16, K=8, D=128, S=2048, lengths=lengths, batched_mask=True,
+          num_splits=num_splits)

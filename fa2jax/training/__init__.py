@@ -6,7 +6,9 @@
   state      ModelParts (a model split for functional use) and TrainState
   steps      the jitted train / eval steps and the validation passes built on them
   metrics    metrics.jsonl, the loss plot, FLOPs and MFU
-  loop       `train`: checkpoints, resume, evaluation, distillation
+  loop       `train`: checkpoints, resume, evaluation, distillation, stopping on faults and signals
+  progress   progress bars and phase timers (tqdm only when shown)
+  token_cache  the tokenised corpus of a run, kept in its folder for resumes
   cli        flag and setup helpers of examples/train.py
   continuations  a teacher's greedy continuations as extra training documents
 """
@@ -14,7 +16,7 @@ from fa2jax._deprecation import renamed_attributes
 from fa2jax.checkpoint import model_config_from_dict, resolve_checkpoint
 from fa2jax.training.continuations import teacher_continuations
 from fa2jax.training.losses import acceptance_sums, cross_entropy_sum, distillation_kl_sum, target_mask
-from fa2jax.training.loop import train
+from fa2jax.training.loop import NonFiniteLossError, check_resume, train
 from fa2jax.training.metrics import (
     PEAK_BF16_FLOPS, append_metrics, count_params, peak_flops, plot_loss_curve, read_metrics,
     training_flops_per_token, truncate_metrics)
@@ -31,7 +33,7 @@ __all__ = [
     "make_train_step", "make_eval_step", "evaluate", "measure_acceptance",
     "PEAK_BF16_FLOPS", "count_params", "training_flops_per_token", "peak_flops",
     "append_metrics", "read_metrics", "truncate_metrics", "plot_loss_curve",
-    "train", "teacher_continuations",
+    "train", "NonFiniteLossError", "check_resume", "teacher_continuations",
     # checkpoint-format helpers, re-exported where the training code used to define them
     "model_config_from_dict", "resolve_checkpoint",
 ]

@@ -96,16 +96,18 @@ class Pipeline:
         self.produce_segments(smem, barriers, k_ref, v_ref, [(0, steps, kv_index, self.block_kv)])
 
     def produce_segments(self, smem, barriers, k_ref, v_ref, segments):
-        """`produce` for steps in consecutive segments (first, last, kv_index, rows): steps [first,
-        last) load `rows` <= block_kv keys each, into the first rows of their slot."""
+        """`produce` for steps in consecutive segments (first, last, kv_index, rows[, v_source]):
+        steps [first, last) load `rows` <= block_kv keys each, into the first rows of their slot.
+        v_source(i), when given, is the ref view step i copies its values from instead of
+        v_ref.at[kv_index(i)] (the tree kernel's final tile comes from a sanitised copy)."""
         plgpu = _plgpu()
         _, k_smem, v_smem, _ = smem
         k_ready, v_ready, _, k_free, v_free, _ = barriers
         plgpu.set_max_registers(40, action="decrease")
 
-        for first, last, kv_index, rows in segments:
+        for first, last, kv_index, rows, *v_source in segments:
             @pl.loop(first, last)
-            def _(i, kv_index=kv_index, rows=rows):
+            def _(i, kv_index=kv_index, rows=rows, v_source=v_source):
                 slot = lax.rem(i, jnp.int32(self.stages))
                 index = kv_index(i)
 
@@ -122,7 +124,8 @@ class Pipeline:
                 def _():
                     plgpu.barrier_wait(v_free.at[slot])
 
-                plgpu.copy_gmem_to_smem(v_ref.at[index], into(v_smem), v_ready.at[slot])
+                v_src = v_source[0](i) if v_source else v_ref.at[index]
+                plgpu.copy_gmem_to_smem(v_src, into(v_smem), v_ready.at[slot])
 
         steps = segments[-1][1]
         # Observe the last release of every slot used, so that each barrier phase has been waited on

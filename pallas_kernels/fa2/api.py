@@ -206,9 +206,9 @@ def _split_backend(backend):
 
 
 def _log_fallback(direction: str, problem: AttentionProblem, features) -> None:
-    logger.info("flash_attention %s: the portable kernel runs (the Hopper kernel covers bf16/f16, "
-                "head dim 64 or 128, causal and window; this call has dtype=%s, head_dim=%d, "
-                "features=%s)", direction, problem.dtype, problem.head_dim, features)
+    logger.info("flash_attention %s: the portable kernel runs (the Hopper kernel does not cover or "
+                "is not preferred for dtype=%s, head_dim=%d, features=%s)", direction, problem.dtype,
+                problem.head_dim, features)
 
 
 def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool):
@@ -218,20 +218,25 @@ def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool
     if backend == "mosaic":
         if not covered:
             raise ValueError(
-                f"backend='mosaic' covers bf16/f16, head dim 64 or 128, causal and window only; got "
+                f"backend='mosaic' covers bf16/f16, head dim 64, 128 or 256, causal and window only; got "
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
-        return mosaic_fwd.MosaicFwdConfig()
+        return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
     if backend is None and not interpret and on_hopper():
         if covered and mosaic_fwd.preferred(head_dim=problem.head_dim):
-            return mosaic_fwd.MosaicFwdConfig()
+            return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
         _log_fallback("forward", problem, features)
     return None
 
 
 def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: bool):
     """The Hopper backward's tiles when it runs this call's backward, else None."""
+    strict = isinstance(backend, (tuple, list))  # a pair names the backward's kernel exactly
     backend = _split_backend(backend)[1]
     covered = mosaic_bwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
+    if backend == "mosaic" and not strict and not covered:
+        # backend="mosaic" forces the Hopper forward; a backward it lacks (e.g. D=256) is portable.
+        _log_fallback("backward", problem, features)
+        return None
     if backend == "mosaic":
         if not covered:
             raise ValueError(
@@ -262,7 +267,8 @@ def flash_attention(
     return_lse: bool = False,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
-    backend: str | None = None,
+    backend: str | tuple[str | None, str | None] | None = None,
+    deterministic: bool = True,
 ):
     """FlashAttention-2, forward and backward, as Pallas kernels.
 
@@ -283,16 +289,24 @@ def flash_attention(
         masked row). Gradients flow through it.
       block_sizes: a `BlockSizes`; None looks up the tuning cache or the heuristic.
       interpret: run the kernels in interpret mode; None = True off GPU.
+      deterministic: True sums dQ in a fixed order (bitwise reproducible). False lets the Hopper
+        backward add dQ partials from its dK/dV kernel with TMA reduce-add (one kernel less; the
+        order of additions varies between runs). The portable backward is deterministic always.
       backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper kernels; raises
-        ValueError for calls they do not cover), None: "mosaic" on Hopper GPUs where it covers the
-        call, else "portable" with one log line naming the reason; or a (forward, backward) pair
-        of those choices.
+        ValueError for a forward they do not cover, runs the portable backward with a log line
+        where the Hopper backward lacks the call, e.g. head dim 256), None: "mosaic" on Hopper
+        GPUs where it covers the call, else "portable" with one log line naming the reason; or a
+        (forward, backward) pair of those choices, each forced strictly.
 
     Returns:
       out [B, T, H, D] in q's dtype (zeros for fully masked rows), and lse when `return_lse`.
 
     Raises:
-      ValueError: for any malformed argument, before a kernel is built.
+      ValueError: for any malformed argument (a zero-size dimension, a non-finite softcap or
+        sm_scale, ...), before a kernel is built.
+      TypeError: for an argument of the wrong kind: a window entry that is not an int (1.5 is not
+        truncated), or a traced softcap, sm_scale or dropout_rate (the kernels are specialised on
+        them: under jit, pass them as static values, e.g. through functools.partial).
     """
     problem, segment_ids, alibi_slopes, mask = validate(
         q, k, v, causal=causal, sm_scale=sm_scale, window_size=window_size,
@@ -310,6 +324,10 @@ def flash_attention(
     blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
     mosaic_config = _choose_mosaic(backend, problem, features, interpret)
     mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic=}")
+    if mosaic_bwd_config is not None and not deterministic:
+        mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:

@@ -1,7 +1,8 @@
 """Validation and normalisation of `flash_attention` arguments, shared by the kernels and the reference.
 
 Every check runs on static shapes and Python values before any kernel is built, and raises a
-`ValueError` that names the offending value.
+`ValueError` that names the offending value (a `TypeError` for a value of the wrong kind: a float
+window, or a traced scalar that the kernels must be specialised on).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from pallas_kernels.common.checks import check_heads_and_dtypes, check_rank
+from pallas_kernels.common.checks import (
+    check_finite, check_heads_and_dtypes, check_nonempty, check_rank, static_float, static_int)
 from pallas_kernels.fa2.masking import MaskConfig
 
 
@@ -67,22 +69,31 @@ def validate(
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"sequence lengths must be >= 1, got {q_len=} and {kv_len=}")
     check_heads_and_dtypes({"q": q, "k": k, "v": v})
+    for name, x in (("q", q), ("k", k)):  # B = 0 or H = 0: no grid to launch
+        check_nonempty(name, x.shape)
 
     if sm_scale is None:
         sm_scale = head_dim ** -0.5
-    sm_scale = float(sm_scale)
+    sm_scale = static_float("sm_scale", sm_scale)
+    check_finite("sm_scale", sm_scale)
 
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a (left, right) pair, got {window_size=}")
-    window_left, window_right = (int(w) for w in window_size)
+    # Ints only: a float such as 1.5 is a mistake, not a window to truncate.
+    try:
+        window_left, window_right = (static_int(f"window_size[{i}]", w) for i, w in enumerate(window_size))
+    except TypeError as error:
+        raise TypeError(f"window_size must be a (left, right) pair of ints, -1 = unbounded, got {window_size=}: "
+                        f"{error}") from None
     if window_left < -1 or window_right < -1:
         raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size=}")
 
-    softcap = float(softcap)
+    softcap = static_float("softcap", softcap)
+    check_finite("softcap", softcap)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap=}")
 
-    dropout_rate = float(dropout_rate)
+    dropout_rate = static_float("dropout_rate", dropout_rate)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
     if dropout_rate > 0 and dropout_seed is None:

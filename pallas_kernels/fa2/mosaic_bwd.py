@@ -487,7 +487,9 @@ def backward(q, k, v, do, lse2, delta, *, problem: MosaicProblem, config: Mosaic
              interpret: bool = False):
     """Padded q, do [B, Tp, H, D], k, v [B, Sp, K, D], lse2 (log2 units, +inf for empty rows) and
     delta [B, H, Tp] f32 -> (dQ, dK, dV) padded, in q's dtype."""
-    Tp, Sp = q.shape[1], k.shape[1]
+    Tp, Sp, D = q.shape[1], k.shape[1], q.shape[3]
+    if D not in (64, 128):
+        raise ValueError(f"the Hopper backward covers head dim 64 or 128, got {D=}")
     if Tp % config.q_multiple or Sp % config.kv_multiple:
         raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {config.q_multiple}, "
                          f"{Sp=} % {config.kv_multiple}")

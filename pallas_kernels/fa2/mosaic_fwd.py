@@ -7,10 +7,10 @@ tensor cores. This module decides the tiles: a CTA covers 2 * block_q rows and v
 of their causal/window band, masking only the tiles at the band's edges.
 
 Scope (the dispatcher in `api.py` routes everything else to the portable kernels): bf16/f16, head dim
-64 or 128, causal and sliding windows (bottom-right aligned), GQA/MQA, any T and S (the caller pads
-them to tile multiples; keys past `kv_len` are masked here). Outputs: O [B, Tp, H, D] in the input
-dtype and the natural-log lse [B, H, Tp] (-inf for rows that see no key), the same residuals the
-portable backward consumes.
+64, 128 or 256, causal and sliding windows (bottom-right aligned), GQA/MQA, any T and S (the caller
+pads them to tile multiples; keys past `kv_len` are masked here). Under a causal band the CTAs that
+own the last rows (the most keys) launch first. Outputs: O [B, Tp, H, D] in the input dtype and the
+natural-log lse [B, H, Tp] (-inf for rows that see no key), the residuals both backwards consume.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ class MosaicFwdConfig:
         if self.num_stages < 2:
             raise ValueError(f"the K/V ring needs at least 2 slots: {self.num_stages=}")
 
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> "MosaicFwdConfig":
+        """The default tiles for a head dim. At D=256 the f32 accumulator takes 128 registers per
+        thread, so the score tile shrinks to 64 keys to stay inside the consumers' 232."""
+        return cls(block_kv=64) if head_dim > 128 else cls()
+
 
 @dataclasses.dataclass(frozen=True)
 class MosaicProblem:
@@ -63,7 +69,7 @@ def preferred(*, head_dim: int) -> bool:
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
     """Whether this kernel covers a call (the rest goes to the portable kernels)."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and head_dim in (64, 128)
+            and head_dim in (64, 128, 256)
             and set(features) <= {"causal", "window"})
 
 
@@ -113,7 +119,12 @@ def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpr
         def per_warpgroup(smem, barriers):
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            row0 = lax.axis_index("q_tiles") * cta_rows
+            # Rows that see the most keys first: under a causal band those are the last rows, and
+            # starting them early keeps the tail of the grid short.
+            tile = lax.axis_index("q_tiles")
+            if problem.window_right >= 0:
+                tile = (Tp // cta_rows - 1) - tile
+            row0 = tile * cta_rows
             lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
 
             @pl.when(wg == CONSUMERS)

@@ -5,11 +5,12 @@ over the committed prefix of its cache row plus its own ancestors in the tree, i
 kernel (see triton_kernel.py for the algorithm). On Hopper GPUs the calls it covers run the Mosaic
 GPU kernel instead (mosaic_kernel.py: TMA + wgmma). `decode_attention` is the chain-tree case.
 
-Out-of-range lengths: traced values cannot raise. When cache_lengths[b] < 0 it is treated as 0;
-when cache_lengths[b] + N > S, the kernel clamps every load to [0, S) and reads no memory outside
-the cache, but nodes whose slot would lie past S are not found, so the rows of that batch element
-are meaningless (a node that sees no key at all gives zeros and lse -inf). `checked_tree_attention`
-returns a checkify error for these cases; use it while debugging.
+Out-of-range lengths: concrete cache_lengths outside [0, S - N] raise a ValueError, but traced
+values cannot raise. When a traced cache_lengths[b] < 0 it is treated as 0; when cache_lengths[b] +
+N > S, the kernel clamps every load to [0, S) and reads no memory outside the cache, but nodes whose
+slot would lie past S are not found, so the rows of that batch element are meaningless (a node that
+sees no key at all gives zeros and lse -inf). `checked_tree_attention` returns a checkify error for
+these cases and for a traced mask that is not a tree; use it while debugging.
 
 Inference only: there is no VJP (SpecInfer's verification does not train).
 """
@@ -74,8 +75,12 @@ def tree_attention(
       out [B, N, H, D] in q's dtype, and lse [B, H, N] float32 (natural log) if `return_lse`.
 
     Raises:
-      ValueError at trace time for wrong ranks or dims, N > 128, H % K != 0, a mask that is not
-      boolean or not [N, N] / [B, N, N], or (when the mask is concrete) not a tree closure.
+      ValueError at trace time for wrong ranks or dims (a zero-size one included), N > 128,
+      H % K != 0, a non-finite sm_scale or softcap, a mask that is not boolean or not [N, N] /
+      [B, N, N], or, when they are concrete, a mask that is not a tree closure or cache_lengths
+      outside [0, S - N].
+      TypeError for a traced sm_scale or softcap (the kernels are specialised on them: pass them
+      as static values, e.g. through functools.partial).
 
     Not differentiable: verification is inference only, and no VJP is defined.
     """
@@ -179,8 +184,9 @@ def checked_tree_attention(q, k_cache, v_cache, cache_lengths, tree_mask, **kwar
     """`tree_attention` plus run-time checks of the traced inputs, for debugging.
 
     Returns (error, result), result as `tree_attention(..., **kwargs)` returns it; `error.throw()`
-    raises if some cache_lengths[b] is outside [0, S - N] or a node does not see itself. Only the
-    checks run under checkify; the kernel runs as usual. Works inside `jit`.
+    raises if some cache_lengths[b] is outside [0, S - N] or the mask is not a tree closure (the
+    conditions `check_tree_closure` checks on a concrete mask). Only the checks run under
+    checkify; the kernel runs as usual. Works inside `jit`.
     """
     cache_size = k_cache.shape[1]
     error, _ = checkify.checkify(lambda lengths, mask: arguments.check_inputs(lengths, mask, cache_size))(

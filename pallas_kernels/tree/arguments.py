@@ -1,9 +1,10 @@
 """Validation of tree-attention arguments, shared by the kernel wrapper and the reference.
 
 Every check runs on static shapes, dtypes and Python values before anything is traced into a kernel,
-and raises a `ValueError` naming the offending value. The tree mask's contents are checked too when
-the mask is concrete (a NumPy array, or a jax.Array outside `jit`); a traced mask cannot be read at
-trace time, so `check_inputs` below offers the same checks through `jax.experimental.checkify`.
+and raises a `ValueError` naming the offending value (a `TypeError` for a traced sm_scale or
+softcap, which the kernels are specialised on). The tree mask's contents and the cache lengths are
+checked too when they are concrete (NumPy arrays, or jax.Arrays outside `jit`); traced ones cannot be
+read at trace time, so `check_inputs` below offers the same checks through `jax.experimental.checkify`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from pallas_kernels.common.checks import check_heads_and_dtypes, check_rank
+from pallas_kernels.common.checks import (
+    check_finite, check_heads_and_dtypes, check_nonempty, check_rank, static_float)
 
 MAX_NODES = 128  # 4 uint32 bit words per node in the kernel's packed mask
 
@@ -58,11 +60,16 @@ def validate(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale, softcap
     if cache_size < num_nodes:
         raise ValueError(f"the cache must hold the tree: need S >= N, got {cache_size=} and {num_nodes=}")
     check_heads_and_dtypes({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    for name, x in (("q", q), ("k_cache", k_cache)):  # B = 0 or H = 0: no grid to launch
+        check_nonempty(name, x.shape)
 
     if tuple(cache_lengths.shape) != (batch,):
         raise ValueError(f"cache_lengths must be [B]={(batch,)}, got {cache_lengths.shape=}")
     if not jnp.issubdtype(cache_lengths.dtype, jnp.integer):
         raise ValueError(f"cache_lengths must be integers, got {cache_lengths.dtype=}")
+    lengths = _concrete_value(cache_lengths)
+    if lengths is not None:
+        check_cache_lengths(lengths, cache_size, num_nodes)
 
     if tree_mask.dtype != jnp.bool_:
         raise ValueError(f"tree_mask must be boolean, got {tree_mask.dtype=}")
@@ -75,10 +82,12 @@ def validate(q, k_cache, v_cache, cache_lengths, tree_mask, *, sm_scale, softcap
 
     if sm_scale is None:
         sm_scale = head_dim ** -0.5
-    sm_scale = float(sm_scale)
+    sm_scale = static_float("sm_scale", sm_scale)
+    check_finite("sm_scale", sm_scale)
     if not sm_scale > 0:
         raise ValueError(f"sm_scale must be > 0, got {sm_scale=}")
-    softcap = float(softcap)
+    softcap = static_float("softcap", softcap)
+    check_finite("softcap", softcap)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap=}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
@@ -105,6 +114,17 @@ def _concrete_value(x) -> np.ndarray | None:
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+
+
+def check_cache_lengths(lengths: np.ndarray, cache_size: int, num_nodes: int) -> None:
+    """Raises ValueError unless 0 <= lengths[b] <= S - N: the tree's N keys go to slots
+    [lengths[b], lengths[b] + N), which must lie inside the cache."""
+    bad = (lengths < 0) | (lengths > cache_size - num_nodes)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(
+            f"cache_lengths must lie in [0, S - N] = [0, {cache_size - num_nodes}] (S={cache_size} slots, N={num_nodes} "
+            f"tree nodes), got cache_lengths[{b}]={int(lengths[b])} (cache_lengths={lengths.tolist()})")
 
 
 def check_tree_closure(tree_mask: np.ndarray) -> None:
@@ -148,8 +168,9 @@ def check_tree_closure(tree_mask: np.ndarray) -> None:
 def check_inputs(cache_lengths: jax.Array, tree_mask: jax.Array, cache_size: int) -> None:
     """`checkify.check`s on traced values that the trace-time validation cannot read.
 
-    Checks 0 <= cache_lengths[b] and cache_lengths[b] + N <= S, and that every node sees itself. Use
-    it under `jax.experimental.checkify.checkify` (see `checked_tree_attention` in the api module).
+    Checks 0 <= cache_lengths[b] and cache_lengths[b] + N <= S, and that the mask is a tree closure
+    (the conditions of `check_tree_closure`, in jnp). Use it under
+    `jax.experimental.checkify.checkify` (see `checked_tree_attention` in the api module).
     """
     num_nodes = tree_mask.shape[-1]
     lengths = cache_lengths.astype(jnp.int32)
@@ -158,5 +179,33 @@ def check_inputs(cache_lengths: jax.Array, tree_mask: jax.Array, cache_size: int
         jnp.all(lengths + num_nodes <= cache_size),
         "cache_lengths + N must be <= S={S} (the tree's keys must fit in the cache), got cache_lengths={lengths}",
         S=jnp.int32(cache_size), lengths=lengths)
-    diagonal = jnp.diagonal(tree_mask, axis1=-2, axis2=-1)
-    checkify.check(jnp.all(diagonal), "tree_mask is not a tree closure: some node does not see itself")
+    check_tree_mask(tree_mask)
+
+
+def check_tree_mask(tree_mask: jax.Array, check=checkify.check) -> None:
+    """The conditions of `check_tree_closure` on a traced [N, N] or [B, N, N] mask, as `check`s
+    (`checkify.check`, or `checkify.debug_check` for checks that are no-ops outside checkify)."""
+    num_nodes = tree_mask.shape[-1]
+    masks = jnp.asarray(tree_mask, bool).reshape((-1, num_nodes, num_nodes))  # [B|1, N, N]
+    eye = jnp.eye(num_nodes, dtype=bool)[None]
+    sees_itself = jnp.diagonal(masks, axis1=1, axis2=2)  # [B|1, N]
+    check(jnp.all(sees_itself), "tree_mask is not a tree closure: node {i} does not see itself",
+          i=_first_node(~sees_itself))
+    cycle = jnp.any(masks & jnp.swapaxes(masks, 1, 2) & ~eye, axis=-1)
+    check(~jnp.any(cycle), "tree_mask is not a tree closure: node {i} and another node see each other",
+          i=_first_node(cycle))
+    # Every node with a proper ancestor sees exactly itself and what its parent (its deepest proper
+    # ancestor) sees: then each row is one ancestor chain.
+    depth = masks.sum(axis=-1, dtype=jnp.int32)  # [B|1, N]
+    proper = masks & ~eye
+    parent = jnp.argmax(jnp.where(proper, depth[:, None, :], -1), axis=-1)  # [B|1, N]
+    expected = jnp.take_along_axis(masks, parent[:, :, None], axis=1) | eye
+    has_parent = proper.any(axis=-1)
+    wrong = has_parent & jnp.any(masks != expected, axis=-1)
+    check(~jnp.any(wrong), "tree_mask is not a tree closure: node {i} does not see exactly its parent's "
+          "ancestors and itself (not transitive, or two parents)", i=_first_node(wrong))
+
+
+def _first_node(bad: jax.Array) -> jax.Array:
+    """The node index of the first True of a bool [B|1, N], as int32 (0 when none is)."""
+    return jnp.argmax(jnp.any(bad, axis=0)).astype(jnp.int32)

@@ -14,9 +14,12 @@ cut into chunks of 64 keys (`final_chunk`) that the first splits run before thei
 (`tile_plan`). Keys a chunk shares with the aligned tiles are masked out, and keys past L are
 visible only through the node's ancestor bits (the packed tree mask). TMA copies into swizzled
 tiles start on multiples of 8 rows, so the final tile may reach up to 7 slots past the tree (to slot
-block_kv - 1 when L + N is shorter than a tile). Those keys are masked, but V there enters the P V
-product with P = 0: the slots must hold finite values (fa2jax's KVCache starts zeroed), where the
-portable kernel also tolerates NaN.
+block_kv - 1 when L + N is shorter than a tile). Those keys are masked (a select: NaN scores there
+become -inf), but V there enters the P V wgmma with P = 0, and 0 * NaN = NaN would poison every
+row. So the final tile's values are not read from the cache: the wrapper gathers them per row into
+a small [B, block_kv, K, D] copy with the slots past L + N zeroed (`final_values`, one XLA fusion of
+block_kv / S of V), and the producer streams the final tile's V chunks from it. Slots past the tree
+may then hold anything, NaN included, as the portable kernel allows.
 
 Scope (`supports`; the dispatcher sends the rest to the portable kernel): bf16/f16, head dim 64 or
 128, an even number of query heads per KV head, no softcap.
@@ -141,7 +144,7 @@ def tile_plan(end, split, splits: int, block_kv: int) -> TilePlan:
     """
     aligned = lax.div(end - 1, jnp.int32(block_kv))
     first, num_aligned = split_steps(aligned, split, splits)
-    final_start = 8 * jnp.maximum(lax.div(end - block_kv + 7, jnp.int32(8)), 0)
+    final_start = final_tile_start(end, block_kv)
     chunk = final_chunk(splits, block_kv)
     has_chunk = (chunk * split < block_kv).astype(jnp.int32)
     chunk_start = final_start + jnp.minimum(chunk * split, block_kv - chunk)
@@ -162,6 +165,21 @@ def node_words(tree_mask) -> jax.Array | np.ndarray:
     padded = -(-num_nodes // NODE_BLOCK) * NODE_BLOCK
     tree_mask = xp.pad(tree_mask, ((0, 0), (0, padded - num_nodes), (0, 0)))
     return xp.swapaxes(masking.pack_tree_mask(tree_mask), 1, 2)
+
+
+def final_tile_start(end, block_kv: int):
+    """First key of the final tile of a row whose keys are [0, end): ceil8(end - block_kv), >= 0
+    (TMA copies into the swizzled tiles start on multiples of 8 rows; see `tile_plan`)."""
+    return 8 * jnp.maximum(lax.div(end - block_kv + 7, jnp.int32(8)), 0)
+
+
+def final_values(v_cache, ends, block_kv: int):
+    """[B, block_kv, K, D]: V of each row's final tile [final_tile_start, + block_kv), zero at the
+    slots from `ends[b]` on, which may hold NaN. v_cache [B, S', K, D] with S' >= the tile's end."""
+    starts = final_tile_start(ends, block_kv)  # [B]
+    tiles = jax.vmap(lambda v, start: lax.dynamic_slice_in_dim(v, start, block_kv, axis=0))(v_cache, starts)
+    keep = starts[:, None] + jnp.arange(block_kv, dtype=jnp.int32)[None, :] < ends[:, None]  # [B, block_kv]
+    return jnp.where(keep[:, :, None, None], tiles, jnp.zeros((), tiles.dtype))
 
 
 def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale: float,
@@ -190,8 +208,10 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     num_words, mask_batched = words.shape[1], words.shape[0] > 1
     lengths = cache_lengths.astype(jnp.int32)  # clamped to [0, S - N] in the kernel
+    # The final tile's values with the slots past the tree zeroed (see the module docstring).
+    v_final = final_values(v_cache, jnp.clip(lengths, 0, S - N) + N, bkv)  # [B, bkv, K, D]
 
-    def body(lengths_ref, words_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+    def body(lengths_ref, words_ref, q_ref, k_ref, v_ref, v_final_ref, out_ref, lse_ref):
         def per_warpgroup(smem, barriers):
             wg = lax.axis_index("wg")
             row_block, split = lax.axis_index("rows"), lax.axis_index("split")
@@ -216,9 +236,12 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
             @pl.when(wg == CONSUMERS)
             def _producer():
                 _, plan, chunks, aligned_start, chunk_start = schedule()
+                # The chunk's offset in the final tile, as tile_plan places it (a multiple of 64).
+                chunk_offset = 8 * jnp.minimum((chunk // 8) * split, (bkv - chunk) // 8)
                 pipeline.produce_segments(
                     smem, barriers, k_ref, v_ref,
-                    [(0, chunks, lambda i: (b, pl.ds(chunk_start, chunk), kv_head), chunk),
+                    [(0, chunks, lambda i: (b, pl.ds(chunk_start, chunk), kv_head), chunk,
+                      lambda i: v_final_ref.at[b, pl.ds(chunk_offset, chunk), kv_head]),
                      (chunks, plan.steps, lambda i: (b, pl.ds(aligned_start(i), bkv), kv_head), bkv)])
 
             @pl.when(wg < CONSUMERS)
@@ -284,7 +307,7 @@ def tree_attention_mosaic(q, k_cache, v_cache, cache_lengths, words, *, sm_scale
         grid=(splits, K, B, pairs * node_blocks),
         grid_names=("split", "kv_head", "batch", "rows"),
         **pipeline.kernel_options(),
-    )(lengths, words, q, k_cache, v_cache)
+    )(lengths, words, q, k_cache, v_cache, v_final)
     if splits > 1:
         out, lse = merge_splits(out, lse, interpret=interpret, rows=config.merge_rows,
                                 num_warps=config.merge_warps)

@@ -1,0 +1,142 @@
+"""Train an fa2jax Transformer on real text with the FlashAttention-2 kernels.
+
+  fa2jax-train --preset tiny                      # CPU, the stdlib as data, minutes
+  fa2jax-train --preset target-1b --out out/target
+  fa2jax-train ... --extra-train-data /path/to/site-packages/numpy --suffix .py
+  fa2jax-train --preset draft-20m --teacher out/target --distill-weight 0.5
+  fa2jax-train ... --teacher out/target --teacher-continuations 4096   # + the target's own text
+  fa2jax-train ... --resume                       # continue the run in --out
+  fa2jax-train ... --resume --steps 6000          # ... and extend it
+
+`fa2jax-train` (this module's `cli_main`) and `python examples/train.py` are the same command; it
+needs the `examples` extra: pip install 'fa2jax[examples]'. Every field of TrainConfig and the size
+fields of TransformerConfig are flags (--d-model, --grad-accum, ...); unset flags keep the preset's
+value, or with --resume the run's own (flags that would change the model are refused). Writes
+<out>/checkpoints/, metrics.jsonl, loss.png and the tokenised corpus (tokenized.npz, reused by a
+resume). SIGTERM or Ctrl-C checkpoints the current step and exits; a non-finite loss stops the run
+with exit status 1 and saves nothing of it. The training lives in the other fa2jax.training modules; this one parses
+the command line (`build_parser`) and runs it (`main`, `cli_main`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from fa2jax import load_pretrained
+from fa2jax.checkpoint import CheckpointError
+from fa2jax.data import Corpus, find_documents, split_documents
+from fa2jax.loading import load_config
+from fa2jax.training import NonFiniteLossError, presets, teacher_continuations, train
+from fa2jax.training import cli, token_cache
+from fa2jax.training.progress import phase
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
+    p = argparse.ArgumentParser(prog="fa2jax-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets()), default="tiny", help="model size and training settings")
+    p.add_argument("--data", nargs="+", help="text files or folders (default: this Python's stdlib)")
+    p.add_argument("--suffix", nargs="+", help="only files ending so, e.g. .py .md (default: all text)")
+    p.add_argument("--extra-train-data", nargs="+",
+                   help="more files or folders for the training split only (e.g. site-packages); the validation "
+                        "split, and so the speculative benchmark's held-out prompts, stay those of --data")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the --data files held out")
+    p.add_argument("--tokenizer", choices=("bpe", "bytes"),
+                   help="a byte-level BPE trained on the training split (default), or raw bytes")
+    p.add_argument("--bpe-vocab", type=int, help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--out", help="run folder (default: out/<preset>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in --out (an error if there is none)")
+    p.add_argument("--teacher", help="model folder to distil from, with the same tokenizer (a run or checkpoint "
+                                     "of this script, or a Hugging Face folder)")
+    p.add_argument("--teacher-continuations", type=int, default=0,
+                   help="with --teacher: add this many of the teacher's greedy continuations of training text to "
+                        "the training split (a draft then also learns from text that its target writes)")
+    p.add_argument("--continuation-prompt-len", type=int, default=64, help="prompt tokens per continuation")
+    p.add_argument("--continuation-len", type=int, default=192, help="new tokens per continuation")
+    p.add_argument("--continuation-batch", type=int, default=256, help="continuations generated per call")
+    p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (parameters stay float32)")
+    p.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
+                   help="default: pallas on GPU, automatic elsewhere")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (and no tqdm import)")
+    p.add_argument("--stop-after-minutes", type=float,
+                   help="checkpoint and exit after this much training time (continue with --resume)")
+    cli.add_config_flags(p, presets()["tiny"].model)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    run = presets()[args.preset]
+    show = not args.no_progress
+    # Everything that can fail on the command line alone fails here, before any data is read.
+    out = cli.check_writable(args.out or f"out/{args.preset}")
+    needs_bpe = not args.resume and not args.teacher and (args.tokenizer or "bpe") == "bpe"
+    cli.check_extras(["matplotlib", *(["tqdm"] if show else []), *(["tokenizers"] if needs_bpe else [])])
+    resumed = cli.resumed_run(out, args, run) if args.resume else None
+    if args.teacher_continuations and not args.teacher:
+        raise cli.UsageError(f"--teacher-continuations {args.teacher_continuations} needs --teacher")
+
+    docs = find_documents(args.data, args.suffix)
+    corpus = split_documents(docs, args.val_fraction)
+    extra = tuple(find_documents(args.extra_train_data, args.suffix)) if args.extra_train_data else ()
+    corpus = Corpus(train=corpus.train + extra, val=corpus.val)
+    print(f"{len(docs) + len(extra)} files: {len(corpus.train)} train ({len(extra)} training-only), "
+          f"{len(corpus.val)} validation")
+
+    if resumed is not None:  # the run's own configs and tokenizer, with the flags given applied
+        model_cfg, train_cfg, tokenizer, latest = resumed
+        print(f"resuming the run of {latest}")
+    else:
+        train_cfg = cli.train_config(run, args)
+        tokenizer = cli.new_tokenizer(args.tokenizer or "bpe", (d.text for d in corpus.train),
+                                      args.bpe_vocab or run.bpe_vocab, teacher=args.teacher, show_progress=show)
+        vocab = load_config(args.teacher).vocab_size if args.teacher else cli.padded_vocab(tokenizer.vocab_size)
+        model_cfg = cli.model_config(run, args, vocab_size=vocab, seq_len=train_cfg.seq_len, dtype=args.dtype,
+                                     attention_impl=args.attention_impl)
+
+    generated = {"teacher": args.teacher, "count": args.teacher_continuations, "prompt_len": args.continuation_prompt_len,
+                 "len": args.continuation_len, "batch": args.continuation_batch} if args.teacher_continuations else {}
+    key = token_cache.corpus_key(corpus, tokenizer, train_cfg.seq_len, generated)
+    rows = token_cache.load(out, key)
+    if rows is not None:
+        print(f"read the tokenised corpus from {out / token_cache.CACHE_FILE}")
+    else:
+        if args.teacher_continuations:
+            start = time.perf_counter()
+            with phase("teacher continuations", show):
+                continuations = teacher_continuations(
+                    load_pretrained(args.teacher), tokenizer, corpus.train, count=args.teacher_continuations,
+                    prompt_len=args.continuation_prompt_len, new_tokens=args.continuation_len,
+                    batch=args.continuation_batch)
+            corpus = Corpus(train=corpus.train + continuations, val=corpus.val)
+            print(f"{len(continuations)} teacher continuations in {time.perf_counter() - start:.0f} s")
+        rows = token_cache.tokenize_corpus(corpus, tokenizer, train_cfg.seq_len, show_progress=show)
+        token_cache.save(out, key, rows)
+    train_rows, val_rows = rows
+    print(f"{train_rows.num_rows} x {train_cfg.seq_len} training rows, {val_rows.num_rows} validation rows, "
+          f"vocabulary {tokenizer.vocab_size}")
+    summary = train(model_cfg, train_cfg, train_rows, val_rows, out, tokenizer, resume=args.resume,
+                    teacher=args.teacher, progress=show,
+                    stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes)
+    for key in ("step", "loss", "val_loss", "val_ppl", "acceptance_before", "acceptance_after"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+    print(f"wrote {out}/checkpoints, {out}/metrics.jsonl, {out}/loss.png")
+    return summary
+
+
+def cli_main(argv=None) -> int:
+    """`main` as a process: the exit status, with the expected failures as one line on stderr."""
+    try:
+        main(argv)
+    except (cli.UsageError, CheckpointError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
