@@ -46,10 +46,9 @@ def _packed_inputs(seed, q_lens, k_lens, H, K, D, dtype):
 # cu_seqlens (jit arguments) take the static bound on the aligned length, concrete ones the exact one.
 CASES = {
     # T_b != S_b, bottom-right per sequence; an empty query sequence; D padded to 64 inside
-    "causal-gqa": ([7, 1, 13, 0], [7, 4, 20, 3], 4, 2, 40, jnp.float32, dict(causal=True), False),
     "causal-gqa-traced": ([7, 1, 13, 0], [7, 4, 20, 3], 4, 2, 40, jnp.float32, dict(causal=True), True),
     # the packed layout (no position-dependent mask), MQA
-    "full-mqa-traced": ([5, 12, 3], [9, 2, 17], 4, 1, 16, jnp.float32, {}, True),
+    "full-mqa": ([5, 12, 3], [9, 2, 17], 4, 1, 16, jnp.float32, {}, False),
     # T_b > S_b: the first queries see no key and output zeros
     "causal-q-longer-bf16": ([9, 3], [4, 3], 4, 2, 32, jnp.bfloat16, dict(causal=True), False),
     "window-softcap-alibi": ([6, 11], [10, 11], 2, 2, 16, jnp.float32,

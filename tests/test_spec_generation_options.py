@@ -32,13 +32,14 @@ def setup():
     seed = int(np.random.default_rng(TEST_SEED).integers(2**31))
     target = Transformer(TransformerConfig.tiny(vocab_size=VOCAB), rngs=nnx.Rngs(seed))
     # The draft is the target itself: whole trees are accepted, so a step emits several tokens and
-    # a chunk of steps ends in the middle of a row's output.
-    greedy = SpeculativeDecoder(target, target, tree=ExpansionTree((2, 1)))
+    # a chunk of steps ends in the middle of a row's output. One stochastic decoder serves every
+    # test (compiles are the cost here): at temperature 0 it emits the target's greedy tokens.
+    decoder = SpeculativeDecoder(target, target, tree=ExpansionTree((2, 1)), verify="stochastic")
     rng = np.random.default_rng(TEST_SEED)
     prompt = jnp.asarray(rng.integers(0, VOCAB, (3, 6)), jnp.int32)
     lengths = jnp.array([6, 2, 4], jnp.int32)
     base = generate_incremental(target, prompt, lengths, max_new_tokens=NEW)
-    return dict(target=target, greedy=greedy, prompt=prompt, lengths=lengths, base=base)
+    return dict(target=target, decoder=decoder, prompt=prompt, lengths=lengths, base=base)
 
 
 def _rows(result, lengths):
@@ -51,7 +52,7 @@ def _assert_same(a, b):
 
 
 def test_streaming_matches_one_call_and_compiles_once(setup):
-    target, decoder, prompt, lengths = setup["target"], setup["greedy"], setup["prompt"], setup["lengths"]
+    target, decoder, prompt, lengths = setup["target"], setup["decoder"], setup["prompt"], setup["lengths"]
     # The incremental loop is jitted per module (other tests' models add entries): count this test's.
     compiled_before = incremental._run_jit._cache_size()
     for run in (lambda **kw: generate_incremental(target, prompt, lengths, max_new_tokens=NEW, **kw),
@@ -72,7 +73,7 @@ def test_streaming_matches_one_call_and_compiles_once(setup):
 
 
 def test_eos_list_stops_at_the_first_of_any(setup):
-    target, decoder, prompt, lengths, base = (setup[k] for k in ("target", "greedy", "prompt", "lengths", "base"))
+    target, decoder, prompt, lengths, base = (setup[k] for k in ("target", "decoder", "prompt", "lengths", "base"))
     rows = _rows(base, lengths)
     eos = [int(rows[0][4]), int(rows[1][2])]  # tokens emitted a few steps into rows 0 and 1
     inc = generate_incremental(target, prompt, lengths, max_new_tokens=NEW, eos_id=eos)
@@ -87,7 +88,7 @@ def test_eos_list_stops_at_the_first_of_any(setup):
 
 
 def test_stop_strings_cut_rows(setup):
-    target, decoder, prompt, lengths, base = (setup[k] for k in ("target", "greedy", "prompt", "lengths", "base"))
+    target, decoder, prompt, lengths, base = (setup[k] for k in ("target", "decoder", "prompt", "lengths", "base"))
     rows = _rows(base, lengths)
     stop = _decode(rows[0][5:7])  # two tokens: the match spans a token boundary
     expected = []
@@ -107,6 +108,7 @@ def test_stop_strings_cut_rows(setup):
             assert not np.asarray(result.tokens[b, int(result.lengths[b]):]).any()
         results.append(result)
     _assert_same(*results)
+    assert decoder._run_jit._cache_size() == 1  # rows cut on the host go back into the same compiled loop
     # A tokenizer object works as well as a decode function.
     tokenizer = type("Letters", (), {"decode": staticmethod(_decode)})()
     _assert_same(generate_incremental(target, prompt, lengths, max_new_tokens=NEW, stop_strings=stop,
@@ -116,8 +118,7 @@ def test_stop_strings_cut_rows(setup):
 def test_sampling_options_chunked_equal_one_call(setup):
     """top-k and min-p reach every piece of the stochastic loop: the same key gives the same
     tokens in one call and in chunks, and the options change the output."""
-    target, prompt, lengths = setup["target"], setup["prompt"], setup["lengths"]
-    decoder = SpeculativeDecoder(target, target, tree=ExpansionTree((2, 1)), verify="stochastic")
+    target, decoder, prompt, lengths = setup["target"], setup["decoder"], setup["prompt"], setup["lengths"]
     kwargs = dict(max_new_tokens=NEW, temperature=1.0, rng=jax.random.key(3))
     for run in (lambda **kw: generate_incremental(target, prompt, lengths, **kwargs, **kw),
                 lambda **kw: decoder.generate(prompt, lengths, **kwargs, **kw)):
@@ -149,7 +150,7 @@ def test_option_errors(setup):
         with pytest.raises(error, match=match):
             generate_incremental(target, prompt, lengths, max_new_tokens=4, **kwargs)
         with pytest.raises(error, match=match):
-            setup["greedy"].generate(prompt, lengths, max_new_tokens=4, **kwargs)
+            setup["decoder"].generate(prompt, lengths, max_new_tokens=4, **kwargs)
 
 
 def test_text_streamer_holds_back_partial_text():
