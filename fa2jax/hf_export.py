@@ -28,7 +28,9 @@ from fa2jax.model import Transformer
 from fa2jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 # Fields that do not describe the model's function: how it runs here, not what it computes.
-_RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "invariant_rows"})
+# tokenizer_vocab_size only masks the padding rows of our logits: transformers has no such switch,
+# so an exported padded vocabulary gives those rows ordinary logits there.
+_RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "invariant_rows", "tokenizer_vocab_size"})
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16",
                 jnp.dtype(jnp.float16): "float16"}
 # transformers reads `format` from a shard's metadata to pick the tensor framework.

@@ -273,9 +273,11 @@ def rope_from_hf(params: dict, *, theta: float, max_len: int, where: str = "rope
     if factor is None:
         raise ValueError(f"RoPE type {kind!r} in {where} needs a 'factor'")
     factor = float(factor)
-    if kind in ("linear", "dynamic"):
-        # "dynamic" grows the base past max_position_embeddings (transformers' reference length).
-        return theta, RopeScalingConfig(kind, factor, original_max_len=max_len)
+    if kind == "linear":
+        return theta, RopeScalingConfig("linear", factor)
+    if kind == "dynamic":
+        # The base grows past max_position_embeddings (transformers' reference length for "dynamic").
+        return theta, RopeScalingConfig("dynamic", factor, original_max_len=max_len)
     if kind == "llama3":
         return theta, RopeScalingConfig(
             "llama3", factor, low_freq_factor=float(params["low_freq_factor"]),

@@ -161,3 +161,10 @@ def main(argv: list[str] | None = None) -> Report:
     print(format_report(report))
     return report
 
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`main` as a process (the `fa2jax-generate` console script): exit status 0 once it has printed
+    the report (a console script passes the return value to sys.exit, which a Report is not)."""
+    main(argv)
+    return 0

@@ -144,9 +144,10 @@ def test_load_pretrained_and_tokenizer_open_a_hf_folder(tied, tmp_path):
         vocab_size=VOCAB, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     rust.save(str(directory / "tokenizer.json"))
-    hf_config = json.loads((directory / "config.json").read_text())
-    hf_config["eos_token_id"] = [rust.token_to_id("</s>"), 1]  # Llama 3 lists several: the first ends text
-    (directory / "config.json").write_text(json.dumps(hf_config))
+    for name in ("config.json", "generation_config.json"):  # the tokenizer reads generation_config.json first
+        settings = json.loads((directory / name).read_text())
+        settings["eos_token_id"] = [rust.token_to_id("</s>"), 1]  # Llama 3 lists several: the first ends text
+        (directory / name).write_text(json.dumps(settings))
     tokenizer = load_tokenizer(directory)
     assert tokenizer.eos_id == rust.token_to_id("</s>") and tokenizer.vocab_size == rust.get_vocab_size()
     ids = tokenizer.encode("def hello(world):")

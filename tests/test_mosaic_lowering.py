@@ -131,6 +131,8 @@ TREE_CASES = {  # (B, N, H, K, D, S, dtype), keyword arguments, Triton kernels (
     "n64-d128-gqa4-heuristic": ((2, 64, 32, 8, 128, 1101, BF16), {}, 1),
     # the whole sequence shorter than one 128-key tile
     "n8-d64-short-cache": ((2, 8, 2, 1, 64, 100, BF16), dict(num_splits=1), 0),
+    # issue 18's H200 shape (two full node blocks, GQA 2), where NaN past the trees leaked
+    "n128-d128-gqa2-issue18": ((2, 128, 16, 8, 128, 2048, BF16), dict(num_splits=2), 1),
 }
 
 
