@@ -12,7 +12,9 @@ the speedup, tokens per step, the acceptance histogram and, when greedy, whether
 the incremental ones; and the cost model that predicts the speedup from timed pieces.
 The command lives in spec.cli (also the `fa2jax-generate` console script); this file only calls it.
 """
-from spec.cli import main
+import sys
+
+from spec.cli import cli_main, main  # noqa: F401  (main: tests call it in-process)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

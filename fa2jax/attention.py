@@ -29,9 +29,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import decode_attention as decode_kernel
-from pallas_kernels import flash_attention as flash_kernel
-from pallas_kernels import tree_attention as tree_kernel
+from fa2jax import parallel_attention
 from pallas_kernels.fa2 import masking
 from pallas_kernels.fa2.arguments import validate
 
@@ -81,6 +79,13 @@ def _fold_lengths(segment_ids, query_seq_lengths, key_value_seq_lengths, batch, 
     """Turns per-row valid lengths into segment ids (combined with any given), or returns them as is."""
     if query_seq_lengths is None and key_value_seq_lengths is None:
         return segment_ids
+    for name, lengths in (("query_seq_lengths", query_seq_lengths), ("key_value_seq_lengths", key_value_seq_lengths)):
+        if lengths is None:
+            continue
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer [B]={(batch,)} array of valid lengths, got "
+                             f"{lengths.shape=} {lengths.dtype=}")
     if segment_ids is None:
         q_ids = jnp.zeros((batch, q_len), jnp.int32)
         kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
@@ -170,7 +175,9 @@ def dot_product_attention(
         mask: bool [B|1, H|1, T, S], True where a query may attend to a key.
         scale: score scale, default D ** -0.5.
         is_causal: query i sees keys j <= i + S - T (bottom-right aligned).
-        query_seq_lengths, key_value_seq_lengths: [B] int32 valid lengths of right-padded rows.
+        query_seq_lengths, key_value_seq_lengths: [B] int valid lengths of right-padded rows, as in
+            `jax.nn.dot_product_attention`: padded queries output zeros, padded keys are never seen
+            (a query left with no key outputs zeros too, where jax.nn gives the mean of V).
         local_window_size: w or (left, right): query i sees keys within [i - left, i + right]
             (shifted by S - T); as in `jax.nn.dot_product_attention`.
         segment_ids: one [B, T] array (T == S) or a (q_ids [B, T], kv_ids [B, S]) pair; a query
@@ -214,10 +221,11 @@ def dot_product_attention(
     if implementation == "pallas":
         if bias is not None:
             raise ValueError(f"implementation='pallas' takes no additive bias, got {bias.shape=}: use mask")
-        flash_attention = flash_kernel
-        return flash_attention(query, key, value, causal=is_causal, sm_scale=problem.sm_scale, window_size=window,
-                               segment_ids=segment_ids, softcap=config.softcap, mask=mask,
-                               dropout_rate=problem.dropout_rate, dropout_seed=dropout_seed)
+        # Per shard of rows and heads when the operands are sharded (fa2jax.parallel_attention).
+        return parallel_attention.flash_attention(query, key, value, causal=is_causal, sm_scale=problem.sm_scale,
+                                                  window_size=window, segment_ids=segment_ids,
+                                                  softcap=config.softcap, mask=mask,
+                                                  dropout_rate=problem.dropout_rate, dropout_seed=dropout_seed)
 
     allowed = masking.position_mask(jnp.arange(T, dtype=jnp.int32)[:, None],
                                     jnp.arange(S, dtype=jnp.int32)[None, :], config)[None, None]  # [1, 1, T, S]
@@ -344,9 +352,8 @@ def tree_attention(
     window = _binding_window(window, k_cache.shape[1])
     implementation = _choose_cache_impl("tree_attention", implementation, window)
     if implementation == "pallas":
-        op = tree_kernel
-        return op(q, k_cache, v_cache, lengths, tree_mask, sm_scale=scale, softcap=softcap,
-                  batch_invariant=batch_invariant)
+        return parallel_attention.tree_attention(q, k_cache, v_cache, lengths, tree_mask, sm_scale=scale,
+                                                 softcap=softcap, batch_invariant=batch_invariant)
     tree_mask = jnp.broadcast_to(tree_mask, (B, N, N))
     return _dense_cache_attention(q, k_cache, v_cache, lengths, tree_mask, scale=scale, softcap=softcap,
                                   window=window, implementation=implementation)
@@ -376,8 +383,7 @@ def decode_attention(
     window = _binding_window(window, k_cache.shape[1])
     implementation = _choose_cache_impl("decode_attention", implementation, window)
     if implementation == "pallas":
-        op = decode_kernel
-        return op(q, k_cache, v_cache, lengths, sm_scale=scale, softcap=softcap)
+        return parallel_attention.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, softcap=softcap)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), jnp.bool_)), (B, T, T))  # a chain is a tree
     return _dense_cache_attention(q, k_cache, v_cache, lengths, causal, scale=scale, softcap=softcap,
                                   window=window, implementation=implementation)

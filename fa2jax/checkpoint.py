@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from fa2jax import legacy_checkpoint as legacy
+from fa2jax import sharding
 from fa2jax.config import RopeScalingConfig, TransformerConfig
 from fa2jax.model import Transformer
 from fa2jax.tokenizer import Tokenizer, read_tokenizer_file
@@ -595,36 +596,38 @@ def read_model_config(path: str | os.PathLike) -> TransformerConfig:
     return model_config_from_dict(read_metadata(resolve_checkpoint(path))["model_config"])
 
 
-def _load_params(path: str | os.PathLike) -> tuple[Any, dict, Path]:
+def _load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict, Path]:
     """(params, metadata, checkpoint) of checkpoint `path`, or of the newest intact checkpoint of a
-    run folder (corrupt newer ones are skipped with a warning naming them)."""
+    run folder (corrupt newer ones are skipped with a warning naming them); with a `mesh`, each
+    parameter is read straight into its shards (`fa2jax.sharding`)."""
     path = Path(path)
     if is_checkpoint(path):
         meta = read_metadata(path)
-        target = {"params": _abstract_params(model_config_from_dict(meta["model_config"]))}
+        target = {"params": _abstract_params(model_config_from_dict(meta["model_config"]), mesh)}
         state, meta = load_checkpoint(path, target, strict=False)
         return state["params"], meta, path
     folder = checkpoint_folder(path)
     if folder is None:
         resolve_checkpoint(path)  # raises, naming the path
     config = model_config_from_dict(read_metadata(latest_checkpoint(folder))["model_config"])
-    restored = restore_newest(folder, {"params": _abstract_params(config)}, strict=False)
+    restored = restore_newest(folder, {"params": _abstract_params(config, mesh)}, strict=False)
     for e in restored.skipped:
         warnings.warn(f"{e}; using an older checkpoint", stacklevel=3)
     return restored.state["params"], restored.metadata, restored.path
 
 
-def load_transformer(path: str | os.PathLike) -> Transformer:
+def load_transformer(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """The model of a checkpoint (or of the newest intact one in a run folder), parameters as stored.
 
     Args:
       path: anything `resolve_checkpoint` accepts.
+      mesh: read every parameter straight into its shards on this mesh (`fa2jax.sharding`).
 
     Returns:
       A Transformer of the stored config holding the checkpoint's parameters (the optimizer
       state, if saved, is not read).
     """
-    params, meta, _ = _load_params(path)
+    params, meta, _ = _load_params(path, mesh)
     abstract = nnx.eval_shape(lambda: Transformer(model_config_from_dict(meta["model_config"]), rngs=nnx.Rngs(0)))
     graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -648,6 +651,8 @@ def export_params(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     return save_checkpoint(out, meta["step"], {"params": params}, meta, read_tokenizer(path), keep=1)
 
 
-def _abstract_params(config: TransformerConfig) -> Any:
-    """ShapeDtypeStructs of a Transformer's nnx.Param state: the target to restore parameters into."""
-    return nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), nnx.Param)
+def _abstract_params(config: TransformerConfig, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """ShapeDtypeStructs of a Transformer's nnx.Param state: the target to restore parameters into
+    (placed on `mesh` by `fa2jax.sharding`'s rules when given)."""
+    params = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), nnx.Param)
+    return params if mesh is None else sharding.abstract_sharded(params, mesh)

@@ -1,9 +1,9 @@
 """`load_gguf`: a llama.cpp GGUF file of a Llama model -> (TransformerConfig, Transformer).
 
-The `gguf` package (llama.cpp's own Python reader, no torch) reads the file: `read_metadata` its
-key-value pairs, and each tensor is dequantised with `gguf.quants.dequantize` (F32, F16, BF16,
-Q8_0, Q4_0/1, Q5_0/1, the K-quants Q2_K..Q6_K, and the rest that the package knows), one at a
-time, into the target dtype, so no float32 copy of the whole model is held. `llama.*` metadata
+`fa2jax.gguf_file.GGUFFile` reads the file (`read_metadata` its key-value pairs) and each tensor is
+dequantised by the `gguf` package (llama.cpp's own, numpy, no torch: F32, F16, BF16, Q8_0, Q4_0/1,
+Q5_0/1, the K-quants Q2_K..Q6_K, and the rest that it knows), one at a time, into the target
+dtype, so no float32 copy of the whole model is held. `llama.*` metadata
 maps onto `TransformerConfig` (`config_from_gguf`); an unknown `llama.*` key or tensor is a
 ValueError naming it. The tokenizer is in the same file (`fa2jax.tokenizer.HFTokenizer.from_gguf`).
 
@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fa2jax.config import RopeScalingConfig, TransformerConfig
+from fa2jax.gguf_file import GGUFFile
 from fa2jax.model import Transformer
 
 ARCHITECTURES = ("llama",)
@@ -54,34 +55,15 @@ TENSORS: dict[str, str] = {
 _IGNORED = frozenset({"rope_freqs.weight"})
 
 
-def _reader(path: str | os.PathLike):
-    try:
-        from gguf import GGUFReader
-    except ImportError as e:
-        raise ImportError("reading GGUF files needs the gguf package: pip install 'fa2jax[gguf,tokenizers]'") from e
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no GGUF file at {str(path)!r}")
-    try:
-        return GGUFReader(path)
-    except (ValueError, OSError) as e:  # a bad magic number or a truncated file
-        raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from e
-
-
-def _metadata(reader) -> dict[str, Any]:
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The key-value pairs of a GGUF file (`general.*`, `llama.*`, `tokenizer.*`), as Python values."""
-    return _metadata(_reader(path))
+    return GGUFFile(path).metadata
 
 
 def read_config(path: str | os.PathLike, **kwargs) -> TransformerConfig:
     """The TransformerConfig of a GGUF file (no tensor data read); kwargs as `config_from_gguf`."""
-    reader = _reader(path)
-    return config_from_gguf(_metadata(reader), {t.name for t in reader.tensors}, **kwargs)
+    file = GGUFFile(path)
+    return config_from_gguf(file.metadata, set(file.tensors), **kwargs)
 
 
 def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -194,14 +176,6 @@ def _our_layout(name: str, value: np.ndarray, config: TransformerConfig) -> np.n
     return value  # token_embd [V, d_model], norms [d_model]
 
 
-def dequantize(tensor) -> np.ndarray:
-    """A `gguf.ReaderTensor` as float32 in its row-major shape (numpy order: GGUF's dims reversed)."""
-    from gguf import quants
-
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    return np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
-
-
 def load_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=None,
               attention_impl: str | None = None) -> tuple[TransformerConfig, Transformer]:
     """Loads a Llama model from a GGUF file, dequantising every tensor.
@@ -219,9 +193,9 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=None,
       ValueError: the file is no GGUF, its architecture or a setting is not mapped, or a tensor is
         missing, unknown or of the wrong shape.
     """
-    reader = _reader(path)
-    tensors = {t.name: t for t in reader.tensors}
-    config = config_from_gguf(_metadata(reader), set(tensors), dtype=dtype, param_dtype=param_dtype,
+    file = GGUFFile(path)
+    tensors = file.tensors
+    config = config_from_gguf(file.metadata, set(tensors), dtype=dtype, param_dtype=param_dtype,
                               attention_impl=attention_impl)
     ours = {}
     for theirs, path_template in TENSORS.items():
@@ -241,7 +215,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=None,
         name = by_path.get(param_path)
         if name not in tensors:
             raise ValueError(f"the GGUF lacks a tensor the config needs: {name=} for {param_path=}")
-        value = _our_layout(name, dequantize(tensors[name]), config)
+        value = _our_layout(name, tensors[name].dequantize(), config)
         if value.shape != variable.shape:
             raise ValueError(f"shape mismatch for {name=}: stored {value.shape=}, model {variable.shape=}")
         filled.append((param_path, nnx.Param(jnp.asarray(value, config.param_dtype))))

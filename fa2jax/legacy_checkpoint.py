@@ -46,11 +46,13 @@ def read_state(path: str | os.PathLike, target: Any, strict: bool = True) -> Any
 
     Args:
       path: a folder for which `is_legacy_checkpoint` holds.
-      target: pytree of arrays or jax.ShapeDtypeStruct (only shape and dtype are used).
+      target: pytree of arrays or jax.ShapeDtypeStruct (shape and dtype, and a NamedSharding a
+        leaf carries places its array).
       strict: if False, saved leaves that `target` lacks are ignored; missing leaves always raise.
 
     Returns:
-      `target`'s structure holding the saved values as jax arrays (on the default device).
+      `target`'s structure holding the saved values as jax arrays (on the default device, or
+      sharded as the target says).
     """
     path = Path(path)
     try:
@@ -68,5 +70,8 @@ def read_state(path: str | os.PathLike, target: Any, strict: bool = True) -> Any
         if tuple(got.shape) != tuple(leaf.shape) or np.dtype(got.dtype) != np.dtype(leaf.dtype):
             raise ValueError(f"checkpoint leaf {key}: saved {got.shape=} {got.dtype=}, "
                              f"expected {leaf.shape=} {leaf.dtype=}")
-        values.append(jax.numpy.asarray(got))
+        placement = getattr(leaf, "sharding", None)
+        # A leaf placed on a mesh receives its shards directly (each device only its own).
+        values.append(jax.device_put(got, placement) if isinstance(placement, jax.sharding.NamedSharding)
+                      else jax.numpy.asarray(got))
     return jax.tree_util.tree_unflatten(treedef, values)

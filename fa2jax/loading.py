@@ -26,9 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from fa2jax import checkpoint as ckpt
-from fa2jax import gguf_llama, hf
+from fa2jax import gguf_llama, hf, sharding
 from fa2jax.config import TransformerConfig
 from fa2jax.model import Transformer, replace_config
 from fa2jax.tokenizer import HFTokenizer, Tokenizer, read_tokenizer_file
@@ -49,6 +50,9 @@ class ModelFormat:
     load_model: Callable[[Path, Any], Transformer] | None
     load_config: Callable[[Path], TransformerConfig] | None  # the model's config, no arrays read
     load_tokenizer: Callable[[Path], Tokenizer] | None
+    # (path, dtype or None, mesh) -> Transformer with each parameter read into its shards; None:
+    # load_pretrained(mesh=) loads with load_model and then places the parameters.
+    load_sharded: Callable[[Path, Any, Mesh], Transformer] | None = None
 
 
 FORMATS: tuple[ModelFormat, ...] = (
@@ -60,6 +64,7 @@ FORMATS: tuple[ModelFormat, ...] = (
         load_model=lambda path, dtype: ckpt.load_transformer(path),
         load_config=ckpt.read_model_config,
         load_tokenizer=lambda path: ckpt.read_tokenizer(ckpt.resolve_checkpoint(path)),
+        load_sharded=lambda path, dtype, mesh: ckpt.load_transformer(path, mesh=mesh),
     ),
     ModelFormat(
         name="hf",
@@ -116,7 +121,7 @@ def _check_overrides(overrides: dict) -> None:
             raise ValueError(f"pass dtype= to load_pretrained, not {name}= (one dtype for compute and parameters)")
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Transformer:
+def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None, **overrides) -> Transformer:
     """A `Transformer` from any format in `FORMATS`, ready for inference.
 
     Args:
@@ -124,6 +129,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
       dtype: the compute dtype, which the floating parameters are cast to as well (once, so a
         bf16 model reads bf16 weights); None keeps the stored compute dtype (a fa2jax checkpoint's
         float32 training masters are then cast to it).
+      mesh: place the parameters on this mesh by `fa2jax.sharding`'s rules (tensor parallel over
+        "model", FSDP over "fsdp", replicated over "data"); a fa2jax checkpoint is read straight
+        into the shards, other formats are loaded and then placed.
       **overrides: TransformerConfig fields that keep the parameter shapes, e.g. `max_len`,
         `attention_impl`, `invariant_rows`.
 
@@ -140,7 +148,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, **overrides) -> Tran
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{dtype=} must be a floating dtype")
     path, fmt = _find_format(path, "model")
-    model = fmt.load_model(path, dtype)
+    if mesh is not None and fmt.load_sharded is not None:
+        model = fmt.load_sharded(path, dtype, mesh)
+    else:
+        model = fmt.load_model(path, dtype)
+        if mesh is not None:
+            sharding.shard_model(model, mesh)
     if fmt.name == "fa2jax" and "tokenizer_vocab_size" not in overrides:
         overrides["tokenizer_vocab_size"] = _tokenizer_vocab(path, fmt, model.config)
     dtype = jnp.dtype(model.config.dtype if dtype is None else dtype)

@@ -36,6 +36,7 @@ from fa2jax._deprecation import warn_renamed
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
 from fa2jax.layers import GatedMLP, MultiHeadAttention, RMSNorm, segment_positions
+from fa2jax.sharding import ACTIVATION_AXES, constrain
 from pallas_kernels.tree import arguments as tree_arguments
 
 
@@ -175,9 +176,11 @@ class Transformer(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             else:
                 positions = segment_positions(segment_ids)
-        x = self._embed(tokens)
+        # Under a mesh the residual stream stays split by batch rows between blocks (a no-op
+        # without one): XLA then gathers FSDP-split weights rather than moving activations.
+        x = constrain(self._embed(tokens), ACTIVATION_AXES)
         for block in self.layers:
-            x = block(x, segment_ids=segment_ids, positions=positions)
+            x = constrain(block(x, segment_ids=segment_ids, positions=positions), ACTIVATION_AXES)
         return self._logits(x, mask_padding=False)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:

@@ -98,7 +98,7 @@ def test_stochastic_runs(runs, capsys):
 
 
 def test_dynamic_tree(runs):
-    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--top-k", "3"))
+    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--tree-top-k", "3"))
     assert isinstance(report.tree, DynamicTree) and report.tree.num_nodes == 10
     assert report.identical
 
@@ -123,6 +123,31 @@ def test_prompt_file_without_ignore_eos(runs, tmp_path, capsys):
     report = sg.main(argv)
     assert report.identical and report.prompt_lengths.tolist() == [len("while True:\n")]
     assert "while True:" in capsys.readouterr().out
+
+
+def test_chat_sampling_options_and_streaming(runs, tmp_path, capsys):
+    """--chat renders the tokenizer's chat template; one prompt streams its continuation, which
+    is the timed speculative run's (same seed); the sampling flags reach the decoders."""
+    import json
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    _byte_bpe(folder, 300)
+    template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[a]{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = load_tokenizer(folder)
+    argv = ["--target", runs["target"], "--draft", runs["draft"], "--tokenizer", str(folder), "--prompt", "hi",
+            "--chat", "--max-new-tokens", "10", "--tree", "2,1", "--verify", "stochastic", "--temperature", "0.9",
+            "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01", "--stop", "never-generated", "--ignore-eos",
+            "--seed", "3"]
+    report = sg.main(argv)
+    out = capsys.readouterr().out
+    assert report.prompt_lengths.tolist() == [len(tokenizer.encode("[user]hi[a]", add_special_tokens=False))]
+    assert report.new_tokens == (10, 10)
+    streamed = out.split("--- continuation\n", 1)[1].split("\n\n" + report.title, 1)[0]
+    assert streamed == spec_cli.safe_decode(tokenizer)(report.continuations()[0])
+    with pytest.raises(ValueError, match="chat template"):
+        sg.main(_argv(runs, "--chat"))  # the byte tokenizer has none
 
 
 @pytest.mark.parametrize("argv, drafts, message", [

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from gguf import GGML_QUANT_SIZES, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, quants
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fa2jax
 from fa2jax import gguf_llama
+from fa2jax.gguf_file import GGUFFile
 from fa2jax.loading import load_config
 from fa2jax.tokenizer import BPETokenizer
 
@@ -186,6 +187,27 @@ def test_logits_match_transformers_gguf_load(tmp_path, tied):
     ours = np.asarray(fa2jax.load_pretrained(file)(jnp.asarray(tokens)))
     theirs = _transformers_logits(file, tokens)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
+    """Our header parser against gguf.GGUFReader: every key's value (strings, string and number
+    arrays, bools, floats, ints) and every tensor's type, shape and bytes; a cut file is refused."""
+    trained = BPETokenizer.train(["some words to merge, some more words"] * 5, 298)
+    trained.backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    file = tmp_path / "all.gguf"
+    write_gguf(file, lambda name: Q.Q4_K if "attn_q" in name else Q.Q8_0, tokenizer=trained, tied=False)
+    ours, theirs = GGUFFile(file), GGUFReader(file)
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == expected and len(expected["tokenizer.ggml.tokens"]) == trained.vocab_size
+    assert set(ours.tensors) == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.qtype == t.tensor_type and mine.shape == tuple(int(n) for n in reversed(t.shape))
+        np.testing.assert_array_equal(mine.raw.view(np.uint8).ravel(), np.asarray(t.data).view(np.uint8).ravel())
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        GGUFFile(cut)
 
 
 def test_unmapped_gguf_settings_are_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def test_console_script_help(script, capsys):
     """Each console script's target runs `--help`, and every flag of it says what it does."""
     module_name, function = _scripts()[script].split(":")
     module = importlib.import_module(module_name)
+    # A console script hands its return value to sys.exit: it must be the exit status.
+    assert inspect.signature(getattr(module, function)).return_annotation in (int, "int")
     with pytest.raises(SystemExit) as exit_info:
         getattr(module, function)(["--help"])
     assert exit_info.value.code == 0

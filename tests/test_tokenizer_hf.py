@@ -97,7 +97,7 @@ def test_trained_bpe_is_a_hugging_face_tokenizer(tmp_path, trained):
     """A checkpoint's tokenizer.json is a plain Hugging Face file: transformers reads it (alone or as
     the folder's tokenizer) to the same ids, and fa2jax reads it back with its end of text."""
     ckpt.save_checkpoint(tmp_path / "checkpoints", 3, {"w": np.zeros(2)}, {"model_config": {}}, trained)
-    step = tmp_path / "checkpoints" / "step_00000003"
+    step = next((tmp_path / "checkpoints").glob("step_*/**/tokenizer.json")).parent  # the tokenizer's folder
     text = "def add(x, y):\n    return x + y  # Héllo 42<|endoftext|>"
     assert "kind" not in json.loads((step / "tokenizer.json").read_text())
     alone = PreTrainedTokenizerFast(tokenizer_file=str(step / "tokenizer.json"))

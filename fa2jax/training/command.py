@@ -7,6 +7,7 @@
   fa2jax-train ... --teacher out/target --teacher-continuations 4096   # + the target's own text
   fa2jax-train ... --resume                       # continue the run in --out
   fa2jax-train ... --resume --steps 6000          # ... and extend it
+  fa2jax-train --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2, ...)
 
 `fa2jax-train` (this module's `cli_main`) and `python examples/train.py` are the same command; it
 needs the `examples` extra: pip install 'fa2jax[examples]'. Every field of TrainConfig and the size
@@ -23,7 +24,7 @@ import argparse
 import sys
 import time
 
-from fa2jax import load_pretrained
+from fa2jax import load_pretrained, sharding
 from fa2jax.checkpoint import CheckpointError
 from fa2jax.data import Corpus, find_documents, split_documents
 from fa2jax.loading import load_config
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (parameters stay float32)")
     p.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
                    help="default: pallas on GPU, automatic elsewhere")
+    p.add_argument("--mesh", help="train across the devices of this mesh, e.g. data=8 or data=2,fsdp=2,model=2: "
+                                   "data/fsdp split the batch (fsdp also the parameters), model splits heads, MLP "
+                                   "and vocabulary (fa2jax.sharding); --batch-size stays the global micro-batch. "
+                                   "A run may resume on another mesh")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (and no tqdm import)")
     p.add_argument("--stop-after-minutes", type=float,
                    help="checkpoint and exit after this much training time (continue with --resume)")
@@ -77,6 +82,10 @@ def main(argv=None) -> dict:
     show = not args.no_progress
     # Everything that can fail on the command line alone fails here, before any data is read.
     out = cli.check_writable(args.out or f"out/{args.preset}")
+    try:
+        mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
+    except ValueError as e:
+        raise cli.UsageError(f"--mesh: {e}") from None
     needs_bpe = not args.resume and not args.teacher and (args.tokenizer or "bpe") == "bpe"
     cli.check_extras(["matplotlib", *(["tqdm"] if show else []), *(["tokenizers"] if needs_bpe else [])])
     resumed = cli.resumed_run(out, args, run) if args.resume else None
@@ -124,7 +133,7 @@ def main(argv=None) -> dict:
           f"vocabulary {tokenizer.vocab_size}")
     summary = train(model_cfg, train_cfg, train_rows, val_rows, out, tokenizer, resume=args.resume,
                     teacher=args.teacher, progress=show,
-                    stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes)
+                    stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes, mesh=mesh)
     for key in ("step", "loss", "val_loss", "val_ppl", "acceptance_before", "acceptance_after"):
         if key in summary:
             print(f"{key}: {summary[key]}")

@@ -30,8 +30,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from fa2jax import checkpoint as ckpt
+from fa2jax import sharding
 from fa2jax.config import TransformerConfig
 from fa2jax.data import BatchSchedule, PackedRows
 from fa2jax.loading import load_pretrained
@@ -148,6 +150,7 @@ def train(
     progress: bool = True,
     stop_after_seconds: float | None = None,
     handle_signals: bool = True,
+    mesh: Mesh | None = None,
 ) -> dict:
     """Trains (or continues training) a Transformer, writing checkpoints, metrics and a plot.
 
@@ -168,6 +171,10 @@ def train(
       stop_after_seconds: leave the loop (with a checkpoint) at the first logging step after this
         much wall time, so long runs fit in fixed-length jobs and continue with `resume`.
       handle_signals: on SIGTERM / SIGINT, checkpoint the current step and return (main thread only).
+      mesh: train across its devices (`fa2jax.sharding.parse_mesh`): batch rows split over the
+        data/fsdp axes, parameters and optimizer state placed by `fa2jax.sharding`'s rules.
+        Checkpoints are restored straight into the shards of the mesh the run resumes on, which
+        may differ from the one that saved them (or be none).
 
     Returns:
       The last metrics: step, loss, val_loss, val_ppl, acceptance rates with a teacher, and
@@ -184,6 +191,9 @@ def train(
         raise ValueError(f"rows must have T = {cfg.seq_len=}: {train_rows.seq_len=} {val_rows.seq_len=}")
     if cfg.seq_len > model_config.max_len:
         raise ValueError(f"{cfg.seq_len=} exceeds {model_config.max_len=}")
+    if mesh is not None and cfg.batch_size % sharding.batch_shards(mesh):
+        raise ValueError(f"{cfg.batch_size=} does not split over the {sharding.batch_shards(mesh)} batch shards of "
+                         f"{dict(mesh.shape)=}")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
@@ -217,6 +227,8 @@ def train(
         if teacher_parts.config.vocab_size != model_config.vocab_size:
             raise ValueError(f"distillation needs one vocabulary: {teacher_parts.config.vocab_size=} != "
                              f"{model_config.vocab_size=}")
+        if mesh is not None:
+            teacher_parts = dataclasses.replace(teacher_parts, params=sharding.shard(teacher_parts.params, mesh))
     meta = {
         "model_config": ckpt.config_to_dict(model_config),
         "train_config": ckpt.config_to_dict(cfg),
@@ -230,7 +242,9 @@ def train(
             print(f"removed the temporary folders of unfinished saves in {ckpt_dir}: {store.removed_temporaries}")
         summary: dict[str, Any] = {}
         if resume:
-            restored = store.restore_newest(state.to_tree())
+            # With a mesh each array is read straight into its shards.
+            target = state.to_tree() if mesh is None else sharding.abstract_sharded(state.to_tree(), mesh)
+            restored = store.restore_newest(target)
             for e in restored.skipped:
                 print(f"{e}; moved it aside to {e.moved_to.name} and fell back to an older checkpoint")
             state = TrainState(**restored.state)
@@ -239,6 +253,8 @@ def train(
             print(f"resuming from {restored.path} (step {int(state.step)}) to step {cfg.steps}")
         else:
             metrics_path.unlink(missing_ok=True)
+            if mesh is not None:
+                state = sharding.shard(state, mesh)
 
         def acceptance(params):
             return measure_acceptance(parts, params, teacher_parts, val_rows, cfg.batch_size, cfg.eval_batches)
@@ -248,8 +264,8 @@ def train(
             summary["acceptance_before"] = before
             append_metrics(metrics_path, {"step": int(state.step), **{f"{k}_before": v for k, v in before.items()}})
 
-        train_step = make_train_step(parts, cfg, tx, teacher_parts)
-        eval_step = make_eval_step(parts)
+        train_step = make_train_step(parts, cfg, tx, teacher_parts, mesh=mesh)
+        eval_step = make_eval_step(parts, mesh)
         t_params = teacher_parts.params if teacher_parts is not None else None
         t_rest = teacher_parts.rest if teacher_parts is not None else None
         flops_per_token = training_flops_per_token(model_config, count_params(state.params), cfg.seq_len)

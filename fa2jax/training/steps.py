@@ -14,8 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from fa2jax import sharding
 from fa2jax.data import PackedRows, eval_batches
 from fa2jax.training.losses import acceptance_sums, cross_entropy_sum, distillation_kl_sum
 from fa2jax.training.optimizer import learning_rate_schedule
@@ -24,7 +27,7 @@ from fa2jax.training.state import ModelParts, TrainState
 
 
 def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTransformation,
-                    teacher: ModelParts | None = None):
+                    teacher: ModelParts | None = None, mesh: Mesh | None = None):
     """Builds `step(state, rest, batch, teacher_params, teacher_rest) -> (state, metrics)`, jitted.
 
     The `state` passed in is donated (its buffers are reused): use only the returned one.
@@ -32,6 +35,10 @@ def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTrans
     `batch` holds [grad_accum * batch_size, T] arrays; they are split into `grad_accum`
     micro-batches scanned in order, gradients summed, and divided by the total target count.
     Teacher arguments are None without a teacher.
+
+    With a `mesh` (see `fa2jax.sharding`), the state must be placed by `sharding.shard(state, mesh)`
+    and keeps that placement; each micro-batch is split by rows over the batch axes, and the step
+    runs under the mesh, so the attention kernels run per shard.
     """
     distill = teacher is not None and cfg.distill_weight > 0
     schedule = learning_rate_schedule(cfg)
@@ -51,6 +58,8 @@ def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTrans
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, rest, batch, t_params, t_rest):
         micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, cfg.batch_size, *x.shape[1:]), batch)
+        # Every micro-batch split by rows over the devices (a no-op without a mesh).
+        micro = jax.tree.map(lambda x: sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), micro)
 
         def body(carry, mb):
             g_sum, nll_sum, count_sum, kl_sum = carry
@@ -73,20 +82,37 @@ def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTrans
         }
         if distill:
             metrics["distill_kl"] = kl_sum / denom
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        if mesh is not None:  # the donated buffers are reused only if the placement stays the same
+            new_state = jax.lax.with_sharding_constraint(new_state, sharding.tree_shardings(new_state, mesh))
+        return new_state, metrics
 
-    return step
+    return step if mesh is None else _on_mesh(step, mesh, batch_argnum=2)
 
 
-def make_eval_step(parts: ModelParts):
-    """Builds `eval_step(params, rest, batch) -> (nll_sum, count)`, jitted."""
+def _on_mesh(fn, mesh: Mesh, batch_argnum: int):
+    """`fn` called under `mesh` with argument `batch_argnum` (a dict of [rows, ...] arrays) split by rows."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        args = list(args)
+        args[batch_argnum] = {k: jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
+                              for k, x in args[batch_argnum].items()}
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return wrapped
+
+
+def make_eval_step(parts: ModelParts, mesh: Mesh | None = None):
+    """Builds `eval_step(params, rest, batch) -> (nll_sum, count)`, jitted (run on `mesh` if given)."""
 
     @jax.jit
     def eval_step(params, rest, batch):
         logits = parts.logits(params, rest, batch)
         return cross_entropy_sum(logits, batch["tokens"], batch["segment_ids"])
 
-    return eval_step
+    return eval_step if mesh is None else _on_mesh(eval_step, mesh, batch_argnum=2)
 
 
 def evaluate(parts: ModelParts, params: Any, rows: PackedRows, batch_size: int, max_batches: int,

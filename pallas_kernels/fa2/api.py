@@ -308,6 +308,24 @@ def flash_attention(
         truncated), or a traced softcap, sm_scale or dropout_rate (the kernels are specialised on
         them: under jit, pass them as static values, e.g. through functools.partial).
     """
+    launch, aux = plan(q, k, v, causal=causal, sm_scale=sm_scale, window_size=window_size, segment_ids=segment_ids,
+                       softcap=softcap, alibi_slopes=alibi_slopes, mask=mask, dropout_rate=dropout_rate,
+                       dropout_seed=dropout_seed, block_sizes=block_sizes, interpret=interpret, backend=backend,
+                       deterministic=deterministic)
+    out, lse = _flash(q, k, v, aux, launch)
+    return (out, lse) if return_lse else out
+
+
+def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window_size=(-1, -1), segment_ids=None,
+         softcap: float = 0.0, alibi_slopes=None, mask=None, dropout_rate: float = 0.0, dropout_seed=None,
+         block_sizes: BlockSizes | None = None, interpret: bool | None = None, backend=None,
+         deterministic: bool = True) -> tuple[_Launch, dict]:
+    """Validates one call of `flash_attention` (same arguments) and fixes everything static about it.
+
+    Returns:
+      (launch, aux): the static launch (hashable) and the call's non-differentiated arrays, for
+      `forward` and `backward`, which callers composing attention from blocks use (ring.py).
+    """
     problem, segment_ids, alibi_slopes, mask = validate(
         q, k, v, causal=causal, sm_scale=sm_scale, window_size=window_size,
         segment_ids=segment_ids, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
@@ -348,5 +366,39 @@ def flash_attention(
     )
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
            "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}
-    out, lse = _flash(q, k, v, aux, launch)
-    return (out, lse) if return_lse else out
+    return launch, aux
+
+
+def forward(q, k, v, aux: dict, launch: _Launch):
+    """The forward kernels of a planned call, without a VJP.
+
+    Returns:
+      out [B, T, H, D] in q's dtype, lse [B, H, T] float32 (natural log, -inf for a row that sees no key).
+    """
+    out, lse = _forward(q, k, v, aux, launch)
+    return out, lse[:, :, :launch.problem.q_len]
+
+
+def backward(q, k, v, aux: dict, launch: _Launch, out, lse, dout, dlse=None):
+    """The backward kernels of a planned call, from the given output and logsumexp.
+
+    `out` and `lse` need not be this call's own: FA2's backward only needs the row statistics
+    P = exp(S - lse) and delta = rowsum(dO * O) - dlse, so passing the output and lse of a larger
+    attention that this call is one key block of gives this block's share of that attention's
+    gradients (ring attention's backward).
+
+    Args:
+      out [B, T, H, D]; lse [B, H, T] float32 natural log; dout [B, T, H, D]; dlse [B, H, T] or None.
+
+    Returns:
+      (dq, dk, dv) in the dtypes of q, k, v.
+    """
+    lse = _pad_axis(lse.astype(jnp.float32), 2, launch.padded_q_len)
+    # Padded query rows get lse = -inf, which the backward turns into P = 0: they add nothing.
+    if launch.padded_q_len != launch.problem.q_len:
+        rows = jnp.arange(launch.padded_q_len) < launch.problem.q_len
+        lse = jnp.where(rows, lse, -jnp.inf)
+    if dlse is None:
+        dlse = jnp.zeros(lse.shape[:2] + (launch.problem.q_len,), jnp.float32)
+    dq, dk, dv, _ = _flash_bwd(launch, (q, k, v, aux, out, lse), (dout, dlse))
+    return dq, dk, dv
