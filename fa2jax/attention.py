@@ -79,6 +79,13 @@ def _fold_lengths(segment_ids, query_seq_lengths, key_value_seq_lengths, batch, 
     """Turns per-row valid lengths into segment ids (combined with any given), or returns them as is."""
     if query_seq_lengths is None and key_value_seq_lengths is None:
         return segment_ids
+    for name, lengths in (("query_seq_lengths", query_seq_lengths), ("key_value_seq_lengths", key_value_seq_lengths)):
+        if lengths is None:
+            continue
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer [B]={(batch,)} array of valid lengths, got "
+                             f"{lengths.shape=} {lengths.dtype=}")
     if segment_ids is None:
         q_ids = jnp.zeros((batch, q_len), jnp.int32)
         kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
@@ -168,7 +175,9 @@ def dot_product_attention(
         mask: bool [B|1, H|1, T, S], True where a query may attend to a key.
         scale: score scale, default D ** -0.5.
         is_causal: query i sees keys j <= i + S - T (bottom-right aligned).
-        query_seq_lengths, key_value_seq_lengths: [B] int32 valid lengths of right-padded rows.
+        query_seq_lengths, key_value_seq_lengths: [B] int valid lengths of right-padded rows, as in
+            `jax.nn.dot_product_attention`: padded queries output zeros, padded keys are never seen
+            (a query left with no key outputs zeros too, where jax.nn gives the mean of V).
         local_window_size: w or (left, right): query i sees keys within [i - left, i + right]
             (shifted by S - T); as in `jax.nn.dot_product_attention`.
         segment_ids: one [B, T] array (T == S) or a (q_ids [B, T], kv_ids [B, S]) pair; a query

@@ -4,11 +4,14 @@
   fa2jax-generate --target hf/llama --draft hf/small --tree 1,1,3,1,1,1,1,1
   fa2jax-generate ... --dynamic-tree 24 --verify stochastic --temperature 0.8
   fa2jax-generate ... --draft out/d1 --draft out/d2 --tree 1,1,3 --tree 2,1
+  fa2jax-generate --target smollm2.gguf --draft smollm2.gguf --chat --prompt "Hi!" --verify stochastic \
+      --temperature 0.7 --top-k 50 --min-p 0.05 --stop "User:"
 
 A model is a run folder or checkpoint written by fa2jax-train (examples/train.py), a Hugging
 Face folder (config.json + safetensors) or a GGUF file: anything `fa2jax.load_pretrained` opens.
-Prints each continuation, then a table: tokens/s of the incremental and the speculative decoding
-(each compiled by a first run, timed on a second), the speedup, tokens per step, the acceptance
+With one prompt, the speculative continuation streams to stdout as its tokens are accepted; with
+several, each is printed when done. Then a table: tokens/s of the incremental and the speculative
+decoding (each compiled by a first run, timed on a second), the speedup, tokens per step, the acceptance
 histogram and, when greedy, whether the tokens equal the incremental ones; and the cost model
 that predicts the speedup from timed pieces.
 `python examples/speculative_generate.py` is the same command.
@@ -18,17 +21,34 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import jax
+
 from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.model import with_invariant_rows, with_min_len
 from fa2jax.tokenizer import ByteTokenizer
-from spec import DynamicTree, ExpansionTree, MergedTree
-from spec.comparison import Report, compare, decode_text, encode_prompts, format_report
+from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder
+from spec.comparison import Report, check_verify, compare, decode_text, encode_prompts, format_report, pad_prompts
+from spec.streaming import TextStreamer, cut_at_stop
 
 
 def read_tokenizer(target, choice: str | None = None):
     """The tokenizer of the --tokenizer flag: "bytes", a model folder or tokenizer file, or None
     for the target's own."""
     return ByteTokenizer() if choice == "bytes" else load_tokenizer(choice or target)
+
+
+def safe_decode(tokenizer):
+    """decode(ids) that drops ids past the tokenizer's vocabulary (a model's may be rounded up past it)."""
+    size = getattr(tokenizer, "vocab_size", None)
+    return lambda ids: tokenizer.decode([int(i) for i in ids if size is None or i < size])
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """`text` as one user turn under the tokenizer's chat template, ready for the assistant's answer."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise ValueError(f"--chat needs a tokenizer with a chat template, got {type(tokenizer).__name__}")
+    messages = [{"role": "user", "content": text}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
 # ------------------------------------------------------------------------------------------ trees
@@ -80,11 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expansion widths per depth, e.g. 1,1,3,1,1,1,1,1; one for all drafts or one each")
     trees.add_argument("--dynamic-tree", type=int, metavar="N", help="a DynamicTree of N nodes (one draft)")
     p.add_argument("--depth", type=int, default=5, help="levels of --dynamic-tree")
-    p.add_argument("--top-k", type=int, default=4, help="children considered per node by --dynamic-tree")
+    p.add_argument("--tree-top-k", type=int, default=4, help="children considered per node by --dynamic-tree")
     p.add_argument("--verify", choices=("greedy", "stochastic"), default="greedy",
                    help="greedy: the target's greedy tokens exactly; stochastic: its sampling distribution exactly")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy; > 0 needs --verify stochastic")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="softmax temperature; 0 for greedy; > 0 needs --verify stochastic")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 keeps all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 keeps all")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the most likely one; 0 keeps all")
+    p.add_argument("--stop", action="append",
+                   help="end a continuation at this string, matched on the decoded text (special tokens "
+                        "are not in it; the string itself is not printed); repeat for several")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of both decodings")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -99,19 +128,35 @@ def main(argv: list[str] | None = None) -> Report:
     args = build_parser().parse_args(argv)
     texts = args.prompt or [Path(args.prompt_file).read_text(encoding="utf-8")]
     tokenizer = read_tokenizer(args.target, args.tokenizer)
-    prompt, lengths = encode_prompts(tokenizer, texts)
-    tree = build_tree(args.tree, args.dynamic_tree, len(args.draft), args.depth, args.top_k)
+    check_verify(args.verify, args.temperature)
+    if args.chat:
+        prompt, lengths = pad_prompts([chat_ids(tokenizer, t) for t in texts])
+    else:
+        prompt, lengths = encode_prompts(tokenizer, texts)
+    tree = build_tree(args.tree, args.dynamic_tree, len(args.draft), args.depth, args.tree_top_k)
     # RoPE has no learned length: a train.py model's max_len, set for training, is raised to what this run needs.
     needed = prompt.shape[1] + args.max_new_tokens + tree.num_nodes
     target = with_min_len(load_pretrained(args.target), needed)
     if args.batch_invariant:
         target = with_invariant_rows(target, tree.num_nodes)
     drafts = [with_min_len(load_pretrained(d), needed) for d in args.draft]
-    eos = None if args.ignore_eos else tokenizer.eos_id
-    report = compare(target, drafts, tree, prompt, lengths, verify=args.verify, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_id=eos)
-    for text, ids in zip(texts, report.continuations()):
-        print(f"--- prompt\n{text}\n--- continuation\n{decode_text(tokenizer, ids)}\n")
+    eos = None if args.ignore_eos else tokenizer.eos_ids
+    decode = safe_decode(tokenizer)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, min_p=args.min_p, eos_id=eos, stop_strings=args.stop, decode=decode)
+    if len(texts) == 1:
+        # With the seed of the timed runs below, this is the speculative run they time.
+        print(f"--- prompt\n{texts[0]}\n--- continuation", flush=True)
+        streamer = TextStreamer(decode, lambda s: print(s, end="", flush=True), stop_strings=args.stop or ())
+        SpeculativeDecoder(target, drafts, tree=tree, verify=args.verify).generate(
+            prompt, lengths, rng=jax.random.key(args.seed), stream=streamer, **sampling)
+        streamer.flush()
+        print("\n")
+    report = compare(target, drafts, tree, prompt, lengths, verify=args.verify, seed=args.seed, **sampling)
+    if len(texts) > 1:
+        for text, ids in zip(texts, report.continuations()):
+            text_out = cut_at_stop(decode_text(tokenizer, ids), args.stop or ())
+            print(f"--- prompt\n{text}\n--- continuation\n{text_out}\n")
     print(report.title)
     print(format_report(report))
     return report

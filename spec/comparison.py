@@ -153,6 +153,13 @@ def encode_prompts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
     ids = [tokenizer.encode(t) for t in texts]
     if any(len(x) == 0 for x in ids):
         raise ValueError(f"every prompt must encode to at least one token: {texts=}")
+    return pad_prompts(ids)
+
+
+def pad_prompts(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompt ids [B, P] int32 and lengths [B] of token id lists."""
+    if any(len(x) == 0 for x in ids):
+        raise ValueError(f"every prompt needs at least one token: {[len(x) for x in ids]=}")
     lengths = np.array([len(x) for x in ids], np.int32)
     prompt = np.zeros((len(ids), lengths.max()), np.int32)
     for row, x in enumerate(ids):
@@ -169,8 +176,15 @@ def decode_text(tokenizer, ids) -> str:
     return tokenizer.decode(kept) + (f" [{dropped} ids past the tokenizer's vocabulary]" if dropped else "")
 
 
+def check_verify(verify: str, temperature: float) -> None:
+    """Greedy verification reproduces greedy decoding only: it refuses a temperature."""
+    if verify == "greedy" and temperature > 0:
+        raise ValueError(f"greedy verification needs temperature 0: {temperature=}; use --verify stochastic")
+
+
 def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "greedy", max_new_tokens: int,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> Report:
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id=None, top_k: int = 0,
+            min_p: float = 0.0, stop_strings=None, decode=None) -> Report:
     """Runs the incremental and the speculative decoding on the same prompts and times both.
 
     Args:
@@ -178,14 +192,16 @@ def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "gree
       tree: ExpansionTree, MergedTree or DynamicTree.
       prompt, prompt_lengths: right-padded ids [B, P] and lengths [B].
       verify: "greedy" or "stochastic".
-      max_new_tokens, temperature, top_p, eos_id: as `SpeculativeDecoder.generate`.
+      max_new_tokens, temperature, top_p, top_k, min_p, eos_id, stop_strings, decode: as
+        `SpeculativeDecoder.generate` (with stop strings both run in chunks).
       seed: PRNG seed of both decodings.
     """
-    if verify == "greedy" and temperature > 0:
-        raise ValueError(f"greedy verification needs temperature 0: {temperature=}; use --verify stochastic")
+    check_verify(verify, temperature)
     decoder = SpeculativeDecoder(target, drafts, tree=tree, verify=verify)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  rng=jax.random.key(seed), eos_id=eos_id)
+                  rng=jax.random.key(seed), eos_id=eos_id, top_k=top_k, min_p=min_p)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, decode=decode)
     base, t_base = timed(lambda: generate_incremental(target, prompt, prompt_lengths, **kwargs))
     result, t_spec = timed(lambda: decoder.generate(prompt, prompt_lengths, **kwargs))
     prompt_lengths = np.asarray(prompt_lengths)

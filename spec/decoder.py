@@ -11,8 +11,10 @@ implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafte
 
 The loop is a `lax.while_loop` over `DecodeState`; prefill, the loop and the result are one jitted
 function, compiled once per (batch, prompt length, max_new_tokens) and decoder. Rows advance by
-different amounts and stop at `eos_id` or `max_new_tokens`; a stopped row keeps running through
-the batched passes but commits nothing.
+different amounts and stop at any of the `eos_id` tokens or at `max_new_tokens`; a stopped row
+keeps running through the batched passes but commits nothing. With `stream` or `stop_strings` the
+same loop runs `chunk_steps` steps at a time, the host streaming and checking stop strings in
+between (`spec.streaming`); its step limit is traced, so all chunks share one compile.
 
 Caches are sized prompt + max_new_tokens + N, whatever the models' `max_len`: the root is emitted
 but not cached, so at most prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes
@@ -21,7 +23,8 @@ is written past them (N becomes the model's invariant_rows when it has more: see
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,7 @@ from spec.draft import draft_dynamic_tree, draft_static_tree, static_exact_kv_de
 from spec.drafters import Drafter, ModelDrafter, as_drafter
 from spec.generation import (
     GenerationResult, GenerationStats, cache_len, call_model, check_generate_args, emit_tokens, first_token)
+from spec.streaming import DEFAULT_CHUNK_STEPS, check_stream_args, run_chunked
 from spec.trees import DynamicTree, ExpansionTree, MergedTree, TokenTree
 
 VERIFY_MODES = ("greedy", "stochastic")
@@ -148,6 +152,10 @@ class SpeculativeDecoder:
         # Under greedy verification no node is sampled: children are the draft's top-k.
         self._sampled = tree.sampled_nodes() if verify == "stochastic" else np.zeros(self.num_nodes, bool)
         self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",))
+        # The chunked path (streaming, stop strings): one compile of each, reused by every chunk.
+        self._init_jit = jax.jit(self.init_state, static_argnames=("max_new_tokens",))
+        self._run_jit = jax.jit(self.run)
+        self._result_jit = jax.jit(self.result)
 
     @property
     def exact_kv_depths(self) -> tuple[int, ...]:
@@ -157,7 +165,8 @@ class SpeculativeDecoder:
 
     # -- the three pure pieces of a step -------------------------------------------------------
 
-    def draft(self, draft_params, caches, root, key, temperature, top_p) -> tuple[TokenTree, tuple[Any, ...]]:
+    def draft(self, draft_params, caches, root, key, temperature, top_p, top_k=0,
+              min_p=0.0) -> tuple[TokenTree, tuple[Any, ...]]:
         """Grows this step's token tree (see `spec.draft`).
 
         Args:
@@ -165,7 +174,7 @@ class SpeculativeDecoder:
           caches: the drafters' states.
           root: last emitted token per row.  # [B] int32
           key: PRNG key.
-          temperature, top_p: sampling warp (scalars).
+          temperature, top_p, top_k, min_p: sampling warp (scalars).
 
         Returns:
           (tree, draft states with the tree recorded, exact except at depths past
@@ -174,10 +183,11 @@ class SpeculativeDecoder:
         if self._static:
             return draft_static_tree(
                 self.drafters, draft_params, caches, root, key, topology=self._topology,
-                sampled=self._sampled, vocab_size=self.vocab_size, temperature=temperature, top_p=top_p)
+                sampled=self._sampled, vocab_size=self.vocab_size, temperature=temperature, top_p=top_p,
+                top_k=top_k, min_p=min_p)
         tree, state = draft_dynamic_tree(
             self.drafters[0], draft_params[0], caches[0], root, tree=self.tree, temperature=temperature,
-            top_p=top_p)
+            top_p=top_p, top_k=top_k, min_p=min_p)
         return tree, (state,)
 
     def complete_draft_kv(self, draft_params, caches, tree: TokenTree, accepted_depth) -> tuple[Any, ...]:
@@ -210,13 +220,14 @@ class SpeculativeDecoder:
         mask = self._topology.ancestor_mask if self._static else tree.mask
         return call_model(self._target_def, target_params, "score_tree", tree.tokens, mask, cache)
 
-    def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p) -> verify_lib.VerifyResult:
-        """Accepted path and bonus token (see `spec.verify`)."""
+    def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p, top_k=0,
+                    min_p=0.0) -> verify_lib.VerifyResult:
+        """Accepted path and bonus token (see `spec.verify`); the warp is the drafts' one."""
         if self.verify == "greedy":
             return verify_lib.verify_greedy(target_logits, tree, max_depth=self.depth)
         return verify_lib.verify_stochastic(
             target_logits, tree, key, sampled=self._sampled, max_depth=self.depth, temperature=temperature,
-            top_p=top_p)
+            top_p=top_p, top_k=top_k, min_p=min_p)
 
     def accept(self, state: DecodeState, tree: TokenTree, result: verify_lib.VerifyResult, target_cache,
                draft_caches, eos_id) -> DecodeState:
@@ -228,7 +239,7 @@ class SpeculativeDecoder:
           result: its verification.
           target_cache, draft_caches: the target's cache and the drafts' states holding the tree
             past the committed context.
-          eos_id: scalar, -1 for none.
+          eos_id: the ids that end a row, scalar or [n_eos]; -1 for none.
 
         Returns:
           the state after this step.
@@ -249,12 +260,14 @@ class SpeculativeDecoder:
             draft_caches=tuple(d.commit(c, result.path, commit) for d, c in zip(self.drafters, draft_caches)),
             target_calls=state.target_calls + 1, accepted_histogram=hist)
 
-    def step(self, target_params, draft_params, state: DecodeState, temperature, top_p, eos_id) -> DecodeState:
+    def step(self, target_params, draft_params, state: DecodeState, temperature, top_p, eos_id, top_k=0,
+             min_p=0.0) -> DecodeState:
         """One draft -> verify -> accept round; pure."""
         rng, k_draft, k_verify = jax.random.split(state.rng, 3)
-        tree, draft_caches = self.draft(draft_params, state.draft_caches, state.root, k_draft, temperature, top_p)
+        tree, draft_caches = self.draft(draft_params, state.draft_caches, state.root, k_draft, temperature, top_p,
+                                        top_k, min_p)
         logits, target_cache = self.score(target_params, state.target_cache, tree)
-        result = self.verify_tree(logits, tree, k_verify, temperature, top_p)
+        result = self.verify_tree(logits, tree, k_verify, temperature, top_p, top_k, min_p)
         accepted_depth = jnp.where(state.done, -1, result.num_accepted - 1)
         draft_caches = self.complete_draft_kv(draft_params, draft_caches, tree, accepted_depth)
         return self.accept(state.replace(rng=rng), tree, result, target_cache, draft_caches, eos_id)
@@ -262,16 +275,16 @@ class SpeculativeDecoder:
     # -- the loop -------------------------------------------------------------------------------
 
     def init_state(self, target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng, eos_id,
-                   *, max_new_tokens: int) -> DecodeState:
+                   *, max_new_tokens: int, top_k=0, min_p=0.0) -> DecodeState:
         """Prefills every model and emits the first token from the target's prompt logits; pure.
 
         Args:
           target_params, draft_params: the target's nnx state and the drafters' params.
           prompt: right-padded prompts, checked.  # [B, P] int32
           prompt_lengths: prompt lengths.  # [B] int32
-          temperature, top_p: sampling warp (scalars).
+          temperature, top_p, top_k, min_p: sampling warp (scalars).
           rng: PRNG key.
-          eos_id: scalar, -1 for none.
+          eos_id: the ids that end a row, scalar or [n_eos]; -1 for none.
           max_new_tokens: static.
 
         Returns:
@@ -285,7 +298,7 @@ class SpeculativeDecoder:
         draft_caches = [d.init(p, prompt, prompt_lengths, committed=committed, num_nodes=self.num_nodes)
                         for d, p in zip(self.drafters, draft_params)]
         rng, k_first = jax.random.split(rng)
-        root = first_token(target_logits, prompt_lengths, k_first, temperature, top_p)
+        root = first_token(target_logits, prompt_lengths, k_first, temperature, top_p, top_k, min_p)
         buffer = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt)
         limit = prompt_lengths + max_new_tokens
         buffer, lengths, done = emit_tokens(
@@ -296,14 +309,20 @@ class SpeculativeDecoder:
             draft_caches=tuple(draft_caches), rng=rng, target_calls=jnp.array(1, jnp.int32),
             accepted_histogram=jnp.zeros((self.depth + 2,), jnp.int32))
 
-    def _generate(self, target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng, eos_id,
-                  *, max_new_tokens: int) -> GenerationResult:
-        state = self.init_state(target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng,
-                                eos_id, max_new_tokens=max_new_tokens)
-        state = jax.lax.while_loop(
-            lambda s: ~jnp.all(s.done),
-            lambda s: self.step(target_params, draft_params, s, temperature, top_p, eos_id),
+    def run(self, target_params, draft_params, state: DecodeState, temperature, top_p, eos_id, step_limit,
+            top_k=0, min_p=0.0) -> DecodeState:
+        """Steps while some row is active and fewer than `step_limit` target passes ran; pure.
+
+        A traced `step_limit` lets one compiled loop run generation in chunks (`spec.streaming`).
+        """
+        return jax.lax.while_loop(
+            lambda s: ~jnp.all(s.done) & (s.target_calls < step_limit),
+            lambda s: self.step(target_params, draft_params, s, temperature, top_p, eos_id, top_k, min_p),
             state)
+
+    @staticmethod
+    def result(state: DecodeState) -> GenerationResult:
+        """The output and counters of a finished loop state."""
         hist = state.accepted_histogram
         mean = (hist * jnp.arange(hist.shape[0])).sum() / jnp.maximum(hist.sum(), 1)
         return GenerationResult(
@@ -311,8 +330,19 @@ class SpeculativeDecoder:
             stats=GenerationStats(target_calls=state.target_calls, accepted_histogram=hist,
                                   mean_accepted_length=mean.astype(jnp.float32)))
 
+    def _generate(self, target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng, eos_id,
+                  top_k, min_p, *, max_new_tokens: int) -> GenerationResult:
+        state = self.init_state(target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng,
+                                eos_id, max_new_tokens=max_new_tokens, top_k=top_k, min_p=min_p)
+        state = self.run(target_params, draft_params, state, temperature, top_p, eos_id, jnp.iinfo(jnp.int32).max,
+                         top_k, min_p)
+        return self.result(state)
+
     def generate(self, prompt, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, rng=None, eos_id: int | None = None) -> GenerationResult:
+                 top_p: float = 1.0, rng=None, eos_id: int | Sequence[int] | None = None, top_k: int = 0,
+                 min_p: float = 0.0, stream: Callable[[list[np.ndarray]], Any] | None = None,
+                 stop_strings: Sequence[str] | None = None, tokenizer=None, decode=None,
+                 chunk_steps: int = DEFAULT_CHUNK_STEPS) -> GenerationResult:
         """Generates up to `max_new_tokens` tokens per row.
 
         Args:
@@ -322,7 +352,15 @@ class SpeculativeDecoder:
           temperature: 0 for greedy; > 0 needs verify="stochastic" and `rng`.
           top_p: nucleus sampling mass in (0, 1].
           rng: PRNG key or int seed.
-          eos_id: a row stops after emitting this token.
+          eos_id: a row stops after emitting this token, or any token of a sequence of them.
+          top_k: > 0 samples among the k most likely tokens only (drafts and target alike).
+          min_p: > 0 drops tokens less likely than min_p x the most likely one.
+          stream: called between chunks with one int32 array per row of the tokens accepted since
+            the last call (see `spec.streaming`).
+          stop_strings: a row ends with the token that completes one of these; needs `tokenizer`
+            (with a `decode` method) or `decode` (ids -> str).
+          tokenizer, decode: how stop strings see the text.
+          chunk_steps: steps of the compiled loop between host calls, with `stream` or `stop_strings`.
 
         Returns:
           GenerationResult: tokens [B, P + max_new_tokens], lengths [B], stats.
@@ -332,13 +370,23 @@ class SpeculativeDecoder:
         """
         args = check_generate_args(
             prompt, prompt_lengths, vocab_size=self.vocab_size, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id)
+            temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id, top_k=top_k, min_p=min_p)
+        streaming = check_stream_args(stream=stream, stop_strings=stop_strings, tokenizer=tokenizer, decode=decode,
+                                      chunk_steps=chunk_steps)
         if self.verify == "greedy" and args.temperature > 0:
             raise ValueError(f'verify="greedy" reproduces greedy decoding only: {temperature=}; use "stochastic"')
         committed = args.prompt.shape[1] + args.max_new_tokens
         for i, drafter in enumerate(self.drafters):
             drafter.check_capacity(committed, self.num_nodes, f"draft {i}")
-        return self._generate_jit(
-            self._target_params, self._draft_params, args.prompt, args.prompt_lengths,
-            jnp.float32(args.temperature), jnp.float32(args.top_p), args.rng, jnp.int32(args.eos_id),
-            max_new_tokens=args.max_new_tokens)
+        params = (self._target_params, self._draft_params)
+        eos, warp = jnp.asarray(args.eos_ids, jnp.int32), args.warp()
+        temperature, top_p, top_k, min_p = warp["temperature"], warp["top_p"], warp["top_k"], warp["min_p"]
+        if not streaming.chunked:
+            return self._generate_jit(*params, args.prompt, args.prompt_lengths, temperature, top_p, args.rng, eos,
+                                      top_k, min_p, max_new_tokens=args.max_new_tokens)
+        state = run_chunked(
+            lambda: self._init_jit(*params, args.prompt, args.prompt_lengths, temperature, top_p, args.rng, eos,
+                                   max_new_tokens=args.max_new_tokens, top_k=top_k, min_p=min_p),
+            lambda state, limit: self._run_jit(*params, state, temperature, top_p, eos, limit, top_k, min_p),
+            prompt_lengths=np.asarray(args.prompt_lengths), args=streaming)
+        return self._result_jit(state)

@@ -48,6 +48,8 @@ def draft_static_tree(
     vocab_size: int,
     temperature,
     top_p,
+    top_k=0,
+    min_p=0.0,
 ) -> tuple[TokenTree, tuple[Any, ...]]:
     """Grows an expansion or merged tree with a fixed topology.
 
@@ -59,7 +61,7 @@ def draft_static_tree(
       topology: static tree layout.
       sampled: static; nodes drawn i.i.d. from the draft rather than taken from its top-k.  # [N] bool
       vocab_size: V.
-      temperature, top_p: warp applied to the drafts' distributions.
+      temperature, top_p, top_k, min_p: warp applied to the drafts' distributions.
 
     Returns:
       (tree, states with the tree recorded (a model's K/V at lengths + slot), exact up to the
@@ -90,7 +92,7 @@ def draft_static_tree(
                 chosen = jnp.take_along_axis(top, jnp.asarray(rank[nodes])[None, :, None], axis=-1)[..., 0]
             if level_sampled.any():
                 key, sub = jax.random.split(key)
-                q = warp_probs(at_parent, temperature, top_p)  # [B, n_level, V]
+                q = warp_probs(at_parent, temperature, top_p, top_k, min_p)  # [B, n_level, V]
                 drawn = sample_probs(sub, q)  # [B, n_level]
                 chosen = jnp.where(jnp.asarray(level_sampled)[None, :], drawn, chosen)
                 proposal = proposal.at[:, nodes].set(q)
@@ -114,6 +116,8 @@ def draft_dynamic_tree(
     tree: DynamicTree,
     temperature,
     top_p,
+    top_k=0,
+    min_p=0.0,
 ) -> tuple[TokenTree, Any]:
     """Grows a dynamic tree: each level keeps the best-scoring children of the previous level,
     plus the draft's greedy chain.
@@ -128,7 +132,7 @@ def draft_dynamic_tree(
       state: its state holding the committed context (the root excluded).
       root: last emitted token per row.  # [B] int32
       tree: the dynamic tree configuration.
-      temperature, top_p: warp applied to the draft's distribution.
+      temperature, top_p, top_k, min_p: warp applied to the draft's distribution.
 
     Returns:
       (tree, state with the tree recorded, exact up to depth `tree.depth - 1`; nothing
@@ -146,7 +150,8 @@ def draft_dynamic_tree(
         logits, state = drafter.propose(params, state, tokens, mask)
         lo, size, size_next = tree.level_start(d), sizes[d], sizes[d + 1]
         frontier = logits[:, lo: lo + size]  # [B, size, V]
-        probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p), jax.nn.softmax(frontier, -1))
+        probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p, top_k, min_p),
+                          jax.nn.softmax(frontier, -1))
         logq = jnp.log(jnp.maximum(probs, 1e-38))
         child_logq, child_tok = jax.lax.top_k(logq, tree.top_k)  # [B, size, top_k]
         cand = (score[:, lo: lo + size, None] + child_logq).reshape(batch, -1)  # [B, size * top_k]

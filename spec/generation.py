@@ -12,6 +12,10 @@ from flax import nnx, struct
 
 from spec.sampling import sample_probs, warp_probs
 
+# eos ids are padded with -1 (no token) to a multiple of this, so that up to EOS_SLOTS of them, or
+# none, share one compiled loop.
+EOS_SLOTS = 8
+
 
 @struct.dataclass
 class GenerationStats:
@@ -46,11 +50,36 @@ class SamplingArgs:
     temperature: float
     top_p: float
     rng: jax.Array
-    eos_id: int  # -1 when there is none
+    eos_id: int  # the first eos id, -1 when there is none
+    top_k: int = 0
+    min_p: float = 0.0
+    eos_ids: tuple[int, ...] = (-1,) * EOS_SLOTS  # every token that ends a row, then -1 padding
+
+    def warp(self) -> dict:
+        """The warp settings as traced scalars, keyword arguments of the jitted loops."""
+        return dict(temperature=jnp.float32(self.temperature), top_p=jnp.float32(self.top_p),
+                    top_k=jnp.int32(self.top_k), min_p=jnp.float32(self.min_p))
+
+
+def _eos_tuple(eos_id, vocab_size: int) -> tuple[int, ...]:
+    """eos_id (None, an int or a sequence of ints) as a tuple of ids padded with -1 to a multiple of
+    EOS_SLOTS."""
+    ids = () if eos_id is None else (eos_id,) if isinstance(eos_id, (int, np.integer)) else eos_id
+    try:
+        ids = tuple(ids)
+    except TypeError:
+        raise TypeError(f"eos_id must be None, an int or a sequence of ints: {eos_id=}") from None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"eos_id must be None, an int or a sequence of ints: {eos_id=}")
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"eos_id must be a token id: {eos_id=} {vocab_size=}")
+    ids = tuple(int(i) for i in ids)
+    return ids + (-1,) * (-len(ids) % EOS_SLOTS if ids else EOS_SLOTS)
 
 
 def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_tokens: int, temperature: float,
-                        top_p: float, rng, eos_id) -> SamplingArgs:
+                        top_p: float, rng, eos_id, top_k: int = 0, min_p: float = 0.0) -> SamplingArgs:
     """Validates the arguments shared by every generate entry point (on the host, before tracing).
 
     Args:
@@ -61,7 +90,9 @@ def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_toke
       temperature: 0 for greedy, else > 0.
       top_p: nucleus mass in (0, 1].
       rng: PRNG key (or an int seed), required when temperature > 0.
-      eos_id: token that ends a row, or None.
+      eos_id: token that ends a row, a sequence of them (any one ends it), or None.
+      top_k: 0, or keep the k most likely tokens.
+      min_p: in [0, 1): keep tokens at least min_p x as likely as the most likely one.
 
     Returns:
       SamplingArgs with arrays converted.
@@ -71,7 +102,8 @@ def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_toke
       ValueError: an argument is out of range.
     """
     for name, value in (("prompt", prompt), ("prompt_lengths", prompt_lengths), ("max_new_tokens", max_new_tokens),
-                        ("temperature", temperature), ("top_p", top_p), ("rng", rng), ("eos_id", eos_id)):
+                        ("temperature", temperature), ("top_p", top_p), ("rng", rng), ("eos_id", eos_id),
+                        ("top_k", top_k), ("min_p", min_p)):
         if isinstance(value, jax.core.Tracer):
             raise TypeError(
                 f"generate was called inside jax.jit ({name} is traced): it compiles its own loop and checks "
@@ -96,8 +128,11 @@ def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_toke
         raise ValueError(f"top_p must lie in (0, 1]: {top_p=}")
     if temperature > 0 and rng is None:
         raise ValueError(f"sampling needs a PRNG key: {temperature=} {rng=}")
-    if eos_id is not None and not 0 <= eos_id < vocab_size:
-        raise ValueError(f"eos_id must be a token id: {eos_id=} {vocab_size=}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 keeps every token): {top_k=}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p must lie in [0, 1): {min_p=}")
+    eos_ids = _eos_tuple(eos_id, vocab_size)
     if rng is None:
         rng = jax.random.key(0)  # unused: greedy decoding draws nothing
     elif isinstance(rng, (int, np.integer)):
@@ -105,8 +140,8 @@ def check_generate_args(prompt, prompt_lengths, *, vocab_size: int, max_new_toke
     return SamplingArgs(
         prompt=jnp.where(jnp.asarray(in_prompt), prompt, 0).astype(jnp.int32),
         prompt_lengths=jnp.asarray(lengths, jnp.int32), max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature), top_p=float(top_p), rng=rng,
-        eos_id=-1 if eos_id is None else int(eos_id))
+        temperature=float(temperature), top_p=float(top_p), rng=rng, eos_id=eos_ids[0],
+        top_k=int(top_k), min_p=float(min_p), eos_ids=eos_ids)
 
 
 def cache_len(config, committed: int, call_rows: int) -> int:
@@ -135,13 +170,14 @@ def emit_tokens(buffer: jax.Array, lengths: jax.Array, limit: jax.Array, done: j
       done: rows that already stopped; they take nothing.  # [B] bool
       new: candidate tokens, in order.  # [B, E] int32
       num_new: how many of them are real.  # [B] int32
-      eos_id: scalar token id, -1 for none.
+      eos_id: the token ids that end a row, a scalar or [n_eos]; -1 for none.
 
     Returns:
       (buffer, lengths, done) updated.
     """
     idx = jnp.arange(new.shape[1], dtype=jnp.int32)[None, :]  # [1, E]
-    is_eos = (new == eos_id) & (idx < num_new[:, None])  # [B, E]
+    eos_ids = jnp.reshape(jnp.asarray(eos_id, jnp.int32), (-1,))  # [n_eos]
+    is_eos = (new[..., None] == eos_ids).any(-1) & (idx < num_new[:, None])  # [B, E]
     has_eos = is_eos.any(-1)
     first_eos = jnp.argmax(is_eos, axis=-1).astype(jnp.int32)
     count = jnp.where(has_eos, first_eos + 1, num_new)
@@ -157,17 +193,17 @@ def emit_tokens(buffer: jax.Array, lengths: jax.Array, limit: jax.Array, done: j
 
 
 def first_token(prefill_logits: jax.Array, prompt_lengths: jax.Array, key: jax.Array, temperature,
-                top_p) -> jax.Array:
+                top_p, top_k=0, min_p=0.0) -> jax.Array:
     """The first generated token, from the target's logits at each prompt's last position.
 
     Args:
       prefill_logits: logits of the prefill.  # [B, P, V]
       prompt_lengths: prompt lengths.  # [B] int32
       key: PRNG key.
-      temperature, top_p: sampling warp (temperature 0 is argmax).
+      temperature, top_p, top_k, min_p: sampling warp (temperature 0 is argmax).
 
     Returns:
       tokens.  # [B] int32
     """
     last = jnp.take_along_axis(prefill_logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
-    return sample_probs(key, warp_probs(last, temperature, top_p))
+    return sample_probs(key, warp_probs(last, temperature, top_p, top_k, min_p))

@@ -142,6 +142,8 @@ def verify_stochastic(
     max_depth: int,
     temperature,
     top_p,
+    top_k=0,
+    min_p=0.0,
 ) -> VerifyResult:
     """Multi-step speculative sampling over the tree; the emitted tokens follow the warped target.
 
@@ -154,6 +156,8 @@ def verify_stochastic(
       max_depth: deepest node depth of the tree configuration (static).
       temperature: scalar, applied to the target as it was to the drafts.
       top_p: scalar, applied to the target as it was to the drafts.
+      top_k, min_p: scalars, likewise. Acceptance is exact for whatever distribution the target
+        is warped to, so the emitted tokens follow the target warped by all four settings.
 
     Returns:
       VerifyResult.
@@ -163,7 +167,7 @@ def verify_stochastic(
     if any_sampled and tree.proposal is None:
         raise ValueError(f"sampled nodes need tree.proposal: {sampled=}")
     batch, num_nodes = tree.tokens.shape
-    target_p = warp_probs(target_logits, temperature, top_p)  # [B, N, V]
+    target_p = warp_probs(target_logits, temperature, top_p, top_k, min_p)  # [B, N, V]
     key_walk, key_bonus = jax.random.split(key)
     uniforms = jax.random.uniform(key_walk, (num_nodes, batch))
 

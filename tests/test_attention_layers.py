@@ -63,6 +63,45 @@ def test_xla_matches_jax_nn_with_bias_and_lengths():
     np.testing.assert_allclose(ours, theirs, atol=ATOL)
 
 
+SEQ_LENGTH_CASES = {  # shapes, jax.nn keyword arguments; causal only with T == S (jax.nn aligns it top-left)
+    "both-causal-gqa": (dict(T=7, S=7), dict(query_seq_lengths=jnp.array([7, 3], jnp.int32),
+                                             key_value_seq_lengths=jnp.array([5, 6], jnp.int32), is_causal=True)),
+    "queries-only-mqa": (dict(T=5, S=7, K=1), dict(query_seq_lengths=jnp.array([2, 5], jnp.int32))),
+    "keys-only-t-ne-s": (dict(T=5, S=7), dict(key_value_seq_lengths=jnp.array([1, 6], jnp.int32))),
+}
+
+
+# Every case on xla; two on pallas, which runs interpreted on CPU.
+@pytest.mark.parametrize("implementation,case", [("xla", c) for c in SEQ_LENGTH_CASES]
+                         + [("pallas", "both-causal-gqa"), ("pallas", "queries-only-mqa")])
+def test_seq_lengths_match_jax_nn(implementation, case):
+    """query_seq_lengths / key_value_seq_lengths mean what they mean in jax.nn: outputs and
+    gradients (jax.vjp, random cotangent) equal jax.nn.dot_product_attention(implementation="xla")."""
+    shapes, kwargs = SEQ_LENGTH_CASES[case]
+    q, k, v = _qkv(7, **shapes)
+    do = jax.random.normal(jax.random.key(8), q.shape)
+
+    def with_vjp(fn):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out,) + vjp(do)
+
+    ours = jax.jit(lambda: with_vjp(lambda q, k, v: fa2jax.dot_product_attention(
+        q, k, v, implementation=implementation, **kwargs)))()
+    theirs = jax.jit(lambda: with_vjp(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation="xla", **kwargs)))()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert np.isfinite(np.asarray(a)).all(), name
+        np.testing.assert_allclose(a, b, atol=ATOL, err_msg=name)
+
+
+def test_seq_lengths_are_checked():
+    q, k, v = _qkv(9)
+    with pytest.raises(ValueError, match="query_seq_lengths must be an integer"):
+        fa2jax.dot_product_attention(q, k, v, query_seq_lengths=jnp.array([6]), implementation="xla")
+    with pytest.raises(ValueError, match="key_value_seq_lengths must be an integer"):
+        fa2jax.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([6.0, 2.0]), implementation="xla")
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_fully_masked_rows_are_zero_and_nan_does_not_leak(implementation):
     q, k, v = _qkv(3)

@@ -87,18 +87,8 @@ def test_greedy_equals_incremental(runs, capsys):
     assert report.cost.passes == (5,) and report.cost.speedup(report.mean_accepted_length) > 0
 
 
-def test_stochastic_runs(runs, capsys):
-    report = sg.main(_argv(runs, "--verify", "stochastic", "--temperature", "0.8", "--top-p", "0.9"))
-    out = capsys.readouterr().out
-    assert report.identical is None and "identical" not in out
-    assert report.new_tokens[1] == 2 * 24
-    assert isinstance(report.tree, ExpansionTree) and report.tree == ExpansionTree.specinfer()
-    for ids in report.continuations():
-        assert len(ids) == 24 and 0 <= ids.min() and ids.max() < VOCAB
-
-
 def test_dynamic_tree(runs):
-    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--top-k", "3"))
+    report = sg.main(_argv(runs, "--dynamic-tree", "10", "--depth", "4", "--tree-top-k", "3"))
     assert isinstance(report.tree, DynamicTree) and report.tree.num_nodes == 10
     assert report.identical
 
@@ -123,6 +113,33 @@ def test_prompt_file_without_ignore_eos(runs, tmp_path, capsys):
     report = sg.main(argv)
     assert report.identical and report.prompt_lengths.tolist() == [len("while True:\n")]
     assert "while True:" in capsys.readouterr().out
+
+
+def test_stochastic_chat_sampling_options_and_streaming(runs, tmp_path, capsys):
+    """Stochastic verification with every sampling flag; --chat renders the tokenizer's chat
+    template; one prompt streams its continuation, which is the timed speculative run's (same seed)."""
+    import json
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    _byte_bpe(folder, 300)
+    template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[a]{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = load_tokenizer(folder / "tokenizer.json")  # tokenizer_config.json beside it is read too
+    argv = ["--target", runs["target"], "--draft", runs["draft"], "--tokenizer", str(folder / "tokenizer.json"),
+            "--prompt", "hi", "--chat", "--max-new-tokens", "10", "--verify", "stochastic", "--temperature", "0.9",
+            "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01", "--stop", "never-generated", "--ignore-eos",
+            "--seed", "3"]
+    report = sg.main(argv)
+    out = capsys.readouterr().out
+    assert report.prompt_lengths.tolist() == [len(tokenizer.encode("[user]hi[a]", add_special_tokens=False))]
+    assert report.new_tokens == (10, 10)
+    assert report.identical is None and "identical" not in out
+    assert isinstance(report.tree, ExpansionTree) and report.tree == ExpansionTree.specinfer()
+    streamed = out.split("--- continuation\n", 1)[1].split("\n\n" + report.title, 1)[0]
+    assert streamed == spec_cli.safe_decode(tokenizer)(report.continuations()[0])
+    with pytest.raises(ValueError, match="chat template"):
+        sg.main(_argv(runs, "--chat"))  # the byte tokenizer has none
 
 
 @pytest.mark.parametrize("argv, drafts, message", [

@@ -130,7 +130,7 @@ def test_public_names():
 
     assert sorted(pallas_kernels.__all__) == ["BlockSizes", "attention_reference", "autotune",
                                               "checked_tree_attention", "decode_attention", "flash_attention",
-                                              "tree_attention", "tree_attention_reference"]
+                                              "flash_attention_varlen", "tree_attention", "tree_attention_reference"]
     for name in pallas_kernels.__all__:
         assert callable(getattr(pallas_kernels, name)), name
 

@@ -4,6 +4,7 @@ Greedy: token-for-token equal to the target decoding alone. Stochastic: the gene
 follow the target's exact sampling distribution (chi-square), and the same test rejects a
 deliberately broken acceptance rule. Compiles are the cost here, so every decoder is reused.
 """
+import functools
 import itertools
 import os
 
@@ -353,10 +354,10 @@ def small_models():
     return [Transformer(config, rngs=nnx.Rngs(seed + i)) for i in range(3)]
 
 
-def _exact_sequence_probs(target, prompt, temperature, top_p):
+def _exact_sequence_probs(target, prompt, temperature, top_p, top_k=0, min_p=0.0):
     seqs = np.array(list(itertools.product(range(SMALL_VOCAB), repeat=NEW_TOKENS)))
     full = jnp.concatenate([jnp.tile(prompt, (len(seqs), 1)), jnp.asarray(seqs, jnp.int32)], 1)
-    probs = np.asarray(spec.warp_probs(target(full), temperature, top_p), np.float64)
+    probs = np.asarray(spec.warp_probs(target(full), temperature, top_p, top_k, min_p), np.float64)
     out = np.ones(len(seqs))
     p = prompt.shape[1]
     for i in range(NEW_TOKENS):
@@ -364,13 +365,16 @@ def _exact_sequence_probs(target, prompt, temperature, top_p):
     return out / out.sum()
 
 
-def _sequence_pvalue(decoder, target, *, top_p=1.0):
+def _sequence_pvalue(decoder, target, *, top_p=1.0, top_k=0, min_p=0.0):
+    """Chi-square p-value of SAMPLES generated sequences against the exact warped target;
+    decoder None samples `generate_incremental`."""
     rng = np.random.default_rng(TEST_SEED)
     prompt = jnp.asarray(rng.integers(0, SMALL_VOCAB, (1, 3)), jnp.int32)
-    expected = _exact_sequence_probs(target, prompt, TEMPERATURE, top_p)
-    result = decoder.generate(
+    expected = _exact_sequence_probs(target, prompt, TEMPERATURE, top_p, top_k, min_p)
+    generate = (functools.partial(generate_incremental, target) if decoder is None else decoder.generate)
+    result = generate(
         jnp.tile(prompt, (SAMPLES, 1)), jnp.full((SAMPLES,), 3), max_new_tokens=NEW_TOKENS,
-        temperature=TEMPERATURE, top_p=top_p, rng=int(rng.integers(2**31)))
+        temperature=TEMPERATURE, top_p=top_p, top_k=top_k, min_p=min_p, rng=int(rng.integers(2**31)))
     generated = np.asarray(result.tokens[:, 3:])
     codes = (generated * SMALL_VOCAB ** np.arange(NEW_TOKENS)[::-1]).sum(1)
     observed = np.bincount(codes, minlength=len(expected)).astype(float)
@@ -415,6 +419,22 @@ def test_stochastic_matches_target_distribution(small_models, kind):
 def test_stochastic_top_p_point_mass(small_models):
     decoder = _stochastic_decoder(small_models, "expansion_topk")
     pvalue, _ = _sequence_pvalue(decoder, small_models[0], top_p=0.9)
+    assert pvalue > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["expansion", "incremental"])
+def test_stochastic_top_k_min_p(small_models, kind):
+    """Speculative sampling with top-k and min-p follows the target warped by them, as the
+    incremental sampling with the same options does."""
+    target = small_models[0]
+    rng = np.random.default_rng(TEST_SEED)
+    prompt = jnp.asarray(rng.integers(0, SMALL_VOCAB, (1, 3)), jnp.int32)
+    # The options bite: they change the distribution of sequences under test.
+    assert np.abs(_exact_sequence_probs(target, prompt, TEMPERATURE, 1.0, 2, 0.05)
+                  - _exact_sequence_probs(target, prompt, TEMPERATURE, 1.0)).max() > 0.01
+    decoder = None if kind == "incremental" else _stochastic_decoder(small_models, kind)
+    pvalue, _ = _sequence_pvalue(decoder, target, top_k=2, min_p=0.05)
     assert pvalue > 1e-4
 
 

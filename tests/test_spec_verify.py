@@ -132,7 +132,7 @@ def test_greedy_matches_brute_force(widths):
         assert int(res.bonus[b]) == arg[b, best]
 
 
-def _two_level_experiment(rng, *, sampled, temperature, top_p, batch=20000):
+def _two_level_experiment(rng, *, sampled, temperature, top_p, top_k=0, min_p=0.0, batch=20000):
     """Verifies a (2, 2) tree built from a table-driven draft against a table-driven target.
 
     Returns a chi-square p-value of the first two emitted tokens against the target's warped
@@ -142,7 +142,8 @@ def _two_level_experiment(rng, *, sampled, temperature, top_p, batch=20000):
     topo = ExpansionTree((2, 2)).topology()
     t1, t2, t3 = rng.normal(size=(v,)) * 1.5, rng.normal(size=(v, v)) * 1.5, rng.normal(size=(v, v, v)) * 1.5
     d1, d2 = rng.normal(size=(v,)) * 1.5, rng.normal(size=(v, v)) * 1.5
-    warp = lambda x: np.asarray(warp_probs(jnp.asarray(x, jnp.float32), temperature, top_p), np.float64)
+    warp = lambda x: np.asarray(  # noqa: E731
+        warp_probs(jnp.asarray(x, jnp.float32), temperature, top_p, top_k, min_p), np.float64)
     p1, p2 = warp(t1), warp(t2)
     q1, q2 = warp(d1), warp(d2)
     n = topo.num_nodes  # 0 | 1 2 | 3 4 (under 1) 5 6 (under 2)
@@ -181,7 +182,7 @@ def _two_level_experiment(rng, *, sampled, temperature, top_p, batch=20000):
     nodes_sampled = np.array([False] + [sampled] * (n - 1))
     res = verify_stochastic(
         jnp.asarray(logits), tree, jax.random.key(int(rng.integers(2**31))), sampled=nodes_sampled,
-        max_depth=2, temperature=temperature, top_p=top_p)
+        max_depth=2, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     path, acc, bonus = np.asarray(res.path), np.asarray(res.num_accepted), np.asarray(res.bonus)
     rows = np.arange(batch)
     x1 = np.where(acc >= 2, tokens[rows, path[:, 1]], bonus)
@@ -203,10 +204,29 @@ def _two_level_experiment(rng, *, sampled, temperature, top_p, batch=20000):
     return stats.chi2.sf(chi2, dof)
 
 
-@pytest.mark.parametrize("sampled,temperature,top_p", [(True, 1.0, 1.0), (True, 1.5, 0.9), (False, 1.0, 1.0), (False, 1.5, 0.9)])
-def test_stochastic_verification_is_lossless(sampled, temperature, top_p):
+@pytest.mark.parametrize("sampled,temperature,top_p,top_k,min_p", [
+    (True, 1.0, 1.0, 0, 0.0), (True, 1.5, 0.9, 0, 0.0), (False, 1.0, 1.0, 0, 0.0), (False, 1.5, 0.9, 0, 0.0),
+    # top-k and min-p: the drafts and the target warped alike, the output follows the warped target
+    (True, 1.0, 1.0, 2, 0.0), (True, 1.0, 1.0, 0, 0.3), (False, 1.5, 0.95, 3, 0.2),
+])
+def test_stochastic_verification_is_lossless(sampled, temperature, top_p, top_k, min_p):
     rng = np.random.default_rng(TEST_SEED)
-    assert _two_level_experiment(rng, sampled=sampled, temperature=temperature, top_p=top_p) > 1e-4
+    pvalue = _two_level_experiment(rng, sampled=sampled, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   min_p=min_p)
+    assert pvalue > 1e-4
+
+
+@pytest.mark.parametrize("top_k,min_p", [(2, 0.3)])
+def test_stochastic_test_sees_an_unwarped_target(monkeypatch, top_k, min_p):
+    """The same check fails when verification warps the target without top-k / min-p (the drafts
+    still with them): the options must reach the verifier."""
+    monkeypatch.setattr(verify_mod, "warp_probs", lambda logits, t, p, *_: warp_probs(logits, t, p))
+    rng = np.random.default_rng(TEST_SEED)
+    try:
+        pvalue = _two_level_experiment(rng, sampled=True, temperature=1.0, top_p=1.0, top_k=top_k, min_p=min_p)
+    except AssertionError:  # a token the warped target never emits was emitted
+        pvalue = 0.0
+    assert pvalue < 1e-6
 
 
 def test_stochastic_test_has_power(monkeypatch):
@@ -272,3 +292,26 @@ def test_warp_probs():
         assert f[kept].min() >= f[~kept].max(initial=0)
         assert f[kept].sum() >= 0.5 > f[kept].sum() - f[kept].min()
         np.testing.assert_allclose(row[kept], f[kept] / f[kept].sum(), rtol=1e-5)
+
+
+def test_warp_probs_top_k_and_min_p():
+    rng = np.random.default_rng(TEST_SEED)
+    logits = np.round(rng.normal(size=(6, 9)), 1).astype(np.float32)  # rounding makes ties
+    full = np.asarray(jax.nn.softmax(jnp.asarray(logits / 0.8)), np.float64)
+    jitted = jax.jit(warp_probs)  # traced settings: one compile for all of them
+    for k in (1, 3, 9, 20):
+        got = np.asarray(jitted(logits, 0.8, 1.0, k, 0.0))
+        kth = np.sort(full, -1)[:, ::-1][:, min(k, 9) - 1: min(k, 9)]
+        keep = full >= kth * (1 - 1e-6)  # the k most likely and their ties
+        np.testing.assert_allclose(got, np.where(keep, full, 0) / np.where(keep, full, 0).sum(-1, keepdims=True),
+                                   rtol=1e-5, atol=1e-7)
+    got = np.asarray(jitted(logits, 0.8, 1.0, 0, 0.4))
+    keep = full >= 0.4 * full.max(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.where(keep, full, 0) / np.where(keep, full, 0).sum(-1, keepdims=True),
+                               rtol=1e-5, atol=1e-7)
+    # Hugging Face's order: top-k, then top-p over the kept tokens renormalised, then min-p.
+    both = np.asarray(jitted(logits, 0.8, 0.6, 4, 0.3))
+    step = np.asarray(jitted(jnp.log(jitted(logits, 0.8, 1.0, 4, 0.0)), 1.0, 0.6, 0, 0.3))
+    np.testing.assert_allclose(both, step, rtol=1e-5, atol=1e-7)
+    # Greedy stays greedy whatever the filters.
+    np.testing.assert_array_equal(jitted(logits, 0.0, 1.0, 3, 0.2), jax.nn.one_hot(logits.argmax(-1), 9))

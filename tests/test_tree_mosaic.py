@@ -116,6 +116,22 @@ def test_tile_plan_visits_every_key_once(splits, num_nodes, block_kv=128):
         assert plan.num_aligned[row].max() - plan.num_aligned[row].min() <= 1
 
 
+def test_final_values_hold_the_final_tile_with_nan_past_the_tree_zeroed(block_kv=128):
+    # The copy the producer streams the final tile's V chunks from (see the kernel's docstring).
+    B, S = 6, 400
+    ends = jnp.array([1, 77, 128, 129, 171, 400], jnp.int32)  # shorter than a tile, on and off the 8-row grid
+    v = jnp.arange(B * S, dtype=jnp.float32).reshape(B, S, 1, 1) + 1
+    v = jnp.where(jnp.arange(S)[None, :, None, None] >= ends[:, None, None, None], jnp.nan, v).astype(jnp.bfloat16)
+    tiles = np.asarray(mosaic_kernel.final_values(v, ends, block_kv), np.float32)[:, :, 0, 0]  # [B, block_kv]
+    assert np.isfinite(tiles).all()
+    for b, end in enumerate(np.asarray(ends)):
+        start = int(mosaic_kernel.final_tile_start(jnp.int32(end), block_kv))
+        assert start % 8 == 0 and start + block_kv >= end and start + block_kv <= max(end + 7, block_kv)
+        want = np.asarray(v[b, start:start + block_kv, 0, 0], np.float32)
+        np.testing.assert_array_equal(tiles[b, :end - start], want[:end - start])
+        np.testing.assert_array_equal(tiles[b, end - start:], 0)
+
+
 @pytest.mark.parametrize("P, rows", [(2, 4), (3, 16), (8, 4)])
 def test_merge_splits_matches_the_xla_merge(P, rows):
     # Pallas interpreter on CPU; splits that saw no key of a row (lse -inf, zero parts), rows no split
