@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
 from pallas_kernels.common.numerics import LOG2E
-from pallas_kernels.fa2.mosaic_fwd import MosaicProblem, _key_tile_ranges
+from pallas_kernels.fa2.mosaic_fwd import MosaicProblem, _key_tile_ranges, cta_first_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,12 +386,7 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
             mine_ready, k_ready, v_ready, k_free, v_free = barriers
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            # Rows that see the most keys first: under a causal band those are the last rows, and
-            # starting them early keeps the tail of the grid short.
-            tile = lax.axis_index("q_tiles")
-            if problem.window_right >= 0:
-                tile = (Tp // cta_rows - 1) - tile
-            row0 = tile * cta_rows
+            row0 = cta_first_row(problem, Tp, cta_rows)
             lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
 
             @pl.when(wg == CONSUMERS)

@@ -73,6 +73,15 @@ def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
             and set(features) <= {"causal", "window"})
 
 
+def cta_first_row(problem: MosaicProblem, padded_q_len: int, cta_rows: int):
+    """The first query row of this CTA (grid axis "q_tiles"). Rows that see the most keys go first:
+    under a causal band those are the last rows, and starting them early keeps the grid's tail short."""
+    tile = lax.axis_index("q_tiles")
+    if problem.window_right >= 0:
+        tile = (padded_q_len // cta_rows - 1) - tile
+    return tile * cta_rows
+
+
 def _key_tile_ranges(row0, rows: int, problem: MosaicProblem, block_kv: int, padded_kv_len: int):
     """[lo, hi): key tiles some row of the CTA may see; [full_lo, full_hi): tiles every row sees whole.
 
@@ -119,12 +128,7 @@ def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpr
         def per_warpgroup(smem, barriers):
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            # Rows that see the most keys first: under a causal band those are the last rows, and
-            # starting them early keeps the tail of the grid short.
-            tile = lax.axis_index("q_tiles")
-            if problem.window_right >= 0:
-                tile = (Tp // cta_rows - 1) - tile
-            row0 = tile * cta_rows
+            row0 = cta_first_row(problem, Tp, cta_rows)
             lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
 
             @pl.when(wg == CONSUMERS)
