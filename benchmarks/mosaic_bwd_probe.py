@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, "tests")
 from pallas_kernels import attention_reference, flash_attention  # noqa: E402
-from pallas_kernels.testing import attention_inputs  # noqa: E402
+from pallas_kernels.testing import attention_inputs, median_time  # noqa: E402
 from test_flash_attention import _output_and_grads  # noqa: E402
 
 
@@ -38,19 +38,6 @@ def check(B, T, S, H, K, D, dtype=jnp.bfloat16, atomic=False, **kw):
         worst.append(f"{name}:{err:.2e}/{base:.2e}{'' if ok else ' FAIL'}")
     print(f"check {B}x{T}x{S}x{H}/{K}x{D} {kw} atomic={atomic}: " + " ".join(worst), flush=True)
     return all("FAIL" not in w for w in worst)
-
-
-def timed(fn, *args, iters=10, samples=5):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(iters):
-            r = fn(*args)
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - start) / iters)
-    return float(np.median(out))
 
 
 def _atomic(q, k, v, causal):
@@ -82,8 +69,9 @@ def bench(B, S, H, D, causal, only=None):
         if only and name not in only:
             continue
         try:
-            t_f = timed(jax.jit(fn), q, k, v)
-            t_a = timed(jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do)), q, k, v, do)
+            t_f = median_time(jax.jit(fn), 5, args=(q, k, v), warmup=2, calls_per_sample=10)
+            t_a = median_time(jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do)), 5,
+                              args=(q, k, v, do), warmup=2, calls_per_sample=10)
             row[name] = (flops / t_f / 1e12, 2.5 * flops / max(t_a - t_f, 1e-9) / 1e12)
         except Exception as error:  # noqa: BLE001
             row[name] = repr(error)[:300]

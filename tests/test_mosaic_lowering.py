@@ -57,8 +57,9 @@ def _fa_forward(features):
     return functools.partial(flash_attention, backend="mosaic", interpret=False, return_lse=True, **features)
 
 
-def _fa_forward_backward(features, backend="mosaic"):
-    attention = functools.partial(flash_attention, backend=backend, interpret=False, **features)
+def _fa_forward_backward(features, backend="mosaic", deterministic=True):
+    attention = functools.partial(flash_attention, backend=backend, interpret=False,
+                                  deterministic=deterministic, **features)
 
     def fwd_bwd(q, k, v, do):
         out, vjp = jax.vjp(attention, q, k, v)
@@ -73,31 +74,10 @@ KERNELS = {  # name -> (builder of the lowered function, the custom calls its lo
     # The Hopper forward, then the portable backward (dK/dV and dQ, Triton).
     "fa2-forward+portable-backward": (
         functools.partial(_fa_forward_backward, backend=("mosaic", "portable")), {"mosaic": 1, "triton": 2}),
-    # The Hopper backward alone, dQ added by TMA reduce-add from the dK/dV kernel (one kernel).
-    "fa2-atomic-backward": (lambda features: _atomic_backward(features), {"mosaic": 1, "triton": 0}),
+    # The Hopper forward, then one dK/dV kernel that also adds dQ by TMA reduce-add.
+    "fa2-forward+atomic-backward": (
+        functools.partial(_fa_forward_backward, deterministic=False), {"mosaic": 2, "triton": 0}),
 }
-
-
-def _atomic_backward(features):
-    """mosaic_bwd.backward with deterministic=False on tile-multiple inputs."""
-    from pallas_kernels.fa2 import mosaic_bwd
-    from pallas_kernels.fa2.mosaic_fwd import MosaicProblem
-
-    left, right = features.get("window_size", (-1, -1))
-    right = 0 if features.get("causal") else right
-
-    def backward(q, k, v, do):
-        B, T, H, D = q.shape
-        S, K = k.shape[1], k.shape[2]
-        config = mosaic_bwd.MosaicBwdConfig(deterministic=False)
-        pad = lambda x, n: jnp.pad(x, [(0, 0), (0, -(-x.shape[1] // n) * n - x.shape[1]), (0, 0), (0, 0)])
-        q, do = pad(q, config.q_multiple), pad(do, config.q_multiple)
-        k, v = pad(k, config.kv_multiple), pad(v, config.kv_multiple)
-        stats = jnp.zeros((B, H, q.shape[1]), jnp.float32)
-        problem = MosaicProblem(q_len=T, kv_len=S, q_offset=S - T, window_left=left, window_right=right,
-                                sm_scale=D ** -0.5, group_size=H // K)
-        return mosaic_bwd.backward(q, k, v, do, stats, stats, problem=problem, config=config)
-    return backward
 
 
 @pytest.mark.parametrize("case", list(FA_CASES))
@@ -108,12 +88,8 @@ def test_flash_attention_mosaic_lowers_for_sm90(kernel, case):
     q = jax.ShapeDtypeStruct((B, T, H, D), dtype)
     kv = jax.ShapeDtypeStruct((B, S, K, D), dtype)
     args = (q, kv, kv, q) if kernel.endswith("backward") else (q, kv, kv)
-    if D > 128 and kernel == "fa2-atomic-backward":  # no Hopper backward at D=256
-        with pytest.raises(ValueError, match="head dim"):
-            lower_for_sm90(build(features), *args)
-        return
-    if D > 128 and kernel == "fa2-forward+backward":  # backend="mosaic" runs the portable backward
-        expected = {"mosaic": 1, "triton": 2}
+    if D > 128 and kernel in ("fa2-forward+backward", "fa2-forward+atomic-backward"):
+        expected = {"mosaic": 1, "triton": 2}  # no Hopper backward at D=256: backend="mosaic" runs the portable one
     assert lower_for_sm90(build(features), *args) == expected
 
 
