@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -282,3 +283,49 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, seq_len: int) -> tuple[Pac
         pack_documents(tokenize_documents(tokenizer, docs), seq_len, pad_id=tokenizer.eos_id)
         for docs in (corpus.train, corpus.val)
     )
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a prompt file: JSON Lines with a "prompt" field per line (other fields, e.g.
+    "kind", are ignored), or, for any other suffix, plain text with one prompt per non-empty line.
+
+    Raises:
+      ValueError: the file holds no prompt, or a JSONL line has no string "prompt" (line named).
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        prompts = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{str(path)!r} line {number}: need an object with a string 'prompt', got {line=}")
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"no prompt in {str(path)=}")
+    return prompts
+
+
+def read_jsonl_documents(path: str | os.PathLike, field: str = "text") -> list[Document]:
+    """One document per line of a JSON Lines file: the string `field` of each object, named
+    <file name>/<line number> (so `split_documents` splits by line, not by file).
+
+    Raises:
+      ValueError: a line is not an object with a string `field` (line named), or the file is empty.
+    """
+    path = Path(path)
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{str(path)!r} line {number}: need an object with a string {field!r}")
+        docs.append(Document(f"{path.name}/{number}", record[field]))
+    if not docs:
+        raise ValueError(f"no document in {str(path)=}")
+    return docs
