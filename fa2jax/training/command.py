@@ -5,6 +5,7 @@
   fa2jax-train ... --extra-train-data /path/to/site-packages/numpy --suffix .py
   fa2jax-train --preset draft-20m --teacher out/target --distill-weight 0.5
   fa2jax-train ... --teacher out/target --teacher-continuations 4096   # + the target's own text
+  fa2jax-train --teacher model.gguf --jsonl corpus.jsonl --embedding-from-teacher   # a chat draft
   fa2jax-train ... --resume                       # continue the run in --out
   fa2jax-train ... --resume --steps 6000          # ... and extend it
   fa2jax-train --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2, ...)
@@ -26,10 +27,11 @@ import time
 
 from fa2jax import load_pretrained, sharding
 from fa2jax.checkpoint import CheckpointError
-from fa2jax.data import Corpus, find_documents, split_documents
+from fa2jax.data import Corpus, find_documents, read_jsonl_documents, split_documents
 from fa2jax.loading import load_config
 from fa2jax.training import NonFiniteLossError, presets, teacher_continuations, train
 from fa2jax.training import cli, token_cache
+from fa2jax.training.init import projected_embedding
 from fa2jax.training.progress import phase
 
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets()), default="tiny", help="model size and training settings")
     p.add_argument("--data", nargs="+", help="text files or folders (default: this Python's stdlib)")
+    p.add_argument("--jsonl", nargs="+",
+                   help="JSON Lines files, one document per line (its 'text'), split by line; without --data "
+                        "only these are read (e.g. examples/chat_corpus.py's corpus)")
     p.add_argument("--suffix", nargs="+", help="only files ending so, e.g. .py .md (default: all text)")
     p.add_argument("--extra-train-data", nargs="+",
                    help="more files or folders for the training split only (e.g. site-packages); the validation "
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-prompt-len", type=int, default=64, help="prompt tokens per continuation")
     p.add_argument("--continuation-len", type=int, default=192, help="new tokens per continuation")
     p.add_argument("--continuation-batch", type=int, default=256, help="continuations generated per call")
+    p.add_argument("--embedding-from-teacher", action="store_true",
+                   help="with --teacher: start the token embedding from the teacher's, projected onto its top "
+                        "--d-model principal directions (fa2jax.training.init), not from noise")
     p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (parameters stay float32)")
     p.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
                    help="default: pallas on GPU, automatic elsewhere")
@@ -92,7 +100,10 @@ def main(argv=None) -> dict:
     if args.teacher_continuations and not args.teacher:
         raise cli.UsageError(f"--teacher-continuations {args.teacher_continuations} needs --teacher")
 
-    docs = find_documents(args.data, args.suffix)
+    if args.embedding_from_teacher and (not args.teacher or args.resume):
+        raise cli.UsageError("--embedding-from-teacher starts a new run from a --teacher: give --teacher, drop --resume")
+    docs = find_documents(args.data, args.suffix) if args.data or not args.jsonl else []
+    docs += [d for path in args.jsonl or () for d in read_jsonl_documents(path)]
     corpus = split_documents(docs, args.val_fraction)
     extra = tuple(find_documents(args.extra_train_data, args.suffix)) if args.extra_train_data else ()
     corpus = Corpus(train=corpus.train + extra, val=corpus.val)
@@ -131,8 +142,11 @@ def main(argv=None) -> dict:
     train_rows, val_rows = rows
     print(f"{train_rows.num_rows} x {train_cfg.seq_len} training rows, {val_rows.num_rows} validation rows, "
           f"vocabulary {tokenizer.vocab_size}")
+    embedding = None
+    if args.embedding_from_teacher:
+        embedding = projected_embedding(load_pretrained(args.teacher).embed.embedding[...], model_cfg.d_model)
     summary = train(model_cfg, train_cfg, train_rows, val_rows, out, tokenizer, resume=args.resume,
-                    teacher=args.teacher, progress=show,
+                    teacher=args.teacher, progress=show, embedding=embedding,
                     stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes, mesh=mesh)
     for key in ("step", "loss", "val_loss", "val_ppl", "acceptance_before", "acceptance_after"):
         if key in summary:

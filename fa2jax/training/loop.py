@@ -151,6 +151,7 @@ def train(
     stop_after_seconds: float | None = None,
     handle_signals: bool = True,
     mesh: Mesh | None = None,
+    embedding=None,
 ) -> dict:
     """Trains (or continues training) a Transformer, writing checkpoints, metrics and a plot.
 
@@ -175,6 +176,8 @@ def train(
         data/fsdp axes, parameters and optimizer state placed by `fa2jax.sharding`'s rules.
         Checkpoints are restored straight into the shards of the mesh the run resumes on, which
         may differ from the one that saved them (or be none).
+      embedding: a new run's starting token embedding instead of noise (e.g.
+        `fa2jax.training.init.projected_embedding` of the teacher's).  # [V, d_model]
 
     Returns:
       The last metrics: step, loss, val_loss, val_ppl, acceptance rates with a teacher, and
@@ -214,6 +217,10 @@ def train(
 
     # Resuming needs only the shapes to load into: no initialisation of a model about to be replaced.
     parts = ModelParts.init(model_config, cfg.seed, abstract=resume)
+    if embedding is not None and not resume:
+        if tuple(embedding.shape) != parts.params["embed"]["embedding"].shape:
+            raise ValueError(f"{embedding.shape=} must be the model's {parts.params['embed']['embedding'].shape}")
+        parts.params["embed"]["embedding"].value = jnp.asarray(embedding, model_config.param_dtype)
     tx = make_optimizer(cfg)
     init_opt = jax.eval_shape(tx.init, parts.params) if resume else tx.init(parts.params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=parts.params, opt_state=init_opt)
