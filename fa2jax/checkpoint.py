@@ -635,19 +635,28 @@ def load_transformer(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
     return nnx.merge(graphdef, params, rest)
 
 
-def export_params(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_params(run: str | os.PathLike, out: str | os.PathLike, dtype=None) -> Path:
     """Copies the newest intact checkpoint of `run` without its optimizer state (a third of the
     size), which is all generation reads.
 
     Args:
       run: a checkpoint, or a folder `resolve_checkpoint` finds one in.
       out: folder to write the `step_*` checkpoint into.
+      dtype: cast the floating parameters to this dtype (e.g. bfloat16: half the size again); the
+        saved model config then computes in it too. None keeps the stored dtype.
 
     Returns:
       The written checkpoint folder.
     """
     params, meta, path = _load_params(run)
     meta = {k: v for k, v in meta.items() if k not in ("leaves", "format")}
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{dtype=} must be a floating dtype")
+        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        config = model_config_from_dict(meta["model_config"]).replace(dtype=dtype, param_dtype=dtype)
+        meta["model_config"] = config_to_dict(config)
     return save_checkpoint(out, meta["step"], {"params": params}, meta, read_tokenizer(path), keep=1)
 
 

