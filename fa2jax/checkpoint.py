@@ -326,7 +326,7 @@ def load_checkpoint(path: str | os.PathLike, target: Any, strict: bool = True) -
         from the one saved (the message names the folder and its step).
       ValueError: the target's structure, shapes or dtypes differ from the saved ones.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # orbax refuses relative paths ("Checkpoint path should be absolute")
     step = _step_from_name(path)
     if legacy.is_legacy_checkpoint(path):
         try:
