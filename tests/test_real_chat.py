@@ -122,3 +122,14 @@ def test_benchmark_helpers():
     assert [m.verify for m in bench.modes(["greedy", "t0.7"], 0.95)] == ["greedy", "stochastic"]
     with pytest.raises(ValueError, match="name='hot'"):
         bench.modes(["hot"], 0.95)
+
+
+def test_shipped_smollm2_draft(monkeypatch):
+    """The committed draft loads from a relative path (orbax wants absolute ones), matches the
+    target's vocabulary and stays under 16 MB on disk."""
+    monkeypatch.chdir(ROOT)
+    draft = load_pretrained("examples/checkpoints/smollm2-draft")
+    assert draft.config.param_dtype == jnp.bfloat16
+    assert draft.config.vocab_size == load_tokenizer(spec_cli.model_path("smollm2")).vocab_size
+    size = sum(f.stat().st_size for f in (ROOT / "examples" / "checkpoints" / "smollm2-draft").rglob("*") if f.is_file())
+    assert size < 16e6, size
