@@ -10,7 +10,8 @@
   progress   progress bars and phase timers (tqdm only when shown)
   token_cache  the tokenised corpus of a run, kept in its folder for resumes
   cli        flag and setup helpers of examples/train.py
-  continuations  a teacher's greedy continuations as extra training documents
+  continuations  a teacher's greedy continuations and sampled chat answers as training documents
+  init       a draft's starting embedding from its teacher's
 """
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.checkpoint import model_config_from_dict, resolve_checkpoint
