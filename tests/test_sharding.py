@@ -19,8 +19,10 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 import fa2jax
-from fa2jax import sharding
+from fa2jax import parallel_attention, sharding
 from fa2jax.training import TrainConfig, make_optimizer
+from fa2jax.training.losses import cross_entropy_sum, token_cross_entropy_sum
+from fa2jax.training.steps import token_layout
 from pallas_kernels.common.sharded import AttentionSharding
 from pallas_kernels.fa2 import ring
 
@@ -122,8 +124,41 @@ def test_attention_sharding_errors():
         split.check(batch=3, num_heads=8, num_kv_heads=4)
     with pytest.raises(ValueError, match="not an axis of the mesh"):
         AttentionSharding(mesh, ("fsdp",))
-    with pytest.raises(ValueError, match="both batch and heads"):
+    with pytest.raises(ValueError, match="only one of batch, heads and sequence"):
         AttentionSharding(mesh, ("data",), ("data",))
+    ring = AttentionSharding(_abstract_mesh(data=2, context=4), ("data",), sequence_axes=("context",))
+    assert ring.spec("BTHD") == P(("data",), ("context",), None, None) and ring.spec("BHT") == P(("data",), None, ("context",))
+    assert ring.sequence_shards == 4 and not ring.trivial
+    with pytest.raises(ValueError, match="only one of batch, heads and sequence"):
+        AttentionSharding(mesh, ("data",), sequence_axes=("data",))
+
+
+def test_token_layout_keeps_each_position_with_its_target():
+    """The zig-zag layout of context parallelism permutes tokens, positions and targets alike: the
+    loss over the permuted positions is the token-order loss, and the positions are the segments'."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50, jnp.int32)
+    ids = jnp.asarray([[1] * 5 + [2] * 9 + [0] * 2, [3] * 16], jnp.int32)
+    batch = {"tokens": tokens, "segment_ids": ids, "positions": fa2jax.layers.segment_positions(ids)}
+    logits = jax.random.normal(jax.random.key(1), (2, 16, 50))
+    want = cross_entropy_sum(logits, tokens, ids)
+    for shards in (1, 2, 4):
+        layout = token_layout(batch, shards)
+        np.testing.assert_array_equal(layout["positions"], ring.zigzag(batch["positions"], shards))
+        got = token_cross_entropy_sum(ring.zigzag(logits, shards), layout["targets"], layout["target_mask"])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 2 \\* num_shards"):
+        token_layout(batch, 3)
+
+
+def test_context_parallel_misuse():
+    model = fa2jax.Transformer(fa2jax.TransformerConfig.tiny(num_layers=1), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="zigzag=True needs the positions"):
+        model(tokens, zigzag=True)
+    q = jnp.ones((1, 8, 4, 8))
+    with pytest.raises(ValueError, match="ring attention needs a context mesh"):
+        parallel_attention.ring_self_attention(q, q, q, is_causal=True)
+    assert sharding.context_shards() == 1 and sharding.context_shards(_abstract_mesh(data=2, context=4)) == 4
 
 
 def test_zigzag_layout():
