@@ -10,9 +10,9 @@ Operands are described by layout strings, one letter per axis: `B` is split over
 axes, `H` and `K` (query heads, KV heads) over the head mesh axes, every other letter is kept
 whole, except `T` and `S` (query and key positions) when a sequence axis is given: only ring
 attention can run on such shards, since its kernel passes the K/V chunks between the devices
-itself (`pallas_kernels.fa2.ring`). GQA: query head h belongs to KV head h // G, so splitting H and K into the same number of
-contiguous blocks keeps whole groups on each device; `AttentionSharding.check` asks K (and so H)
-to be divisible by the head axes' size.
+itself (`pallas_kernels.fa2.ring`). GQA: query head h belongs to KV head h // G, so splitting H
+and K into the same number of contiguous blocks keeps whole groups on each device;
+`AttentionSharding.check` asks K (and so H) to be divisible by the head axes' size.
 
 This module imports no kernel family: callers pass the kernel function in.
 """
