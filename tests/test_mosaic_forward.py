@@ -122,7 +122,7 @@ def test_mosaic_forward_segments_smoke_in_simulator():
     """One CTA, one key tile: the ids travel with the tile and mask it, and row 3 sees no key."""
     q_ids = jnp.asarray(np.r_[[0] * 60, [1] * 68], jnp.int32).at[3].set(5)[None]
     kv_ids = jnp.asarray(np.r_[[0] * 70, [1] * 58], jnp.int32)[None]
-    _check(1, 128, 128, 2, 1, 64, segment_ids=(q_ids, kv_ids))
+    _check(1, 128, 128, 1, 1, 64, segment_ids=(q_ids, kv_ids))
 
 
 @pytest.mark.simulator

@@ -262,11 +262,12 @@ class Pipeline:
                 return s_ref[...]
 
             s = pl.run_scoped(scores_of, plgpu.ACC((self.rows, self.block_kv), jnp.float32))
-        mask = None if allowed is None else allowed(i)
-        if query_ids is not None:  # read the slot's ids before releasing it with K
-            same = self._same_segment(query_ids, smem[4].at[slot])
-            mask = same if mask is None else mask & same
+        # The slot's key ids are read before it is released with K; the position mask after.
+        same = None if query_ids is None else self._same_segment(query_ids, smem[4].at[slot])
         plgpu.barrier_arrive(k_free.at[slot])
+        mask = None if allowed is None else allowed(i)
+        if same is not None:
+            mask = same if mask is None else mask & same
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         # Scores stay unscaled: the scale rides on the exp2 argument as one FMA per element.
