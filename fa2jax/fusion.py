@@ -48,7 +48,7 @@ def _convert(model: Transformer, *, fused: bool) -> Transformer:
     if config.fused_projections == fused:
         return model
     graphdef, abstract = _template(config.replace(fused_projections=fused))
-    pure = nnx.state(model).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model))
     layers = [pure["layers"][i] for i in range(config.num_layers)]
     # Only the projections go through the jitted conversion: every other array is kept, not copied.
     projections = [{"attn": _projections(layer["attn"], ("query", "key", "value", "qkv")),
