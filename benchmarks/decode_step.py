@@ -42,7 +42,8 @@ from fa2jax import Transformer, TransformerConfig, fuse_projections, load_pretra
 from fa2jax.kernel_census import KernelCensus, kernel_census
 from fa2jax.model import replace_config
 from pallas_kernels.testing import ancestor_mask, median_time
-from spec import generate_incremental
+from spec import generate_incremental, incremental
+from spec.generation import check_generate_args
 
 # XLA flag sets to compare; each runs in a process of its own. Command buffers put a step's
 # kernels into CUDA graphs (WHILE/CONDITIONAL: the loop itself too), launched as one.
@@ -54,6 +55,7 @@ VARIANTS = {
     "unroll2": "--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_DOUBLE_BUFFER",
 }
 CENSUS_FIELDS = ("total", "matmuls", "custom_calls", "copies", "graph_launches")
+TOP_KINDS = 25  # rows of the by-kind table
 
 
 def smollm2_135m(num_layers: int = 30) -> TransformerConfig:
@@ -78,9 +80,9 @@ def heap_tree(num_nodes: int) -> np.ndarray:
     return ancestor_mask([(i - 1) // 2 for i in range(num_nodes)])
 
 
-def compiled(fn, *args):
+def compiled(fn, *args, donate_argnums=()):
     """fn jitted and compiled for args: (the executable, its optimized HLO text)."""
-    executable = jax.jit(fn).lower(*args).compile()
+    executable = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
     return executable, executable.as_text()
 
 
@@ -116,8 +118,11 @@ def verify_in_loop(model, batch: int, num_nodes: int, context: int, capacity: in
     return ms, kernel_census(text, scope="loop")
 
 
-def step_censuses(model, batch: int, prompt_len: int, capacity: int) -> dict[str, KernelCensus]:
-    """Kernel census of the cached calls compiled alone: decode step, 16-token extend, prefill."""
+def step_censuses(model, batch: int, prompt_len: int, new_tokens: int, capacity: int,
+                  fused: bool) -> dict[str, KernelCensus]:
+    """Kernel census of one iteration of generate_incremental's loop, and of the cached calls
+    compiled alone (the cache donated, as a loop updates it in place): decode step, 16-token
+    extend, prefill."""
     graphdef, params = nnx.split(model)
     cache = model.init_cache(batch, capacity).replace(lengths=jnp.full((batch,), prompt_len, jnp.int32))
 
@@ -131,7 +136,23 @@ def step_censuses(model, batch: int, prompt_len: int, capacity: int) -> dict[str
     calls = {"decode step": (decode_step, jnp.ones((batch, 1), jnp.int32)),
              "extend 16": (decode_step, jnp.ones((batch, 16), jnp.int32)),
              f"prefill {prompt_len}": (prefill, jnp.ones((batch, prompt_len), jnp.int32))}
-    return {name: kernel_census(compiled(fn, params, cache, tokens)[1]) for name, (fn, tokens) in calls.items()}
+    censuses = {"incremental loop": kernel_census(
+        incremental_program(model, batch, prompt_len, new_tokens, fused), scope="loop")}
+    for name, (fn, tokens) in calls.items():
+        censuses[name] = kernel_census(compiled(fn, params, cache, tokens, donate_argnums=1)[1])
+    return censuses
+
+
+def incremental_program(model, batch: int, prompt_len: int, new_tokens: int, fused: bool) -> str:
+    """The optimized HLO of the program generate_incremental runs for these shapes (greedy)."""
+    prompt = jnp.zeros((batch, prompt_len), jnp.int32)
+    args = check_generate_args(prompt, jnp.full((batch,), prompt_len, jnp.int32), vocab_size=model.config.vocab_size,
+                               max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, rng=None, eos_id=None)
+    graphdef, params = nnx.split(model)
+    lowered = incremental._generate.lower(graphdef, params, args.prompt, args.prompt_lengths, args.rng,
+                                          jnp.asarray(args.eos_ids, jnp.int32), args.warp(),
+                                          max_new_tokens=new_tokens, fused=fused)
+    return lowered.compile().as_text()
 
 
 def measure(args) -> dict:
@@ -143,7 +164,8 @@ def measure(args) -> dict:
     record = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "config": {k: str(v) for k, v in vars(base.config).items()}, "timings": [], "census": []}
     for fused, model in models.items():
-        for name, census in step_censuses(model, args.batches[0], args.prompt_len, capacity).items():
+        for name, census in step_censuses(model, args.batches[0], args.prompt_len, args.new_tokens, capacity,
+                                          fused).items():
             record["census"].append({"path": name, "batch": args.batches[0], "fused": fused, **census.as_dict()})
     for batch in args.batches:
         for fused, model in models.items():
@@ -200,6 +222,14 @@ def markdown(results: dict, args) -> str:
         for (path, batch), pair in pairs.items():
             cells = [f"{pair[False][f]} -> {pair[True][f]}" for f in CENSUS_FIELDS]
             lines.append(f"| {name} | {path} | {batch} | " + " | ".join(cells) + " |")
+    for name, record in results["variants"].items():
+        loop = {e["fused"]: e["by_name"] for e in record.get("census", ()) if e["path"] == "incremental loop"}
+        if len(loop) < 2:
+            continue
+        kinds = sorted(set(loop[False]) | set(loop[True]), key=lambda k: -max(loop[False].get(k, 0), loop[True].get(k, 0)))
+        lines += ["", f"{name}: kernels of one incremental step by kind (separate -> fused):", "",
+                  "| kind | separate | fused |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {loop[False].get(k, 0)} | {loop[True].get(k, 0)} |" for k in kinds[:TOP_KINDS]]
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,9 @@ class KernelCensus:
         copies: top-level copies (a memcpy or a copy kernel on a GPU).
         graph_launches: `total`, with each call of an XLA command buffer (a CUDA graph) as one launch.
         by_opcode: (opcode, count) pairs of the counted instructions, most frequent first.
+        by_name: (kind, count) pairs, most frequent first: a fusion's name without its numbering
+            (XLA names one after its kind and ops, e.g. "loop_add_fusion", "gemm_fusion_dot"), a
+            custom call's target, else the opcode.
     """
 
     total: int
@@ -61,13 +64,15 @@ class KernelCensus:
     copies: int
     graph_launches: int
     by_opcode: tuple[tuple[str, int], ...]
+    by_name: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"by_opcode": dict(self.by_opcode)}
+        return dataclasses.asdict(self) | {"by_opcode": dict(self.by_opcode), "by_name": dict(self.by_name)}
 
 
 @dataclasses.dataclass
 class _Instruction:
+    name: str
     opcode: str
     callees: tuple[str, ...]  # computations it runs (fused computations, loop bodies, branches)
     line: str
@@ -99,7 +104,7 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
         callees = [name for _, name in _CALLEES.findall(rest)]
         for _, group in _BRANCHES.findall(rest):
             callees += [name.strip().lstrip("%") for name in group.split(",") if name.strip()]
-        computations[current].append(_Instruction(opcode.group(1), tuple(callees), rest))
+        computations[current].append(_Instruction(instruction.group(1), opcode.group(1), tuple(callees), rest))
     if entry is None:
         raise ValueError("hlo_text has no ENTRY computation: pass the text of compiled.as_text()")
     return computations, entry
@@ -129,12 +134,15 @@ class _Counter:
     def __init__(self, computations):
         self.computations = computations
         self.opcodes: dict[str, int] = {}
+        self.names: dict[str, int] = {}
         self.total = self.matmuls = self.custom_calls = self.copies = self.graph_launches = 0
 
     def add(self, inst: _Instruction, graph_launch: bool = True) -> None:
         self.total += 1
         self.graph_launches += graph_launch
         self.opcodes[inst.opcode] = self.opcodes.get(inst.opcode, 0) + 1
+        kind = _kind(inst)
+        self.names[kind] = self.names.get(kind, 0) + 1
         if inst.opcode == "custom-call":
             self.custom_calls += 1
         if inst.opcode in ("copy", "copy-start"):
@@ -176,11 +184,25 @@ class _Counter:
             setattr(self, field, getattr(self, field) + getattr(other, field))
         for opcode, n in other.opcodes.items():
             self.opcodes[opcode] = self.opcodes.get(opcode, 0) + n
+        for kind, n in other.names.items():
+            self.names[kind] = self.names.get(kind, 0) + n
 
     def census(self) -> KernelCensus:
-        by_opcode = tuple(sorted(self.opcodes.items(), key=lambda kv: (-kv[1], kv[0])))
+        def ranked(counts):
+            return tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
         return KernelCensus(total=self.total, matmuls=self.matmuls, custom_calls=self.custom_calls,
-                            copies=self.copies, graph_launches=self.graph_launches, by_opcode=by_opcode)
+                            copies=self.copies, graph_launches=self.graph_launches,
+                            by_opcode=ranked(self.opcodes), by_name=ranked(self.names))
+
+
+def _kind(inst: _Instruction) -> str:
+    """What kind of kernel an instruction is: see `KernelCensus.by_name`."""
+    if inst.opcode == "custom-call":
+        return _target(inst.line) or inst.opcode
+    if inst.opcode == "fusion":
+        return re.sub(r"([._]\d+)+$", "", inst.name)
+    return inst.opcode
 
 
 def kernel_census(hlo_text: str, scope: str = "program") -> KernelCensus:

@@ -73,6 +73,15 @@ def _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_ne
                             rng=rng, target_calls=jnp.array(1, jnp.int32))
 
 
+def _next_token(logits, key, warp) -> jax.Array:
+    """The token after `logits` [B, V]: [B] int32. Greedy decoding takes the argmax alone, under a
+    `lax.cond`: warping and drawing (a softmax over V, three filter conditionals, a Gumbel draw over
+    V) would pick the same token, at a dozen kernels and two more host round trips per step."""
+    return jax.lax.cond(warp["temperature"] > 0,
+                        lambda: sample_probs(key, warp_probs(logits, **warp)),
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
 def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *, fused: bool) -> IncrementalState:
     """Decodes while some row is active and fewer than `step_limit` target passes ran."""
     graphdef, params = _fused(graphdef, params, fused)
@@ -83,7 +92,7 @@ def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *,
         logits, cache = call_model(graphdef, params, "decode", s.last[:, None], s.cache)
         # Stopped rows do not advance their cache.
         cache = cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
-        nxt = sample_probs(key, warp_probs(logits[:, 0], **warp))
+        nxt = _next_token(logits[:, 0], key, warp)
         buffer, lengths, done = emit_tokens(s.tokens, s.lengths, s.limit, s.done, nxt[:, None], ones, eos_id)
         return s.replace(tokens=buffer, lengths=lengths, done=done, last=jnp.where(s.done, s.last, nxt),
                          cache=cache, rng=rng, target_calls=s.target_calls + 1)
