@@ -25,6 +25,8 @@ from flax import nnx
 from fa2jax.config import TransformerConfig
 from fa2jax.model import Transformer
 
+# Block submodule -> its projections in either layout (the separate ones, then the fused one).
+_PROJECTIONS = {"attn": ("query", "key", "value", "qkv"), "mlp": ("gate", "up", "gate_up")}
 
 def fuse_projections(model: Transformer) -> Transformer:
     """`model` with fused projections: each block's attn.qkv [d_model, H + 2K, D] and mlp.gate_up
@@ -51,13 +53,14 @@ def _convert(model: Transformer, *, fused: bool) -> Transformer:
     pure = nnx.to_pure_dict(nnx.state(model))
     layers = [pure["layers"][i] for i in range(config.num_layers)]
     # Only the projections go through the jitted conversion: every other array is kept, not copied.
-    projections = [{"attn": _projections(layer["attn"], ("query", "key", "value", "qkv")),
-                    "mlp": _projections(layer["mlp"], ("gate", "up", "gate_up"))} for layer in layers]
-    convert = _fuse_layers if fused else _unfuse_layers
-    converted = convert(projections, heads=config.num_heads, kv_heads=config.num_kv_heads, d_ff=config.d_ff)
+    projections = [{part: {name: layer[part][name] for name in names if name in layer[part]}
+                    for part, names in _PROJECTIONS.items()} for layer in layers]
+    if fused:
+        converted = _fuse_layers(projections)
+    else:
+        converted = _unfuse_layers(projections, heads=config.num_heads, kv_heads=config.num_kv_heads, d_ff=config.d_ff)
     for layer, new in zip(layers, converted):
-        for part in ("attn", "mlp"):
-            names = ("query", "key", "value", "qkv") if part == "attn" else ("gate", "up", "gate_up")
+        for part, names in _PROJECTIONS.items():
             layer[part] = {k: v for k, v in layer[part].items() if k not in names} | new[part]
     state = jax.tree.map(lambda x: x, abstract)  # fresh containers: the cached template stays as it is
     nnx.replace_by_pure_dict(state, pure)
@@ -67,23 +70,18 @@ def _convert(model: Transformer, *, fused: bool) -> Transformer:
 @functools.cache
 def _template(config: TransformerConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The graph and abstract state of a `config` model, remembered per config: building a model
-    under `nnx.eval_shape` takes seconds of Python for a 30-layer model, and the generate functions
-    convert their models on every call."""
+    under `nnx.eval_shape` takes seconds of Python for a 30-layer model, and every SpeculativeDecoder
+    and every trace of generate_incremental converts its models."""
     return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
 
 
-def _projections(module: dict, names: tuple[str, ...]) -> dict:
-    return {name: module[name] for name in names if name in module}
-
-
-@functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "d_ff"))
-def _fuse_layers(layers: list[dict], *, heads: int, kv_heads: int, d_ff: int) -> list[dict]:
+@jax.jit
+def _fuse_layers(layers: list[dict]) -> list[dict]:
     """Per layer {"attn": {query, key, value}, "mlp": {gate, up}} -> {"attn": {qkv}, "mlp": {gate_up}}.
 
     Kernels: query [F, H, D], key/value [F, K, D] -> qkv [F, H + 2K, D] (head axis, query heads
     first); gate/up [d_model, d_ff] -> gate_up [d_model, 2 d_ff]. Biases concatenate the same way.
     """
-    del heads, kv_heads, d_ff  # the shapes say it all; the arguments keep one signature with _unfuse_layers
     fused = []
     for layer in layers:
         attn, mlp = layer["attn"], layer["mlp"]

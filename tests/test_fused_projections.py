@@ -129,7 +129,7 @@ def test_kernel_census_counts_fusions_matmuls_and_loop_bodies():
     x = jnp.ones((64, 64))
     census = kernel_census(jax.jit(two_products).lower(x, x, x).compile().as_text())
     assert census.matmuls == 2 and census.total >= 2
-    assert census.total == sum(n for _, n in census.by_opcode)
+    assert census.total == sum(n for _, n in census.by_opcode) == sum(n for _, n in census.by_name)
 
     def loop(x):
         return jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ y), x)
