@@ -239,7 +239,13 @@ def dot_product_attention(
         why = _cudnn_unsupported(query, **cudnn_args)
         if why is not None:
             raise ValueError(f"implementation='cudnn' {why}")
-        # Every mask folded into one dense boolean: jax.nn's own causal/window flags align top-left.
+        plain = segment_ids is None and mask is None and config.left_limit is None
+        if plain and (config.right_limit is None or (config.right_limit == 0 and T == S)):
+            # No mask, or causal self-attention (where top-left and bottom-right alignment coincide):
+            # cuDNN's own flag skips the masked tiles instead of reading a dense [T, S] mask.
+            return jax.nn.dot_product_attention(query, key, value, bias, scale=problem.sm_scale,
+                                                is_causal=config.right_limit == 0, implementation="cudnn")
+        # Every other mask folded into one dense boolean: jax.nn's own causal/window flags align top-left.
         allowed = jnp.broadcast_to(allowed, (allowed.shape[0], allowed.shape[1], T, S))
         return jax.nn.dot_product_attention(query, key, value, bias, allowed, scale=problem.sm_scale,
                                             implementation="cudnn")

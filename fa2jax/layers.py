@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fa2jax import attention
+from fa2jax import attention, parallel_attention, sharding
 from fa2jax.config import RopeScalingConfig
 from fa2jax.kv_cache import KVCache
 
@@ -320,6 +320,7 @@ class MultiHeadAttention(nnx.Module):
         segment_ids=None,
         positions: jax.Array | None = None,  # [B, T]
         kv_positions: jax.Array | None = None,  # [B, S]
+        zigzag: bool = False,
     ) -> jax.Array:
         """Attention of inputs_q to inputs_k / inputs_v (self-attention when both are None).
 
@@ -330,6 +331,10 @@ class MultiHeadAttention(nnx.Module):
             is_causal: overrides the constructor's default.
             segment_ids: [B, T] (self-attention) or (q_ids [B, T], kv_ids [B, S]).
             positions / kv_positions: RoPE positions, default 0..T-1 / 0..S-1.
+            zigzag: the sequence is in the zig-zag order of the context mesh's "context" axis
+                (`pallas_kernels.fa2.ring.zigzag`; pass the positions of that order): with that
+                axis of n > 1 devices, self-attention runs as ring attention over it
+                (`fa2jax.parallel_attention.ring_self_attention`). `Transformer` sets it.
 
         Returns:
             [B, T, F_out].
@@ -358,10 +363,14 @@ class MultiHeadAttention(nnx.Module):
                 if stream is None:
                     raise ValueError("dropout needs rngs: pass rngs= to the call")
                 dropout_rate, dropout_rng = self.dropout_rate, stream()
-        out = attention.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.is_causal if is_causal is None else is_causal, scale=self.scale,
-            local_window_size=self.window_size, segment_ids=segment_ids, softcap=self.softcap,
-            dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=self.implementation)
+        common = dict(mask=mask, is_causal=self.is_causal if is_causal is None else is_causal, scale=self.scale,
+                      segment_ids=segment_ids, softcap=self.softcap, dropout_rate=dropout_rate,
+                      implementation=self.implementation)
+        if zigzag and sharding.context_shards() > 1:
+            out = parallel_attention.ring_self_attention(q, k, v, window_size=self.window_size, **common)
+        else:
+            out = attention.dot_product_attention(q, k, v, local_window_size=self.window_size,
+                                                  dropout_rng=dropout_rng, **common)
         return self.out(out)
 
     def prefill(self, inputs: jax.Array, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:

@@ -328,3 +328,22 @@ def test_multi_head_attention_dropout_and_rope():
     # RoPE makes attention depend on relative positions only: shifting all positions changes nothing.
     shifted = layer(x, deterministic=True, is_causal=True, positions=jnp.full((2, 8), 7) + jnp.arange(8))
     np.testing.assert_allclose(shifted, clean, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,S,kwargs", [
+    (64, 64, {}),
+    (64, 64, dict(is_causal=True)),  # cuDNN's own causal flag
+    (48, 80, dict(is_causal=True)),  # bottom-right causal: a dense mask
+    (64, 64, dict(local_window_size=(8, 0))),
+])
+def test_cudnn_matches_reference(T, S, kwargs):
+    """The cuDNN path, each of its two routes (flags, dense mask), against the f32 oracle."""
+    q, k, v = _qkv(11, B=2, T=T, S=S, H=4, K=2, D=64, dtype=jnp.bfloat16)
+    out = fa2jax.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+    ref_kwargs = dict(causal=kwargs.get("is_causal", False))
+    if "local_window_size" in kwargs:
+        ref_kwargs["window_size"] = kwargs["local_window_size"]
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    expected = attention_reference(*f32, **ref_kwargs)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2)
