@@ -347,3 +347,24 @@ def test_cudnn_matches_reference(T, S, kwargs):
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     expected = attention_reference(*f32, **ref_kwargs)
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2)
+
+
+def test_measured_fastest_table_sends_calls_to_cudnn(monkeypatch):
+    """implementation=None follows fa2jax/measured_fastest.json: a recorded key goes to cuDNN, any
+    other key (another feature set, head dim or device) keeps the Pallas kernels."""
+    from fa2jax import attention
+
+    chosen = []
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(attention, "_log_choice", lambda name, impl, reason: chosen.append(impl))
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", lambda *a, **k: "cudnn-called")
+    monkeypatch.setattr(attention.parallel_attention, "flash_attention", lambda *a, **k: "pallas-called")
+    q, k, v = _qkv(3, T=8, S=8, H=2, K=2, D=256, dtype=jnp.bfloat16)
+    assert fa2jax.dot_product_attention(q, k, v, is_causal=True) == "cudnn-called"
+    assert fa2jax.dot_product_attention(q, k, v) == "pallas-called"  # non-causal D=256: not recorded
+    q, k, v = _qkv(3, T=8, S=8, H=2, K=2, D=128, dtype=jnp.bfloat16)
+    assert fa2jax.dot_product_attention(q, k, v, is_causal=True) == "pallas-called"
+    assert chosen == ["cudnn", "pallas", "pallas"]
+    table = attention._measured_fastest()
+    assert all(entry["fastest"] in attention.IMPLEMENTATIONS for key, entry in table.items() if key != "_about")

@@ -242,10 +242,10 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
             raise ValueError(
                 f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal and window "
                 f"only; got dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
-        return mosaic_bwd.MosaicBwdConfig()
+        return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
     if backend is None and not interpret and on_hopper():
         if covered:
-            return mosaic_bwd.MosaicBwdConfig()
+            return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
         _log_fallback("backward", problem, features)
     return None
 
@@ -345,7 +345,13 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic=}")
     if mosaic_bwd_config is not None and not deterministic:
-        mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False)
+        if mosaic_bwd.atomic_dq_available():
+            # The dS and dQ-partial buffers of the reduce-add mode leave no shared memory for a third
+            # ring slot at D=128 (248 KB > 227 KB, seen in the sm90 lowering).
+            mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False, num_stages=2)
+        else:
+            logger.info("flash_attention backward: deterministic=False asked for, but the reduce-add dQ "
+                        "kernel does not lower on jax %s; the deterministic dQ kernel runs", jax.__version__)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:

@@ -55,6 +55,13 @@ class MosaicBwdConfig:
         if self.num_stages < 2:
             raise ValueError(f"the streamed ring needs at least 2 slots: {self.num_stages=}")
 
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> "MosaicBwdConfig":
+        """The default tiles per head dim, from the H100 sweep (benchmarks/mosaic_bwd_sweep.py, BENCHMARKS.md):
+        at D=128 a third ring slot hides the Q/dO copies (+4-5%); at D=64 the dQ kernel's 128-row
+        consumers halve its K/V traffic (+8-10%). Larger dK/dV tiles were slower or did not fit."""
+        return cls(num_stages=3) if head_dim > 64 else cls(block_q_dq=128)
+
     @property
     def q_multiple(self) -> int:
         return max(self.block_q, CONSUMERS * self.block_q_dq)
@@ -62,6 +69,15 @@ class MosaicBwdConfig:
     @property
     def kv_multiple(self) -> int:
         return max(CONSUMERS * self.block_kv, self.block_kv_dq)
+
+
+def atomic_dq_available() -> bool:
+    """Whether the reduce-add dQ mode (`deterministic=False`) may run: on jax 0.11.2 its kernel
+    (pl.kernel with a mutable ref) failed to lower on an H100 ("Shaped arrays must be represented by
+    ir.Values, got: TypedInt"), so from 0.11 on the deterministic dQ kernel runs instead."""
+    from packaging.version import Version
+
+    return Version(jax.__version__) < Version("0.11")
 
 
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
