@@ -60,11 +60,12 @@ class Block(nnx.Module):
             is_causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=config.attn_softcap,
             scale=config.attn_scale, rope_theta=rope_theta, rope_scaling=rope_scaling, qk_norm=config.qk_norm,
             norm_epsilon=config.norm_eps, norm_offset=config.norm_offset, implementation=config.attention_impl,
-            rngs=rngs)
+            fused_qkv=config.fused_projections, rngs=rngs)
         self.attn_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = GatedMLP(config.d_model, config.d_ff, activation=config.mlp_activation, use_bias=config.mlp_bias,
-                            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+                            dtype=config.dtype, param_dtype=config.param_dtype, fused=config.fused_projections,
+                            rngs=rngs)
         self.mlp_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
 
     def _residuals(self, x, attn):
@@ -96,7 +97,8 @@ class Transformer(nnx.Module):
     Parameters: `embed` (nnx.Embed [V, d_model]), `layers[i]` (`Block`: attn_norm, attn.{query, key,
     value, out} (with q_norm, k_norm under config.qk_norm), mlp_norm, mlp.{gate, up, down}, and
     attn_post_norm, mlp_post_norm under config.post_norms), `final_norm`, and `lm_head` [d_model, V]
-    unless embeddings are tied.
+    unless embeddings are tied. Under config.fused_projections attn.qkv replaces attn.{query, key,
+    value} and mlp.gate_up replaces mlp.{gate, up} (see `fa2jax.fuse_projections`).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
