@@ -9,6 +9,7 @@
   fa2jax-train ... --resume                       # continue the run in --out
   fa2jax-train ... --resume --steps 6000          # ... and extend it
   fa2jax-train --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2, ...)
+  fa2jax-train ... --seq-len 131072 --mesh data=2,context=4   # long rows split over 4 devices each
 
 `fa2jax-train` (this module's `cli_main`) and `python examples/train.py` are the same command; it
 needs the `examples` extra: pip install 'fa2jax[examples]'. Every field of TrainConfig and the size
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: pallas on GPU, automatic elsewhere")
     p.add_argument("--mesh", help="train across the devices of this mesh, e.g. data=8 or data=2,fsdp=2,model=2: "
                                    "data/fsdp split the batch (fsdp also the parameters), model splits heads, MLP "
-                                   "and vocabulary (fa2jax.sharding); --batch-size stays the global micro-batch. "
-                                   "A run may resume on another mesh")
+                                   "and vocabulary, context splits the sequence (ring attention; --seq-len a "
+                                   "multiple of 2 x its size) (fa2jax.sharding); --batch-size stays the global "
+                                   "micro-batch. A run may resume on another mesh")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (and no tqdm import)")
     p.add_argument("--stop-after-minutes", type=float,
                    help="checkpoint and exit after this much training time (continue with --resume)")
