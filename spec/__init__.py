@@ -2,8 +2,8 @@
 
 Trees (`ExpansionTree`, `MergedTree`, `DynamicTree`), drafts (the `Drafter` protocol; a
 `Transformer` draft is a `ModelDrafter`, an EAGLE-style feature head a `FeatureDrafter`),
-lossless greedy and stochastic verification, and `SpeculativeDecoder`, whose `generate` is one jit-compiled loop; `generate_incremental` is the
-target-only baseline with the same result type.
+lossless greedy and stochastic verification, and `SpeculativeDecoder`, whose `generate` is one
+jit-compiled loop; `generate_incremental` is the target-only baseline with the same result type.
 """
 from spec.decoder import DecodeState, SpeculativeDecoder
 from spec.drafters import Drafter, ModelDrafter
