@@ -273,3 +273,28 @@ def test_misuse_raises(models, tmp_path):
                          {"model_config": target.config})
     with pytest.raises(ValueError, match="not a feature head checkpoint"):
         load_feature_head(tmp_path)
+
+
+def test_train_script_feature_head(tmp_path):
+    """examples/train.py --draft-kind feature trains a head for a teacher and saves it loadable."""
+    from fa2jax.training import cli
+    from fa2jax.training.command import main
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 4)
+    teacher = os.path.join(os.path.dirname(__file__), "..", "examples", "checkpoints", "target")
+    base = ["--draft-kind", "feature", "--teacher", teacher, "--data", str(corpus), "--steps", "2",
+            "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1",
+            "--no-progress", "--out", str(tmp_path / "head")]
+    summary = main(base + ["--save-dtype", "bfloat16", "--d-ff", "96"])
+    assert summary["step"] == 2 and "val_agree" in summary
+    head = load_feature_head(tmp_path / "head")
+    assert head.config.layer.d_ff == 96 and head.fc.kernel.dtype == jnp.bfloat16
+    assert head.config.vocab_size == FeatureHeadConfig.for_target(ckpt.read_model_config(teacher)).vocab_size
+    with pytest.raises(cli.UsageError, match="needs --teacher"):
+        main([a for a in base if a != teacher and a != "--teacher"])
+    with pytest.raises(cli.UsageError, match="--d-model"):
+        main(base + ["--d-model", "64"])
+    with pytest.raises(cli.UsageError, match="token_weight"):
+        main(base + ["--token-weight", "-1"])
