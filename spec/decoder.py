@@ -4,11 +4,12 @@ Algorithm (Miao et al., "SpecInfer", ASPLOS'24): per step the drafts grow a toke
 the last emitted token (`spec.draft`), the target scores every node in one `score_tree` pass,
 verification keeps the longest acceptable root path plus one token of the target's own
 (`spec.verify`), and the target's cache and every draft's state commit that path
-(`KVCache.accept`, `Drafter.commit`). A drafter that sets `needs_target_hidden` (the EAGLE-style
-`spec.FeatureDrafter`) also gets the target's final hidden states of the prefill and of the tree. A step emits between 1 and depth + 1 tokens for a single
+(`KVCache.accept`, `Drafter.commit`). A step emits between 1 and depth + 1 tokens for a single
 target pass; the output is exactly the target's own greedy decoding (verify="greedy") or has
 exactly the target's sampling distribution (verify="stochastic"). A draft is anything that
-implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafter`.
+implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafter`. A drafter that
+sets `needs_target_hidden` (the EAGLE-style `spec.FeatureDrafter`) also gets the target's final
+hidden states of the prefill and of every scored tree.
 
 The loop is a `lax.while_loop` over `DecodeState`; prefill, the loop and the result are one jitted
 function, compiled once per (batch, prompt length, max_new_tokens) and decoder. Rows advance by
