@@ -196,7 +196,7 @@ def load_feature_head(path: str | os.PathLike, *, dtype=None, **layer_changes) -
     Returns:
       The head, its digests checked (`fa2jax.checkpoint.load_checkpoint`).
     """
-    path = ckpt.resolve_checkpoint(path)
+    path = ckpt.resolve_checkpoint(path).absolute()  # orbax reads absolute paths only
     config = read_feature_head_config(path)
     abstract = nnx.eval_shape(lambda: FeatureHead(config, rngs=nnx.Rngs(0)))
     graphdef, target = nnx.split(abstract, nnx.Param)

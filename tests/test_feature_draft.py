@@ -239,7 +239,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(models, rows):
                                                 & (rows.segment_ids[:4, 1:] != 0)))
 
 
-def test_train_save_load_round_trip(models, rows, tmp_path):
+def test_train_save_load_round_trip(models, rows, tmp_path, monkeypatch):
     target, _ = models
     cfg = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1, log_every=1, eval_every=3, eval_batches=1)
     summary = train_feature_head(target, rows, tmp_path / "run", train_cfg=cfg, val_rows=rows, show_progress=False,
@@ -256,7 +256,9 @@ def test_train_save_load_round_trip(models, rows, tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(head, nnx.Param)), jax.tree.leaves(nnx.state(small, nnx.Param))):
         assert b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
-    assert load_feature_head(path, dtype=jnp.float32).fc.kernel.dtype == jnp.float32
+    # A relative path reads too (orbax itself takes absolute ones only), cast back to float32.
+    monkeypatch.chdir(tmp_path)
+    assert load_feature_head("bf16", dtype=jnp.float32).fc.kernel.dtype == jnp.float32
 
 
 def test_misuse_raises(models, tmp_path):
