@@ -4,6 +4,7 @@
   python examples/train.py --preset target-1b --out out/target
   python examples/train.py ... --resume --steps 6000          # continue the run in --out, extended
   python examples/train.py --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2)
+  python examples/train.py ... --seq-len 8192 --mesh data=1,context=4   # each row split over 4 devices
 
 `python examples/train.py --help` lists every flag. Needs the `examples` extra:
 pip install 'fa2jax[examples]'.

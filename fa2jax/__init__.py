@@ -7,6 +7,7 @@ from fa2jax._deprecation import renamed_attributes
 from fa2jax.attention import decode_attention, dot_product_attention, tree_attention
 from fa2jax.checking import checked
 from fa2jax.config import RopeScalingConfig, TransformerConfig
+from fa2jax.fusion import fuse_projections, unfuse_projections
 from fa2jax.hf_export import save_pretrained
 from fa2jax.hf_llama import load_hf_llama
 from fa2jax.kv_cache import KVCache
@@ -26,6 +27,8 @@ __all__ = [
     "TransformerConfig",
     "RopeScalingConfig",
     "KVCache",
+    "fuse_projections",
+    "unfuse_projections",
     "checked",
     # loading
     "load_pretrained",

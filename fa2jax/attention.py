@@ -10,7 +10,8 @@ Implementations:
     "xla":    plain jnp, materialising the [T, S] scores; f32 softmax, matmuls in the input dtype.
     "cudnn":  `jax.nn.dot_product_attention(implementation="cudnn")`; CUDA GPUs, fp16/bf16 only.
 None picks, per call, the first of pallas > cudnn > xla that supports the arguments on the current
-platform (on CPU always xla) and logs the choice once. An implementation asked for by name is never
+platform (on CPU always xla) and logs the choice once; where `measured_fastest.json` records cuDNN
+as faster on this GPU for the call's dtype, head dim and features, cuDNN comes first. An implementation asked for by name is never
 swapped for another: arguments it cannot honour raise a ValueError that says why.
 
 Conventions shared by every implementation (and by `pallas_kernels`):
@@ -24,18 +25,23 @@ Conventions shared by every implementation (and by `pallas_kernels`):
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
 
 from fa2jax import parallel_attention
+from pallas_kernels.common.device import device_kind
 from pallas_kernels.fa2 import masking
+from pallas_kernels.fa2.block_sizes import cache_key, feature_names
 from pallas_kernels.fa2.arguments import validate
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("pallas", "xla", "cudnn")
+MEASURED_FASTEST = pathlib.Path(__file__).with_name("measured_fastest.json")
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # Padding ids for folded sequence lengths: a padded query matches no key, a padded key no query.
 _PAD_QUERY_ID = jnp.iinfo(jnp.int32).min
@@ -55,6 +61,18 @@ def _check_implementation(implementation: str | None) -> None:
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _measured_cudnn_faster(query, **features) -> bool:
+    """Whether fa2jax/measured_fastest.json records cuDNN as faster (fwd + bwd) than our kernels for
+    this device, dtype, head dim and feature set (exact key: an unmeasured call keeps the Pallas kernels)."""
+    key = cache_key(device_kind(), query.dtype, query.shape[-1], feature_names(**features))
+    return _measured_fastest().get(key, {}).get("fastest") == "cudnn"
+
+
+@functools.cache
+def _measured_fastest() -> dict:
+    return json.loads(MEASURED_FASTEST.read_text())
 
 
 def _dropout_seed(dropout_rate: float, dropout_rng) -> jax.Array | None:
@@ -210,7 +228,10 @@ def dot_product_attention(
 
     if implementation is None:
         pallas_ok = _on_gpu() and bias is None
-        if pallas_ok:
+        if pallas_ok and _cudnn_unsupported(query, **cudnn_args) is None and _measured_cudnn_faster(
+                query, causal=is_causal, window_size=window, segment_ids=segment_ids, mask=mask):
+            implementation, reason = "cudnn", "measured faster than the Pallas kernels for these arguments"
+        elif pallas_ok:
             implementation, reason = "pallas", "GPU with the FlashAttention-2 kernel"
         elif _on_gpu() and _cudnn_unsupported(query, **cudnn_args) is None:
             implementation, reason = "cudnn", "GPU, arguments outside the Pallas kernel"
@@ -239,7 +260,13 @@ def dot_product_attention(
         why = _cudnn_unsupported(query, **cudnn_args)
         if why is not None:
             raise ValueError(f"implementation='cudnn' {why}")
-        # Every mask folded into one dense boolean: jax.nn's own causal/window flags align top-left.
+        plain = segment_ids is None and mask is None and config.left_limit is None
+        if plain and (config.right_limit is None or (config.right_limit == 0 and T == S)):
+            # No mask, or causal self-attention (where top-left and bottom-right alignment coincide):
+            # cuDNN's own flag skips the masked tiles instead of reading a dense [T, S] mask.
+            return jax.nn.dot_product_attention(query, key, value, bias, scale=problem.sm_scale,
+                                                is_causal=config.right_limit == 0, implementation="cudnn")
+        # Every other mask folded into one dense boolean: jax.nn's own causal/window flags align top-left.
         allowed = jnp.broadcast_to(allowed, (allowed.shape[0], allowed.shape[1], T, S))
         return jax.nn.dot_product_attention(query, key, value, bias, allowed, scale=problem.sm_scale,
                                             implementation="cudnn")

@@ -114,6 +114,12 @@ class TransformerConfig:
             decode, score_tree) give the padding rows [tokenizer_vocab_size, vocab_size) logit
             -inf, so no sampler picks an id no tokenizer can decode. `load_pretrained` sets it from
             a fa2jax checkpoint's tokenizer.
+        fused_projections: an inference layout with fewer, wider matmuls per layer: each block's
+            query/key/value projections are one `attn.qkv` kernel [d_model, H + 2K, D] and the MLP's
+            gate/up one `mlp.gate_up` kernel [d_model, 2 * d_ff] (gate columns first). Decoding at a
+            small batch is bound by the number of kernels, not by the weights' bytes. Loaders,
+            checkpoints, training and sharding use the separate projections: convert a loaded model
+            with `fa2jax.fuse_projections` (and back with `fa2jax.unfuse_projections`).
 
     Family switches (the defaults are Llama's):
         qkv_bias / out_bias / mlp_bias: biases on the query/key/value projections (Qwen2), on the
@@ -153,6 +159,7 @@ class TransformerConfig:
     rope_scaling: RopeScalingConfig | None = None
     invariant_rows: int = 0
     tokenizer_vocab_size: int | None = None
+    fused_projections: bool = False
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -195,6 +202,8 @@ class TransformerConfig:
                 isinstance(self.tokenizer_vocab_size, int) and 1 <= self.tokenizer_vocab_size <= self.vocab_size):
             raise ValueError(f"tokenizer_vocab_size must be None or an int in [1, vocab_size={self.vocab_size}], got "
                              f"{self.tokenizer_vocab_size=}")
+        if not isinstance(self.fused_projections, bool):
+            raise ValueError(f"fused_projections must be a bool, got {self.fused_projections=}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScalingConfig):
             raise ValueError(f"rope_scaling must be a RopeScalingConfig or None, got {self.rope_scaling=}")
         if self.mlp_activation not in MLP_ACTIVATIONS:

@@ -60,9 +60,10 @@ class FeatureHeadConfig:
     @classmethod
     def for_target(cls, target: TransformerConfig, fc_bias: bool = True, **layer_changes) -> FeatureHeadConfig:
         """A head for `target`: one layer with its widths and family switches, full attention
-        (no window pattern), plain cached calls; `layer_changes` overrides fields (e.g. d_ff, dtype)."""
+        (no window pattern), plain cached calls and the unfused (trained) projection layout;
+        `layer_changes` overrides fields (e.g. d_ff, dtype)."""
         layer = target.replace(num_layers=1, layer_windows=(), local_rope_theta=None, invariant_rows=0,
-                               tokenizer_vocab_size=None)
+                               tokenizer_vocab_size=None, fused_projections=False)
         return cls(layer=layer.replace(**layer_changes) if layer_changes else layer, fc_bias=fc_bias)
 
     @property

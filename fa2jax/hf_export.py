@@ -23,6 +23,7 @@ from flax import nnx
 from safetensors.flax import save_file
 
 from fa2jax.config import TransformerConfig
+from fa2jax.fusion import unfuse_projections
 from fa2jax.hf_llama import config_from_hf
 from fa2jax.model import Transformer
 from fa2jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -177,6 +178,8 @@ def save_pretrained(model: Transformer, folder: str | os.PathLike, tokenizer: To
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a fa2jax Transformer, got {type(model)=}")
+    # Hugging Face stores separate projections; a model fused for decoding is split back.
+    model = unfuse_projections(model)
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"{max_shard_bytes=} must be a positive int")
     hf_tok = None if tokenizer is None else _hf_tokenizer(tokenizer)

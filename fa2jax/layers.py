@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fa2jax import attention
+from fa2jax import attention, parallel_attention, sharding
 from fa2jax.config import RopeScalingConfig
 from fa2jax.kv_cache import KVCache
 
@@ -134,27 +134,44 @@ _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu,
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with act = silu (Llama), GeGLU with the tanh GELU (Gemma)."""
+    """down(act(gate(x)) * up(x)): SwiGLU with act = silu (Llama), GeGLU with the tanh GELU (Gemma).
+
+    Parameters: `gate`, `up` [d_model, d_ff] and `down` [d_ff, d_model]; with `fused` one `gate_up`
+    [d_model, 2 * d_ff] (gate's columns, then up's) replaces gate and up: one matmul instead of two.
+    """
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "silu", use_bias: bool = False, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, fused: bool = False, rngs: nnx.Rngs):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"{activation=} is not one of {tuple(_ACTIVATIONS)}")
         kwargs = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.activation = activation
-        self.gate = nnx.Linear(d_model, d_ff, **kwargs)
-        self.up = nnx.Linear(d_model, d_ff, **kwargs)
+        self.d_ff = d_ff
+        if fused:
+            self.gate_up = nnx.Linear(d_model, 2 * d_ff, **kwargs)
+            self.gate = self.up = nnx.data(None)
+        else:
+            self.gate_up = nnx.data(None)
+            self.gate = nnx.Linear(d_model, d_ff, **kwargs)
+            self.up = nnx.Linear(d_model, d_ff, **kwargs)
         self.down = nnx.Linear(d_ff, d_model, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, d_model]
-        return self.down(_ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
+        if self.gate_up is None:
+            gate, up = self.gate(x), self.up(x)
+        else:
+            both = self.gate_up(x)  # [B, T, 2 * d_ff]
+            gate, up = both[..., :self.d_ff], both[..., self.d_ff:]
+        return self.down(_ACTIVATIONS[self.activation](gate) * up)
 
 
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention with GQA, RoPE, causal/window masks, segments, dropout and KV-cache calls.
 
     Parameters match `flax.nnx.MultiHeadAttention`: `query` [F, H, D], `key` / `value` [F, K, D],
-    `out` [H, D, F_out] (LinearGeneral kernels, biases when `use_bias`).
+    `out` [H, D, F_out] (LinearGeneral kernels, biases when `use_bias`). With `fused_qkv` one `qkv`
+    [F, H + 2K, D] (query heads, then key heads, then value heads) replaces query, key and value:
+    one matmul instead of three, for self-attention only.
     """
 
     def __init__(
@@ -186,6 +203,7 @@ class MultiHeadAttention(nnx.Module):
         norm_offset: float = 0.0,
         out_bias: bool | None = None,
         implementation: str | None = None,
+        fused_qkv: bool = False,
         rngs: nnx.Rngs,
     ):
         """Args (beyond nnx.MultiHeadAttention's):
@@ -200,6 +218,8 @@ class MultiHeadAttention(nnx.Module):
             norm_epsilon / norm_offset: of those norms (see `RMSNorm`).
             out_bias: bias on the output projection; None = use_bias (Qwen2 has q/k/v biases only).
             implementation: "pallas" | "xla" | "cudnn" | None, see `fa2jax.dot_product_attention`.
+            fused_qkv: one `qkv` projection instead of query/key/value (needs in_kv_features ==
+                in_features; calls then take one input, self-attention).
         """
         num_kv_heads = num_kv_heads or num_heads
         if head_dim is None:
@@ -234,9 +254,17 @@ class MultiHeadAttention(nnx.Module):
                                      rngs=rngs)
 
         in_kv_features = in_kv_features or in_features
-        self.query = proj(in_features, num_heads)
-        self.key = proj(in_kv_features, num_kv_heads)
-        self.value = proj(in_kv_features, num_kv_heads)
+        if fused_qkv:
+            if in_kv_features != in_features:
+                raise ValueError(f"fused_qkv projects one input, so in_kv_features must equal in_features, got "
+                                 f"{in_kv_features=} {in_features=}")
+            self.qkv = proj(in_features, num_heads + 2 * num_kv_heads)
+            self.query = self.key = self.value = nnx.data(None)
+        else:
+            self.qkv = nnx.data(None)
+            self.query = proj(in_features, num_heads)
+            self.key = proj(in_kv_features, num_kv_heads)
+            self.value = proj(in_kv_features, num_kv_heads)
         if qk_norm:
             norm = dict(epsilon=norm_epsilon, offset=norm_offset, dtype=dtype, param_dtype=param_dtype)
             self.q_norm = RMSNorm(head_dim, **norm)
@@ -263,11 +291,21 @@ class MultiHeadAttention(nnx.Module):
         inv_freq = rope_frequencies(self.head_dim, self.rope_theta, scaling, seq_len)
         return apply_rope(x, positions, inv_freq, 1.0 if scaling is None else scaling.cos_sin_scale)
 
+    def _linear_qkv(self, inputs_q, inputs_k, inputs_v):
+        """The projections alone: queries [B, T, H, D], keys and values [B, S, K, D]."""
+        if self.qkv is None:
+            return self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+        if inputs_k is not inputs_q or inputs_v is not inputs_q:
+            raise ValueError("a fused_qkv layer projects one input (self-attention): pass inputs_k=None and "
+                             "inputs_v=None, or build the layer with fused_qkv=False")
+        H, K = self.num_heads, self.num_kv_heads
+        qkv = self.qkv(inputs_q)  # [B, T, H + 2K, D]
+        return qkv[..., :H, :], qkv[..., H:H + K, :], qkv[..., H + K:, :]
+
     def project(self, inputs_q, inputs_kv, positions_q=None, positions_kv=None):
         """Queries [B, T, H, D] and keys/values [B, S, K, D], qk-norm and RoPE applied to queries and keys."""
-        q = self._rope(self.query(inputs_q), positions_q, self.q_norm)
-        k = self._rope(self.key(inputs_kv), positions_kv, self.k_norm)
-        return q, k, self.value(inputs_kv)
+        q, k, v = self._linear_qkv(inputs_q, inputs_kv, inputs_kv)
+        return self._rope(q, positions_q, self.q_norm), self._rope(k, positions_kv, self.k_norm), v
 
     def __call__(
         self,
@@ -282,6 +320,7 @@ class MultiHeadAttention(nnx.Module):
         segment_ids=None,
         positions: jax.Array | None = None,  # [B, T]
         kv_positions: jax.Array | None = None,  # [B, S]
+        zigzag: bool = False,
     ) -> jax.Array:
         """Attention of inputs_q to inputs_k / inputs_v (self-attention when both are None).
 
@@ -292,6 +331,10 @@ class MultiHeadAttention(nnx.Module):
             is_causal: overrides the constructor's default.
             segment_ids: [B, T] (self-attention) or (q_ids [B, T], kv_ids [B, S]).
             positions / kv_positions: RoPE positions, default 0..T-1 / 0..S-1.
+            zigzag: the sequence is in the zig-zag order of the context mesh's "context" axis
+                (`pallas_kernels.fa2.ring.zigzag`; pass the positions of that order): with that
+                axis of n > 1 devices, self-attention runs as ring attention over it
+                (`fa2jax.parallel_attention.ring_self_attention`). `Transformer` sets it.
 
         Returns:
             [B, T, F_out].
@@ -307,9 +350,9 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"inputs_q must end in in_features={self.in_features}, got {inputs_q.shape=}")
         if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
             mask = jnp.asarray(mask) != 0  # Flax's mask helpers build float 0/1 masks
-        q = self._rope(self.query(inputs_q), positions, self.q_norm)
-        k = self._rope(self.key(inputs_k), kv_positions, self.k_norm)
-        v = self.value(inputs_v)
+        q, k, v = self._linear_qkv(inputs_q, inputs_k, inputs_v)
+        q = self._rope(q, positions, self.q_norm)
+        k = self._rope(k, kv_positions, self.k_norm)
         dropout_rate, dropout_rng = 0.0, None
         if self.dropout_rate > 0:
             deterministic = self.deterministic if deterministic is None else deterministic
@@ -320,10 +363,14 @@ class MultiHeadAttention(nnx.Module):
                 if stream is None:
                     raise ValueError("dropout needs rngs: pass rngs= to the call")
                 dropout_rate, dropout_rng = self.dropout_rate, stream()
-        out = attention.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.is_causal if is_causal is None else is_causal, scale=self.scale,
-            local_window_size=self.window_size, segment_ids=segment_ids, softcap=self.softcap,
-            dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=self.implementation)
+        common = dict(mask=mask, is_causal=self.is_causal if is_causal is None else is_causal, scale=self.scale,
+                      segment_ids=segment_ids, softcap=self.softcap, dropout_rate=dropout_rate,
+                      implementation=self.implementation)
+        if zigzag and sharding.context_shards() > 1:
+            out = parallel_attention.ring_self_attention(q, k, v, window_size=self.window_size, **common)
+        else:
+            out = attention.dot_product_attention(q, k, v, local_window_size=self.window_size,
+                                                  dropout_rng=dropout_rng, **common)
         return self.out(out)
 
     def prefill(self, inputs: jax.Array, cache: KVCache, layer: int) -> tuple[jax.Array, KVCache]:
@@ -373,7 +420,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"cached attention is causal, so its window looks back only, got {self.window_size=}")
         q, k, v = self.project(inputs, inputs, positions, positions)
         cache = cache.write(layer, k, v, cache.lengths)
-        keys, values = cache.keys[layer], cache.values[layer]  # [B, S, K, D]
+        keys, values = cache.layer_keys[layer], cache.layer_values[layer]  # [B, S, K, D]
         if tree_mask is None and batch_invariant:  # a chain, through the invariant tree walk
             tree_mask = np.tril(np.ones((q.shape[1],) * 2, bool))
         common = dict(scale=self.scale, softcap=self.softcap, window=left, implementation=self.implementation)

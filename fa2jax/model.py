@@ -39,7 +39,8 @@ from fa2jax._deprecation import warn_renamed
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
 from fa2jax.layers import GatedMLP, MultiHeadAttention, RMSNorm, segment_positions
-from fa2jax.sharding import ACTIVATION_AXES, constrain
+from fa2jax.sharding import ACTIVATION_AXES, constrain, context_shards
+from pallas_kernels.fa2 import ring
 from pallas_kernels.tree import arguments as tree_arguments
 
 
@@ -62,11 +63,12 @@ class Block(nnx.Module):
             is_causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=config.attn_softcap,
             scale=config.attn_scale, rope_theta=rope_theta, rope_scaling=rope_scaling, qk_norm=config.qk_norm,
             norm_epsilon=config.norm_eps, norm_offset=config.norm_offset, implementation=config.attention_impl,
-            rngs=rngs)
+            fused_qkv=config.fused_projections, rngs=rngs)
         self.attn_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = GatedMLP(config.d_model, config.d_ff, activation=config.mlp_activation, use_bias=config.mlp_bias,
-                            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+                            dtype=config.dtype, param_dtype=config.param_dtype, fused=config.fused_projections,
+                            rngs=rngs)
         self.mlp_post_norm = RMSNorm(config.d_model, **norm) if config.post_norms else nnx.data(None)
 
     def _residuals(self, x, attn):
@@ -79,8 +81,9 @@ class Block(nnx.Module):
             mlp = self.mlp_post_norm(mlp)
         return x + mlp
 
-    def __call__(self, x, *, segment_ids, positions):  # x [B, T, d_model]
-        return self._residuals(x, self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions))
+    def __call__(self, x, *, segment_ids, positions, zigzag: bool = False):  # x [B, T, d_model]
+        return self._residuals(x, self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions,
+                                            zigzag=zigzag))
 
     def prefill(self, x, cache: KVCache, layer: int):
         attn, cache = self.attn.prefill(self.attn_norm(x), cache, layer)
@@ -97,7 +100,8 @@ class Transformer(nnx.Module):
     Parameters: `embed` (nnx.Embed [V, d_model]), `layers[i]` (`Block`: attn_norm, attn.{query, key,
     value, out} (with q_norm, k_norm under config.qk_norm), mlp_norm, mlp.{gate, up, down}, and
     attn_post_norm, mlp_post_norm under config.post_norms), `final_norm`, and `lm_head` [d_model, V]
-    unless embeddings are tied.
+    unless embeddings are tied. Under config.fused_projections attn.qkv replaces attn.{query, key,
+    value} and mlp.gate_up replaces mlp.{gate, up} (see `fa2jax.fuse_projections`).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -173,15 +177,25 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,  # [B, T] int
         positions: jax.Array | None = None,  # [B, T] int
         *,
+        zigzag: bool = False,
         return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Training forward: causal attention within each packed segment.
+
+        Under a mesh with a "context" axis of n > 1 devices (context parallelism, `fa2jax.sharding`)
+        the sequence is split over it and attention runs as ring attention, which balances causal
+        work by the zig-zag token order (`pallas_kernels.fa2.ring.zigzag`; T % 2n == 0).
 
         Args:
             tokens: [B, T] token ids.
             segment_ids: [B, T]; a token attends only to earlier tokens of the same id (id 0 may be
                 padding: it is a segment like any other, so mask it out of the loss).
             positions: [B, T] RoPE positions; by default each segment counts from 0 (or 0..T-1).
+            zigzag: the three arrays are already in the zig-zag order of the context axis (then
+                `positions` are required: segment starts cannot be found in that order), and the
+                logits come back in it. The training step does this, with its targets permuted
+                alike, so no logits move between devices. Without it, under a context axis the
+                call permutes its inputs and restores the token order of the last hidden states.
             return_hidden: also return the final hidden states [B, T, d_model] (after the final norm).
 
         Returns:
@@ -189,16 +203,31 @@ class Transformer(nnx.Module):
             masked here: losses take logs of probabilities (0 * log 0 would be NaN).
         """
         self._check_tokens(tokens)
+        if zigzag and positions is None:
+            raise ValueError("zigzag=True needs the positions of the zig-zag order: segment starts cannot be "
+                             "found once the tokens are permuted")
         if positions is None:
             if segment_ids is None:
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             else:
                 positions = segment_positions(segment_ids)
-        # Under a mesh the residual stream stays split by batch rows between blocks (a no-op
-        # without one): XLA then gathers FSDP-split weights rather than moving activations.
+        shards = context_shards()
+        permute = shards > 1 and not zigzag
+        if permute:
+            # Once here, not in every layer: everything but attention works token by token, and each
+            # token carries its own position and segment id, so only ring attention sees the order.
+            # Permuting around each attention would move the activations between devices twice a layer.
+            tokens, positions = ring.zigzag(tokens, shards), ring.zigzag(positions, shards)
+            segment_ids = None if segment_ids is None else ring.zigzag(segment_ids, shards)
+        # Under a mesh the residual stream stays split by batch rows (and by positions over a context
+        # axis) between blocks (a no-op without one): XLA then gathers FSDP-split weights rather
+        # than moving activations.
         x = constrain(self._embed(tokens), ACTIVATION_AXES)
         for block in self.layers:
-            x = constrain(block(x, segment_ids=segment_ids, positions=positions), ACTIVATION_AXES)
+            x = constrain(block(x, segment_ids=segment_ids, positions=positions, zigzag=shards > 1),
+                          ACTIVATION_AXES)
+        if permute:
+            x = constrain(ring.unzigzag(x, shards), ACTIVATION_AXES)
         return self._outputs(x, return_hidden, mask_padding=False)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:

@@ -7,8 +7,9 @@ names choose the parallelism (MaxText's convention):
   fsdp     batch rows split; parameters and optimizer state split too, on   (fully sharded data
            their model-width axis, and gathered by XLA where a layer needs   parallel, ZeRO-3)
            them
-  context  the sequence split, for ring attention (`pallas_kernels.fa2.ring`; the Transformer's
-           own layers do not split the sequence)
+  context  the sequence split: activations by position, attention as      (context parallel,
+           ring attention (`pallas_kernels.fa2.ring`) over a zig-zag token   ring attention)
+           order; parameters replicated
   model    attention heads, MLP hidden units and the vocabulary split        (tensor parallel,
            (Megatron: column-split projections in, row-split out)            Megatron-LM)
 
@@ -17,7 +18,9 @@ needs to know about meshes), and `LOGICAL_AXES` maps those names to mesh axes. O
 hold copies of the parameter tree (Adam's moments), so the same patterns shard them: a leaf is
 matched by the end of its tree path. Activations are constrained to `ACTIVATION_AXES` between
 blocks (`constrain`), and the attention kernels run per shard of batch rows and heads
-(`attention_partition`, used by `fa2jax.attention`).
+(`attention_partition`, used by `fa2jax.attention`). With a `context` axis the Transformer lays
+its tokens out in zig-zag order once at the input and its attention runs as ring attention over
+that axis (`ring_partition`, `context_shards`; see `fa2jax.Transformer.__call__`).
 
 The mesh of a traced program is JAX's context mesh (`with jax.set_mesh(mesh):` around the jitted
 calls): `constrain` and `attention_partition` read it, and do nothing without one.
@@ -44,11 +47,13 @@ logger = logging.getLogger(__name__)
 # Known mesh axes, in the order they are laid out over the devices: the last varies fastest, so
 # "model" (the most communication per step) spans neighbouring devices (one NVLink island).
 MESH_AXES = ("data", "fsdp", "context", "model")
+# The mesh axis of context parallelism (the one axis of the logical "seq").
+CONTEXT_AXIS = "context"
 
 # Logical axis -> the mesh axes it is split over (those present in the mesh).
 LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
-    "seq": ("context",),
+    "seq": (CONTEXT_AXIS,),
     "embed": ("fsdp",),  # the model width of a parameter: FSDP's split
     "vocab": ("model",),
     "heads": ("model",),
@@ -224,6 +229,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(_mesh_axes(mesh, "batch") or None, *(None,) * (ndim - 1)))
 
 
+def context_shards(mesh=None) -> int:
+    """How many ways the sequence is split: the size of `mesh`'s "context" axis (default: that of
+    the context mesh set with `jax.set_mesh`; 1 without one)."""
+    mesh = _context_mesh() if mesh is None else mesh
+    if mesh is None:
+        return 1
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(CONTEXT_AXIS, 1)
+
+
 def _context_mesh():
     """The context mesh (jax.set_mesh) if its axes are not all manual, else None."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -306,5 +320,26 @@ def attention_partition(q: jax.Array, k: jax.Array) -> AttentionSharding | None:
                                       _dividing(mesh, _mesh_axes(mesh, "heads", usable), math.gcd(H, K)))
     if partition.trivial:
         return None
+    partition.check(B, H, K)
+    return partition
+
+
+def ring_partition(q: jax.Array, k: jax.Array) -> AttentionSharding | None:
+    """How to run ring attention for q [B, T, H, D] and k [B, S, K, D] under the context mesh: the
+    sequence split over its "context" axis, batch rows and heads as `attention_partition` splits
+    them; None without a context axis of more than one device.
+
+    Raises:
+      ValueError: shards that would not hold whole batch rows and KV-head groups.
+    """
+    mesh = _context_mesh()
+    if mesh is None or context_shards(mesh) == 1 or CONTEXT_AXIS not in _auto_axes(mesh):
+        return None
+    usable = _auto_axes(mesh)
+    B, _, H, _ = q.shape
+    K = k.shape[2]
+    partition = AttentionSharding(mesh, _dividing(mesh, _mesh_axes(mesh, "batch", usable), B),
+                                  _dividing(mesh, _mesh_axes(mesh, "heads", usable), math.gcd(H, K)),
+                                  sequence_axes=(CONTEXT_AXIS,))
     partition.check(B, H, K)
     return partition

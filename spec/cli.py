@@ -13,7 +13,8 @@ With one prompt, the speculative continuation streams to stdout as its tokens ar
 several, each is printed when done. Then a table: tokens/s of the incremental and the speculative
 decoding (each compiled by a first run, timed on a second), the speedup, tokens per step, the acceptance
 histogram and, when greedy, whether the tokens equal the incremental ones; and the cost model
-that predicts the speedup from timed pieces.
+that predicts the speedup from timed pieces. The models run with fused projections
+(`fa2jax.fuse_projections`: fewer kernels per pass).
 `python examples/speculative_generate.py` is the same command.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from fa2jax import load_pretrained, load_tokenizer
+from fa2jax import fuse_projections, load_pretrained, load_tokenizer
 from fa2jax.model import with_invariant_rows, with_min_len
 from fa2jax.tokenizer import ByteTokenizer
 from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder
@@ -136,10 +137,11 @@ def main(argv: list[str] | None = None) -> Report:
     tree = build_tree(args.tree, args.dynamic_tree, len(args.draft), args.depth, args.tree_top_k)
     # RoPE has no learned length: a train.py model's max_len, set for training, is raised to what this run needs.
     needed = prompt.shape[1] + args.max_new_tokens + tree.num_nodes
-    target = with_min_len(load_pretrained(args.target), needed)
+    # Fused once here, so that no generate call below converts the models again (each would).
+    target = fuse_projections(with_min_len(load_pretrained(args.target), needed))
     if args.batch_invariant:
         target = with_invariant_rows(target, tree.num_nodes)
-    drafts = [with_min_len(load_pretrained(d), needed) for d in args.draft]
+    drafts = [fuse_projections(with_min_len(load_pretrained(d), needed)) for d in args.draft]
     eos = None if args.ignore_eos else tokenizer.eos_ids
     decode = safe_decode(tokenizer)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from fa2jax import KVCache, Transformer
+from fa2jax import KVCache, Transformer, fuse_projections
 from pallas_kernels.tree.arguments import MAX_NODES
 from spec import verify as verify_lib
 from spec.draft import draft_dynamic_tree, draft_static_tree, static_exact_kv_depths
@@ -99,11 +99,13 @@ class SpeculativeDecoder:
       decoder = SpeculativeDecoder(target, [draft], tree=ExpansionTree.specinfer())
       result = decoder.generate(prompt, prompt_lengths, max_new_tokens=64)
 
-    The models' parameters are captured when the decoder is built (`nnx.split`).
+    The models' parameters are captured when the decoder is built (`nnx.split`), with the
+    projections of the target and of draft Transformers fused (`fa2jax.fuse_projections`) unless
+    `fused=False`.
     """
 
     def __init__(self, target: Transformer, drafts: Transformer | Drafter | Sequence[Transformer | Drafter], *,
-                 tree=None, verify: str = "greedy"):
+                 tree=None, verify: str = "greedy", fused: bool = True):
         """Builds the decoder.
 
         Args:
@@ -113,8 +115,14 @@ class SpeculativeDecoder:
           tree: ExpansionTree, MergedTree (one ExpansionTree per draft), DynamicTree, or a widths
             tuple; default SpecInfer's (1, 1, 3, 1, 1, 1, 1, 1).
           verify: "greedy" (temperature 0 only) or "stochastic" (any temperature, lossless).
+          fused: run the target and draft Transformers with fused projections (the same function
+            in fewer kernels per pass); False keeps the models' own layout.
         """
         drafts = (drafts,) if isinstance(drafts, (nnx.Module, Drafter)) else tuple(drafts)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused=}")
+        if fused:
+            target, *drafts = (fuse_projections(m) if isinstance(m, Transformer) else m for m in (target, *drafts))
         tree = ExpansionTree.specinfer() if tree is None else _as_tree(tree)
         if verify not in VERIFY_MODES:
             raise ValueError(f"{verify=} is not one of {VERIFY_MODES}")

@@ -3,7 +3,9 @@
 The baseline that speculative decoding must reproduce (greedy) or match in distribution
 (sampling): same warping (`spec.sampling`), same result type, same stopping rules, and like the
 speculative loop a single jit-compiled `lax.while_loop` (run in chunks, with the host in between,
-for streaming and stop strings: `spec.streaming`).
+for streaming and stop strings: `spec.streaming`). By default the compiled program fuses the
+target's projections first (`fa2jax.fuse_projections`: fewer kernels per token, for one
+concatenation of the weights per compiled call), as `SpeculativeDecoder` does.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from fa2jax import KVCache, Transformer
+from fa2jax import KVCache, Transformer, fuse_projections
 from spec.generation import (
     GenerationResult, GenerationStats, cache_len, call_model, check_generate_args, emit_tokens, first_token)
 from spec.sampling import sample_probs, warp_probs
@@ -45,10 +47,19 @@ class IncrementalState:
     target_calls: jax.Array
 
 
-def _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_new_tokens) -> IncrementalState:
+def _fused(graphdef, params, fused: bool):
+    """(graphdef, params) of the model the loop runs: the target's, with its projections fused
+    when `fused` (inside the trace: XLA concatenates the weights once, before the loop)."""
+    if not fused:
+        return graphdef, params
+    return nnx.split(fuse_projections(nnx.merge(graphdef, params)))
+
+
+def _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_new_tokens,
+          fused: bool) -> IncrementalState:
     """Prefill and the first token: the state before the loop."""
     batch, prompt_len = prompt.shape
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(*_fused(graphdef, params, fused))
     cache = model.init_cache(batch, cache_len(model.config, prompt_len + max_new_tokens, 0))
     logits, cache = model.prefill(prompt, prompt_lengths, cache)
     rng, key = jax.random.split(rng)
@@ -62,8 +73,18 @@ def _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_ne
                             rng=rng, target_calls=jnp.array(1, jnp.int32))
 
 
-def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit) -> IncrementalState:
+def _next_token(logits, key, warp) -> jax.Array:
+    """The token after `logits` [B, V]: [B] int32. Greedy decoding takes the argmax alone, under a
+    `lax.cond`: warping and drawing (a softmax over V, three filter conditionals, a Gumbel draw over
+    V) would pick the same token, at a dozen kernels and two more host round trips per step."""
+    return jax.lax.cond(warp["temperature"] > 0,
+                        lambda: sample_probs(key, warp_probs(logits, **warp)),
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *, fused: bool) -> IncrementalState:
     """Decodes while some row is active and fewer than `step_limit` target passes ran."""
+    graphdef, params = _fused(graphdef, params, fused)
     ones = jnp.ones(state.lengths.shape, jnp.int32)
 
     def step(s: IncrementalState) -> IncrementalState:
@@ -71,7 +92,7 @@ def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit) ->
         logits, cache = call_model(graphdef, params, "decode", s.last[:, None], s.cache)
         # Stopped rows do not advance their cache.
         cache = cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
-        nxt = sample_probs(key, warp_probs(logits[:, 0], **warp))
+        nxt = _next_token(logits[:, 0], key, warp)
         buffer, lengths, done = emit_tokens(s.tokens, s.lengths, s.limit, s.done, nxt[:, None], ones, eos_id)
         return s.replace(tokens=buffer, lengths=lengths, done=done, last=jnp.where(s.done, s.last, nxt),
                          cache=cache, rng=rng, target_calls=s.target_calls + 1)
@@ -89,16 +110,18 @@ def _result(state: IncrementalState, prompt_lengths) -> GenerationResult:
                               mean_accepted_length=jnp.where(steps > 0, 1.0, 0.0).astype(jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_new_tokens):
-    state = _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, max_new_tokens=max_new_tokens)
-    state = _run(graphdef, params, state, eos_id, warp, jnp.iinfo(jnp.int32).max)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "fused"))
+def _generate(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_new_tokens, fused):
+    graphdef, params = _fused(graphdef, params, fused)
+    state = _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, max_new_tokens=max_new_tokens,
+                  fused=False)
+    state = _run(graphdef, params, state, eos_id, warp, jnp.iinfo(jnp.int32).max, fused=False)
     return _result(state, prompt_lengths)
 
 
 # The chunked path (streaming, stop strings): one compile of each, reused by every chunk.
-_init_jit = jax.jit(_init, static_argnames=("graphdef", "max_new_tokens"))
-_run_jit = jax.jit(_run, static_argnames=("graphdef",))
+_init_jit = jax.jit(_init, static_argnames=("graphdef", "max_new_tokens", "fused"))
+_run_jit = jax.jit(_run, static_argnames=("graphdef", "fused"))
 _result_jit = jax.jit(_result)
 
 
@@ -107,7 +130,7 @@ def generate_incremental(target: Transformer, prompt, prompt_lengths, *, max_new
                          eos_id: int | Sequence[int] | None = None, top_k: int = 0, min_p: float = 0.0,
                          stream: Callable[[list[np.ndarray]], Any] | None = None,
                          stop_strings: Sequence[str] | None = None, tokenizer=None, decode=None,
-                         chunk_steps: int = DEFAULT_CHUNK_STEPS) -> GenerationResult:
+                         chunk_steps: int = DEFAULT_CHUNK_STEPS, fused: bool = True) -> GenerationResult:
     """Decodes with the target alone, one token per forward pass.
 
     Args:
@@ -127,6 +150,8 @@ def generate_incremental(target: Transformer, prompt, prompt_lengths, *, max_new
         (with a `decode` method) or `decode` (ids -> str).
       tokenizer, decode: how stop strings see the text.
       chunk_steps: steps of the compiled loop between host calls, with `stream` or `stop_strings`.
+      fused: run the target with fused projections (`fa2jax.fuse_projections`; a no-op for a model
+        already fused); False runs the target's own layout.
 
     Returns:
       GenerationResult: tokens [B, P + max_new_tokens], lengths [B], stats (one token per step).
@@ -139,14 +164,16 @@ def generate_incremental(target: Transformer, prompt, prompt_lengths, *, max_new
         temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id, top_k=top_k, min_p=min_p)
     streaming = check_stream_args(stream=stream, stop_strings=stop_strings, tokenizer=tokenizer, decode=decode,
                                   chunk_steps=chunk_steps)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {fused=}")
     graphdef, params = nnx.split(target)
     eos, warp = jnp.asarray(args.eos_ids, jnp.int32), args.warp()
     if not streaming.chunked:
         return _generate(graphdef, params, args.prompt, args.prompt_lengths, args.rng, eos, warp,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, fused=fused)
     state = run_chunked(
         lambda: _init_jit(graphdef, params, args.prompt, args.prompt_lengths, args.rng, eos, warp,
-                          max_new_tokens=args.max_new_tokens),
-        lambda state, limit: _run_jit(graphdef, params, state, eos, warp, limit),
+                          max_new_tokens=args.max_new_tokens, fused=fused),
+        lambda state, limit: _run_jit(graphdef, params, state, eos, warp, limit, fused=fused),
         prompt_lengths=np.asarray(args.prompt_lengths), args=streaming)
     return _result_jit(state, args.prompt_lengths)

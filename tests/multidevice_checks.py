@@ -1,5 +1,6 @@
-"""Multi-device checks on 8 simulated CPU devices: sharded model, kernels, ring attention, training,
-checkpoints across meshes and speculative decoding, each against the single-device result.
+"""Multi-device checks on 8 simulated CPU devices: sharded model, kernels, ring attention, context
+parallel training, checkpoints across meshes and speculative decoding, each against the
+single-device result.
 
 The device count must be fixed before jax is imported, and tests/conftest.py imports jax first, so
 tests/test_sharding.py runs this file in a subprocess:
@@ -22,6 +23,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                                     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"])
 
+import functools  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -42,7 +44,8 @@ from fa2jax import sharding  # noqa: E402
 from fa2jax.model import replace_config  # noqa: E402
 from fa2jax.training import (  # noqa: E402
     ModelParts, TrainConfig, TrainState, make_optimizer, make_train_step, read_metrics)
-from fa2jax.training.losses import cross_entropy_sum  # noqa: E402
+from fa2jax.training.losses import cross_entropy_sum, token_cross_entropy_sum  # noqa: E402
+from fa2jax.training.steps import token_layout  # noqa: E402
 from pallas_kernels.fa2 import ring  # noqa: E402
 
 COLLECTIVES = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(-start)?\(")
@@ -248,6 +251,81 @@ def check_ring_attention():
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         _close(f"ring {name}", g, w, rtol=1e-5)
     assert "collective-permute" in found and "all-gather" not in found, sorted(found)
+
+
+def check_context_parallel_model():
+    """The Transformer over context=2 and data=2,context=4 (ring attention, zig-zag order): the
+    logits, loss and parameter gradients of the training layout equal the single device's (XLA
+    attention), and so do the logits of a call in token order; the training program passes K/V
+    around the ring and gathers nothing; what a ring cannot run raises, naming it."""
+    config = _tiny(attention_impl="pallas")
+    parts = ModelParts.init(config, seed=3)
+    reference = ModelParts.init(config.replace(attention_impl="xla"), seed=3)  # the same parameters
+    batch = _batch(config, 2, 64, seed=4)
+
+    def loss(parts, params, batch, shards):
+        layout = token_layout(batch, shards)
+        logits = parts.logits(params, parts.rest, layout, zigzag=shards > 1)  # [B, T, V], zig-zag order
+        return token_cross_entropy_sum(logits, layout["targets"], layout["target_mask"])[0], logits
+
+    def value_and_grad(parts):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, parts), has_aux=True), static_argnums=2)
+
+    (want_loss, want_logits), want_grads = value_and_grad(reference)(reference.params, batch, 1)
+    _close("loss of the token layout", want_loss,
+           cross_entropy_sum(want_logits, batch["tokens"], batch["segment_ids"])[0])
+    for description, devices in (("context=2", 2), ("data=2,context=4", 8)):
+        mesh = sharding.parse_mesh(description, devices=jax.devices()[:devices])
+        shards = sharding.context_shards(mesh)
+        with jax.set_mesh(mesh):
+            compiled = value_and_grad(parts).lower(parts.params, batch, shards).compile()
+            (got_loss, got_logits), got_grads = compiled(parts.params, batch)
+        _close(f"{description} logits", ring.unzigzag(got_logits, shards), want_logits)
+        _close(f"{description} loss", got_loss, want_loss)
+        _tree_close(f"{description} gradients", got_grads, want_grads)
+        found = _collectives(compiled.as_text())
+        assert "collective-permute" in found and "all-gather" not in found, (description, sorted(found))
+
+    mesh = sharding.parse_mesh("context=2", devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):  # token order in and out: the model permutes, and restores the order
+        _close("context=2 logits in token order", jax.jit(parts.logits)(parts.params, parts.rest, batch), want_logits)
+    bad = {"T=62": (parts, {k: v[:, :62] for k, v in batch.items()}, "divisible by 2 \\* num_shards"),
+           "window": (ModelParts.init(_tiny(attention_impl="pallas", layer_windows=(8,)), seed=3), batch,
+                      "no window"),
+           "xla": (reference, batch, "implementation='xla' cannot run it")}
+    for name, (model_parts, b, message) in bad.items():
+        with jax.set_mesh(mesh):
+            try:
+                jax.eval_shape(model_parts.logits, model_parts.params, model_parts.rest, b)
+            except ValueError as e:
+                assert re.search(message, str(e)), (name, str(e))
+            else:
+                raise AssertionError(f"{name}: no ValueError")
+
+
+def check_context_parallel_train_step():
+    """One AdamW step of make_train_step (examples/train.py's step, 2 micro-batches) on
+    data=2,context=2,model=2 equals the single-device step (XLA attention): loss, gradient norm,
+    parameters and optimizer state."""
+    mesh = sharding.parse_mesh("data=2,context=2,model=2")
+    config = _tiny(attention_impl="pallas")
+    cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, warmup_steps=1, learning_rate=1e-2)
+    parts = ModelParts.init(config, seed=0)
+    reference = ModelParts.init(config.replace(attention_impl="xla"), seed=0)
+    tx = make_optimizer(cfg)
+    batch = {k: np.asarray(v) for k, v in _batch(config, 4, 32, seed=6).items()}
+
+    def fresh_state():  # copies: a step donates (deletes) the state it is given
+        params = jax.tree.map(jnp.copy, parts.params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    want_state, want_metrics = make_train_step(reference, cfg, tx)(fresh_state(), parts.rest, batch, None, None)
+    state = sharding.shard(fresh_state(), mesh)
+    got_state, got_metrics = make_train_step(parts, cfg, tx, mesh=mesh)(state, parts.rest, batch, None, None)
+    for key in ("loss", "grad_norm", "targets"):
+        _close(key, got_metrics[key], want_metrics[key])
+    _tree_close("params after a step", got_state.params, want_state.params)
+    _tree_close("optimizer state after a step", got_state.opt_state, want_state.opt_state)
 
 
 def check_checkpoint_across_meshes():

@@ -328,3 +328,43 @@ def test_multi_head_attention_dropout_and_rope():
     # RoPE makes attention depend on relative positions only: shifting all positions changes nothing.
     shifted = layer(x, deterministic=True, is_causal=True, positions=jnp.full((2, 8), 7) + jnp.arange(8))
     np.testing.assert_allclose(shifted, clean, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,S,kwargs", [
+    (64, 64, {}),
+    (64, 64, dict(is_causal=True)),  # cuDNN's own causal flag
+    (48, 80, dict(is_causal=True)),  # bottom-right causal: a dense mask
+    (64, 64, dict(local_window_size=(8, 0))),
+])
+def test_cudnn_matches_reference(T, S, kwargs):
+    """The cuDNN path, each of its two routes (flags, dense mask), against the f32 oracle."""
+    q, k, v = _qkv(11, B=2, T=T, S=S, H=4, K=2, D=64, dtype=jnp.bfloat16)
+    out = fa2jax.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+    ref_kwargs = dict(causal=kwargs.get("is_causal", False))
+    if "local_window_size" in kwargs:
+        ref_kwargs["window_size"] = kwargs["local_window_size"]
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    expected = attention_reference(*f32, **ref_kwargs)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2)
+
+
+def test_measured_fastest_table_sends_calls_to_cudnn(monkeypatch):
+    """implementation=None follows fa2jax/measured_fastest.json: a recorded key goes to cuDNN, any
+    other key (another feature set, head dim or device) keeps the Pallas kernels."""
+    from fa2jax import attention
+
+    chosen = []
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(attention, "_log_choice", lambda name, impl, reason: chosen.append(impl))
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", lambda *a, **k: "cudnn-called")
+    monkeypatch.setattr(attention.parallel_attention, "flash_attention", lambda *a, **k: "pallas-called")
+    q, k, v = _qkv(3, T=8, S=8, H=2, K=2, D=256, dtype=jnp.bfloat16)
+    assert fa2jax.dot_product_attention(q, k, v, is_causal=True) == "cudnn-called"
+    assert fa2jax.dot_product_attention(q, k, v) == "pallas-called"  # non-causal D=256: not recorded
+    q, k, v = _qkv(3, T=8, S=8, H=2, K=2, D=128, dtype=jnp.bfloat16)
+    assert fa2jax.dot_product_attention(q, k, v, is_causal=True) == "pallas-called"
+    assert chosen == ["cudnn", "pallas", "pallas"]
+    table = attention._measured_fastest()
+    assert all(entry["fastest"] in attention.IMPLEMENTATIONS for key, entry in table.items() if key != "_about")

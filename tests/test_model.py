@@ -296,10 +296,9 @@ def test_invariant_rows_bitwise_on_gpu(tokens):
 
 
 def test_accept_moves_slots():
-    cache = KVCache.create(num_layers=2, batch=2, max_len=10, num_kv_heads=1, head_dim=1)
     slots = jnp.arange(10, dtype=jnp.float32)[None, None, :, None, None]
-    filled = jnp.broadcast_to(slots, cache.keys.shape)  # slot s holds s in every layer and row
-    cache = cache.replace(keys=filled, values=-filled, lengths=jnp.array([2, 4], jnp.int32))
+    filled = jnp.broadcast_to(slots, (2, 2, 10, 1, 1))  # [L, B, S, K, D]: slot s holds s in every layer and row
+    cache = KVCache.from_stacked(filled, -filled, jnp.array([2, 4], jnp.int32))
     moved = cache.accept(jnp.array([[0, 2, 3], [0, 1, 2]], jnp.int32), jnp.array([3, 0], jnp.int32))
     np.testing.assert_array_equal(moved.lengths, [5, 4])
     np.testing.assert_array_equal(moved.keys[1, 0, :, 0, 0], [0, 1, 2, 4, 5, 5, 6, 7, 8, 9])

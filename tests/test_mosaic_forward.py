@@ -9,6 +9,8 @@ in test_flash_attention: 2x the error of XLA in the input dtype.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +20,54 @@ from pallas_kernels import attention_reference, flash_attention
 from pallas_kernels.common.device import on_hopper
 from pallas_kernels.fa2 import mosaic_fwd
 from pallas_kernels.testing import attention_inputs
-from test_flash_attention import _output_and_grads, assert_within_xla_error
+from test_flash_attention import _output_and_grads, _segments, assert_within_xla_error
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Segment ids for a test case, drawn when its shapes are known: `num_segments` packed documents
+    (ascending random ids shared by queries and keys), and query row T // 2 of batch row 0 in a
+    segment that no key has, a fully masked row (which also makes that row's ids non-monotonic)."""
+
+    num_segments: int
+
+    def ids(self, seed, B, T, S):
+        q_ids, kv_ids = _segments(seed, B, T, S, self.num_segments)
+        return q_ids.at[0, T // 2].set(-1), kv_ids
+
+
+def simulator_segment_ids(T, S):
+    """(q_ids [2, T], kv_ids [2, S]) for T, S in (128, 256]: for 128-row query and key tiles, batch row
+    0 has tiles whose id ranges do not overlap (the kernels skip them) and fully masked row 130;
+    batch row 1 has three documents across the tiles (a tile visible whole by position is masked by
+    id alone) and fully masked row 0."""
+    q0 = np.r_[[0] * 128, [1] * (T - 128)]
+    q0[130 % T] = 9
+    k0 = np.r_[[0] * 128, [1] * (S - 128)]
+    q1 = np.repeat([0, 1, 2], [50, 90, T - 140])
+    q1[0] = 3
+    k1 = np.repeat([0, 1, 2], [50, 90, S - 140])
+    return jnp.asarray(np.stack([q0, q1]), jnp.int32), jnp.asarray(np.stack([k0, k1]), jnp.int32)
+
+
+def resolve_segments(kwargs, seed, B, T, S):
+    """kwargs with a `Packed` segment_ids drawn for these shapes."""
+    if isinstance(kwargs.get("segment_ids"), Packed):
+        kwargs = dict(kwargs, segment_ids=kwargs["segment_ids"].ids(seed, B, T, S))
+    return kwargs
+
+
+def empty_rows(segment_ids, T, S, causal=False):
+    """bool [B, T]: query rows that see no key (no key of their segment, or none by position)."""
+    q_ids, kv_ids = (np.asarray(x) for x in segment_ids)
+    same = q_ids[:, :, None] == kv_ids[:, None, :]
+    if causal:
+        same &= np.arange(S)[None, None, :] <= np.arange(T)[None, :, None] + (S - T)
+    return ~same.any(-1)
 
 
 def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False, seed=0, **kwargs):
+    kwargs = resolve_segments(kwargs, seed, B, T, S)
     q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, dtype)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     same_dtype_ref = lambda *a, **kw: attention_reference(
@@ -43,6 +89,13 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
             np.testing.assert_array_equal(np.isfinite(np.asarray(a)), finite, err_msg="lse -inf pattern")
             a, e, s = (jnp.where(finite, x, 0.0) for x in (a, e, s))
         assert_within_xla_error(a, e, s, dtype, name)
+    if kwargs.get("segment_ids") is not None:  # rows that see no key: exactly zero, never NaN
+        empty = empty_rows(kwargs["segment_ids"], T, S, kwargs.get("causal", False))
+        assert empty.any(), "the case should hold a fully masked row"
+        for name, a in zip(names, ours):
+            if name in ("out", "dq"):
+                np.testing.assert_array_equal(np.asarray(a, np.float32)[empty], 0.0, err_msg=name)
+    return ours
 
 
 @pytest.mark.parametrize("T,S,kwargs", [
@@ -55,6 +108,21 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
 @pytest.mark.simulator
 def test_mosaic_forward_in_simulator(T, S, kwargs):
     _check(1, T, S, 2, 1, 64, **kwargs)
+
+
+@pytest.mark.simulator
+def test_mosaic_forward_segments_in_simulator():
+    """Segment ids with a causal band: skipped tiles, tiles masked by id alone, fully masked rows."""
+    _check(2, 256, 256, 2, 1, 64, causal=True, segment_ids=simulator_segment_ids(256, 256))
+
+
+@pytest.mark.simulator
+@pytest.mark.simulator_smoke
+def test_mosaic_forward_segments_smoke_in_simulator():
+    """One CTA, one key tile: the ids travel with the tile and mask it, and row 3 sees no key."""
+    q_ids = jnp.asarray(np.r_[[0] * 60, [1] * 68], jnp.int32).at[3].set(5)[None]
+    kv_ids = jnp.asarray(np.r_[[0] * 70, [1] * 58], jnp.int32)[None]
+    _check(1, 128, 128, 1, 1, 64, segment_ids=(q_ids, kv_ids))
 
 
 @pytest.mark.simulator
@@ -88,6 +156,30 @@ def test_mosaic_tile_ranges_bound_the_band():
     assert full_hi - full_lo == 0
 
 
+def test_segment_tile_ranges_cover_every_matching_tile():
+    """The tile range a kernel visits holds every tile with a pair of equal ids, and the first and
+    last tiles of the range hold one (random ids, not sorted, with values that match nothing)."""
+    rng = np.random.default_rng(0)
+    B, R, C, rb, cb = 3, 5, 7, 4, 8
+    row_ids = jnp.asarray(rng.integers(0, 12, (B, R * rb)), jnp.int32)
+    col_ids = jnp.asarray(np.sort(rng.integers(0, 12, (B, C * cb)), axis=1), jnp.int32)
+    row_ids = row_ids.at[1].set(50)  # batch row 1: no key of the queries' segment anywhere
+    ranges = np.asarray(mosaic_fwd.segment_tile_ranges(row_ids, col_ids, rb, cb))
+    rows = np.asarray(row_ids).reshape(B, R, rb)
+    cols = np.asarray(col_ids).reshape(B, C, cb)
+    for b in range(B):
+        for r in range(R):
+            first, last = ranges[b, r]
+            matching = [c for c in range(C) if np.isin(rows[b, r], cols[b, c]).any()]
+            assert all(first <= c < last for c in matching), (b, r, first, last, matching)
+            if b == 1:
+                assert first == last == 0
+            else:  # sorted keys: the range's ends overlap the rows' id range
+                lo, hi = rows[b, r].min(), rows[b, r].max()
+                for end in (first, last - 1):
+                    assert cols[b, end].min() <= hi and lo <= cols[b, end].max(), (b, r, end)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
@@ -96,3 +188,19 @@ def test_mosaic_forward_on_gpu(causal, D):
         pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
     _check(2, 1000, 1000, 8, 2, D, interpret=False, causal=causal, grads=True)
     _check(1, 333, 517, 4, 4, D, interpret=False, causal=causal, window_size=(100, -1) if causal else (-1, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,S,H,K,D,kwargs", [
+    (2, 1000, 1000, 8, 2, 64, {"causal": True}),  # packed training: causal within documents
+    (2, 1000, 1000, 8, 2, 128, {"causal": True}),
+    (1, 333, 517, 4, 1, 128, {}),  # padded rows and keys, MQA
+    (1, 600, 900, 4, 2, 64, {"window_size": (100, 20)}),
+    (1, 300, 300, 4, 2, 256, {"causal": True}),  # the forward's 64-key tiles at D=256
+])
+def test_mosaic_forward_segments_on_gpu(B, T, S, H, K, D, kwargs):
+    if not on_hopper():
+        pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
+    _check(B, T, S, H, K, D, interpret=False, segment_ids=Packed(6), **kwargs)
+    # With gradients: the Hopper backward (both kernels) where it covers the head dim.
+    _check(B, T, S, H, K, D, interpret=False, grads=True, segment_ids=Packed(6), **kwargs)

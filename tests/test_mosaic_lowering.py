@@ -50,6 +50,11 @@ FA_CASES = {  # (B, T, S, H, K, D, dtype), features: head dims 64 and 128, GQA/M
     "d128-left-window-f16": ((1, 300, 517, 4, 2, 128, F16), dict(window_size=(100, -1))),
     "d64-causal-window-gqa": ((2, 96, 160, 6, 2, 64, BF16), dict(causal=True, window_size=(32, 0))),
     "d256-causal-gqa": ((1, 200, 300, 4, 2, 256, BF16), dict(causal=True)),
+    # segment ids (packed sequences): abstract [B, T] and [B, S] int32 arrays as two more arguments.
+    # Alone (the id mask without a position mask), with a causal band and padding, with a window.
+    "d64-segments": ((2, 128, 128, 2, 2, 64, BF16), dict(segments=True)),
+    "d128-causal-gqa-segments": ((2, 200, 333, 8, 2, 128, BF16), dict(causal=True, segments=True)),
+    "d64-window-mqa-segments-f16": ((1, 77, 129, 4, 1, 64, F16), dict(window_size=(40, 8), segments=True)),
 }
 
 
@@ -80,6 +85,14 @@ KERNELS = {  # name -> (builder of the lowered function, the custom calls its lo
 }
 
 
+def _with_segment_ids(build, features):
+    """The built function with the segment ids (q_ids, kv_ids) as its last two arguments."""
+    def fn(*args):
+        *arrays, q_ids, kv_ids = args
+        return build(dict(features, segment_ids=(q_ids, kv_ids)))(*arrays)
+    return fn
+
+
 @pytest.mark.parametrize("case", list(FA_CASES))
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_flash_attention_mosaic_lowers_for_sm90(kernel, case):
@@ -90,7 +103,12 @@ def test_flash_attention_mosaic_lowers_for_sm90(kernel, case):
     args = (q, kv, kv, q) if kernel.endswith("backward") else (q, kv, kv)
     if D > 128 and kernel in ("fa2-forward+backward", "fa2-forward+atomic-backward"):
         expected = {"mosaic": 1, "triton": 2}  # no Hopper backward at D=256: backend="mosaic" runs the portable one
-    assert lower_for_sm90(build(features), *args) == expected
+    fn = build(features)
+    if features.get("segments"):
+        features = {name: value for name, value in features.items() if name != "segments"}
+        fn = _with_segment_ids(build, features)
+        args += (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, S), jnp.int32))
+    assert lower_for_sm90(fn, *args) == expected
 
 
 # -- tree and decode attention ----------------------------------------------------------------------

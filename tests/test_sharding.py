@@ -5,6 +5,7 @@ The multi-device checks run in a subprocess: the simulated device count is an XL
 jax starts, and conftest.py has started it with one device.
 """
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -19,8 +20,10 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 import fa2jax
-from fa2jax import sharding
+from fa2jax import parallel_attention, sharding
 from fa2jax.training import TrainConfig, make_optimizer
+from fa2jax.training.losses import cross_entropy_sum, token_cross_entropy_sum
+from fa2jax.training.steps import token_layout
 from pallas_kernels.common.sharded import AttentionSharding
 from pallas_kernels.fa2 import ring
 
@@ -122,8 +125,50 @@ def test_attention_sharding_errors():
         split.check(batch=3, num_heads=8, num_kv_heads=4)
     with pytest.raises(ValueError, match="not an axis of the mesh"):
         AttentionSharding(mesh, ("fsdp",))
-    with pytest.raises(ValueError, match="both batch and heads"):
+    with pytest.raises(ValueError, match="only one of batch, heads and sequence"):
         AttentionSharding(mesh, ("data",), ("data",))
+    ring = AttentionSharding(_abstract_mesh(data=2, context=4), ("data",), sequence_axes=("context",))
+    assert ring.spec("BTHD") == P(("data",), ("context",), None, None)
+    assert ring.spec("BHT") == P(("data",), None, ("context",))
+    assert ring.sequence_shards == 4 and not ring.trivial
+    with pytest.raises(ValueError, match="only one of batch, heads and sequence"):
+        AttentionSharding(mesh, ("data",), sequence_axes=("data",))
+
+
+def test_token_layout_keeps_each_position_with_its_target():
+    """The zig-zag layout of context parallelism permutes tokens, positions and targets alike: the
+    loss over the permuted positions is the token-order loss, and the positions are the segments'."""
+    rng = np.random.default_rng(0)
+    ids = np.asarray([[1] * 5 + [2] * 9 + [0] * 2, [3] * 16], np.int32)
+    positions = np.asarray([list(range(5)) + list(range(9)) + [0, 1], list(range(16))], np.int32)
+    batch = {"tokens": rng.integers(0, 50, (2, 16), dtype=np.int32), "segment_ids": ids, "positions": positions}
+    logits = rng.standard_normal((2, 16, 50), dtype=np.float32)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def permuted(batch, shards):  # the layout's positions, and the loss over permuted logits
+        layout = token_layout(batch, shards)
+        order = ring.zigzag_order(16, shards)
+        return layout["positions"], token_cross_entropy_sum(logits[:, order], layout["targets"], layout["target_mask"])
+
+    want = cross_entropy_sum(logits, batch["tokens"], ids)
+    for shards in (1, 2, 4):
+        got_positions, got = permuted(batch, shards)
+        np.testing.assert_array_equal(got_positions, positions[:, ring.zigzag_order(16, shards)])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 2 \\* num_shards"):
+        token_layout(batch, 3)
+
+
+def test_context_parallel_misuse():
+    # Shapes only: the call raises before it reads a parameter.
+    model = nnx.eval_shape(lambda: fa2jax.Transformer(fa2jax.TransformerConfig.tiny(num_layers=1), rngs=nnx.Rngs(0)))
+    tokens = np.zeros((1, 8), np.int32)
+    with pytest.raises(ValueError, match="zigzag=True needs the positions"):
+        model(tokens, zigzag=True)
+    q = jnp.ones((1, 8, 4, 8))
+    with pytest.raises(ValueError, match="ring attention needs a context mesh"):
+        parallel_attention.ring_self_attention(q, q, q, is_causal=True)
+    assert sharding.context_shards() == 1 and sharding.context_shards(_abstract_mesh(data=2, context=4)) == 4
 
 
 def test_zigzag_layout():

@@ -8,6 +8,7 @@
   fa2jax-train ... --resume                       # continue the run in --out
   fa2jax-train ... --resume --steps 6000          # ... and extend it
   fa2jax-train --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2, ...)
+  fa2jax-train ... --seq-len 131072 --mesh data=2,context=4   # long rows split over 4 devices each
   fa2jax-train --draft-kind feature --teacher model.gguf --data corpus/ --out out/head   # an EAGLE head
 
 `fa2jax-train` (this module's `cli_main`) and `python examples/train.py` are the same command; it
@@ -74,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: pallas on GPU, automatic elsewhere")
     p.add_argument("--mesh", help="train across the devices of this mesh, e.g. data=8 or data=2,fsdp=2,model=2: "
                                    "data/fsdp split the batch (fsdp also the parameters), model splits heads, MLP "
-                                   "and vocabulary (fa2jax.sharding); --batch-size stays the global micro-batch. "
-                                   "A run may resume on another mesh")
+                                   "and vocabulary, context splits the sequence (ring attention; --seq-len a "
+                                   "multiple of 2 x its size) (fa2jax.sharding); --batch-size stays the global "
+                                   "micro-batch. A run may resume on another mesh")
     p.add_argument("--draft-kind", choices=("model", "feature"), default="model",
                    help="model: train a Transformer (a target, or a draft distilled from --teacher); feature: train "
                         "an EAGLE-style feature head (one decoder layer) on the hidden states of --teacher, which it "

@@ -172,7 +172,8 @@ def train(
         much wall time, so long runs fit in fixed-length jobs and continue with `resume`.
       handle_signals: on SIGTERM / SIGINT, checkpoint the current step and return (main thread only).
       mesh: train across its devices (`fa2jax.sharding.parse_mesh`): batch rows split over the
-        data/fsdp axes, parameters and optimizer state placed by `fa2jax.sharding`'s rules.
+        data/fsdp axes, the sequence over a context axis (ring attention), parameters and
+        optimizer state placed by `fa2jax.sharding`'s rules.
         Checkpoints are restored straight into the shards of the mesh the run resumes on, which
         may differ from the one that saved them (or be none).
 
@@ -194,6 +195,9 @@ def train(
     if mesh is not None and cfg.batch_size % sharding.batch_shards(mesh):
         raise ValueError(f"{cfg.batch_size=} does not split over the {sharding.batch_shards(mesh)} batch shards of "
                          f"{dict(mesh.shape)=}")
+    if mesh is not None and cfg.seq_len % (2 * sharding.context_shards(mesh)):
+        raise ValueError(f"{cfg.seq_len=} does not split into two zig-zag pieces on each of the "
+                         f"{sharding.context_shards(mesh)} devices of the context axis of {dict(mesh.shape)=}")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"

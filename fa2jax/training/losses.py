@@ -29,6 +29,38 @@ def target_mask(segment_ids: jax.Array) -> jax.Array:
     return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
 
 
+def next_token_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each position's next-token target and whether it counts, in the shape of the tokens.
+
+    Per position rather than shifted (`target_mask`), so that the pairs survive any permutation
+    of the positions: context parallelism computes its loss in the zig-zag token order.
+
+    Args:
+      tokens, segment_ids: [..., T] int32.
+
+    Returns:
+      (targets [..., T] int32, mask [..., T] bool); the last position has target 0, not counted.
+    """
+    last = jnp.zeros_like(tokens[..., :1])
+    targets = jnp.concatenate([tokens[..., 1:], last], axis=-1)
+    valid = (segment_ids[..., 1:] == segment_ids[..., :-1]) & (segment_ids[..., 1:] != 0)
+    mask = jnp.concatenate([valid, jnp.zeros_like(valid[..., :1])], axis=-1)
+    return targets, mask
+
+
+def token_cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed negative log-likelihood of `targets` where `mask`, and the count of those positions.
+
+    Args:
+      logits: [B, T, V] float32; targets: [B, T] int32; mask: [B, T] bool.
+
+    Returns:
+      (nll_sum [], count []) in float32.
+    """
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)
+
+
 def cross_entropy_sum(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token negative log-likelihood over valid targets, and their count.
 
@@ -40,9 +72,7 @@ def cross_entropy_sum(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Arr
     Returns:
       (nll_sum [], count []) in float32.
     """
-    mask = target_mask(segment_ids)  # [B, T-1]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])  # [B, T-1]
-    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)
+    return token_cross_entropy_sum(logits[:, :-1], tokens[:, 1:], target_mask(segment_ids))
 
 
 def distillation_kl_sum(student_logits: jax.Array, teacher_logits: jax.Array, segment_ids: jax.Array,
@@ -57,10 +87,16 @@ def distillation_kl_sum(student_logits: jax.Array, teacher_logits: jax.Array, se
     Returns:
       [] float32.
     """
-    mask = target_mask(segment_ids)  # [B, T-1]
-    log_q = jax.nn.log_softmax(student_logits[:, :-1] / temperature, axis=-1)  # [B, T-1, V]
-    log_p = jax.nn.log_softmax(teacher_logits[:, :-1] / temperature, axis=-1)  # [B, T-1, V]
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, T-1]
+    return token_distillation_kl_sum(student_logits[:, :-1], teacher_logits[:, :-1], target_mask(segment_ids),
+                                     temperature)
+
+
+def token_distillation_kl_sum(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
+                              temperature: float) -> jax.Array:
+    """`distillation_kl_sum` at the positions where `mask` [B, T] is True (logits [B, T, V])."""
+    log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)  # [B, T, V]
+    log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)  # [B, T, V]
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, T]
     return temperature**2 * jnp.sum(jnp.where(mask, kl, 0.0))
 
 

@@ -53,7 +53,8 @@ class ModelParts:
         """The nnx Transformer with these parameters."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
-    def logits(self, params: Any, rest: Any, batch: dict) -> jax.Array:
-        """[B, T, V] float32 logits of a packed batch (tokens / segment_ids / positions [B, T])."""
+    def logits(self, params: Any, rest: Any, batch: dict, zigzag: bool = False) -> jax.Array:
+        """[B, T, V] float32 logits of a packed batch (tokens / segment_ids / positions [B, T]);
+        `zigzag`: the batch and logits are in the context axis's zig-zag order (`Transformer`)."""
         model = nnx.merge(self.graphdef, params, rest)
-        return model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        return model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"], zigzag=zigzag)

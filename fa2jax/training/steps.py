@@ -1,6 +1,12 @@
 """The jitted steps: one optimizer step (micro-batches scanned, optional distillation), one
 evaluation batch, and the passes over validation batches built on them.
 
+Context parallelism (a mesh with a "context" axis of n > 1 devices): each batch is put in the
+zig-zag token order of ring attention once, inside the step, with every position's next-token
+target and mask found first in token order and permuted alike (`token_layout`); the model then
+keeps that order and the loss is a sum over positions, so neither logits nor targets move between
+devices.
+
 Precision: parameters and optimizer state in the model config's `param_dtype` (float32), the
 forward/backward pass in its `dtype` (bfloat16 on GPU), logits in float32. The loss is averaged
 over the valid targets of all micro-batches of a step, so gradient accumulation gives the same
@@ -20,10 +26,27 @@ from jax.sharding import Mesh
 
 from fa2jax import sharding
 from fa2jax.data import PackedRows, eval_batches
-from fa2jax.training.losses import acceptance_sums, cross_entropy_sum, distillation_kl_sum
+from fa2jax.training.losses import (
+    acceptance_sums, next_token_targets, token_cross_entropy_sum, token_distillation_kl_sum)
 from fa2jax.training.optimizer import learning_rate_schedule
 from fa2jax.training.presets import TrainConfig
 from fa2jax.training.state import ModelParts, TrainState
+from pallas_kernels.fa2 import ring
+
+
+def token_layout(batch: dict, context_shards: int = 1) -> dict:
+    """A batch as the steps' losses read it: tokens, segment_ids, positions, targets and
+    target_mask [..., T] each, in the zig-zag order of `context_shards` devices (token order for 1).
+
+    Targets pair each position with the next token of its segment (`next_token_targets`), found
+    before the permutation so that every position keeps its own.
+    """
+    targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
+    out = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
+    out.update(targets=targets, target_mask=mask)
+    if context_shards == 1:
+        return out
+    return {k: ring.zigzag(x, context_shards, axis=x.ndim - 1) for k, x in out.items()}
 
 
 def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTransformation,
@@ -37,19 +60,22 @@ def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTrans
     Teacher arguments are None without a teacher.
 
     With a `mesh` (see `fa2jax.sharding`), the state must be placed by `sharding.shard(state, mesh)`
-    and keeps that placement; each micro-batch is split by rows over the batch axes, and the step
-    runs under the mesh, so the attention kernels run per shard.
+    and keeps that placement; each micro-batch is split by rows over the batch axes (and by
+    positions, in zig-zag order, over a context axis), and the step runs under the mesh, so the
+    attention kernels run per shard (ring attention over a context axis).
     """
     distill = teacher is not None and cfg.distill_weight > 0
     schedule = learning_rate_schedule(cfg)
+    shards = 1 if mesh is None else sharding.context_shards(mesh)
+    zigzag = shards > 1
 
     def micro_loss(params, rest, micro, t_params, t_rest):
-        logits = parts.logits(params, rest, micro)  # [B, T, V]
-        nll, count = cross_entropy_sum(logits, micro["tokens"], micro["segment_ids"])
+        logits = parts.logits(params, rest, micro, zigzag=zigzag)  # [B, T, V]
+        nll, count = token_cross_entropy_sum(logits, micro["targets"], micro["target_mask"])
         if not distill:
             return nll, (nll, count, jnp.zeros(()))
-        t_logits = jax.lax.stop_gradient(teacher.logits(t_params, t_rest, micro))  # [B, T, V]
-        kl = distillation_kl_sum(logits, t_logits, micro["segment_ids"], cfg.distill_temperature)
+        t_logits = jax.lax.stop_gradient(teacher.logits(t_params, t_rest, micro, zigzag=zigzag))  # [B, T, V]
+        kl = token_distillation_kl_sum(logits, t_logits, micro["target_mask"], cfg.distill_temperature)
         return (1 - cfg.distill_weight) * nll + cfg.distill_weight * kl, (nll, count, kl)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -58,8 +84,10 @@ def make_train_step(parts: ModelParts, cfg: TrainConfig, tx: optax.GradientTrans
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, rest, batch, t_params, t_rest):
         micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, cfg.batch_size, *x.shape[1:]), batch)
-        # Every micro-batch split by rows over the devices (a no-op without a mesh).
-        micro = jax.tree.map(lambda x: sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), micro)
+        # Every micro-batch split by rows over the devices (a no-op without a mesh), then laid out
+        # for the loss and, over a context axis, permuted once for all layers and split by positions.
+        micro = jax.tree.map(lambda x: sharding.constrain(x, (None, "batch", None)), micro)
+        micro = jax.tree.map(lambda x: sharding.constrain(x, (None, "batch", "seq")), token_layout(micro, shards))
 
         def body(carry, mb):
             g_sum, nll_sum, count_sum, kl_sum = carry
@@ -107,10 +135,13 @@ def _on_mesh(fn, mesh: Mesh, batch_argnum: int):
 def make_eval_step(parts: ModelParts, mesh: Mesh | None = None):
     """Builds `eval_step(params, rest, batch) -> (nll_sum, count)`, jitted (run on `mesh` if given)."""
 
+    shards = 1 if mesh is None else sharding.context_shards(mesh)
+
     @jax.jit
     def eval_step(params, rest, batch):
-        logits = parts.logits(params, rest, batch)
-        return cross_entropy_sum(logits, batch["tokens"], batch["segment_ids"])
+        batch = token_layout(batch, shards)  # as the train step lays it out
+        logits = parts.logits(params, rest, batch, zigzag=shards > 1)
+        return token_cross_entropy_sum(logits, batch["targets"], batch["target_mask"])
 
     return eval_step if mesh is None else _on_mesh(eval_step, mesh, batch_argnum=2)
 

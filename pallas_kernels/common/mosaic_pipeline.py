@@ -7,6 +7,10 @@ With `ping_pong`, a schedule barrier makes the two consumers alternate, so one w
 overlaps the other's matrix products (FA3). The kernels (`fa2.mosaic_fwd`, `tree.mosaic_kernel`)
 only decide which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
 
+Segment ids (packed sequences, `key_ids=True`): the producer copies each tile's key ids [block_kv]
+int32 into a third ring with the tile's K (the same k_ready barrier, one more arrival); a consumer
+passes its queries' ids to `consume` and every step ANDs "same id" into the tile's visibility.
+
 Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages.
 `interpret=True` runs Mosaic GPU's CPU simulator, which executes the warpgroups as threads with real
 barriers and TMA copies but lacks register layouts, wgmma with a transposed operand and accumulators
@@ -55,6 +59,8 @@ class Pipeline:
     # reductions of the softmax stay inside a warp in the wgmma layout and use none of it; a kernel
     # that needs those bytes for K/V stages can give them back (0).
     reduction_scratch_bytes: int = 2048
+    # Whether each K tile comes with its keys' segment ids (a [stages, block_kv] int32 ring).
+    key_ids: bool = False
 
     # -- the launch --------------------------------------------------------------------------
 
@@ -68,8 +74,11 @@ class Pipeline:
             plgpu.SMEM((self.stages, self.block_kv, self.head_dim), self.dtype, transforms=transforms),
             plgpu.SMEM((CONSUMERS, self.rows), jnp.float32),  # lse
         )
+        if self.key_ids:
+            smem += (plgpu.SMEM((self.stages, self.block_kv), jnp.int32),)  # the K tiles' segment ids
         barriers = (
-            plgpu.Barrier(num_barriers=self.stages),  # k_ready (TMA completion)
+            # k_ready (TMA completion): K, and its keys' segment ids when they ride along.
+            plgpu.Barrier(num_arrivals=2 if self.key_ids else 1, num_barriers=self.stages),
             plgpu.Barrier(num_barriers=self.stages),  # v_ready
             plgpu.Barrier(num_barriers=CONSUMERS),  # q_ready
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=self.stages),  # k_free: both consumers done
@@ -91,18 +100,23 @@ class Pipeline:
 
     # -- warpgroup 2 -------------------------------------------------------------------------
 
-    def produce(self, smem, barriers, k_ref, v_ref, steps, kv_index: Callable):
-        """Streams `steps` tiles; kv_index(i) indexes k_ref/v_ref for step i."""
-        self.produce_segments(smem, barriers, k_ref, v_ref, [(0, steps, kv_index, self.block_kv)])
+    def produce(self, smem, barriers, k_ref, v_ref, steps, kv_index: Callable, key_ids: Callable | None = None):
+        """Streams `steps` tiles; kv_index(i) indexes k_ref/v_ref for step i, and key_ids(i) (with
+        `self.key_ids`) is the [block_kv] int32 ref view of step i's segment ids."""
+        self.produce_segments(smem, barriers, k_ref, v_ref, [(0, steps, kv_index, self.block_kv)], key_ids)
 
-    def produce_segments(self, smem, barriers, k_ref, v_ref, segments):
+    def produce_segments(self, smem, barriers, k_ref, v_ref, segments, key_ids: Callable | None = None):
         """`produce` for steps in consecutive segments (first, last, kv_index, rows[, v_source]):
         steps [first, last) load `rows` <= block_kv keys each, into the first rows of their slot.
         v_source(i), when given, is the ref view step i copies its values from instead of
         v_ref.at[kv_index(i)] (the tree kernel's final tile comes from a sanitised copy)."""
         plgpu = _plgpu()
-        _, k_smem, v_smem, _ = smem
+        _, k_smem, v_smem, *_ = smem
         k_ready, v_ready, _, k_free, v_free, _ = barriers
+        if (key_ids is not None) != self.key_ids:
+            raise ValueError(f"key_ids must be given exactly when the pipeline has them: {self.key_ids=}")
+        if self.key_ids and any(rows != self.block_kv for _, _, _, rows, *_ in segments):
+            raise ValueError(f"segment ids ride only with whole tiles: {self.block_kv=}, {segments=}")
         plgpu.set_max_registers(40, action="decrease")
 
         for first, last, kv_index, rows, *v_source in segments:
@@ -119,6 +133,8 @@ class Pipeline:
                     plgpu.barrier_wait(k_free.at[slot])
 
                 plgpu.copy_gmem_to_smem(k_ref.at[index], into(k_smem), k_ready.at[slot])
+                if key_ids is not None:  # the ids' slot is freed with K's: after the scores
+                    plgpu.copy_gmem_to_smem(key_ids(i), smem[4].at[slot], k_ready.at[slot])
 
                 @pl.when(i >= self.stages)
                 def _():
@@ -147,7 +163,7 @@ class Pipeline:
     def start_queries(self, wg, smem, barriers, q_src):
         """`load_queries` without the wait: the consumer may issue its own loads meanwhile."""
         plgpu = _plgpu()
-        q_smem, _, _, _ = smem
+        q_smem = smem[0]
         plgpu.set_max_registers(232, action="increase")
         my_q = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_src, my_q, barriers[2].at[wg])
@@ -167,6 +183,16 @@ class Pipeline:
     def row_layout(self):
         return _plgpu().Layout.WGMMA.reduce(1)
 
+    def column_layout(self):
+        return _plgpu().Layout.WGMMA.reduce(0)
+
+    def load_row_ids(self, ids_ref, start):
+        """int32 [rows] from a [T] ref in global memory at `start`, in the row layout: a consumer's
+        query segment ids, loaded once (a plain load, as the tree kernel loads its mask words)."""
+        if self.interpret:
+            return ids_ref[pl.ds(start, self.rows)]
+        return _plgpu().load(ids_ref, pl.ds(start, self.rows), layout=self.row_layout(), optimized=False)
+
     def initial_carry(self):
         plgpu = _plgpu()
         cast = (lambda x, layout: x) if self.interpret else plgpu.layout_cast
@@ -180,32 +206,47 @@ class Pipeline:
             plgpu.barrier_arrive(barriers[5])
             plgpu.barrier_wait(barriers[5])
 
-    def consume(self, wg, my_q, smem, barriers, loops):
+    def consume(self, wg, my_q, smem, barriers, loops, query_ids=None):
         """Runs the consumer's steps and returns (acc, row_max, row_sum).
 
         loops: (first, last, allowed) triples run in order; allowed(i) gives the bool
         [rows, block_kv] visibility of step i's scores, or allowed is None for unmasked steps. A
         fourth element, a Pipeline equal to this one but for a smaller block_kv, runs those steps on
         that many keys: the first rows of the slot (see `produce_segments`).
+        query_ids: int32 [rows] in the row layout (`load_row_ids`), exactly when `self.key_ids`:
+        then every step also masks the keys whose segment id differs from the query's.
         """
+        if (query_ids is not None) != self.key_ids:
+            raise ValueError(f"query_ids must be given exactly when the pipeline has key ids: {self.key_ids=}")
         carry = self.initial_carry()
         # The second consumer starts half a step late so that the two alternate on the tensor cores.
         if self.ping_pong:
             pl.when(wg == 1)(lambda: self._sync_schedule(barriers))
         for first, last, allowed, *stepper in loops:
             stepper = stepper[0] if stepper else self
+            if stepper.block_kv != self.block_kv and self.key_ids:
+                raise ValueError(f"segment ids ride only with whole tiles: {stepper.block_kv=}")
             tiles = smem if stepper.block_kv == self.block_kv else (
                 smem[0], smem[1].at[:, pl.ds(0, stepper.block_kv)], smem[2].at[:, pl.ds(0, stepper.block_kv)],
                 smem[3])
             carry = lax.fori_loop(first, last, lambda i, c, allowed=allowed, stepper=stepper, tiles=tiles:
-                                  stepper._step(i, c, my_q, tiles, barriers, allowed), carry)
+                                  stepper._step(i, c, my_q, tiles, barriers, allowed, query_ids), carry)
         if self.ping_pong:
             pl.when(wg == 0)(lambda: self._sync_schedule(barriers))
         return carry
 
-    def _step(self, i, carry, my_q, smem, barriers, allowed):
+    def _same_segment(self, query_ids, ids_slot):
+        """bool [rows, block_kv]: the query's segment id equals the key's (this slot's ids)."""
+        if self.interpret:
+            key_ids = ids_slot[...]
+        else:
+            key_ids = _plgpu().load(ids_slot, (), layout=self.column_layout())
+        shape = (self.rows, self.block_kv)
+        return lax.broadcast_in_dim(query_ids, shape, [0]) == lax.broadcast_in_dim(key_ids, shape, [1])
+
+    def _step(self, i, carry, my_q, smem, barriers, allowed, query_ids=None):
         plgpu = _plgpu()
-        _, k_smem, v_smem, _ = smem
+        _, k_smem, v_smem, *_ = smem
         k_ready, v_ready, _, k_free, v_free, schedule = barriers
         acc, row_max, row_sum = carry
         slot = lax.rem(i, jnp.int32(self.stages))
@@ -221,13 +262,18 @@ class Pipeline:
                 return s_ref[...]
 
             s = pl.run_scoped(scores_of, plgpu.ACC((self.rows, self.block_kv), jnp.float32))
+        # The slot's key ids are read before it is released with K; the position mask after.
+        same = None if query_ids is None else self._same_segment(query_ids, smem[4].at[slot])
         plgpu.barrier_arrive(k_free.at[slot])
-        if allowed is not None:
-            s = jnp.where(allowed(i), s, -jnp.inf)
+        mask = None if allowed is None else allowed(i)
+        if same is not None:
+            mask = same if mask is None else mask & same
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
         # Scores stay unscaled: the scale rides on the exp2 argument as one FMA per element.
         new_max = jnp.maximum(row_max, s.max(axis=1) * self.scale)
         # A row that has seen no key keeps max -inf; shifting by 0 then gives exp2(-inf) = 0.
-        shift = new_max if allowed is None else jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        shift = new_max if mask is None else jnp.where(new_max == -jnp.inf, 0.0, new_max)
         rescale = jnp.exp2(row_max - shift)
         p = jnp.exp2(s * self.scale - lax.broadcast_in_dim(shift, s.shape, [0]))
         row_sum = row_sum * rescale + p.sum(axis=1)

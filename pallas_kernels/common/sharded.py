@@ -1,4 +1,4 @@
-"""Running an attention kernel per shard: `jax.shard_map` over batch and heads.
+"""Running an attention kernel per shard: `jax.shard_map` over batch, heads and (for ring attention) the sequence.
 
 A `pallas_call` is opaque to XLA's SPMD partitioner: inside a sharded program it is run on whole
 (gathered) operands on every device. Attention needs no communication across batch rows or across
@@ -8,9 +8,11 @@ operand is gathered.
 
 Operands are described by layout strings, one letter per axis: `B` is split over the batch mesh
 axes, `H` and `K` (query heads, KV heads) over the head mesh axes, every other letter is kept
-whole. GQA: query head h belongs to KV head h // G, so splitting H and K into the same number of
-contiguous blocks keeps whole groups on each device; `AttentionSharding.check` asks K (and so H)
-to be divisible by the head axes' size.
+whole, except `T` and `S` (query and key positions) when a sequence axis is given: only ring
+attention can run on such shards, since its kernel passes the K/V chunks between the devices
+itself (`pallas_kernels.fa2.ring`). GQA: query head h belongs to KV head h // G, so splitting H
+and K into the same number of contiguous blocks keeps whole groups on each device;
+`AttentionSharding.check` asks K (and so H) to be divisible by the head axes' size.
 
 This module imports no kernel family: callers pass the kernel function in.
 """
@@ -27,6 +29,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 _BATCH_LETTER = "B"
 _HEAD_LETTERS = frozenset("HK")
+_SEQUENCE_LETTERS = frozenset("TS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +40,23 @@ class AttentionSharding:
       mesh: the concrete or abstract mesh (under `jax.set_mesh` inside jit, the abstract one).
       batch_axes: mesh axes the batch axis B is split over (their product divides B).
       head_axes: mesh axes the head axes H and K are split over (their product divides K).
+      sequence_axes: mesh axes the positions T and S are split over (ring attention only).
     """
 
     mesh: Mesh | AbstractMesh
     batch_axes: tuple[str, ...] = ()
     head_axes: tuple[str, ...] = ()
+    sequence_axes: tuple[str, ...] = ()
 
     def __post_init__(self):
         names = tuple(self.mesh.axis_names)
-        for axis in self.batch_axes + self.head_axes:
+        for axis in self.batch_axes + self.head_axes + self.sequence_axes:
             if axis not in names:
                 raise ValueError(f"{axis=} is not an axis of the mesh, {names=}")
-        if set(self.batch_axes) & set(self.head_axes):
-            raise ValueError(f"an axis cannot split both batch and heads: {self.batch_axes=} {self.head_axes=}")
+        groups = (self.batch_axes, self.head_axes, self.sequence_axes)
+        if len(set().union(*groups)) != sum(map(len, groups)):
+            raise ValueError(f"a mesh axis can split only one of batch, heads and sequence: {self.batch_axes=} "
+                             f"{self.head_axes=} {self.sequence_axes=}")
 
     def _size(self, axes: tuple[str, ...]) -> int:
         return math.prod(dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))[a] for a in axes)
@@ -62,6 +69,10 @@ class AttentionSharding:
     def head_shards(self) -> int:
         return self._size(self.head_axes)
 
+    @property
+    def sequence_shards(self) -> int:
+        return self._size(self.sequence_axes)
+
     def spec(self, layout: str) -> PartitionSpec:
         """The PartitionSpec of an operand laid out as `layout`, e.g. "BTHD" or "BHT"."""
         def axis(letter):
@@ -69,6 +80,8 @@ class AttentionSharding:
                 return self.batch_axes
             if letter in _HEAD_LETTERS and self.head_axes:
                 return self.head_axes
+            if letter in _SEQUENCE_LETTERS and self.sequence_axes:
+                return self.sequence_axes
             return None
         return PartitionSpec(*(axis(letter) for letter in layout))
 
@@ -84,7 +97,7 @@ class AttentionSharding:
     @property
     def trivial(self) -> bool:
         """True when nothing is split (one shard): the kernel can run as it is."""
-        return self.batch_shards == 1 and self.head_shards == 1
+        return self.batch_shards == 1 and self.head_shards == 1 and self.sequence_shards == 1
 
 
 def shard_attention(
@@ -97,10 +110,11 @@ def shard_attention(
 
     Args:
       kernel: a function of the operands' shards (positional, in order) returning one array or a
-        tuple; it must not depend on which shard it runs on (attention per row and head does not).
-      sharding: how B and H/K are split.
+        tuple; it must not depend on which shard it runs on (attention per row and head does not),
+        except through collectives over the sequence axes (ring attention's K/V passing).
+      sharding: how B, H/K (and T/S) are split.
       operands: (array, layout) pairs; an array of None is passed to the kernel as None, and an
-        operand whose layout has no B/H/K letter (e.g. a shared [N, N] mask) is replicated.
+        operand whose layout has no split letter (e.g. a shared [N, N] mask) is replicated.
       out_layouts: the layout of the output, or of each output of a tuple.
 
     Returns:

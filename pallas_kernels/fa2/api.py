@@ -88,6 +88,20 @@ def _tile_table(q_segments, kv_segments, mask, block_q: int, block_k: int):
     return table.astype(jnp.int32)
 
 
+def _padded_segment_ids(launch: _Launch, aux: dict):
+    """(q_ids [B, Tp], kv_ids [B, Sp]) int32, or None without segment ids.
+
+    Edge padding keeps the per-tile id ranges tight. A padded id may equal a real one, which is
+    harmless in every kernel: padded keys are masked by position (k >= kv_len), and padded query
+    rows are sliced away, their zero output-gradients adding nothing to dK/dV.
+    """
+    if aux.get("segment_ids") is None:
+        return None
+    q_ids, kv_ids = aux["segment_ids"]
+    return (_pad_axis(q_ids, 1, launch.padded_q_len, mode="edge"),
+            _pad_axis(kv_ids, 1, launch.padded_kv_len, mode="edge"))
+
+
 def _prepare_extras(launch: _Launch, aux: dict, block_q: int, block_k: int):
     """Kernel inputs beyond q/k/v (padded), and the KernelSpec flags that go with them."""
     problem, spec = launch.problem, launch.kernel_spec
@@ -95,10 +109,7 @@ def _prepare_extras(launch: _Launch, aux: dict, block_q: int, block_k: int):
     extras = {}
     q_segments = kv_segments = mask = None
     if aux.get("segment_ids") is not None:
-        q_ids, kv_ids = aux["segment_ids"]
-        # Edge padding keeps the per-tile id ranges tight; padded keys are masked by position anyway.
-        q_segments = _pad_axis(q_ids, 1, Tp, mode="edge")
-        kv_segments = _pad_axis(kv_ids, 1, Sp, mode="edge")
+        q_segments, kv_segments = _padded_segment_ids(launch, aux)
         extras["q_segments"], extras["kv_segments"] = q_segments, kv_segments
         spec = dataclasses.replace(spec, has_segments=True)
     if aux.get("alibi") is not None:
@@ -139,8 +150,9 @@ def _forward(q, k, v, aux, launch: _Launch):
     problem, blocks = launch.problem, launch.blocks
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     if launch.mosaic_config is not None:
-        out, lse = mosaic_fwd.forward(qp, kp, vp, problem=_mosaic_problem(problem),
-                                      config=launch.mosaic_config, interpret=launch.interpret)
+        out, lse = mosaic_fwd.forward(qp, kp, vp, _padded_segment_ids(launch, aux),
+                                      problem=_mosaic_problem(problem), config=launch.mosaic_config,
+                                      interpret=launch.interpret)
         return out[:, :problem.q_len, :, :problem.head_dim], lse
     extras, spec = _prepare_extras(launch, aux, blocks.block_q, blocks.block_k)
     out, lse = triton_fwd.forward(
@@ -177,8 +189,9 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
     # Segment ids, slopes, mask and seed are not differentiated (integers, booleans, or by choice).
     aux_cotangent = jax.tree.map(lambda _: None, aux)
     if launch.mosaic_bwd_config is not None:
-        dq, dk, dv = mosaic_bwd.backward(qp, kp, vp, dop, lse, delta, problem=_mosaic_problem(problem),
-                                         config=launch.mosaic_bwd_config, interpret=launch.interpret)
+        dq, dk, dv = mosaic_bwd.backward(qp, kp, vp, dop, lse, delta, _padded_segment_ids(launch, aux),
+                                         problem=_mosaic_problem(problem), config=launch.mosaic_bwd_config,
+                                         interpret=launch.interpret)
         return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D], aux_cotangent
     extras_dkdv, spec = _prepare_extras(launch, aux, blocks.block_q_dkv, blocks.block_k_dkv)
     extras_dq, _ = _prepare_extras(launch, aux, blocks.block_q_dq, blocks.block_k_dq)
@@ -194,6 +207,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 BACKENDS = ("portable", "mosaic")
+# Covered by the Hopper kernels and checked in Mosaic GPU's CPU simulator, but not yet run on a GPU
+# (a kernel that lowered on jax 0.10.2 has failed to lower on 0.11.2 before): backend="mosaic"
+# reaches them, the automatic choice keeps the portable kernels until a GPU run confirms them.
+NOT_YET_ON_GPU = frozenset({"segments"})
 
 
 def _split_backend(backend):
@@ -218,11 +235,12 @@ def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool
     if backend == "mosaic":
         if not covered:
             raise ValueError(
-                f"backend='mosaic' covers bf16/f16, head dim 64, 128 or 256, causal and window only; got "
+                f"backend='mosaic' covers bf16/f16, head dim 64, 128 or 256, causal, window and segment ids "
+                f"only; got "
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
         return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
     if backend is None and not interpret and on_hopper():
-        if covered and mosaic_fwd.preferred(head_dim=problem.head_dim):
+        if covered and mosaic_fwd.preferred(head_dim=problem.head_dim) and not NOT_YET_ON_GPU & set(features):
             return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
         _log_fallback("forward", problem, features)
     return None
@@ -240,12 +258,12 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
     if backend == "mosaic":
         if not covered:
             raise ValueError(
-                f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal and window "
-                f"only; got dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
-        return mosaic_bwd.MosaicBwdConfig()
+                f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal, window and "
+                f"segment ids only; got dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
+        return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
     if backend is None and not interpret and on_hopper():
-        if covered:
-            return mosaic_bwd.MosaicBwdConfig()
+        if covered and not NOT_YET_ON_GPU & set(features):
+            return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
         _log_fallback("backward", problem, features)
     return None
 
@@ -345,7 +363,13 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic=}")
     if mosaic_bwd_config is not None and not deterministic:
-        mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False)
+        if mosaic_bwd.atomic_dq_available():
+            # The dS and dQ-partial buffers of the reduce-add mode leave no shared memory for a third
+            # ring slot at D=128 (248 KB > 227 KB, seen in the sm90 lowering).
+            mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False, num_stages=2)
+        else:
+            logger.info("flash_attention backward: deterministic=False asked for, but the reduce-add dQ "
+                        "kernel does not lower on jax %s; the deterministic dQ kernel runs", jax.__version__)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:

@@ -12,7 +12,11 @@ a ring of shared-memory slots, and the products are asynchronous wgmma.
   recomputing P and dP.
 
 Every sum is accumulated in a fixed order inside one CTA, so the result is deterministic. Causal and
-window calls visit only the tiles of their band and mask only its edges. The inputs are padded to
+window calls visit only the tiles of their band and mask only its edges. With segment ids (packed
+sequences) both kernels mask every step with the forward's "same id" test, so P recomputed here is
+the forward's: the ids of the streamed tiles travel with them through the TMA ring, a consumer's own
+ids load once, and the visited tiles are narrowed to those whose id ranges overlap
+(`mosaic_fwd.segment_tile_ranges`). The inputs are padded to
 tile multiples by `api.py`; lse arrives in log2 units with +inf for a row that saw no key (all its P
 are then exactly 0) and delta = rowsum(dO * O) - dlse.
 
@@ -31,7 +35,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
 from pallas_kernels.common.numerics import LOG2E
-from pallas_kernels.fa2.mosaic_fwd import MosaicProblem, _key_tile_ranges, cta_first_row
+from pallas_kernels.fa2.mosaic_fwd import (FEATURES, MosaicProblem, _key_tile_ranges, clip_to_segments,
+                                           cta_first_row, segment_tile_ranges)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,13 @@ class MosaicBwdConfig:
         if self.num_stages < 2:
             raise ValueError(f"the streamed ring needs at least 2 slots: {self.num_stages=}")
 
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> "MosaicBwdConfig":
+        """The default tiles per head dim, from the H100 sweep (benchmarks/mosaic_bwd_sweep.py, BENCHMARKS.md):
+        at D=128 a third ring slot hides the Q/dO copies (+4-5%); at D=64 the dQ kernel's 128-row
+        consumers halve its K/V traffic (+8-10%). Larger dK/dV tiles were slower or did not fit."""
+        return cls(num_stages=3) if head_dim > 64 else cls(block_q_dq=128)
+
     @property
     def q_multiple(self) -> int:
         return max(self.block_q, CONSUMERS * self.block_q_dq)
@@ -64,11 +76,20 @@ class MosaicBwdConfig:
         return max(CONSUMERS * self.block_kv, self.block_kv_dq)
 
 
+def atomic_dq_available() -> bool:
+    """Whether the reduce-add dQ mode (`deterministic=False`) may run: on jax 0.11.2 its kernel
+    (pl.kernel with a mutable ref) failed to lower on an H100 ("Shaped arrays must be represented by
+    ir.Values, got: TypedInt"), so from 0.11 on the deterministic dQ kernel runs instead."""
+    from packaging.version import Version
+
+    return Version(jax.__version__) < Version("0.11")
+
+
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
     """Whether the Hopper backward covers a call (the rest runs the portable backward)."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim in (64, 128)
-            and set(features) <= {"causal", "window"})
+            and set(features) <= FEATURES)
 
 
 def _plgpu():
@@ -169,6 +190,23 @@ class _Matmuls:
         plgpu = _plgpu()
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim))
 
+    def ids(self, ids_ref, start, size: int):
+        """int32 [size] segment ids from a [T] ref in global memory, laid out to broadcast along dim 1
+        of a tile whose rows they index: a consumer's own ids, loaded once (a plain load)."""
+        if self.interpret:
+            return ids_ref[pl.ds(start, size)]
+        plgpu = _plgpu()
+        return plgpu.load(ids_ref, pl.ds(start, size), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+    def same_segment(self, row_ids, col_ids_smem, shape):
+        """bool tile: row_ids (from `ids`) == the ids in shared memory that index the columns."""
+        if self.interpret:
+            col_ids = col_ids_smem[...]
+        else:
+            plgpu = _plgpu()
+            col_ids = plgpu.load(col_ids_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
+
     def iota(self, shape, dim: int):
         if self.interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
@@ -205,10 +243,11 @@ def _query_tile_ranges(k0, keys: int, problem: MosaicProblem, block_q: int, padd
     return lo, full_lo, full_hi, hi
 
 
-def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
-          interpret: bool):
+def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicProblem,
+          config: MosaicBwdConfig, interpret: bool):
     """-> dK, dV [B, Sp, K, D] in q's dtype, summed over the GQA group. With `dq_acc` (a mutable f32
-    [B, Tp, H, D] ref holding zeros), each step's unscaled dQ partial is also added into it."""
+    [B, Tp, H, D] ref holding zeros), each step's unscaled dQ partial is also added into it.
+    segment_ids: None or padded (q_ids [B, Tp], kv_ids [B, Sp]) int32."""
     plgpu = _plgpu()
     B, Tp, H, D = q.shape
     Sp, K = k.shape[1], k.shape[2]
@@ -221,17 +260,25 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
     transforms = smem_transforms()
 
     with_dq = dq_acc is not None
+    segments = segment_ids is not None
 
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
+        if segments:
+            q_ids_ref, kv_ids_ref, ranges_ref, *refs = refs
         dq_ref, dk_ref, dv_ref = refs if with_dq else (None, *refs)
 
         def per_warpgroup(smem, barriers):
-            kv_smem, q_smem, do_smem, stats_smem, *dq_smem = smem
+            kv_smem, q_smem, do_smem, stats_smem, *extra_smem = smem
+            ids_smem = extra_smem.pop() if segments else None  # the streamed query tiles' ids
+            dq_smem = extra_smem
             kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free = barriers
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
             k0 = lax.axis_index("kv_tiles") * cta_keys
             lo, full_lo, full_hi, hi = _query_tile_ranges(k0, cta_keys, problem, bq, Tp)
+            if segments:
+                lo, full_lo, full_hi, hi = clip_to_segments(
+                    ranges_ref, b, lax.axis_index("kv_tiles"), lo, full_lo, full_hi, hi)
             tiles = hi - lo
 
             @pl.when(wg == CONSUMERS)
@@ -257,6 +304,8 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
 
                     plgpu.copy_gmem_to_smem(stats_ref.at[b, head, :, rows], stats_smem.at[slot],
                                             stats_ready.at[slot])
+                    if segments:  # freed with the stats, by the same stats_free
+                        plgpu.copy_gmem_to_smem(q_ids_ref.at[b, rows], ids_smem.at[slot], stats_ready.at[slot])
 
                 # Observe each slot's last release before the barriers are freed.
                 for slot in range(stages):
@@ -272,6 +321,7 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
                 my_k, my_v = kv_smem.at[0, wg], kv_smem.at[1, wg]
                 plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(keys0, bkv), kv_head], my_k, kv_ready.at[wg])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(keys0, bkv), kv_head], my_v, kv_ready.at[wg])
+                key_ids = mm.ids(kv_ids_ref.at[b], keys0, bkv) if segments else None
                 plgpu.barrier_wait(kv_ready.at[wg])
 
                 def step(i, t, carry, masked: bool):
@@ -284,12 +334,16 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
                     plgpu.barrier_wait(stats_ready.at[slot])
                     lse = mm.vector(stats_smem.at[slot, 0], 0)
                     delta = mm.vector(stats_smem.at[slot, 1], 0)
+                    visible = mm.same_segment(key_ids, ids_smem.at[slot], s_t.shape) if segments else None
                     plgpu.barrier_arrive(stats_free.at[slot])
                     p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
                     if masked:
                         q_idx = t * bq + mm.iota(s_t.shape, 1)
                         k_idx = keys0 + mm.iota(s_t.shape, 0)
-                        p_t = jnp.where(_visible(q_idx, k_idx, problem), p_t, 0.0)
+                        by_position = _visible(q_idx, k_idx, problem)
+                        visible = by_position if visible is None else visible & by_position
+                    if visible is not None:
+                        p_t = jnp.where(visible, p_t, 0.0)
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
                     ds_t = ds_t.astype(q.dtype)
                     # dV += Pᵀ dO and dK += dSᵀ Q, issued together.
@@ -321,6 +375,7 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
                     def run(first, last, masked, carry):
                         return lax.fori_loop(first, last, lambda t, c: step(base + t, t, c, masked), carry)
 
+                    # With segment ids every step is masked by id; `masked` adds the position mask.
                     if not masks:
                         return run(lo, hi, False, carry)
                     carry = run(lo, full_lo, True, carry)
@@ -345,11 +400,14 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
         if with_dq:
             smem += (plgpu.SMEM((CONSUMERS, bkv, bq), q.dtype, transforms=transforms),  # dSᵀ
                      plgpu.SMEM((CONSUMERS, bq, D), jnp.float32))  # dQ partial on its way out
+        if segments:
+            smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
         barriers = (
             plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # kv_ready: K and V landed
             plgpu.Barrier(num_barriers=stages),  # q_ready
             plgpu.Barrier(num_barriers=stages),  # do_ready
-            plgpu.Barrier(num_barriers=stages),  # stats_ready
+            # stats_ready: [lse, delta], and the query ids with segments
+            plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # stats_free
@@ -358,18 +416,22 @@ def _dkdv(q, k, v, do, stats, dq_acc=None, *, problem: MosaicProblem, config: Mo
 
     out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
     launch = dict(grid=(Sp // cta_keys, K, B), grid_names=("kv_tiles", "kv_heads", "batch"))
+    inputs = (q, k, v, do, stats)
+    if segments:
+        q_ids, kv_ids = segment_ids
+        inputs += (q_ids, kv_ids, segment_tile_ranges(kv_ids, q_ids, cta_keys, bq))
     if not with_dq:
-        return plgpu.kernel(body, out_type=(out, out), **launch, **_kernel_options(interpret))(
-            q, k, v, do, stats)
+        return plgpu.kernel(body, out_type=(out, out), **launch, **_kernel_options(interpret))(*inputs)
     # pl.kernel (unlike plgpu.kernel) takes a mutable ref argument, updated in place.
     options = _kernel_options(interpret)
     mesh = plgpu.Mesh(**launch, num_threads=options.pop("num_threads"),
                       thread_name=options.pop("thread_name"))
-    return pl.kernel(body, out_type=(out, out), mesh=mesh, **options)(q, k, v, do, stats, dq_acc)
+    return pl.kernel(body, out_type=(out, out), mesh=mesh, **options)(*inputs, dq_acc)
 
 
-def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, interpret: bool):
-    """-> dQ [B, Tp, H, D] in q's dtype."""
+def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
+        interpret: bool):
+    """-> dQ [B, Tp, H, D] in q's dtype. segment_ids: None or padded (q_ids [B, Tp], kv_ids [B, Sp])."""
     plgpu = _plgpu()
     B, Tp, H, D = q.shape
     Sp = k.shape[1]
@@ -380,14 +442,24 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
     mm = _Matmuls(interpret)
     transforms = smem_transforms()
 
-    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, dq_ref):
+    segments = segment_ids is not None
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
+        if segments:
+            q_ids_ref, kv_ids_ref, ranges_ref, dq_ref = refs
+        else:
+            (dq_ref,) = refs
+
         def per_warpgroup(smem, barriers):
-            qdo_smem, k_smem, v_smem, stats_smem = smem
+            qdo_smem, k_smem, v_smem, stats_smem, *ids_smem = smem  # ids_smem: the key tiles' ids
             mine_ready, k_ready, v_ready, k_free, v_free = barriers
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
             row0 = cta_first_row(problem, Tp, cta_rows)
             lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
+            if segments:
+                lo, full_lo, full_hi, hi = clip_to_segments(
+                    ranges_ref, b, lax.div(row0, jnp.int32(cta_rows)), lo, full_lo, full_hi, hi)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
@@ -398,13 +470,16 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
                 def _(i):
                     slot = lax.rem(i, jnp.int32(stages))
                     keys = pl.ds((lo + i) * bkv, bkv)
-                    for ref, dst, ready, free in ((k_ref, k_smem, k_ready, k_free),
-                                                  (v_ref, v_smem, v_ready, v_free)):
+                    for ref, dst, ready, free, with_ids in ((k_ref, k_smem, k_ready, k_free, segments),
+                                                            (v_ref, v_smem, v_ready, v_free, False)):
                         @pl.when(i >= stages)
                         def _(free=free):
                             plgpu.barrier_wait(free.at[slot])
 
                         plgpu.copy_gmem_to_smem(ref.at[b, keys, kv_head], dst.at[slot], ready.at[slot])
+                        if with_ids:  # the keys' ids ride with K, and are freed with it
+                            plgpu.copy_gmem_to_smem(kv_ids_ref.at[b, keys], ids_smem[0].at[slot],
+                                                    ready.at[slot])
 
                 for slot in range(stages):
                     @pl.when(hi - lo > slot)
@@ -422,6 +497,7 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], my_q, mine_ready.at[wg])
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, mine_ready.at[wg])
                 plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, rows], my_stats, mine_ready.at[wg])
+                query_ids = mm.ids(q_ids_ref.at[b], rows0, bq) if segments else None
                 plgpu.barrier_wait(mine_ready.at[wg])
                 lse = mm.vector(my_stats.at[0], 1)
                 delta = mm.vector(my_stats.at[1], 1)
@@ -434,10 +510,15 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
                     s, dp = mm.two_dot_t(my_q, k_smem.at[slot], my_do, v_smem.at[slot], (bq, bkv))
                     plgpu.barrier_arrive(v_free.at[slot])
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    # With segment ids every step is masked by id; `masked` adds the position mask.
+                    visible = mm.same_segment(query_ids, ids_smem[0].at[slot], s.shape) if segments else None
                     if masked:
                         q_idx = rows0 + mm.iota(s.shape, 0)
                         k_idx = i * bkv + mm.iota(s.shape, 1)
-                        p = jnp.where(_visible(q_idx, k_idx, problem), p, 0.0)
+                        by_position = _visible(q_idx, k_idx, problem)
+                        visible = by_position if visible is None else visible & by_position
+                    if visible is not None:
+                        p = jnp.where(visible, p, 0.0)
                     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                     dq = mm.accumulate(dq, ds.astype(q.dtype), k_smem.at[slot])  # dQ += dS K
                     plgpu.barrier_arrive(k_free.at[slot])
@@ -464,35 +545,46 @@ def _dq(q, k, v, do, stats, *, problem: MosaicProblem, config: MosaicBwdConfig, 
             plgpu.SMEM((stages, bkv, D), q.dtype, transforms=transforms),  # V ring
             plgpu.SMEM((CONSUMERS, 2, bq), jnp.float32),  # each consumer's [lse, delta]
         )
+        if segments:
+            smem += (plgpu.SMEM((stages, bkv), jnp.int32),)  # key ids ring
         barriers = (
             plgpu.Barrier(num_arrivals=3, num_barriers=CONSUMERS),  # Q, dO and stats landed
-            plgpu.Barrier(num_barriers=stages),  # k_ready
+            plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),  # k_ready (+ key ids)
             plgpu.Barrier(num_barriers=stages),  # v_ready
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
         )
         pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
 
+    inputs = (q, k, v, do, stats)
+    if segments:
+        q_ids, kv_ids = segment_ids
+        inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, cta_rows, bkv))
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
                         grid=(Tp // cta_rows, H, B), grid_names=("q_tiles", "heads", "batch"),
-                        **_kernel_options(interpret))(q, k, v, do, stats)
+                        **_kernel_options(interpret))(*inputs)
 
 
-def backward(q, k, v, do, lse2, delta, *, problem: MosaicProblem, config: MosaicBwdConfig,
-             interpret: bool = False):
+def backward(q, k, v, do, lse2, delta, segment_ids=None, *, problem: MosaicProblem,
+             config: MosaicBwdConfig, interpret: bool = False):
     """Padded q, do [B, Tp, H, D], k, v [B, Sp, K, D], lse2 (log2 units, +inf for empty rows) and
-    delta [B, H, Tp] f32 -> (dQ, dK, dV) padded, in q's dtype."""
+    delta [B, H, Tp] f32 -> (dQ, dK, dV) padded, in q's dtype. segment_ids: None, or
+    (q_ids [B, Tp], kv_ids [B, Sp]) int32 padded as for `mosaic_fwd.forward`."""
     Tp, Sp, D = q.shape[1], k.shape[1], q.shape[3]
     if D not in (64, 128):
         raise ValueError(f"the Hopper backward covers head dim 64 or 128, got {D=}")
     if Tp % config.q_multiple or Sp % config.kv_multiple:
         raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {config.q_multiple}, "
                          f"{Sp=} % {config.kv_multiple}")
+    if segment_ids is not None and (segment_ids[0].shape != (q.shape[0], Tp)
+                                    or segment_ids[1].shape != (q.shape[0], Sp)):
+        raise ValueError(f"segment ids must be [B, Tp] and [B, Sp] for {q.shape=}, {k.shape=}, got "
+                         f"{segment_ids[0].shape=}, {segment_ids[1].shape=}")
     stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Tp]: one copy per tile brings both
     kwargs = dict(problem=problem, config=config, interpret=interpret)
     if config.deterministic:
-        dk, dv = _dkdv(q, k, v, do, stats, **kwargs)
-        return _dq(q, k, v, do, stats, **kwargs), dk, dv
+        dk, dv = _dkdv(q, k, v, do, stats, segment_ids, **kwargs)
+        return _dq(q, k, v, do, stats, segment_ids, **kwargs), dk, dv
     dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-    dk, dv = _dkdv(q, k, v, do, stats, dq_acc, **kwargs)
+    dk, dv = _dkdv(q, k, v, do, stats, segment_ids, dq_acc, **kwargs)
     return (jax.freeze(dq_acc) * problem.sm_scale).astype(q.dtype), dk, dv

@@ -7,8 +7,11 @@ tensor cores. This module decides the tiles: a CTA covers 2 * block_q rows and v
 of their causal/window band, masking only the tiles at the band's edges.
 
 Scope (the dispatcher in `api.py` routes everything else to the portable kernels): bf16/f16, head dim
-64, 128 or 256, causal and sliding windows (bottom-right aligned), GQA/MQA, any T and S (the caller
-pads them to tile multiples; keys past `kv_len` are masked here). Under a causal band the CTAs that
+64, 128 or 256, causal and sliding windows (bottom-right aligned), segment ids (packed sequences),
+GQA/MQA, any T and S (the caller pads them to tile multiples; keys past `kv_len` are masked here).
+With segment ids every visited tile is masked: each K tile's ids travel with it through the TMA
+ring, and a CTA visits only the key tiles between the first and the last whose id range overlaps its
+queries' (`segment_tile_ranges`, from the ids' per-tile min and max). Under a causal band the CTAs that
 own the last rows (the most keys) launch first. Outputs: O [B, Tp, H, D] in the input dtype and the
 natural-log lse [B, H, Tp] (-inf for rows that see no key), the residuals both backwards consume.
 """
@@ -66,11 +69,14 @@ def preferred(*, head_dim: int) -> bool:
     return head_dim in (64, 128)
 
 
+FEATURES = frozenset({"causal", "window", "segments"})
+
+
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
     """Whether this kernel covers a call (the rest goes to the portable kernels)."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim in (64, 128, 256)
-            and set(features) <= {"causal", "window"})
+            and set(features) <= FEATURES)
 
 
 def cta_first_row(problem: MosaicProblem, padded_q_len: int, cta_rows: int):
@@ -110,8 +116,43 @@ def _key_tile_ranges(row0, rows: int, problem: MosaicProblem, block_kv: int, pad
     return lo, full_lo, full_hi, hi
 
 
-def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpret: bool = False):
-    """q [B, Tp, H, D], k/v [B, Sp, K, D] padded to tile multiples -> (O [B, Tp, H, D], lse [B, H, Tp])."""
+def segment_tile_ranges(row_ids, col_ids, row_block: int, col_block: int):
+    """int32 [B, R, 2]: for each block of `row_block` rows, [first, last + 1) of the `col_block`-wide
+    column tiles whose segment id range overlaps the block's ([0, 0) when none does).
+
+    row_ids [B, R * row_block], col_ids [B, C * col_block] int32. A tile outside [first, last + 1)
+    holds no pair of equal ids, so a kernel may skip it; tiles inside are visited (and masked) even
+    when their own range misses the rows', which keeps the visited tiles one contiguous range. For
+    packed sequences (ids ascending along the sequence) the range is the rows' documents' keys.
+    """
+    B = row_ids.shape[0]
+    rows = row_ids.reshape(B, -1, row_block)
+    cols = col_ids.reshape(B, -1, col_block)
+    row_lo, row_hi = rows.min(-1), rows.max(-1)  # [B, R]
+    col_lo, col_hi = cols.min(-1), cols.max(-1)  # [B, C]
+    overlap = (row_lo[:, :, None] <= col_hi[:, None, :]) & (col_lo[:, None, :] <= row_hi[:, :, None])  # [B, R, C]
+    first = jnp.argmax(overlap, axis=-1)
+    last = overlap.shape[-1] - jnp.argmax(overlap[..., ::-1], axis=-1)
+    ranges = jnp.stack([first, last], axis=-1)
+    return jnp.where(overlap.any(-1)[..., None], ranges, 0).astype(jnp.int32)
+
+
+def clip_to_segments(ranges_ref, b, block, lo, full_lo, full_hi, hi):
+    """Tile bounds lo <= full_lo <= full_hi <= hi (as `_key_tile_ranges` gives them) narrowed to row
+    block `block`'s range in `segment_tile_ranges` [B, R, 2]: still ordered, empty if no tile overlaps."""
+    lo, hi = jnp.clip(ranges_ref[b, block, 0], lo, hi), jnp.clip(ranges_ref[b, block, 1], lo, hi)
+    hi = jnp.maximum(hi, lo)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: MosaicFwdConfig,
+            interpret: bool = False):
+    """q [B, Tp, H, D], k/v [B, Sp, K, D] padded to tile multiples -> (O [B, Tp, H, D], lse [B, H, Tp]).
+
+    segment_ids: None, or (q_ids [B, Tp], kv_ids [B, Sp]) int32 padded like q and k; ids of padded
+    keys may equal real ones (those keys are masked by position).
+    """
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported on use
 
     B, Tp, H, D = q.shape
@@ -120,27 +161,44 @@ def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpr
     cta_rows = CONSUMERS * bq
     if Tp % cta_rows or Sp % bkv:
         raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {cta_rows}, {Sp=} % {bkv}")
+    segments = segment_ids is not None
+    if segments and (segment_ids[0].shape != (B, Tp) or segment_ids[1].shape != (B, Sp)):
+        raise ValueError(f"segment ids must be [B, Tp]={(B, Tp)} and [B, Sp]={(B, Sp)}, got "
+                         f"{segment_ids[0].shape=}, {segment_ids[1].shape=}")
     pipeline = Pipeline(rows=bq, block_kv=bkv, head_dim=D, stages=config.num_stages, dtype=q.dtype,
-                        scale=problem.sm_scale * LOG2E, ping_pong=config.ping_pong, interpret=interpret)
+                        scale=problem.sm_scale * LOG2E, ping_pong=config.ping_pong, interpret=interpret,
+                        key_ids=segments)
     masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
 
-    def body(q_ref, k_ref, v_ref, out_ref, lse_ref):
+    def body(q_ref, k_ref, v_ref, *refs):
+        if segments:
+            q_ids_ref, kv_ids_ref, ranges_ref, out_ref, lse_ref = refs
+        else:
+            out_ref, lse_ref = refs
+
         def per_warpgroup(smem, barriers):
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
             row0 = cta_first_row(problem, Tp, cta_rows)
             lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
+            if segments:
+                lo, full_lo, full_hi, hi = clip_to_segments(
+                    ranges_ref, b, lax.div(row0, jnp.int32(cta_rows)), lo, full_lo, full_hi, hi)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 kv_head = lax.div(h, jnp.int32(problem.group_size))
+                key_ids = (lambda i: kv_ids_ref.at[b, pl.ds((lo + i) * bkv, bkv)]) if segments else None
                 pipeline.produce(smem, barriers, k_ref, v_ref, hi - lo,
-                                 lambda i: (b, pl.ds((lo + i) * bkv, bkv), kv_head))
+                                 lambda i: (b, pl.ds((lo + i) * bkv, bkv), kv_head), key_ids)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
                 rows0 = row0 + wg * bq
-                my_q = pipeline.load_queries(wg, smem, barriers, q_ref.at[b, pl.ds(rows0, bq), h])
+                my_q = pipeline.start_queries(wg, smem, barriers, q_ref.at[b, pl.ds(rows0, bq), h])
+                # The queries' segment ids load while the queries are in flight.
+                query_ids = pipeline.load_row_ids(q_ids_ref.at[b], rows0) if segments else None
+                pipeline.wait_queries(wg, barriers)
 
                 def allowed(i):
                     q_idx = rows0 + pipeline.iota(0)
@@ -152,16 +210,22 @@ def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpr
                         visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
                     return visible
 
-                # Steps count from tile lo: masked band edges around the unmasked interior.
+                # Steps count from tile lo: masked band edges around the unmasked interior. With
+                # segment ids every step is masked all the same: the pipeline ANDs "same id" into
+                # each step's position mask (or uses it alone in the interior).
                 loops = [(full_lo - lo, full_hi - lo, None)]
                 if masks_keys:
                     loops = [(0, full_lo - lo, allowed)] + loops + [(full_hi - lo, hi - lo, allowed)]
-                carry = pipeline.consume(wg, my_q, smem, barriers, loops)
+                carry = pipeline.consume(wg, my_q, smem, barriers, loops, query_ids)
                 pipeline.store(wg, my_q, smem, carry, out_ref.at[b, pl.ds(rows0, bq), h],
                                lse_ref.at[b, h, pl.ds(rows0, bq)])
 
         pipeline.run(per_warpgroup, (q_ref, k_ref, v_ref))
 
+    inputs = (q, k, v)
+    if segments:
+        q_ids, kv_ids = segment_ids
+        inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, cta_rows, bkv))
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
@@ -169,4 +233,4 @@ def forward(q, k, v, *, problem: MosaicProblem, config: MosaicFwdConfig, interpr
         grid=(Tp // cta_rows, H, B),
         grid_names=("q_tiles", "heads", "batch"),
         **pipeline.kernel_options(),
-    )(q, k, v)
+    )(*inputs)
