@@ -11,6 +11,7 @@
   token_cache  the tokenised corpus of a run, kept in its folder for resumes
   cli        flag and setup helpers of examples/train.py
   continuations  a teacher's greedy continuations as extra training documents
+  feature_draft  an EAGLE-style feature head on a frozen target's hidden states
 """
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.checkpoint import model_config_from_dict, resolve_checkpoint
