@@ -10,6 +10,9 @@ Calls, all pure once split with `nnx.split` (lengths are data, so none recompile
     model.prefill(tokens, lengths, cache)        right-padded prompts -> logits, cache
     model.decode(tokens, cache)                  T new tokens per row -> logits, cache (lengths += T)
     model.score_tree(tokens, tree_mask, cache)   N speculative tree nodes -> logits (lengths unchanged)
+Each also returns the final hidden state (the vector the LM head reads, after the final norm) last
+when called with `return_hidden=True`: what a feature-level draft (`spec.feature_draft`) reads;
+`embed_tokens` and `head_logits` are the two ends of the model such a draft shares.
 and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2jax.kv_cache`).
 With `config.invariant_rows` = R, decode and score_tree both run as R-row tree verifications, so
 a token's logits do not depend on which of the two computed it (see `TransformerConfig`).
@@ -137,11 +140,14 @@ class Transformer(nnx.Module):
             x = x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
         return x
 
-    def _logits(self, x: jax.Array, mask_padding: bool = True) -> jax.Array:
-        """[B, T, d_model] -> float32 logits [B, T, V], accumulated in float32 (soft-capped when
-        `config.logit_softcap`); the vocabulary's padding rows (`config.tokenizer_vocab_size` on) at
-        -inf when `mask_padding`."""
-        x = self.final_norm(x)
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """The input embeddings: [B, T] ids -> [B, T, d_model] in the compute dtype (ids unchecked)."""
+        return self._embed(tokens)
+
+    def head_logits(self, x: jax.Array, mask_padding: bool = True) -> jax.Array:
+        """Final hidden states (after the final norm) [B, T, d_model] -> float32 logits [B, T, V],
+        accumulated in float32 (soft-capped when `config.logit_softcap`); the vocabulary's padding
+        rows (`config.tokenizer_vocab_size` on) at -inf when `mask_padding`."""
         if self.lm_head is None:
             weight = self.embed.embedding[...].astype(x.dtype)  # [V, d_model]
             logits = jnp.einsum("btd,vd->btv", x, weight, preferred_element_type=jnp.float32)
@@ -156,6 +162,15 @@ class Transformer(nnx.Module):
             logits = jnp.where(jnp.arange(vocab) < used, logits, -jnp.inf)
         return logits
 
+    def _outputs(self, x: jax.Array, return_hidden: bool, cache: KVCache | None = None, mask_padding: bool = True):
+        """What a call returns for residual stream x [B, T, d_model]: logits, then `cache` when
+        given, then the final hidden states [B, T, d_model] when `return_hidden`."""
+        hidden = self.final_norm(x)
+        out = (self.head_logits(hidden, mask_padding),) + (() if cache is None else (cache,))
+        if return_hidden:
+            return out + (hidden,)
+        return out if cache is not None else out[0]
+
     def __call__(
         self,
         tokens: jax.Array,  # [B, T] int
@@ -163,7 +178,8 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,  # [B, T] int
         *,
         zigzag: bool = False,
-    ) -> jax.Array:
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Training forward: causal attention within each packed segment.
 
         Under a mesh with a "context" axis of n > 1 devices (context parallelism, `fa2jax.sharding`)
@@ -180,10 +196,11 @@ class Transformer(nnx.Module):
                 logits come back in it. The training step does this, with its targets permuted
                 alike, so no logits move between devices. Without it, under a context axis the
                 call permutes its inputs and restores the token order of the last hidden states.
+            return_hidden: also return the final hidden states [B, T, d_model] (after the final norm).
 
         Returns:
-            logits [B, T, V] float32. The vocabulary's padding rows are not masked here: losses take
-            logs of probabilities (0 * log 0 would be NaN).
+            logits [B, T, V] float32 (and the hidden states). The vocabulary's padding rows are not
+            masked here: losses take logs of probabilities (0 * log 0 would be NaN).
         """
         self._check_tokens(tokens)
         if zigzag and positions is None:
@@ -211,7 +228,7 @@ class Transformer(nnx.Module):
                           ACTIVATION_AXES)
         if permute:
             x = constrain(ring.unzigzag(x, shards), ACTIVATION_AXES)
-        return self._logits(x, mask_padding=False)
+        return self._outputs(x, return_hidden, mask_padding=False)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` (default config.max_len) tokens.
@@ -223,7 +240,8 @@ class Transformer(nnx.Module):
         return KVCache.create(c.num_layers, batch, max_len or c.max_len, c.num_kv_heads, c.head_dim,
                               dtype or c.dtype)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *, return_hidden: bool = False
+                ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Runs right-padded prompts from position 0 and fills the cache.
 
         Args:
@@ -232,7 +250,8 @@ class Transformer(nnx.Module):
             cache: a cache of B rows with T <= max_len; every row is overwritten from slot 0.
 
         Returns:
-            (logits [B, T, V] float32, cache with lengths = lengths). Logits at padding are meaningless.
+            (logits [B, T, V] float32, cache with lengths = lengths), then the final hidden states
+            [B, T, d_model] with `return_hidden`. Logits at padding are meaningless.
 
         Raises:
             ValueError: wrong shapes, a batch other than the cache's, or (concrete values) lengths
@@ -245,9 +264,10 @@ class Transformer(nnx.Module):
         x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.prefill(x, cache, layer)
-        return self._logits(x), cache.replace(lengths=lengths)
+        return self._outputs(x, return_hidden, cache=cache.replace(lengths=lengths))
 
-    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(self, tokens: jax.Array, cache: KVCache, *, return_hidden: bool = False
+               ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Appends T tokens per row at positions lengths .. lengths + T - 1 (causal among themselves).
 
         Args:
@@ -255,7 +275,8 @@ class Transformer(nnx.Module):
             cache: the committed context.
 
         Returns:
-            (logits [B, T, V] float32, cache with lengths += T).
+            (logits [B, T, V] float32, cache with lengths += T), then the final hidden states
+            [B, T, d_model] with `return_hidden`.
 
         Raises:
             ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V) or
@@ -266,15 +287,17 @@ class Transformer(nnx.Module):
         T = tokens.shape[1]
         checking.check_cache_room(cache.lengths, max(T, self.config.invariant_rows), cache.max_len, "decoding")
         if self.config.invariant_rows:  # the same computation as verifying a chain of T nodes
-            logits, cache = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache)
-            return logits, cache.replace(lengths=cache.lengths + T)
+            logits, cache, *hidden = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache,
+                                                     return_hidden=return_hidden)
+            return (logits, cache.replace(lengths=cache.lengths + T), *hidden)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
         x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer)
-        return self._logits(x), cache.replace(lengths=cache.lengths + T)
+        return self._outputs(x, return_hidden, cache=cache.replace(lengths=cache.lengths + T))
 
-    def score_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def score_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache, *, return_hidden: bool = False
+                   ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Scores N speculative tree nodes in one pass: the logits of every node's next token.
 
         Node i sits at RoPE position lengths[b] + depth(i), depth(i) = tree_mask[i].sum() - 1, and its K/V
@@ -287,7 +310,8 @@ class Transformer(nnx.Module):
                 config.invariant_rows = R, which must be >= N).
 
         Returns:
-            (logits [B, N, V] float32, cache with the nodes' K/V written).
+            (logits [B, N, V] float32, cache with the nodes' K/V written), then the final hidden
+            states [B, N, d_model] with `return_hidden`.
 
         Raises:
             ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V), a
@@ -318,7 +342,9 @@ class Transformer(nnx.Module):
         x = self._embed(tokens)
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer, tree_mask, batch_invariant=rows > 0)
-        return self._logits(x)[:, :N], cache
+        # The head runs over all R rows with invariant_rows, as in decode: the same matmul shapes.
+        logits, cache, *hidden = self._outputs(x, return_hidden, cache=cache)
+        return (logits[:, :N], cache, *(h[:, :N] for h in hidden))
 
     def verify_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Deprecated name of `score_tree` (`SpeculativeDecoder.verify_tree` is the accept/reject step)."""

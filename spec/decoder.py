@@ -7,7 +7,9 @@ verification keeps the longest acceptable root path plus one token of the target
 (`KVCache.accept`, `Drafter.commit`). A step emits between 1 and depth + 1 tokens for a single
 target pass; the output is exactly the target's own greedy decoding (verify="greedy") or has
 exactly the target's sampling distribution (verify="stochastic"). A draft is anything that
-implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafter`.
+implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafter`. A drafter that
+sets `needs_target_hidden` (the EAGLE-style `spec.FeatureDrafter`) also gets the target's final
+hidden states of the prefill and of every scored tree.
 
 The loop is a `lax.while_loop` over `DecodeState`; prefill, the loop and the result are one jitted
 function, compiled once per (batch, prompt length, max_new_tokens) and decoder. Rows advance by
@@ -37,7 +39,7 @@ from spec import verify as verify_lib
 from spec.draft import draft_dynamic_tree, draft_static_tree, static_exact_kv_depths
 from spec.drafters import Drafter, ModelDrafter, as_drafter
 from spec.generation import (
-    GenerationResult, GenerationStats, cache_len, call_model, check_generate_args, emit_tokens, first_token)
+    GenerationResult, GenerationStats, cache_len, check_generate_args, emit_tokens, first_token)
 from spec.streaming import DEFAULT_CHUNK_STEPS, check_stream_args, run_chunked
 from spec.trees import DynamicTree, ExpansionTree, MergedTree, TokenTree
 
@@ -129,6 +131,8 @@ class SpeculativeDecoder:
         if tree.num_drafts != len(drafts):
             raise ValueError(f"the tree expands {tree.num_drafts} draft(s) but {len(drafts)=} were given")
         self.drafters = tuple(as_drafter(d) for d in drafts)
+        # Which drafters read the target's final hidden states (see `spec.Drafter`).
+        self._needs_hidden = tuple(bool(getattr(d, "needs_target_hidden", False)) for d in self.drafters)
         vocab = target.config.vocab_size
         for i, d in enumerate(self.drafters):
             if d.vocab_size != vocab:
@@ -222,11 +226,13 @@ class SpeculativeDecoder:
                 deepest > exact, lambda c, d=d, p=p: d.complete(p, c, tree.tokens, mask), lambda c: c, c))
         return tuple(completed)
 
-    def score(self, target_params, cache, tree: TokenTree) -> tuple[jax.Array, KVCache]:
-        """The target's logits at every node.  Returns (logits # [B, N, V], cache with the nodes' K/V)."""
+    def score(self, target_params, cache, tree: TokenTree, return_hidden: bool = False):
+        """The target's logits at every node.  Returns (logits # [B, N, V], cache with the nodes' K/V),
+        then the final hidden states # [B, N, d_model] with `return_hidden`."""
         # A static tree's mask is its topology's (NumPy, so the kernels get it packed at trace time).
         mask = self._topology.ancestor_mask if self._static else tree.mask
-        return call_model(self._target_def, target_params, "score_tree", tree.tokens, mask, cache)
+        target = nnx.merge(self._target_def, target_params)
+        return target.score_tree(tree.tokens, mask, cache, return_hidden=return_hidden)
 
     def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p, top_k=0,
                     min_p=0.0) -> verify_lib.VerifyResult:
@@ -238,7 +244,7 @@ class SpeculativeDecoder:
             top_p=top_p, top_k=top_k, min_p=min_p)
 
     def accept(self, state: DecodeState, tree: TokenTree, result: verify_lib.VerifyResult, target_cache,
-               draft_caches, eos_id) -> DecodeState:
+               draft_caches, eos_id, draft_params=None, target_hidden=None) -> DecodeState:
         """Emits the accepted tokens and commits the accepted path in every cache.
 
         Args:
@@ -248,6 +254,8 @@ class SpeculativeDecoder:
           target_cache, draft_caches: the target's cache and the drafts' states holding the tree
             past the committed context.
           eos_id: the ids that end a row, scalar or [n_eos]; -1 for none.
+          draft_params, target_hidden: the drafters' params and the target's final hidden states at
+            the tree's nodes [B, N, d_model], for the drafters that set `needs_target_hidden`.
 
         Returns:
           the state after this step.
@@ -265,7 +273,10 @@ class SpeculativeDecoder:
         return state.replace(
             tokens=buffer, lengths=lengths, done=done, root=jnp.where(active, result.bonus, state.root),
             target_cache=target_cache.accept(result.path, commit),
-            draft_caches=tuple(d.commit(c, result.path, commit) for d, c in zip(self.drafters, draft_caches)),
+            draft_caches=tuple(
+                d.commit(c, result.path, commit, params=draft_params[i], target_hidden=target_hidden)
+                if self._needs_hidden[i] else d.commit(c, result.path, commit)
+                for i, (d, c) in enumerate(zip(self.drafters, draft_caches))),
             target_calls=state.target_calls + 1, accepted_histogram=hist)
 
     def step(self, target_params, draft_params, state: DecodeState, temperature, top_p, eos_id, top_k=0,
@@ -274,11 +285,13 @@ class SpeculativeDecoder:
         rng, k_draft, k_verify = jax.random.split(state.rng, 3)
         tree, draft_caches = self.draft(draft_params, state.draft_caches, state.root, k_draft, temperature, top_p,
                                         top_k, min_p)
-        logits, target_cache = self.score(target_params, state.target_cache, tree)
+        logits, target_cache, *hidden = self.score(target_params, state.target_cache, tree,
+                                                   return_hidden=any(self._needs_hidden))
         result = self.verify_tree(logits, tree, k_verify, temperature, top_p, top_k, min_p)
         accepted_depth = jnp.where(state.done, -1, result.num_accepted - 1)
         draft_caches = self.complete_draft_kv(draft_params, draft_caches, tree, accepted_depth)
-        return self.accept(state.replace(rng=rng), tree, result, target_cache, draft_caches, eos_id)
+        return self.accept(state.replace(rng=rng), tree, result, target_cache, draft_caches, eos_id,
+                           draft_params=draft_params, target_hidden=hidden[0] if hidden else None)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -302,9 +315,12 @@ class SpeculativeDecoder:
         committed = prompt_len + max_new_tokens
         target = nnx.merge(self._target_def, target_params)
         target_cache = target.init_cache(batch, cache_len(target.config, committed, self.num_nodes))
-        target_logits, target_cache = target.prefill(prompt, prompt_lengths, target_cache)
-        draft_caches = [d.init(p, prompt, prompt_lengths, committed=committed, num_nodes=self.num_nodes)
-                        for d, p in zip(self.drafters, draft_params)]
+        target_logits, target_cache, *hidden = target.prefill(prompt, prompt_lengths, target_cache,
+                                                              return_hidden=any(self._needs_hidden))
+        draft_caches = [
+            d.init(p, prompt, prompt_lengths, committed=committed, num_nodes=self.num_nodes,
+                   **({"target_hidden": hidden[0]} if needs else {}))
+            for d, p, needs in zip(self.drafters, draft_params, self._needs_hidden)]
         rng, k_first = jax.random.split(rng)
         root = first_token(target_logits, prompt_lengths, k_first, temperature, top_p, top_k, min_p)
         buffer = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt)

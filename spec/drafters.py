@@ -10,6 +10,13 @@ Every method but `check_capacity` runs inside the one jitted `lax.while_loop` of
 as an argument (new weights do not recompile) and back to each call. The decoder wraps a plain
 `Transformer` in `ModelDrafter`, so another kind of draft (a layer-skip model, n-gram lookup, a
 fixed guess) only implements this protocol.
+
+A drafter that reads the target's final hidden states (the vectors its LM head reads; an
+EAGLE-style head, `spec.FeatureDrafter`) sets the class attribute `needs_target_hidden = True`
+(absent means False). The loop then passes `init` the prefill's states as `target_hidden`
+[B, P, d_model], and `commit` the states at every tree node as `target_hidden` [B, N, d_model]
+together with the drafter's `params` (folding them in may take a pass of the draft). Other
+drafters are called exactly as before.
 """
 from __future__ import annotations
 
@@ -44,6 +51,8 @@ class Drafter(Protocol):
           prompt_lengths: prompt lengths.  # [B] int32
           committed: static; prompt + new tokens the state must hold at most.
           num_nodes: static; N, tree nodes per step.
+          target_hidden: keyword, only with `needs_target_hidden`: the target's prefill hidden
+            states.  # [B, P, d_model]
 
         Returns:
           Any pytree: the drafter's state, carried through the loop.
@@ -78,6 +87,8 @@ class Drafter(Protocol):
           state: after `propose` / `complete` on this step's tree.
           path: node indices of the path from the root.  # [B, depth + 1] int32
           num_accepted: path nodes to keep per row, 0 for a stopped row.  # [B] int32
+          params, target_hidden: keywords, only with `needs_target_hidden`: `self.params` (traced)
+            and the target's hidden states at the tree's nodes.  # [B, N, d_model]
         """
 
 

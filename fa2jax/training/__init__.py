@@ -12,6 +12,7 @@
   cli        flag and setup helpers of examples/train.py
   continuations  a teacher's greedy continuations and sampled chat answers as training documents
   init       a draft's starting embedding from its teacher's
+  feature_draft  an EAGLE-style feature head on a frozen target's hidden states
 """
 from fa2jax._deprecation import renamed_attributes
 from fa2jax.checkpoint import model_config_from_dict, resolve_checkpoint

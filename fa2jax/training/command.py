@@ -10,6 +10,7 @@
   fa2jax-train ... --resume --steps 6000          # ... and extend it
   fa2jax-train --preset target-1b --mesh data=8   # across 8 devices (or data=2,fsdp=2,model=2, ...)
   fa2jax-train ... --seq-len 131072 --mesh data=2,context=4   # long rows split over 4 devices each
+  fa2jax-train --draft-kind feature --teacher model.gguf --data corpus/ --out out/head   # an EAGLE head
 
 `fa2jax-train` (this module's `cli_main`) and `python examples/train.py` are the same command; it
 needs the `examples` extra: pip install 'fa2jax[examples]'. Every field of TrainConfig and the size
@@ -17,8 +18,11 @@ fields of TransformerConfig are flags (--d-model, --grad-accum, ...); unset flag
 value, or with --resume the run's own (flags that would change the model are refused). Writes
 <out>/checkpoints/, metrics.jsonl, loss.png and the tokenised corpus (tokenized.npz, reused by a
 resume). SIGTERM or Ctrl-C checkpoints the current step and exits; a non-finite loss stops the run
-with exit status 1 and saves nothing of it. The training lives in the other fa2jax.training modules; this one parses
-the command line (`build_parser`) and runs it (`main`, `cli_main`).
+with exit status 1 and saves nothing of it. With --draft-kind feature it trains an EAGLE-style
+feature head on the --teacher's hidden states instead (`fa2jax.training.feature_draft`: no resume,
+no mesh; --stop-after-minutes saves the head and ends). The training lives in the other
+fa2jax.training modules; this one parses the command line (`build_parser`) and runs it (`main`,
+`cli_main`).
 """
 from __future__ import annotations
 
@@ -26,13 +30,20 @@ import argparse
 import sys
 import time
 
+import jax.numpy as jnp
+
 from fa2jax import load_pretrained, sharding
 from fa2jax.checkpoint import CheckpointError
 from fa2jax.data import Corpus, find_documents, read_jsonl_documents, split_documents
+from fa2jax.feature_head import FeatureHeadConfig
 from fa2jax.loading import load_config
 from fa2jax.training import NonFiniteLossError, presets, teacher_continuations, train
 from fa2jax.training import cli, token_cache
+from fa2jax.training.feature_draft import FeatureLossConfig, train_feature_head
 from fa2jax.training.init import projected_embedding
+
+# Model flags that a feature head may set (its own attention and MLP); the others are the target's.
+FEATURE_HEAD_FLAGS = ("num_heads", "num_kv_heads", "head_dim", "d_ff")
 from fa2jax.training.progress import phase
 
 
@@ -75,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and vocabulary, context splits the sequence (ring attention; --seq-len a "
                                    "multiple of 2 x its size) (fa2jax.sharding); --batch-size stays the global "
                                    "micro-batch. A run may resume on another mesh")
+    p.add_argument("--draft-kind", choices=("model", "feature"), default="model",
+                   help="model: train a Transformer (a target, or a draft distilled from --teacher); feature: train "
+                        "an EAGLE-style feature head (one decoder layer) on the hidden states of --teacher, which it "
+                        "drafts for with spec.FeatureDrafter")
+    p.add_argument("--feature-weight", type=float, default=1.0,
+                   help="--draft-kind feature: weight of the smooth-L1 loss on the target's next hidden state")
+    p.add_argument("--token-weight", type=float, default=0.1,
+                   help="--draft-kind feature: weight of the cross entropy against the target's next-token "
+                        "distribution")
+    p.add_argument("--input-noise", type=float, default=0.0,
+                   help="--draft-kind feature: amplitude a of U(-a, a) noise on the target features the head reads")
+    p.add_argument("--save-dtype", help="--draft-kind feature: dtype of the saved head, e.g. bfloat16 "
+                                        "(default: float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (and no tqdm import)")
     p.add_argument("--stop-after-minutes", type=float,
                    help="checkpoint and exit after this much training time (continue with --resume)")
@@ -92,6 +116,7 @@ def main(argv=None) -> dict:
     show = not args.no_progress
     # Everything that can fail on the command line alone fails here, before any data is read.
     out = cli.check_writable(args.out or f"out/{args.preset}")
+    loss_cfg = _check_feature_flags(args) if args.draft_kind == "feature" else None
     try:
         mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
     except ValueError as e:
@@ -144,6 +169,8 @@ def main(argv=None) -> dict:
     train_rows, val_rows = rows
     print(f"{train_rows.num_rows} x {train_cfg.seq_len} training rows, {val_rows.num_rows} validation rows, "
           f"vocabulary {tokenizer.vocab_size}")
+    if loss_cfg is not None:
+        return _train_feature_head(args, train_cfg, loss_cfg, train_rows, val_rows, out, tokenizer, show)
     embedding = None
     if args.embedding_from_teacher:
         embedding = projected_embedding(load_pretrained(args.teacher).embed.embedding[...], model_cfg.d_model)
@@ -154,6 +181,38 @@ def main(argv=None) -> dict:
         if key in summary:
             print(f"{key}: {summary[key]}")
     print(f"wrote {out}/checkpoints, {out}/metrics.jsonl, {out}/loss.png")
+    return summary
+
+
+def _check_feature_flags(args) -> FeatureLossConfig:
+    """The loss config of --draft-kind feature, after refusing the flags it cannot honour."""
+    if not args.teacher:
+        raise cli.UsageError("--draft-kind feature needs --teacher: the target whose hidden states the head predicts")
+    refused = [flag for flag, given in (("--resume", args.resume), ("--mesh", args.mesh)) if given]
+    refused += [cli._flag(name) for name in cli.set_flags(args, cli.MODEL_FLAGS) if name not in FEATURE_HEAD_FLAGS]
+    if refused:
+        raise cli.UsageError(f"--draft-kind feature does not take {refused}: the head's width, vocabulary and "
+                             f"embedding are the teacher's, and its short runs neither resume nor shard")
+    try:
+        return FeatureLossConfig(args.feature_weight, args.token_weight, args.input_noise)
+    except ValueError as e:
+        raise cli.UsageError(f"--feature-weight/--token-weight/--input-noise: {e}") from None
+
+
+def _train_feature_head(args, train_cfg, loss_cfg, train_rows, val_rows, out, tokenizer, show) -> dict:
+    """Trains and saves a feature head for --teacher (float32 masters, --dtype compute)."""
+    teacher = load_pretrained(args.teacher, dtype=args.dtype or jnp.float32, attention_impl=args.attention_impl)
+    head_config = FeatureHeadConfig.for_target(teacher.config, param_dtype=jnp.float32,
+                                               **cli.set_flags(args, FEATURE_HEAD_FLAGS))
+    print(f"feature head for {args.teacher} (d_model {teacher.config.d_model}, vocabulary {teacher.config.vocab_size})")
+    summary = train_feature_head(
+        teacher, train_rows, out, train_cfg=train_cfg, loss_cfg=loss_cfg, head_config=head_config, val_rows=val_rows,
+        tokenizer=tokenizer, save_dtype=args.save_dtype, show_progress=show,
+        metadata={"teacher": str(args.teacher)},
+        stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes)
+    for key in ("params", "step", "loss", "agree", "val_loss", "val_feature", "val_token", "val_agree", "checkpoint"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
     return summary
 
 

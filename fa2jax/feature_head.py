@@ -1,0 +1,216 @@
+"""`FeatureHead`: an EAGLE-style draft head that predicts the target's next hidden feature.
+
+Algorithm (Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty",
+ICML'24, §4.1): the target's final hidden state f_t (the vector its LM head reads) carries most
+of what the next token needs, so a small head can predict f_{t+1} from f_t and the token sampled
+after it, x_{t+1}: f^_{t+1} = layer(fc([f_t ; e(x_{t+1})])). The head owns one decoder layer
+(`fa2jax.model.Block`, with the target's widths and family switches) and the 2d -> d `fc`; it
+borrows the target's token embedding e and LM head, which are not part of its parameters, so
+logits of the next-next token are the target's `head_logits(f^_{t+1})`. Drafting deeper tree
+levels feeds f^ back in place of f (`spec.feature_draft`); `fa2jax.training.feature_draft` trains
+it on the target's own features.
+
+Sequence layout: row i of the head's input is (f_i, x_{i+1}) at RoPE position i, and its output
+predicts f_{i+1}. Its KV cache has one layer and the target's head geometry.
+
+Checkpoints: `save_feature_head` / `load_feature_head` write and read a `step_*` folder of
+`fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fa2jax import checkpoint as ckpt
+from fa2jax.config import TransformerConfig
+from fa2jax.kv_cache import KVCache
+from fa2jax.model import Block
+from fa2jax.tokenizer import Tokenizer
+
+# meta.json key of a head's config; a Transformer checkpoint has "model_config" instead.
+CONFIG_KEY = "feature_head_config"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureHeadConfig:
+    """Shape and numerics of a feature head.
+
+    Attributes:
+      layer: the one decoder layer (num_layers == 1): the target's d_model and vocab_size, and by
+        default its heads, MLP and family switches (see `for_target`).
+      fc_bias: a bias on the 2d -> d input projection (EAGLE has one).
+    """
+
+    layer: TransformerConfig
+    fc_bias: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.layer, TransformerConfig):
+            raise ValueError(f"layer must be a TransformerConfig, got {type(self.layer)=}")
+        if self.layer.num_layers != 1:
+            raise ValueError(f"a feature head has one decoder layer, got {self.layer.num_layers=}")
+        if self.layer.invariant_rows:
+            raise ValueError(f"a feature head has no batch-invariant mode, got {self.layer.invariant_rows=}")
+
+    @classmethod
+    def for_target(cls, target: TransformerConfig, fc_bias: bool = True, **layer_changes) -> FeatureHeadConfig:
+        """A head for `target`: one layer with its widths and family switches, full attention
+        (no window pattern), plain cached calls and the unfused (trained) projection layout;
+        `layer_changes` overrides fields (e.g. d_ff, dtype)."""
+        layer = target.replace(num_layers=1, layer_windows=(), local_rope_theta=None, invariant_rows=0,
+                               tokenizer_vocab_size=None, fused_projections=False)
+        return cls(layer=layer.replace(**layer_changes) if layer_changes else layer, fc_bias=fc_bias)
+
+    @property
+    def d_model(self) -> int:
+        return self.layer.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.layer.vocab_size
+
+    def check_target(self, target: TransformerConfig) -> None:
+        """Raises a ValueError unless `target` has the d_model and vocabulary this head was built for."""
+        if (target.d_model, target.vocab_size) != (self.d_model, self.vocab_size):
+            raise ValueError(f"the head predicts features of width {self.d_model} over {self.vocab_size} tokens, "
+                             f"but the target has {target.d_model=} {target.vocab_size=}")
+
+    def replace(self, **layer_changes) -> FeatureHeadConfig:
+        """A copy with fields of `layer` changed (dtype, attention_impl, max_len, ...)."""
+        return dataclasses.replace(self, layer=self.layer.replace(**layer_changes))
+
+
+class FeatureHead(nnx.Module):
+    """fc([f ; e]) then one decoder block: features and embeddings [B, T, d] -> predicted features [B, T, d].
+
+    Parameters: `fc` (nnx.Linear [2d, d]) and `block` (`fa2jax.model.Block`); no embedding, no LM head.
+    """
+
+    def __init__(self, config: FeatureHeadConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config.layer
+        self.fc = nnx.Linear(2 * c.d_model, c.d_model, use_bias=config.fc_bias, dtype=c.dtype,
+                             param_dtype=c.param_dtype, rngs=rngs)
+        self.block = Block(c, 0, rngs=rngs)
+
+    def _inputs(self, features: jax.Array, embeddings: jax.Array) -> jax.Array:
+        """[B, T, d] target (or predicted) features and [B, T, d] embeddings of the next tokens -> [B, T, d]."""
+        dtype = self.config.layer.dtype
+        return self.fc(jnp.concatenate([features.astype(dtype), embeddings.astype(dtype)], axis=-1))
+
+    def __call__(self, features: jax.Array, embeddings: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Training forward over packed rows: causal within each segment.
+
+        Args:
+          features: f_i, the target's final hidden states.  # [B, T, d]
+          embeddings: e(x_{i+1}), the embeddings of the tokens after them.  # [B, T, d]
+          segment_ids, positions: as `Transformer.__call__`.  # [B, T] int
+
+        Returns:
+          predicted f_{i+1}.  # [B, T, d] in the compute dtype
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(features.shape[1], dtype=jnp.int32), features.shape[:2])
+        return self.block(self._inputs(features, embeddings), segment_ids=segment_ids, positions=positions)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty one-layer cache of `batch` rows of `max_len` slots (default dtype: the compute dtype)."""
+        c = self.config.layer
+        return KVCache.create(1, batch, max_len, c.num_kv_heads, c.head_dim, dtype or c.dtype)
+
+    def prefill(self, features: jax.Array, embeddings: jax.Array, lengths: jax.Array,
+                cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Right-padded rows from position 0: ([B, T, d] predicted features, cache with lengths = lengths)."""
+        out, cache = self.block.prefill(self._inputs(features, embeddings), cache, 0)
+        return out, cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
+
+    def extend(self, features: jax.Array, embeddings: jax.Array, positions: jax.Array, cache: KVCache,
+               tree_mask=None) -> tuple[jax.Array, KVCache]:
+        """T new rows attending to the cache, written at slots lengths + [0, T) (lengths unchanged).
+
+        Args:
+          features, embeddings: as `__call__`.  # [B, T, d]
+          positions: RoPE positions.  # [B, T] int32
+          cache: the committed rows.
+          tree_mask: None for a chain (causal among the new rows), else the tree's ancestor mask.  # [T, T] or [B, T, T]
+
+        Returns:
+          (predicted features # [B, T, d], cache with the rows' K/V written).
+        """
+        return self.block.extend(self._inputs(features, embeddings), positions, cache, 0, tree_mask)
+
+
+def count_params(head: FeatureHead) -> int:
+    """Number of parameters of `head` (the shared embedding and LM head are not its own)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(head, nnx.Param)))
+
+
+def save_feature_head(head: FeatureHead, directory: str | os.PathLike, *, step: int = 0, dtype=None,
+                      metadata: dict | None = None, tokenizer: Tokenizer | None = None) -> Path:
+    """Writes `head` as checkpoint `step` of `directory` (orbax, `fa2jax.checkpoint.save_checkpoint`).
+
+    Args:
+      head: the head to save.
+      directory: folder of the `step_*` checkpoint (created if missing; that step is replaced).
+      step: the checkpoint's step (training steps taken).
+      dtype: cast the floating parameters (and the stored compute dtype) to this, e.g. bfloat16 to ship.
+      metadata: more JSON-able values for meta.json (the training settings, the target's path).
+      tokenizer: saved alongside when given (the target's, so the folder is self-describing).
+
+    Returns:
+      The checkpoint folder.
+    """
+    config, params = head.config, nnx.state(head, nnx.Param)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        config = config.replace(dtype=dtype, param_dtype=dtype)
+    meta = {**(metadata or {}), CONFIG_KEY: ckpt.config_to_dict(config)}
+    return ckpt.save_checkpoint(directory, step, {"params": params}, meta, tokenizer, keep=1)
+
+
+def read_feature_head_config(path: str | os.PathLike) -> FeatureHeadConfig:
+    """The config of a head checkpoint (or of the newest checkpoint in a folder of them)."""
+    path = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{str(path)!r} is not a feature head checkpoint (its meta.json has no {CONFIG_KEY!r}; "
+                         f"a Transformer checkpoint loads with fa2jax.load_pretrained)")
+    values = dict(meta[CONFIG_KEY])
+    return FeatureHeadConfig(layer=ckpt.model_config_from_dict(values.pop("layer")), **values)
+
+
+def load_feature_head(path: str | os.PathLike, *, dtype=None, **layer_changes) -> FeatureHead:
+    """A head saved by `save_feature_head`.
+
+    Args:
+      path: a `step_*` folder, or a folder holding them (the newest is read).
+      dtype: compute and parameter dtype to cast to; None keeps the stored ones.
+      **layer_changes: fields of the layer config that keep parameter shapes (attention_impl, max_len).
+
+    Returns:
+      The head, its digests checked (`fa2jax.checkpoint.load_checkpoint`).
+    """
+    path = ckpt.resolve_checkpoint(path).absolute()  # orbax reads absolute paths only
+    config = read_feature_head_config(path)
+    abstract = nnx.eval_shape(lambda: FeatureHead(config, rngs=nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract, nnx.Param)
+    state, _ = ckpt.load_checkpoint(path, {"params": target})
+    head = nnx.merge(graphdef, state["params"])
+    changes = dict(layer_changes)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        changes.update(dtype=dtype, param_dtype=dtype)
+    if not changes:
+        return head
+    twin = nnx.eval_shape(lambda: FeatureHead(config.replace(**changes), rngs=nnx.Rngs(0)))
+    cast = (lambda x: x) if dtype is None else (
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    nnx.update(twin, jax.tree.map(cast, nnx.state(head, nnx.Param)))
+    return twin

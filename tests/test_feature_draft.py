@@ -1,0 +1,301 @@
+"""The EAGLE-style feature head (fa2jax.feature_head), its drafter (spec.FeatureDrafter) and its
+training (fa2jax.training.feature_draft), on tiny f32 models (CPU).
+
+Speculative decoding with the head is lossless whatever the head's quality (greedy: token for
+token; stochastic: chi-square against the exact target distribution, the helper of
+test_spec_decoder.py), the drafter's tree and its cache match an uncached recomputation from the
+target's features, and training lowers the EAGLE loss.
+"""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fa2jax import Transformer, TransformerConfig
+from fa2jax import checkpoint as ckpt
+from fa2jax.data import pack_documents
+from fa2jax.feature_head import (
+    FeatureHead, FeatureHeadConfig, count_params, load_feature_head, read_feature_head_config, save_feature_head)
+from fa2jax.training import TrainConfig
+from fa2jax.model import with_invariant_rows
+from fa2jax.training.feature_draft import FeatureLossConfig, make_feature_train_step
+from fa2jax.training.optimizer import make_optimizer
+from spec import DynamicTree, ExpansionTree, FeatureDrafter, MergedTree, SpeculativeDecoder, generate_incremental
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_spec_decoder import SMALL_VOCAB, _sequence_pvalue  # noqa: E402  (the chi-square helper)
+
+TEST_SEED = int(os.environ.get("FA2JAX_TEST_SEED", "0"))
+VOCAB = 48  # no width of the tiny model: a [V, d] leaf would stand out
+
+
+@pytest.fixture(scope="module")
+def models():
+    seed = int(np.random.default_rng(TEST_SEED).integers(2**31))
+    target = Transformer(TransformerConfig.tiny(vocab_size=VOCAB), rngs=nnx.Rngs(seed))
+    head = FeatureHead(FeatureHeadConfig.for_target(target.config), rngs=nnx.Rngs(seed + 1))
+    return target, head
+
+
+def _prompts(lengths, width):
+    rng = np.random.default_rng(TEST_SEED)
+    return jnp.asarray(rng.integers(0, VOCAB, (len(lengths), width)), jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def test_head_owns_one_layer_and_no_embedding_or_lm_head(models):
+    target, head = models
+    for model in (target, Transformer(target.config.replace(tie_embeddings=False), rngs=nnx.Rngs(0))):
+        params = nnx.state(FeatureHead(FeatureHeadConfig.for_target(model.config), rngs=nnx.Rngs(0)), nnx.Param)
+        paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        assert paths and not any("embed" in p or "lm_head" in p for p in paths)
+        assert not any(VOCAB in x.shape for x in jax.tree.leaves(params))
+    d, c = target.config.d_model, target.config
+    block = nnx.state(target.layers[0], nnx.Param)
+    assert count_params(head) == 2 * d * d + d + sum(x.size for x in jax.tree.leaves(block))
+    # The drafter's params hold the target's own embedding array, not a copy, and nothing of its layers.
+    drafter = FeatureDrafter(head, target)
+    assert drafter.params["shared"]["embed"]["embedding"][...] is target.embed.embedding[...]
+    assert "layers" not in drafter.params["shared"] and c.num_layers == 2
+
+
+NEW_TOKENS = 14
+
+
+@pytest.fixture(scope="module")
+def greedy_baseline(models):
+    prompt, lengths = _prompts([5, 2, 7], 7)
+    return prompt, lengths, generate_incremental(models[0], prompt, lengths, max_new_tokens=NEW_TOKENS)
+
+
+@pytest.mark.parametrize("tree", [ExpansionTree.chain(4), DynamicTree(num_nodes=10, depth=4, top_k=3)],
+                         ids=["chain", "dynamic"])
+def test_greedy_matches_incremental(models, greedy_baseline, tree):
+    target, head = models
+    prompt, lengths, baseline = greedy_baseline
+    decoder = SpeculativeDecoder(target, FeatureDrafter(head, target), tree=tree)
+    result = decoder.generate(prompt, lengths, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(baseline.tokens))
+    np.testing.assert_array_equal(np.asarray(result.lengths), np.asarray(baseline.lengths))
+    # A random head still gets tokens accepted now and then: commits of several nodes are exercised.
+    assert np.asarray(result.stats.accepted_histogram)[2:].sum() > 0
+
+
+def test_merged_with_a_model_draft(models, greedy_baseline):
+    """A feature drafter next to a plain model draft in one merged tree (only one needs hidden
+    states), with wider levels than a chain."""
+    target, head = models
+    prompt, lengths, baseline = greedy_baseline
+    small = Transformer(target.config.replace(num_layers=1), rngs=nnx.Rngs(7))
+    decoder = SpeculativeDecoder(target, [small, FeatureDrafter(head, target)],
+                                 tree=MergedTree((ExpansionTree((2, 1)), ExpansionTree((2, 2)))))
+    result = decoder.generate(prompt, lengths, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(baseline.tokens))
+
+
+def _uncached_head_chain(target, head, tokens, n, depth):
+    """The head's rows recomputed from scratch (no cache), for comparison with the drafter.
+
+    Args:
+      tokens: right-padded rows of committed tokens followed by the root.  # [B, L] int32, L >= max n + 1 + depth
+      n: committed tokens per row (the root is tokens[b, n[b]]).  # [B] int32
+      depth: chain levels to draft greedily.
+
+    Returns:
+      (inputs of the committed rows: features f_0..f_{n-2} and embeddings of x_1..x_{n-1}, [B, L, d]
+      each; the target's feature f_{n-1} [B, d]; drafted tokens [B, depth]). Level k reads the
+      feature the head predicted at level k - 1.
+    """
+    rows = jnp.arange(tokens.shape[0])
+    _, hidden = target(tokens, return_hidden=True)  # [B, L, d]; positions past n are overwritten below
+    features = hidden
+    drafted = []
+    for k in range(depth):
+        # Row i reads (features[i], tokens[i + 1]); rows at or past n read predicted features.
+        nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        out = head(features, target.embed_tokens(nxt))  # [B, L, d]
+        pred = out[rows, n - 1 + k]  # [B, d]: the feature of the token at n + k
+        token = jnp.argmax(target.head_logits(pred[:, None])[:, 0], -1).astype(jnp.int32)
+        drafted.append(token)
+        features = features.at[rows, n + k].set(pred)
+        tokens = tokens.at[rows, n + k + 1].set(token)
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    return hidden, target.embed_tokens(nxt), hidden[rows, n - 1], jnp.stack(drafted, 1)
+
+
+def test_steps_commit_rows_from_the_target_features_and_draft_greedily(models):
+    """After a few steps, (1) the head's cache holds exactly the K/V of its rows (f_i, x_{i+1}) over
+    the committed tokens with the target's true features, and (2) a drafted chain is the head's own
+    greedy continuation, each level reading the feature it predicted at the level above."""
+    target, head = models
+    depth = 3
+    decoder = SpeculativeDecoder(target, FeatureDrafter(head, target), tree=ExpansionTree.chain(depth))
+    prompt, lengths = _prompts([4, 2, 5], 5)
+    params = (decoder._target_params, decoder._draft_params)
+    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
+        *params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1, max_new_tokens=12)
+    step = jax.jit(decoder.step)
+    for _ in range(2):
+        state = step(*params, state, 0.0, 1.0, -1)
+    assert not state.done.any()
+    draft = state.draft_caches[0]
+    tree, _ = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root, jax.random.key(1),
+                                     0.0, 1.0)
+    n = jnp.asarray(state.lengths) - 1  # committed tokens per row; the root follows them
+    np.testing.assert_array_equal(np.asarray(draft.cache.lengths), np.asarray(n) - 1)
+    width = state.tokens.shape[1] + depth + 1
+    tokens = jnp.pad(jnp.where(jnp.arange(state.tokens.shape[1]) <= n[:, None], state.tokens, 0),
+                     ((0, 0), (0, width - state.tokens.shape[1])))
+
+    @jax.jit
+    def expected(head_params, target_params):
+        h, t = nnx.merge(*nnx.split(head)[:1], head_params), nnx.merge(*nnx.split(target)[:1], target_params)
+        features, embeddings, last, drafted = _uncached_head_chain(t, h, tokens, n, depth)
+        cache = h.prefill(features, embeddings, n - 1, h.init_cache(3, width))[1]
+        return cache, last, drafted
+
+    fresh, last, drafted = expected(nnx.state(head), nnx.state(target))
+    for b in range(3):
+        rows = slice(0, int(n[b]) - 1)
+        np.testing.assert_allclose(draft.cache.keys[0, b, rows], fresh.keys[0, b, rows], atol=1e-5)
+        np.testing.assert_allclose(draft.cache.values[0, b, rows], fresh.values[0, b, rows], atol=1e-5)
+    np.testing.assert_allclose(draft.feature, last, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(tree.tokens[:, 1:]), np.asarray(drafted))
+
+
+def test_return_hidden_gives_the_vector_the_head_reads(models):
+    """Each call's hidden states give its logits through `head_logits` and agree across calls
+    (decode through the batch-invariant path too)."""
+    target, _ = models
+    prompt, lengths = _prompts([5, 3], 6)
+    invariant = with_invariant_rows(target, 4)
+
+    @jax.jit
+    def calls(model_params, invariant_params):
+        model = nnx.merge(nnx.split(target)[0], model_params)
+        inv = nnx.merge(nnx.split(invariant)[0], invariant_params)
+        logits, cache, hidden = model.prefill(prompt, lengths, model.init_cache(2, 16), return_hidden=True)
+        _, full_hidden = model(prompt, return_hidden=True)
+        step_logits, _, step_hidden = inv.decode(prompt[:, :1], cache, return_hidden=True)
+        _, _, tree_hidden = model.score_tree(prompt[:, :3], np.tril(np.ones((3, 3), bool)), cache, return_hidden=True)
+        return logits, hidden, full_hidden, step_logits, step_hidden, tree_hidden, model.head_logits(hidden)
+
+    logits, hidden, full_hidden, step_logits, step_hidden, tree_hidden, relogits = calls(
+        nnx.state(target), nnx.state(invariant))
+    np.testing.assert_allclose(relogits, logits, atol=1e-5)
+    np.testing.assert_allclose(full_hidden[0, :5], hidden[0, :5], atol=1e-5)
+    np.testing.assert_allclose(step_hidden[:, 0], tree_hidden[:, 0], atol=1e-5)
+    assert step_hidden.shape == (2, 1, target.config.d_model) and tree_hidden.shape == (2, 3, target.config.d_model)
+    assert np.asarray(step_logits).shape == (2, 1, VOCAB)
+
+
+# -- stochastic: distribution of whole sequences (the chi-square of test_spec_decoder.py) ------------
+
+
+@pytest.mark.slow
+def test_stochastic_matches_target_distribution():
+    """Children sampled from the head's own distribution (multi-step speculative sampling)."""
+    seed = int(np.random.default_rng(TEST_SEED).integers(2**31))
+    target = Transformer(TransformerConfig.tiny(vocab_size=SMALL_VOCAB, max_len=32), rngs=nnx.Rngs(seed))
+    head = FeatureHead(FeatureHeadConfig.for_target(target.config), rngs=nnx.Rngs(seed + 1))
+    decoder = SpeculativeDecoder(target, FeatureDrafter(head, target), tree=ExpansionTree((2, 2)),
+                                 verify="stochastic")
+    pvalue, result = _sequence_pvalue(decoder, target)
+    assert pvalue > 1e-4
+    assert np.asarray(result.stats.accepted_histogram)[2:].sum() > 0
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rows():
+    rng = np.random.default_rng(TEST_SEED)
+    docs = [rng.integers(1, VOCAB, int(n)) for n in rng.integers(5, 40, 24)]
+    return pack_documents(docs, seq_len=16)
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(models, rows):
+    target, _ = models
+    head = FeatureHead(FeatureHeadConfig.for_target(target.config), rngs=nnx.Rngs(3))
+    batch = {"tokens": rows.tokens[:4], "segment_ids": rows.segment_ids[:4], "positions": rows.positions[:4]}
+    cfg = TrainConfig(steps=20, batch_size=4, seq_len=16, learning_rate=3e-3, warmup_steps=0)
+    loss_cfg = FeatureLossConfig(input_noise=0.05)
+    head_def, head_params = nnx.split(head)
+    target_def, target_params, target_rest = nnx.split(target, nnx.Param, ...)
+    tx = make_optimizer(cfg)
+    step = make_feature_train_step(head_def, target_def, loss_cfg, tx)
+    opt_state, losses = tx.init(head_params), []
+    for i in range(cfg.steps):
+        head_params, opt_state, sums = step(head_params, opt_state, batch, target_params, target_rest,
+                                            jax.random.key(i))
+        losses.append(float(sums["loss"] / sums["count"]))
+    assert losses[-1] < 0.7 * losses[0]
+    # Both terms are counted over the positions whose next token is in the same document.
+    assert float(sums["count"]) == float(np.sum((rows.segment_ids[:4, 1:] == rows.segment_ids[:4, :-1])
+                                                & (rows.segment_ids[:4, 1:] != 0)))
+
+
+def test_save_load_round_trip(models, tmp_path, monkeypatch):
+    target, trained = models
+    save_feature_head(trained, tmp_path / "f32", step=3, metadata={"teacher": "tiny"})
+    head = load_feature_head(tmp_path / "f32")
+    assert ckpt.config_to_dict(head.config) == ckpt.config_to_dict(trained.config)
+    assert ckpt.read_metadata(ckpt.resolve_checkpoint(tmp_path / "f32"))["teacher"] == "tiny"
+    for a, b in zip(jax.tree.leaves(nnx.state(trained, nnx.Param)), jax.tree.leaves(nnx.state(head, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # bfloat16 for shipping: the same values, rounded, under a bf16 config.
+    path = save_feature_head(head, tmp_path / "bf16", step=3, dtype=jnp.bfloat16)
+    small = load_feature_head(path)
+    assert jnp.dtype(read_feature_head_config(path).layer.param_dtype) == jnp.bfloat16
+    for a, b in zip(jax.tree.leaves(nnx.state(head, nnx.Param)), jax.tree.leaves(nnx.state(small, nnx.Param))):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+    # A relative path reads too (orbax itself takes absolute ones only), cast back to float32.
+    monkeypatch.chdir(tmp_path)
+    assert load_feature_head("bf16", dtype=jnp.float32).fc.kernel.dtype == jnp.float32
+
+
+def test_misuse_raises(models, tmp_path):
+    target, head = models
+    with pytest.raises(ValueError, match="d_model"):
+        FeatureDrafter(head, Transformer(target.config.replace(d_model=48), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="num_layers"):
+        FeatureHeadConfig(layer=target.config)
+    with pytest.raises(ValueError, match="token_weight"):
+        FeatureLossConfig(token_weight=-1.0)
+    with pytest.raises(ValueError, match="head must be"):
+        FeatureDrafter(target, target)
+    ckpt.save_checkpoint(tmp_path, 1, {"params": nnx.state(target, nnx.Param)},
+                         {"model_config": target.config})
+    with pytest.raises(ValueError, match="not a feature head checkpoint"):
+        load_feature_head(tmp_path)
+
+
+def test_train_script_feature_head(tmp_path):
+    """examples/train.py --draft-kind feature trains a head for a teacher (here stopped by the clock
+    after its first step: the evaluation and the save of the last step still run) and saves it loadable."""
+    from fa2jax.training import cli
+    from fa2jax.training.command import main
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 4)
+    teacher = os.path.join(os.path.dirname(__file__), "..", "examples", "checkpoints", "target")
+    base = ["--draft-kind", "feature", "--teacher", teacher, "--data", str(corpus), "--steps", "4",
+            "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1",
+            "--no-progress", "--out", str(tmp_path / "head")]
+    summary = main(base + ["--save-dtype", "bfloat16", "--d-ff", "96", "--stop-after-minutes", "1e-9"])
+    assert summary["step"] == 1 and 0 <= summary["val_agree"] <= 1 and summary["checkpoint"].endswith("step_00000001")
+    head = load_feature_head(tmp_path / "head")
+    assert head.config.layer.d_ff == 96 and head.fc.kernel.dtype == jnp.bfloat16
+    assert head.config.vocab_size == FeatureHeadConfig.for_target(ckpt.read_model_config(teacher)).vocab_size
+    with pytest.raises(cli.UsageError, match="needs --teacher"):
+        main([a for a in base if a != teacher and a != "--teacher"])
+    with pytest.raises(cli.UsageError, match="--d-model"):
+        main(base + ["--d-model", "64"])
+    with pytest.raises(cli.UsageError, match="token_weight"):
+        main(base + ["--token-weight", "-1"])
