@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import jax
@@ -203,6 +204,12 @@ def main(argv: list[str] | None = None) -> Report:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """`main` as a process (the `fa2jax-generate` console script): exit status 0 once it has printed
-    the report (a console script passes the return value to sys.exit, which a Report is not)."""
-    main(argv)
+    the report (a console script passes the return value to sys.exit, which a Report is not).
+    Bad arguments found past argparse (a missing model folder, a non-positive token count) end with
+    the ValueError's message and status 2, as argparse's own usage errors do, not a traceback."""
+    try:
+        main(argv)
+    except ValueError as error:
+        print(f"{build_parser().prog}: error: {error}", file=sys.stderr)
+        return 2
     return 0

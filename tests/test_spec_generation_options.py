@@ -172,3 +172,13 @@ def test_text_streamer_holds_back_partial_text():
     other.flush()  # generation ended on a stop-string prefix and a bad byte: they are text after all
     assert written[-2:] == ["x", "E\ufffd"]
     assert first_stop("abENDcEN", ["EN", "D"]) == 4 and cut_at_stop("abENDc", ["D", "EN"]) == "ab"
+
+
+def test_console_script_turns_value_errors_into_usage_errors(capsys, tmp_path):
+    """fa2jax-generate ends a bad argument found past argparse with its message and status 2."""
+    from spec.cli import cli_main
+
+    missing = tmp_path / "no-such-model"
+    assert cli_main(["--target", str(missing), "--draft", str(missing), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "fa2jax-generate: error: cannot load a" in err and "no-such-model" in err
