@@ -96,7 +96,7 @@ def test_logits_match_transformers(loaded, name):
                                rtol=0, err_msg=name)
 
 
-def _greedy(model, prompts, new_tokens):
+def greedy_continuations(model, prompts, new_tokens):
     """Greedy continuations [B, new_tokens] through prefill + one decode call per token."""
     graphdef, state = nnx.split(model)
     lengths = jnp.array([len(p) for p in prompts], jnp.int32)
@@ -131,7 +131,7 @@ def test_greedy_continuation_matches_generate(loaded, name):
             out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
-    np.testing.assert_array_equal(_greedy(model, prompts, new_tokens), np.array(expected), err_msg=name)
+    np.testing.assert_array_equal(greedy_continuations(model, prompts, new_tokens), np.array(expected), err_msg=name)
 
 
 @pytest.mark.parametrize("name", CACHED)

@@ -13,6 +13,7 @@ from flax import nnx
 from fa2jax import load_hf_llama, load_pretrained, load_tokenizer
 from fa2jax.hf_llama import config_from_hf
 from fa2jax.loading import load_config
+from test_families import greedy_continuations  # prefill + one decode call per token
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -78,25 +79,7 @@ def test_greedy_continuation_matches_generate(tied):
                                     pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
 
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def generate(state, tokens, lengths):
-        m = nnx.merge(graphdef, state)
-        logits, cache = m.prefill(tokens, lengths, m.init_cache(tokens.shape[0], 32))
-        token = jnp.argmax(logits[jnp.arange(tokens.shape[0]), lengths - 1], axis=-1)[:, None]
-
-        def step(carry, _):
-            token, cache = carry
-            logits, cache = m.decode(token, cache)
-            return (jnp.argmax(logits[:, -1], axis=-1)[:, None], cache), token[:, 0]
-
-        _, out = jax.lax.scan(step, (token, cache), None, length=new_tokens)
-        return out.T  # [B, new_tokens]
-
-    lengths = jnp.array([len(p) for p in prompts], jnp.int32)
-    tokens = jnp.array([p + [0] * (7 - len(p)) for p in prompts], jnp.int32)
-    np.testing.assert_array_equal(generate(state, tokens, lengths), np.array(expected))
+    np.testing.assert_array_equal(greedy_continuations(model, prompts, new_tokens), np.array(expected))
 
 
 def test_unsupported_checkpoints_raise(tied):
