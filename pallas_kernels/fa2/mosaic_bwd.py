@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from packaging.version import Version
 
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
 from pallas_kernels.common.numerics import LOG2E
@@ -80,8 +81,6 @@ def atomic_dq_available() -> bool:
     """Whether the reduce-add dQ mode (`deterministic=False`) may run: on jax 0.11.2 its kernel
     (pl.kernel with a mutable ref) failed to lower on an H100 ("Shaped arrays must be represented by
     ir.Values, got: TypedInt"), so from 0.11 on the deterministic dQ kernel runs instead."""
-    from packaging.version import Version
-
     return Version(jax.__version__) < Version("0.11")
 
 
