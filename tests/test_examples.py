@@ -115,6 +115,7 @@ def test_prompt_file_without_ignore_eos(runs, tmp_path, capsys):
     assert "while True:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stochastic_chat_sampling_options_and_streaming(runs, tmp_path, capsys):
     """Stochastic verification with every sampling flag; --chat renders the tokenizer's chat
     template; one prompt streams its continuation, which is the timed speculative run's (same seed)."""
@@ -167,6 +168,7 @@ def _byte_bpe(directory, vocab_size):
     return tok.token_to_id("</s>")
 
 
+@pytest.mark.slow
 def test_hf_llama_folder(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -202,6 +204,7 @@ def test_export_keeps_only_params(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_demo_on_committed_checkpoints(capsys):
     demo = _script("demo")
     greedy, stochastic = demo.main(["--max-new-tokens", "24"])
@@ -212,6 +215,7 @@ def test_demo_on_committed_checkpoints(capsys):
     assert stochastic.verify == "stochastic" and stochastic.new_tokens[1] > 0
 
 
+@pytest.mark.slow
 def test_train_script_extra_data_goes_to_training_only(tmp_path, monkeypatch, capsys):
     """--extra-train-data adds training files and leaves the validation split as it was."""
     train_script = _script("train")

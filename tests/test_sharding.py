@@ -8,6 +8,7 @@ jax starts, and conftest.py has started it with one device.
 import functools
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -188,13 +189,32 @@ def test_ring_attention_argument_errors():
         ring.ring_attention(q, q[:, :4], q[:, :4], axis_name="context", causal=True)
 
 
-def test_multidevice_checks():
-    """Every check of tests/multidevice_checks.py passes on 8 simulated devices (about a minute of
-    CPU time, mostly compilation); the failure message lists each check's result."""
+# The checks of tests/multidevice_checks.py in three subprocesses of about 20 s each (most of it
+# compilation), so that pytest-xdist's workers share them instead of one worker running a minute.
+MULTIDEVICE_GROUPS = {
+    "model": ("model_forward", "gradients_and_train_step", "attention_per_shard", "ring_attention"),
+    "context": ("context_parallel_model", "context_parallel_train_step", "speculative_tensor_parallel"),
+    "checkpoints": ("checkpoint_across_meshes", "train_script_on_meshes"),
+}
+
+
+def test_multidevice_groups_hold_every_check_once():
+    defined = re.findall(r"^def check_(\w+)\(", (ROOT / "tests" / "multidevice_checks.py").read_text(), re.MULTILINE)
+    grouped = [name for names in MULTIDEVICE_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(defined) and len(defined) == len(set(defined))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", list(MULTIDEVICE_GROUPS))
+def test_multidevice_checks(group):
+    """Each check of the group passes on 8 simulated devices; the failure message lists each
+    check's result."""
+    names = MULTIDEVICE_GROUPS[group]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_checks.py")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_checks.py"), *names], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
     report = "\n".join(lines) or result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.returncode == 0 and lines and all(line.startswith("PASS") for line in lines), report
+    assert result.returncode == 0 and all(line.startswith("PASS") for line in lines), report
+    assert [line.split()[1] for line in lines] == list(names), report

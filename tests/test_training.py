@@ -225,6 +225,7 @@ def test_flash_attention_kernel_gives_the_same_gradients(rows):
 # ---------------------------------------------------------------------------------- the whole loop
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(rows, tmp_path):
     train_rows, val_rows = rows
     cfg = _cfg()
@@ -251,6 +252,7 @@ def test_resume_continues_exactly(rows, tmp_path):
         train(MODEL, _cfg(seed=1), train_rows, val_rows, tmp_path / "split", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_distillation_raises_acceptance(rows, tmp_path):
     train_rows, val_rows = rows
     trained = train(MODEL, _cfg(steps=12, checkpoint_every=12), train_rows, val_rows, tmp_path / "teacher",

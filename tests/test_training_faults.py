@@ -210,6 +210,7 @@ def test_rotation_never_deletes_the_last_verified_checkpoint(tmp_path):
 # -------------------------------------------------------------------------------- SIGTERM, resume
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_a_resume_extends_the_run(corpus_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     flags = ["--data", str(corpus_dir), "--tokenizer", "bytes", "--seq-len", str(SEQ), "--batch-size", "2",
