@@ -368,8 +368,8 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
             # ring slot at D=128 (248 KB > 227 KB, seen in the sm90 lowering).
             mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False, num_stages=2)
         else:
-            logger.info("flash_attention backward: deterministic=False asked for, but the reduce-add dQ "
-                        "kernel does not lower on jax %s; the deterministic dQ kernel runs", jax.__version__)
+            logger.info("flash_attention backward: deterministic=False asked for, but %s=0 turns the "
+                        "reduce-add dQ kernel off; the deterministic dQ kernel runs", mosaic_bwd.ATOMIC_DQ_ENV)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:
