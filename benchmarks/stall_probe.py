@@ -296,7 +296,7 @@ def run_case(name: str, argv: list[str], timeout: float) -> dict:
     seconds = time.perf_counter() - start
     if result["status"] != "ok" and seconds >= timeout - 4:
         done = list(result["phases"])
-        result["status"] = f"TIMEOUT after {done[-1] if done else 'start'}"
+        result["status"] = f"TIMEOUT (last phase done: {done[-1] if done else 'none'})"
     result["seconds"] = round(seconds, 1)
     result.pop("call", None)
     return result
