@@ -4,9 +4,16 @@ Stall 1: `benchmarks/train_step.py --segment-len 512` (target-1b, batch 4, seq 2
 documents aligned on the key tiles) with segment ids allowed onto the Hopper kernels printed nothing
 for 110 s. Stall 2: `benchmarks/decode_step.py --batches 1 --nodes 8,32 --new-tokens 32` (SmolLM2-135M
 shape: 9 query heads, 3 KV heads, 30 layers) printed nothing for 200 s. In Mosaic GPU's CPU simulator
-neither the Hopper FlashAttention kernels with tile-aligned documents nor the tree kernels with 9/3
-heads deadlock (see tests/test_mosaic_backward.py, tests/test_tree_attention.py), so this separates,
-on the GPU, compile time from run time for each call those runs make.
+the Hopper FlashAttention kernels do not deadlock with tile-aligned documents (nor with tiles that see
+no key at all: tests/test_mosaic_backward.py), and a query-head group of 3 keeps the tree and decode
+calls on the portable kernels (the Hopper tree kernel needs an even group), which give the reference's
+values in interpret mode at these sizes. So this separates, on the GPU, compile time from run time
+for each call those runs make.
+
+The train batch carries segment ids even unpacked (`scale_out._batch`: all 1 with one document per
+row), so with segment ids allowed onto the Hopper kernels the "unpacked" and the packed step run the
+same compiled kernels and differ only in the ids (the tile ranges the kernels visit): the seg2048
+cases against the seg512 ones tell a data-dependent hang from a slow compile.
 
 Every case runs in a child of its own (a hung kernel cannot be interrupted from Python) and prints
 one line per phase as it finishes: lower (trace + lowering), compile (XLA, and the Mosaic kernels
@@ -40,11 +47,13 @@ CASES = {
     "fa-fwd-seg512": "Hopper forward, causal, 512-token documents aligned on tiles",
     "fa-fwdbwd-plain": "Hopper forward + deterministic backward, no segment ids (baseline)",
     "fa-fwdbwd-seg512": "Hopper forward + deterministic backward (dK/dV and dQ kernels), aligned documents",
+    "fa-fwdbwd-seg2048": "the same kernels with one document per row (ids all 1: the 'unpacked' train batch)",
     "fa-fwdbwd-seg512-atomic": "Hopper forward + reduce-add dQ backward (deterministic=False), aligned documents",
     "fa-fwdbwd-segrandom": "Hopper forward + deterministic backward, 6 random documents per row",
     "fa-fwdbwd-seg512-portable": "portable (Triton) forward + backward, aligned documents (today's default)",
     "tree-kernels-9x3": "tree/decode attention kernels as the decode benchmark calls them: 9/3 heads, D=64",
     "train-seg512-mosaic-2l": "target-1b train step, 2 layers, packed, segment ids on the Hopper kernels",
+    "train-seg2048-mosaic-2l": "the same, one document per row: the same kernels as packed, other ids",
     "train-seg512-mosaic": "target-1b train step, 22 layers, packed, segment ids on the Hopper kernels",
     "decode-step-30l": "SmolLM2-135M shape: one decode step (model.decode of 1 token)",
     "verify-32-30l": "SmolLM2-135M shape: 20 tree verifications of 32 nodes in a fori_loop",
@@ -82,6 +91,11 @@ def _say(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def _doc_len(name: str, shapes: Shapes) -> int:
+    """Tokens per document of a case: "seg2048" is one document per row (at any --small length)."""
+    return shapes.seq if "seg2048" in name else shapes.doc
+
+
 def _timed_jit(fn, *args, static=None):
     """Lowers, compiles and runs fn twice, printing each phase's seconds as it finishes."""
     import jax
@@ -108,7 +122,7 @@ def _attention_case(name: str, shapes: Shapes) -> None:
 
     B, T, H, K, D = shapes.batch, shapes.seq, shapes.heads, shapes.kv_heads, shapes.head_dim
     q, k, v, do = attention_inputs(0, B, T, T, H, K, D, jnp.bfloat16)
-    ids = np.broadcast_to(np.arange(T) // shapes.doc + 1, (B, T))
+    ids = np.broadcast_to(np.arange(T) // _doc_len(name, shapes) + 1, (B, T))
     if "segrandom" in name:  # 6 documents per row at random boundaries (the `gpu` tests' Packed(6))
         rng = np.random.default_rng(0)
         cuts = np.sort(rng.choice(np.arange(1, T), (B, 5), replace=False), axis=1)
@@ -152,7 +166,7 @@ def _train_case(name: str, shapes: Shapes) -> None:
     state = TrainState(step=jnp.zeros((), jnp.int32), params=parts.params, opt_state=tx.init(parts.params))
     parts = ModelParts(parts.config, parts.graphdef, None, parts.rest)
     step = make_train_step(parts, cfg, tx)
-    batch = scale_out._batch(cfg.rows_per_step, cfg.seq_len, config.vocab_size, segment_len=shapes.doc)
+    batch = scale_out._batch(cfg.rows_per_step, cfg.seq_len, config.vocab_size, segment_len=_doc_len(name, shapes))
     start = time.perf_counter()
     lowered = step.lower(state, parts.rest, batch, None, None)
     _say(phase="lower", s=round(time.perf_counter() - start, 2))
