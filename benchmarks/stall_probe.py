@@ -36,8 +36,10 @@ import faulthandler
 import json
 import os
 import pathlib
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 # One entry per case, in the order they run (the cheap kernel-level calls first, so that a tight
@@ -279,39 +281,51 @@ def child(name: str, shapes: Shapes, timeout: float) -> None:
 
 
 def run_case(name: str, argv: list[str], timeout: float) -> dict:
-    """Runs one case in a child, echoing its lines as they come; its phases, status and seconds."""
+    """Runs one case in a child, echoing its lines as they come; its phases, status and seconds.
+
+    The lines are read by a thread, so that a child that hangs without printing (or cannot be
+    ended: a process stuck in the GPU driver) still leaves this loop at the deadline."""
     command = [sys.executable, __file__, *argv, "--child", name]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     result = {"case": name, "status": "error", "phases": {}}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    lines: queue.Queue = queue.Queue()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    deadline = start + timeout + 5  # faulthandler ends the child at timeout - 3, after its stacks
+    timed_out, last = False, ""
+    while True:
         try:
-            deadline = start + timeout + 5  # faulthandler ends the child at timeout - 3 with its stacks
-            for line in proc.stdout:
-                print(f"  [{name} {time.perf_counter() - start:6.1f}s] {line.rstrip()}", flush=True)
-                try:
-                    fields = json.loads(line)
-                except json.JSONDecodeError:
-                    fields = None
-                if isinstance(fields, dict) and "phase" in fields:
-                    prefix = result.get("call", "")
-                    result["phases"][prefix + fields["phase"]] = fields["s"]
-                elif isinstance(fields, dict) and "call" in fields:
-                    result["call"] = fields["call"] + ":"
-                elif isinstance(fields, dict) and fields.get("done"):
-                    result["status"] = "ok"
-                if time.perf_counter() > deadline:
-                    proc.kill()
-                    break
-            proc.wait(timeout=max(1.0, start + timeout + 10 - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    seconds = time.perf_counter() - start
-    if result["status"] != "ok" and seconds >= timeout - 4:
+            line = lines.get(timeout=max(0.1, deadline - time.perf_counter()))
+        except queue.Empty:
+            timed_out = True
+            break
+        if line is None:
+            break
+        print(f"  [{name} {time.perf_counter() - start:6.1f}s] {line.rstrip()}", flush=True)
+        timed_out |= line.startswith("Timeout (")  # faulthandler's header
+        last = line.strip() or last
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(fields, dict) and "phase" in fields:
+            result["phases"][result.get("call", "") + fields["phase"]] = fields["s"]
+        elif isinstance(fields, dict) and "call" in fields:
+            result["call"] = fields["call"] + ":"
+        elif isinstance(fields, dict) and fields.get("done"):
+            result["status"] = "ok"
+    proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        print(f"  [{name}] the child did not end after kill; going on", flush=True)
+    if timed_out:
         done = list(result["phases"])
         result["status"] = f"TIMEOUT (last phase done: {done[-1] if done else 'none'})"
-    result["seconds"] = round(seconds, 1)
+    elif result["status"] != "ok":
+        result["status"] = f"error: {last[:150]}"
+    result["seconds"] = round(time.perf_counter() - start, 1)
     result.pop("call", None)
     return result
 
