@@ -37,6 +37,7 @@ import json
 import os
 import pathlib
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -304,7 +305,8 @@ def run_case(name: str, argv: list[str], timeout: float) -> dict:
             break
         print(f"  [{name} {time.perf_counter() - start:6.1f}s] {line.rstrip()}", flush=True)
         timed_out |= line.startswith("Timeout (")  # faulthandler's header
-        last = line.strip() or last
+        if re.match(r"[\w.]*(Error|Exception)\b", line):  # the exception line of a traceback
+            last = line.strip()
         try:
             fields = json.loads(line)
         except json.JSONDecodeError:
