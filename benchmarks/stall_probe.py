@@ -11,9 +11,12 @@ values in interpret mode at these sizes. So this separates, on the GPU, compile 
 for each call those runs make.
 
 The train batch carries segment ids even unpacked (`scale_out._batch`: all 1 with one document per
-row), so with segment ids allowed onto the Hopper kernels the "unpacked" and the packed step run the
-same compiled kernels and differ only in the ids (the tile ranges the kernels visit): the seg2048
-cases against the seg512 ones tell a data-dependent hang from a slow compile.
+row), so the unpacked step that took 0.15 s (BENCHMARKS.md, session 16) ran on the portable kernels,
+and the stalled run was the first train step through the Hopper kernels at all. With segment ids
+allowed onto them, a one-document ("seg2048") and a packed ("seg512") step run the same compiled
+kernels and differ only in the ids (the tile ranges visited): the seg2048 cases against the seg512
+ones tell a data-dependent hang from a slow compile, and the 2-layer against the 22-layer step a
+per-layer cost (every layer's call lowers to the same kernel hash) from a per-kernel one.
 
 Every case runs in a child of its own (a hung kernel cannot be interrupted from Python) and prints
 one line per phase as it finishes: lower (trace + lowering), compile (XLA, and the Mosaic kernels
