@@ -46,21 +46,22 @@ import sys
 import threading
 import time
 
-# One entry per case, in the order they run (the cheap kernel-level calls first, so that a tight
-# budget still answers "which kernel"): name -> what it times.
+# One entry per case, in the order they run: the stalled configuration first (its kernels alone,
+# then the train step), the baselines after, then the decode benchmark's calls; a tight --budget
+# skips from the end. name -> what it times.
 CASES = {
-    "fa-fwd-plain": "Hopper forward, causal, no segment ids (baseline), target-1b attention shape",
     "fa-fwd-seg512": "Hopper forward, causal, 512-token documents aligned on tiles",
-    "fa-fwdbwd-plain": "Hopper forward + deterministic backward, no segment ids (baseline)",
     "fa-fwdbwd-seg512": "Hopper forward + deterministic backward (dK/dV and dQ kernels), aligned documents",
     "fa-fwdbwd-seg2048": "the same kernels with one document per row (ids all 1: the 'unpacked' train batch)",
+    "train-seg512-mosaic-2l": "target-1b train step, 2 layers, packed, segment ids on the Hopper kernels",
+    "train-seg2048-mosaic-2l": "the same, one document per row: the same kernels as packed, other ids",
+    "train-seg512-mosaic": "target-1b train step, 22 layers, packed, segment ids on the Hopper kernels",
+    "fa-fwd-plain": "Hopper forward, causal, no segment ids (baseline), target-1b attention shape",
+    "fa-fwdbwd-plain": "Hopper forward + deterministic backward, no segment ids (baseline)",
     "fa-fwdbwd-seg512-atomic": "Hopper forward + reduce-add dQ backward (deterministic=False), aligned documents",
     "fa-fwdbwd-segrandom": "Hopper forward + deterministic backward, 6 random documents per row",
     "fa-fwdbwd-seg512-portable": "portable (Triton) forward + backward, aligned documents (today's default)",
     "tree-kernels-9x3": "tree/decode attention kernels as the decode benchmark calls them: 9/3 heads, D=64",
-    "train-seg512-mosaic-2l": "target-1b train step, 2 layers, packed, segment ids on the Hopper kernels",
-    "train-seg2048-mosaic-2l": "the same, one document per row: the same kernels as packed, other ids",
-    "train-seg512-mosaic": "target-1b train step, 22 layers, packed, segment ids on the Hopper kernels",
     "decode-step-30l": "SmolLM2-135M shape: one decode step (model.decode of 1 token)",
     "verify-32-30l": "SmolLM2-135M shape: 20 tree verifications of 32 nodes in a fori_loop",
     "incremental-32-30l": "SmolLM2-135M shape: generate_incremental of 32 tokens (first call, second call)",
