@@ -26,6 +26,7 @@ Writes OUT.json (every number and each census by opcode) and OUT.md (the tables)
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -163,25 +164,34 @@ def measure(args) -> dict:
     capacity = args.prompt_len + args.new_tokens + max(args.nodes)
     record = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "config": {k: str(v) for k, v in vars(base.config).items()}, "timings": [], "census": []}
+    start = time.perf_counter()
     for fused, model in models.items():
+        progress(f"censuses (fused={fused}): compiling the incremental loop, decode step, extend, prefill", start)
         for name, census in step_censuses(model, args.batches[0], args.prompt_len, args.new_tokens, capacity,
                                           fused).items():
             record["census"].append({"path": name, "batch": args.batches[0], "fused": fused, **census.as_dict()})
     for batch in args.batches:
         for fused, model in models.items():
-            start = time.perf_counter()
+            progress(f"batch {batch} fused={fused}: generate_incremental timing", start)
+            row_start = time.perf_counter()
             row = {"batch": batch, "fused": fused,
                    "incremental_ms_per_token": incremental_ms_per_token(
                        model, batch, args.prompt_len, args.new_tokens, fused, args.iters)}
             for nodes in args.nodes:
+                progress(f"batch {batch} fused={fused}: verify {nodes} nodes", start)
                 ms, census = verify_in_loop(model, batch, nodes, context, capacity, args.passes, args.iters)
                 row[f"verify_{nodes}_ms"] = ms
                 record["census"].append({"path": f"verify {nodes} nodes", "batch": batch, "fused": fused,
                                          **census.as_dict()})
-            row["seconds"] = time.perf_counter() - start
+            row["seconds"] = time.perf_counter() - row_start
             record["timings"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     return record
+
+
+def progress(what: str, start: float) -> None:
+    """One line on stderr per phase, with the seconds since `start`: the run shows where it is."""
+    print(f"[{time.perf_counter() - start:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def run_variant(name: str, flags: str, argv: list[str]) -> dict:
@@ -190,11 +200,18 @@ def run_variant(name: str, flags: str, argv: list[str]) -> dict:
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
     command = [sys.executable, __file__, *argv, "--child"]
     print(f"--- variant {name}: XLA_FLAGS={env['XLA_FLAGS']!r}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(done.stderr[-4000:])
-    if done.returncode != 0:
-        return {"xla_flags": flags, "error": f"exit {done.returncode}: {done.stderr[-2000:]}"}
-    return {"xla_flags": flags, **json.loads(done.stdout.strip().splitlines()[-1])}
+    # The child's stderr (its progress lines) is echoed as it comes: captured whole and written at
+    # the end, a child compiling for minutes looked exactly like a hung one.
+    tail = collections.deque(maxlen=60)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        for line in child.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+        stdout = child.stdout.read()
+    if child.returncode != 0:
+        return {"xla_flags": flags, "error": f"exit {child.returncode}: {''.join(tail)[-2000:]}"}
+    return {"xla_flags": flags, **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def markdown(results: dict, args) -> str:

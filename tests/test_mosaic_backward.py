@@ -97,6 +97,18 @@ def test_mosaic_backward_segments_in_simulator():
     _check(2, 256, 256, 2, 1, 64, interpret=True, causal=True, segment_ids=simulator_segment_ids(256, 256))
 
 
+@pytest.mark.simulator
+def test_mosaic_backward_tile_aligned_documents_in_simulator():
+    """Documents that start and end on tile boundaries, as the packed train step lays them out (a
+    GPU run of it stalled): row 0 holds two 128-token documents shared by queries and keys, row 1 a
+    query tile whose id no key has and a key tile whose id no query has, so a forward CTA and a dK/dV
+    CTA visit no tile at all (zero-step producer and consumer loops) in a GQA group of 4."""
+    kv_ids = np.repeat([[1, 2], [1, 2]], 128, axis=1)
+    q_ids = np.repeat([[1, 2], [1, 3]], 128, axis=1)
+    _check(2, 256, 256, 4, 1, 64, interpret=True, causal=True,
+           segment_ids=(jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)))
+
+
 def test_mosaic_backward_rejects_calls_it_does_not_cover():
     q, k, v, _ = attention_inputs(0, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="backward"):

@@ -85,6 +85,17 @@ KERNELS = {  # name -> (builder of the lowered function, the custom calls its lo
 }
 
 
+def test_atomic_dq_switch_falls_back_to_the_dq_kernel(monkeypatch):
+    """FA2JAX_ATOMIC_DQ=0 (the switch for a jax that breaks the reduce-add mode) gives the dQ kernel
+    back: 3 Mosaic kernels where `deterministic=False` lowers 2; a value other than 0/1 is refused."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), BF16)
+    monkeypatch.setenv("FA2JAX_ATOMIC_DQ", "0")  # a fresh function per setting: jit caches traces
+    assert lower_for_sm90(_fa_forward_backward({}, deterministic=False), q, q, q, q) == {"mosaic": 3, "triton": 0}
+    monkeypatch.setenv("FA2JAX_ATOMIC_DQ", "yes")
+    with pytest.raises(ValueError, match="FA2JAX_ATOMIC_DQ"):
+        lower_for_sm90(_fa_forward_backward({}, deterministic=False), q, q, q, q)
+
+
 def _with_segment_ids(build, features):
     """The built function with the segment ids (q_ids, kv_ids) as its last two arguments."""
     def fn(*args):

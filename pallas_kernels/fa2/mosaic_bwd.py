@@ -27,12 +27,12 @@ register layouts: there the products are plain dots on the shared-memory tiles.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from packaging.version import Version
 
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
 from pallas_kernels.common.numerics import LOG2E
@@ -77,11 +77,18 @@ class MosaicBwdConfig:
         return max(CONSUMERS * self.block_kv, self.block_kv_dq)
 
 
+ATOMIC_DQ_ENV = "FA2JAX_ATOMIC_DQ"
+
+
 def atomic_dq_available() -> bool:
-    """Whether the reduce-add dQ mode (`deterministic=False`) may run: on jax 0.11.2 its kernel
-    (pl.kernel with a mutable ref) failed to lower on an H100 ("Shaped arrays must be represented by
-    ir.Values, got: TypedInt"), so from 0.11 on the deterministic dQ kernel runs instead."""
-    return Version(jax.__version__) < Version("0.11")
+    """Whether the reduce-add dQ mode (`deterministic=False`) may run: on every jax this project
+    supports (0.10.2 on; on 0.11 since its dQ partial is a scoped-accumulator product, see
+    `_Matmuls.t_dot`), unless the environment variable FA2JAX_ATOMIC_DQ=0 turns it off, a switch
+    for a jax whose lowering breaks it again (the deterministic dQ kernel then runs)."""
+    setting = os.environ.get(ATOMIC_DQ_ENV, "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{ATOMIC_DQ_ENV} must be 0 or 1, got {setting=}")
+    return setting == "1"
 
 
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
@@ -138,17 +145,25 @@ class _Matmuls:
 
         return pl.run_state(product)(plgpu.ACC.init(acc))
 
-    def accumulate_t(self, acc, a_ref, b_ref):
-        """acc [M, N] += a [K, M]ᵀ · b [K, N], both in shared memory."""
+    def t_dot(self, a_ref, b_ref, shape):
+        """a [K, M]ᵀ · b [K, N] -> f32 [M, N], both in shared memory, into a fresh (zeroed) accumulator.
+
+        A scoped accumulator (zeroed by Mosaic GPU), not `pl.run_state` on a zero tile: run_state
+        carries the index scalars of the refs it closes over as state. On jax 0.11 a kernel that
+        writes a mutable ref (the reduce-add dQ buffer) is re-traced when that ref is discharged
+        (`mpmd._mpmd_map_discharge_rule`), the literal 0 of `kv_smem.at[0, wg]` then enters the
+        run_state as a Python int and leaves it unchanged, and the warpgroup lowering (0.11's default
+        semantics) rejects it: "Shaped arrays must be represented by ir.Values, got: TypedInt(0)"."""
         if self.interpret:
-            return acc + lax.dot_general(a_ref[...], b_ref[...], (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+            return lax.dot_general(a_ref[...], b_ref[...], (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
         plgpu = _plgpu()
 
         def product(acc_ref):
             plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), b_ref)
+            return acc_ref[...]
 
-        return pl.run_state(product)(plgpu.ACC.init(acc))
+        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
     def two_dot_t(self, a_ref, b_ref, c_ref, d_ref, shape):
         """(a · bᵀ, c · dᵀ), all four in shared memory: issued together, waited on once."""
@@ -359,7 +374,7 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     ds_smem, part_smem = dq_smem[0].at[wg], dq_smem[1].at[wg]
                     ds_smem[...] = ds_t
                     plgpu.commit_smem()
-                    part = mm.accumulate_t(mm.zeros((bq, D)), ds_smem, my_k)
+                    part = mm.t_dot(ds_smem, my_k, (bq, D))
                     # The previous partial must have left shared memory before it is overwritten.
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     part_smem[...] = part

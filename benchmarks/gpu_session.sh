@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call that runs a list of named GPU steps, each under its own time limit, logs under $OUT.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh tree segments probe decode train atomic
+#
+# Steps (each writes $OUT/<step>.log and whatever its script writes):
+#   tree      pytest -m gpu tests/test_tree_mosaic.py (NaN-filled tails past the tree, ragged rows)
+#   segments  the Mosaic forward and deterministic backward with segment ids, pytest -m gpu
+#   gputests  the rest of the gpu-marked tests (Mosaic fwd/bwd grid, cuDNN layers, tree, model)
+#   probe     benchmarks/mosaic_bwd_probe.py: fwd/bwd TFLOP/s vs cuDNN and tokamax (tokamax from .whl)
+#   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights
+#   train     benchmarks/train_step.py: target-1b train-step tokens/s, our attention vs cuDNN
+#   atomic    benchmarks/atomic_dq_check.py: the single-pass (TMA reduce-add dQ) backward
+#   stall     benchmarks/stall_probe.py: compile and run seconds of each call of the two stalled runs
+# A step that runs past its limit is stopped and the next one starts.
+set -uo pipefail
+OUT=${OUT:?set OUT}
+export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/tokamax ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # tokamax imports xprof's CLI at import time; only the name is needed.
+  mkdir -p /tmp/site/xprof/cli && touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py
+  echo 'get_kernel_stats_tool = None' > /tmp/site/xprof/cli/tools.py
+fi
+step() {  # name limit_seconds command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $(date -u +%H:%M:%S) $name (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name exit $? after $SECONDS s total"; tail -4 "$OUT/$name.log"
+}
+GPU=(env JAX_PLATFORMS=cuda python3 -m pytest -q -rs -m gpu -p no:cacheprovider)
+for s in "$@"; do
+  case $s in
+    tree) step tree "${TREE_S:-120}" "${GPU[@]}" tests/test_tree_mosaic.py ;;
+    segments) step segments "${SEG_S:-150}" "${GPU[@]}" tests/test_mosaic_forward.py \
+                tests/test_mosaic_backward.py -k "segments or (True and (kwargs7 or kwargs8 or kwargs9))" ;;
+    gputests) step gputests "${GPUTESTS_S:-300}" "${GPU[@]}" tests ;;
+    probe) step probe "${PROBE_S:-240}" python3 benchmarks/mosaic_bwd_probe.py --out "$OUT" --skip-check \
+             --only "${PROBE_ONLY:-ours,cudnn,tokamax-mosaic}" --deadline "${PROBE_DEADLINE:-150}" ;;
+    decode) step decode "${DECODE_S:-150}" python3 benchmarks/decode_step.py --out "$OUT/decode" \
+              --variants "${DECODE_VARIANTS:-default,command_buffer,unroll2}" ;;
+    train) step train "${TRAIN_S:-200}" python3 benchmarks/train_step.py --out "$OUT" ;;
+    atomic) step atomic "${ATOMIC_S:-200}" python3 benchmarks/atomic_dq_check.py --out "$OUT" ;;
+    stall) step stall "${STALL_S:-590}" python3 benchmarks/stall_probe.py --out "$OUT/stall_probe.json" \
+             --budget "${STALL_BUDGET:-560}" ${STALL_ONLY:+--only "$STALL_ONLY"} ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
