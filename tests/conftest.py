@@ -20,10 +20,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (JAX_PLATFORMS=cuda) keep XLA's defaults.
 CPU_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_llvm_disable_expensive_passes": "true",
                  "xla_cpu_parallel_codegen_split_count": "1"}
+
+
+def _with_cpu_flags(given: str) -> str:
+    """`given` (XLA_FLAGS) with each flag of CPU_XLA_FLAGS that it does not set put before it."""
+    ours = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items() if f"--{name}=" not in given]
+    return " ".join([*ours, given]).strip()
+
+
 if os.environ["JAX_PLATFORMS"] == "cpu":
-    _given = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = " ".join([*(f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items()
-                                          if f"--{name}=" not in _given), _given]).strip()
+    os.environ["XLA_FLAGS"] = _with_cpu_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402  (the platform must be chosen before jax is imported)
 import pytest  # noqa: E402
