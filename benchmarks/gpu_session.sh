@@ -6,7 +6,8 @@
 # Steps (each writes $OUT/<step>.log and whatever its script writes):
 #   tree      pytest -m gpu tests/test_tree_mosaic.py (NaN-filled tails past the tree, ragged rows)
 #   segments  the Mosaic forward and deterministic backward with segment ids, pytest -m gpu
-#   gputests  the rest of the gpu-marked tests (Mosaic fwd/bwd grid, cuDNN layers, tree, model)
+#   gputests  every gpu-marked test, as GPU_PROCS pytest processes side by side (default 12): each
+#             test compiles for 40-60 s on the host's CPUs, so one process would not fit a call
 #   probe     benchmarks/mosaic_bwd_probe.py: fwd/bwd TFLOP/s vs cuDNN and tokamax (tokamax from .whl)
 #   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights
 #   train     benchmarks/train_step.py: target-1b train-step tokens/s, our attention vs cuDNN
@@ -34,7 +35,18 @@ for s in "$@"; do
     tree) step tree "${TREE_S:-120}" "${GPU[@]}" tests/test_tree_mosaic.py ;;
     segments) step segments "${SEG_S:-150}" "${GPU[@]}" tests/test_mosaic_forward.py \
                 tests/test_mosaic_backward.py -k "segments or (True and (kwargs7 or kwargs8 or kwargs9))" ;;
-    gputests) step gputests "${GPUTESTS_S:-300}" "${GPU[@]}" tests ;;
+    gputests)
+      echo "=== $(date -u +%H:%M:%S) gputests (limit ${GPUTESTS_S:-400}s, ${GPU_PROCS:-12} processes)"
+      JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu --collect-only -p no:cacheprovider tests 2>/dev/null \
+        | grep "::" > /tmp/gpu_ids.txt
+      rm -f /tmp/gpu_ids.part*; split -n "r/${GPU_PROCS:-12}" /tmp/gpu_ids.txt /tmp/gpu_ids.part
+      for part in /tmp/gpu_ids.part*; do
+        XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "${GPUTESTS_S:-400}" "${GPU[@]}" $(cat "$part") \
+          > "$part.log" 2>&1 &
+      done
+      wait
+      cat /tmp/gpu_ids.part*.log > "$OUT/gputests.log"
+      grep -hE "passed|failed" /tmp/gpu_ids.part*.log; grep -h "^FAILED" /tmp/gpu_ids.part*.log ;;
     probe) step probe "${PROBE_S:-240}" python3 benchmarks/mosaic_bwd_probe.py --out "$OUT" --skip-check \
              --only "${PROBE_ONLY:-ours,cudnn,tokamax-mosaic}" --deadline "${PROBE_DEADLINE:-150}" ;;
     decode) step decode "${DECODE_S:-150}" python3 benchmarks/decode_step.py --out "$OUT/decode" \
