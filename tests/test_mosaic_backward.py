@@ -1,8 +1,8 @@
 """The Hopper backward (`backend="mosaic"`) against the pure-jnp reference, value and gradients.
 
 `gpu` tests run the wgmma kernels on an H100/H200 over the argument grid of the portable tests (odd
-lengths, T != S, GQA/MQA, causal bottom-right, windows, segment ids with fully masked rows, bf16 and
-f16, head dims 64 and 128), in both dQ modes. `simulator` tests run the deterministic kernels in Mosaic GPU's CPU simulator (opt-in, see
+lengths, T != S, GQA/MQA, causal bottom-right, windows, segment ids with fully masked rows, softcap,
+bf16 and f16, head dims 64 and 128), in both dQ modes. `simulator` tests run the deterministic kernels in Mosaic GPU's CPU simulator (opt-in, see
 conftest). Tolerance basis as in test_flash_attention: 2x the error of XLA in the input dtype.
 """
 
@@ -33,12 +33,20 @@ GRID = [
     (2, 1000, 1000, 8, 2, 128, {"causal": True, "segment_ids": Packed(6)}),
     (1, 333, 517, 4, 1, 64, {"segment_ids": Packed(4)}),  # padded rows and keys, MQA
     (1, 600, 900, 4, 2, 128, {"window_size": (100, 20), "segment_ids": Packed(5)}),
+    # logit softcapping, q and k scaled by 2 so that the cap bites (scores of std ~4 against 5 or 30)
+    (2, 512, 512, 4, 1, 64, {"causal": True, "softcap": 5.0, "input_scale": 2.0}),
+    (1, 333, 517, 4, 2, 128, {"softcap": 30.0, "input_scale": 2.0}),
+    (1, 600, 900, 4, 2, 128, {"window_size": (100, 20), "segment_ids": Packed(5), "softcap": 5.0,
+                              "input_scale": 2.0}),
 ]
 
 
-def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=False, deterministic=True, seed=0, **kwargs):
+def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=False, deterministic=True, seed=0,
+           input_scale=1.0, **kwargs):
+    """input_scale multiplies q and k (before the cast to dtype): large scores make a softcap bite."""
     kwargs = resolve_segments(kwargs, seed, B, T, S)
-    q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, dtype)
+    q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, jnp.float32)
+    q, k, v, do = (x.astype(dtype) for x in (q * input_scale, k * input_scale, v, do))
     attention = functools.partial(flash_attention, backend=("portable", "mosaic"), interpret=interpret,
                                   deterministic=deterministic)
     ours = jax.jit(lambda *a: _output_and_grads(attention, *a, **kwargs))(q, k, v, do)
@@ -112,7 +120,7 @@ def test_mosaic_backward_tile_aligned_documents_in_simulator():
 def test_mosaic_backward_rejects_calls_it_does_not_cover():
     q, k, v, _ = attention_inputs(0, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="backward"):
-        flash_attention(q, k, v, softcap=5.0, backend=("portable", "mosaic"))
+        flash_attention(q, k, v, alibi_slopes=jnp.ones((2,), jnp.float32), backend=("portable", "mosaic"))
     with pytest.raises(ValueError, match="backend"):
         flash_attention(q, k, v, backend=("mosaic", "fast"))
     with pytest.raises(TypeError, match="deterministic"):

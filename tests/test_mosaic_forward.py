@@ -66,9 +66,12 @@ def empty_rows(segment_ids, T, S, causal=False):
     return ~same.any(-1)
 
 
-def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False, seed=0, **kwargs):
+def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False, seed=0, input_scale=1.0,
+           **kwargs):
+    """input_scale multiplies q and k (before the cast to dtype): large scores make a softcap bite."""
     kwargs = resolve_segments(kwargs, seed, B, T, S)
-    q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, dtype)
+    q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, jnp.float32)
+    q, k, v, do = (x.astype(dtype) for x in (q * input_scale, k * input_scale, v, do))
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     same_dtype_ref = lambda *a, **kw: attention_reference(
         *a, compute_dtype=dtype, precision=jax.lax.Precision.DEFAULT, **kw)
@@ -126,6 +129,17 @@ def test_mosaic_forward_segments_smoke_in_simulator():
 
 
 @pytest.mark.simulator
+def test_mosaic_softcap_forward_and_backward_in_simulator():
+    """Logit softcapping through both Hopper kernels (forward, then dK/dV and deterministic dQ): the
+    capped scores' output and lse, and gradients through the cap's 1 - tanh^2. Scores of std ~4 (q and
+    k scaled by 2, softmax scale 1/8) against a cap of 5: tanh is far from linear on many of them.
+    Padded queries and keys and a causal band, so masked tiles are capped too."""
+    kwargs = dict(causal=True, softcap=5.0, input_scale=2.0)
+    _check(1, 77, 129, 2, 1, 64, **kwargs)
+    _check(1, 77, 129, 2, 1, 64, grads=True, **kwargs)
+
+
+@pytest.mark.simulator
 def test_mosaic_forward_gqa_and_head_dim_128_in_simulator():
     _check(1, 128, 128, 4, 2, 128, dtype=jnp.float16, causal=True)
 
@@ -139,9 +153,9 @@ def test_mosaic_backend_rejects_what_it_does_not_cover():
     q = jnp.ones((1, 16, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match="backend='mosaic' covers"):
         flash_attention(q, q, q, backend="mosaic")
-    with pytest.raises(ValueError, match="softcap"):
+    with pytest.raises(ValueError, match="alibi"):
         flash_attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
-                        softcap=5.0, backend="mosaic")
+                        alibi_slopes=jnp.ones((2,), jnp.float32), backend="mosaic")
     with pytest.raises(ValueError, match="backend must be one of"):
         flash_attention(q, q, q, backend="cuda")
 
@@ -204,3 +218,19 @@ def test_mosaic_forward_segments_on_gpu(B, T, S, H, K, D, kwargs):
     _check(B, T, S, H, K, D, interpret=False, segment_ids=Packed(6), **kwargs)
     # With gradients: the Hopper backward (both kernels) where it covers the head dim.
     _check(B, T, S, H, K, D, interpret=False, grads=True, segment_ids=Packed(6), **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,S,H,K,D,kwargs", [
+    (2, 1000, 1000, 8, 2, 128, {"causal": True, "softcap": 30.0}),
+    (1, 333, 517, 4, 1, 64, {"softcap": 5.0}),  # padded rows and keys, MQA
+    (1, 600, 900, 4, 2, 64, {"window_size": (100, 20), "softcap": 5.0}),
+    (1, 300, 300, 4, 2, 256, {"causal": True, "softcap": 5.0}),  # D=256: portable backward
+])
+def test_mosaic_forward_softcap_on_gpu(B, T, S, H, K, D, kwargs):
+    """Softcap in the Hopper forward (output and lse of the capped scores), then with gradients
+    through the Hopper backward where it covers the head dim; q, k scaled by 2 so the cap bites."""
+    if not on_hopper():
+        pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
+    _check(B, T, S, H, K, D, interpret=False, input_scale=2.0, **kwargs)
+    _check(B, T, S, H, K, D, interpret=False, input_scale=2.0, grads=True, **kwargs)

@@ -55,6 +55,12 @@ FA_CASES = {  # (B, T, S, H, K, D, dtype), features: head dims 64 and 128, GQA/M
     "d64-segments": ((2, 128, 128, 2, 2, 64, BF16), dict(segments=True)),
     "d128-causal-gqa-segments": ((2, 200, 333, 8, 2, 128, BF16), dict(causal=True, segments=True)),
     "d64-window-mqa-segments-f16": ((1, 77, 129, 4, 1, 64, F16), dict(window_size=(40, 8), segments=True)),
+    # logit softcapping (tanh on every score tile, and its derivative in both backward kernels)
+    "d64-softcap": ((1, 128, 128, 2, 2, 64, BF16), dict(softcap=5.0)),
+    "d128-causal-gqa-softcap": ((2, 200, 333, 8, 2, 128, BF16), dict(causal=True, softcap=30.0)),
+    "d64-window-segments-softcap-f16": ((1, 77, 129, 4, 1, 64, F16),
+                                        dict(window_size=(40, 8), segments=True, softcap=20.0)),
+    "d256-causal-softcap": ((1, 200, 300, 4, 2, 256, BF16), dict(causal=True, softcap=50.0)),
 }
 
 

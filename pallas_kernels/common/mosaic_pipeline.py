@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common.numerics import LN2
+from pallas_kernels.common.numerics import LN2, LOG2E
 
 CONSUMERS = 2
 _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
@@ -61,6 +61,9 @@ class Pipeline:
     reduction_scratch_bytes: int = 2048
     # Whether each K tile comes with its keys' segment ids (a [stages, block_kv] int32 ring).
     key_ids: bool = False
+    # > 0: Gemma 2's logit cap on the scaled scores x = (scale / log2 e) q.k: softcap * tanh(x / softcap).
+    # Static, so a kernel without it traces exactly as before.
+    softcap: float = 0.0
 
     # -- the launch --------------------------------------------------------------------------
 
@@ -262,6 +265,12 @@ class Pipeline:
                 return s_ref[...]
 
             s = pl.run_scoped(scores_of, plgpu.ACC((self.rows, self.block_kv), jnp.float32))
+        if self.softcap > 0:
+            # Capped, then brought back to unscaled units so that the exp2 FMAs below stay as they
+            # are: (softcap / sm_scale) * tanh(sm_scale * q.k / softcap). Before the mask, whose -inf
+            # tanh would turn into a finite -softcap.
+            sm_scale = self.scale / LOG2E
+            s = jnp.tanh(s * (sm_scale / self.softcap)) * (self.softcap / sm_scale)
         # The slot's key ids are read before it is released with K; the position mask after.
         same = None if query_ids is None else self._same_segment(query_ids, smem[4].at[slot])
         plgpu.barrier_arrive(k_free.at[slot])

@@ -10,6 +10,8 @@ a ring of shared-memory slots, and the products are asynchronous wgmma.
   can see these keys. The GQA reduction is that loop: no repeated K/V, no [B, S, H, D] partials.
 - dQ kernel: one CTA per 2 * block_q query rows of one head, streaming K/V like the forward and
   recomputing P and dP.
+- Softcap (Gemma 2): both kernels recompute tanh from the raw scores, cap them as the forward did,
+  and scale dS by the cap's derivative 1 - tanh^2.
 
 Every sum is accumulated in a fixed order inside one CTA, so the result is deterministic. Causal and
 window calls visit only the tiles of their band and mask only its edges. With segment ids (packed
@@ -238,6 +240,18 @@ def _visible(q_idx, k_idx, problem: MosaicProblem):
     return visible
 
 
+def _softcap(s, problem: MosaicProblem):
+    """Unscaled scores q.k -> (the capped scores in the same unscaled units, d capped / d s), or
+    (s, None) without a softcap. As in the forward's pipeline the cap is
+    (softcap / sm_scale) * tanh(sm_scale * s / softcap), so `s * scale` still enters exp2 and P is the
+    forward's; its derivative 1 - tanh^2 multiplies dS (the sm_scale factor is applied to dQ and dK
+    at the end, as without a cap)."""
+    if problem.softcap <= 0:
+        return s, None
+    t = jnp.tanh(s * (problem.sm_scale / problem.softcap))
+    return t * (problem.softcap / problem.sm_scale), 1.0 - t * t
+
+
 def _query_tile_ranges(k0, keys: int, problem: MosaicProblem, block_q: int, padded_q_len: int):
     """[lo, hi): query tiles some row of which sees a key of [k0, k0 + keys); [full_lo, full_hi):
     tiles whose every row sees every one of these keys (no mask needed). The mirror image of the
@@ -350,6 +364,7 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     delta = mm.vector(stats_smem.at[slot, 1], 0)
                     visible = mm.same_segment(key_ids, ids_smem.at[slot], s_t.shape) if segments else None
                     plgpu.barrier_arrive(stats_free.at[slot])
+                    s_t, cap_grad = _softcap(s_t, problem)
                     p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
                     if masked:
                         q_idx = t * bq + mm.iota(s_t.shape, 1)
@@ -359,6 +374,8 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     if visible is not None:
                         p_t = jnp.where(visible, p_t, 0.0)
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                    if cap_grad is not None:
+                        ds_t = ds_t * cap_grad
                     ds_t = ds_t.astype(q.dtype)
                     # dV += Pᵀ dO and dK += dSᵀ Q, issued together.
                     dv, dk = mm.two_accumulate(dv, p_t.astype(q.dtype), do_smem.at[slot],
@@ -523,6 +540,7 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
                     # S = Q Kᵀ and dP = dO Vᵀ need only shared memory: one issue, one wait.
                     s, dp = mm.two_dot_t(my_q, k_smem.at[slot], my_do, v_smem.at[slot], (bq, bkv))
                     plgpu.barrier_arrive(v_free.at[slot])
+                    s, cap_grad = _softcap(s, problem)
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
                     # With segment ids every step is masked by id; `masked` adds the position mask.
                     visible = mm.same_segment(query_ids, ids_smem[0].at[slot], s.shape) if segments else None
@@ -534,6 +552,8 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
                     if visible is not None:
                         p = jnp.where(visible, p, 0.0)
                     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                    if cap_grad is not None:
+                        ds = ds * cap_grad
                     dq = mm.accumulate(dq, ds.astype(q.dtype), k_smem.at[slot])  # dQ += dS K
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq

@@ -8,7 +8,8 @@ of their causal/window band, masking only the tiles at the band's edges.
 
 Scope (the dispatcher in `api.py` routes everything else to the portable kernels): bf16/f16, head dim
 64, 128 or 256, causal and sliding windows (bottom-right aligned), segment ids (packed sequences),
-GQA/MQA, any T and S (the caller pads them to tile multiples; keys past `kv_len` are masked here).
+logit softcapping (Gemma 2: the pipeline caps each score tile before its mask and exp2, so the lse is
+that of the capped scores), GQA/MQA, any T and S (the caller pads them to tile multiples; keys past `kv_len` are masked here).
 With segment ids every visited tile is masked: each K tile's ids travel with it through the TMA
 ring, and a CTA visits only the key tiles between the first and the last whose id range overlaps its
 queries' (`segment_tile_ranges`, from the ids' per-tile min and max). Under a causal band the CTAs that
@@ -62,6 +63,7 @@ class MosaicProblem:
     window_right: int  # -1 = unbounded; causal is 0
     sm_scale: float
     group_size: int  # H // K
+    softcap: float = 0.0  # > 0: scores s = sm_scale * q.k become softcap * tanh(s / softcap)
 
 
 def preferred(*, head_dim: int) -> bool:
@@ -69,7 +71,7 @@ def preferred(*, head_dim: int) -> bool:
     return head_dim in (64, 128)
 
 
-FEATURES = frozenset({"causal", "window", "segments"})
+FEATURES = frozenset({"causal", "window", "segments", "softcap"})
 
 
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
@@ -167,7 +169,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                          f"{segment_ids[0].shape=}, {segment_ids[1].shape=}")
     pipeline = Pipeline(rows=bq, block_kv=bkv, head_dim=D, stages=config.num_stages, dtype=q.dtype,
                         scale=problem.sm_scale * LOG2E, ping_pong=config.ping_pong, interpret=interpret,
-                        key_ids=segments)
+                        key_ids=segments, softcap=problem.softcap)
     masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
 
     def body(q_ref, k_ref, v_ref, *refs):
