@@ -9,7 +9,7 @@ with lse and delta from our forward, for every candidate `MosaicBwdConfig`; prin
 config per shape feeds `MosaicBwdConfig` defaults / the tuning cache.
 
 --atomic-variants compares the reduce-add mode's dQ paths instead (`MosaicBwdConfig.dq_buffers`,
-`dq_with_dkdv`, every pair whose shared memory fits): first each variant's dQ/dK/dV once against the
+`dq_chunks`, `dq_with_dkdv`, every pair whose shared memory fits): first each variant's dQ/dK/dV once against the
 f32 reference (|ours - f32| <= 2 |XLA in bf16 - f32| + 16 ulp * max|f32|, on a small causal GQA
 case), then the backward alone at 2x8192x16x128 and 4x4096x32x64, causal and not, next to the
 deterministic mode (its default tiles) and cuDNN (its fwd+bwd minus its forward). Writes
@@ -58,8 +58,11 @@ def backward_inputs(q, k, v, do, problem, D):
 def atomic_variants(D: int):
     """The reduce-add mode's dQ-path variants whose dK/dV kernel fits shared memory at head dim D
     (num_stages=2, as `api.plan` sets for this mode); the first is the default."""
-    for buffers, with_dkdv in itertools.product((1, 2), (False, True)):
-        config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=buffers, dq_with_dkdv=with_dkdv)
+    # (dq_buffers, dq_chunks): one whole buffer, two (D=64 only), two half-width ones. One buffer in
+    # two chunks is left out: each chunk would wait for the one before it to drain.
+    for (buffers, chunks), with_dkdv in itertools.product(((1, 1), (2, 1), (2, 2)), (False, True)):
+        config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=buffers, dq_chunks=chunks,
+                                            dq_with_dkdv=with_dkdv)
         if mosaic_bwd.dkdv_smem_bytes(config, head_dim=D, itemsize=2, segments=False) <= mosaic_bwd.SMEM_LIMIT_BYTES:
             yield config
 
@@ -67,7 +70,8 @@ def atomic_variants(D: int):
 def variant_name(config: mosaic_bwd.MosaicBwdConfig) -> str:
     if config.deterministic:
         return "deterministic"
-    return f"atomic buf={config.dq_buffers}{' with-dkdv' if config.dq_with_dkdv else ''}"
+    return (f"atomic buf={config.dq_buffers}{f' chunks={config.dq_chunks}' if config.dq_chunks > 1 else ''}"
+            f"{' with-dkdv' if config.dq_with_dkdv else ''}")
 
 
 def check_variant(config, D, B=1, S=1024, H=4, K=2) -> dict:
@@ -184,7 +188,7 @@ def main():
     parser.add_argument("--out", default="/tmp", help="folder for bwd_sweep.json")
     parser.add_argument("--deadline", type=float, default=1e9, help="stop starting new configs after these seconds")
     parser.add_argument("--atomic-variants", action="store_true",
-                        help="compare the reduce-add mode's dQ paths (dq_buffers, dq_with_dkdv) instead")
+                        help="compare the reduce-add mode's dQ paths (dq_buffers, dq_chunks, dq_with_dkdv) instead")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     deadline_at = time.perf_counter() + args.deadline

@@ -167,12 +167,13 @@ def test_decode_attention_mosaic_lowers_for_sm90(T, num_splits, merges):
 
 
 # -- the reduce-add dQ variants of the Hopper backward ----------------------------------------------
-# `flash_attention` runs the default variant; the others (MosaicBwdConfig.dq_buffers, dq_with_dkdv),
-# compared by benchmarks/mosaic_bwd_sweep.py --atomic-variants, are lowered through `mosaic_bwd.backward`
-# directly. Mosaic GPU's CPU simulator cannot run the reduce-add mode on jax 0.10.2 (a KeyError on the
+# `flash_attention` runs the default variant; the others (MosaicBwdConfig.dq_buffers, dq_chunks,
+# dq_with_dkdv), compared by benchmarks/mosaic_bwd_sweep.py --atomic-variants, are lowered through
+# `mosaic_bwd.backward` directly. Mosaic GPU's CPU simulator cannot run the reduce-add mode on jax 0.10.2 (a KeyError on the
 # mutable dQ ref), so this lowering is their only CPU check.
 
-ATOMIC_VARIANTS = [(1, False), (1, True), (2, False), (2, True)]  # (dq_buffers, dq_with_dkdv)
+# (dq_buffers, dq_chunks, dq_with_dkdv): every combination
+ATOMIC_VARIANTS = [(b, c, w) for b in (1, 2) for c in (1, 2) for w in (False, True)]
 
 
 def _lower_backward(config, D, segments=False, causal=True):
@@ -195,17 +196,18 @@ def _lower_backward(config, D, segments=False, causal=True):
 
 @pytest.mark.parametrize("segments", [False, True], ids=["plain", "segments"])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dq_buffers,dq_with_dkdv", ATOMIC_VARIANTS)
-def test_atomic_dq_variants_lower_for_sm90(dq_buffers, dq_with_dkdv, D, segments):
+@pytest.mark.parametrize("dq_buffers,dq_chunks,dq_with_dkdv", ATOMIC_VARIANTS)
+def test_atomic_dq_variants_lower_for_sm90(dq_buffers, dq_chunks, dq_with_dkdv, D, segments):
     """Each variant lowers to one Mosaic kernel (dK/dV with the reduce-add dQ) where its shared
-    memory fits; at D=128 a second f32 dQ partial buffer does not (280 KB > 227 KB), and the
+    memory fits; at D=128 a second whole f32 dQ partial buffer does not (280 KB > 227 KB), and the
     backward says so before Mosaic GPU does."""
     from pallas_kernels.fa2 import mosaic_bwd
 
-    config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=dq_buffers, dq_with_dkdv=dq_with_dkdv)
+    config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=dq_buffers, dq_chunks=dq_chunks,
+                                        dq_with_dkdv=dq_with_dkdv)
     need = mosaic_bwd.dkdv_smem_bytes(config, head_dim=D, itemsize=2, segments=segments)
     if need > mosaic_bwd.SMEM_LIMIT_BYTES:
-        assert (D, dq_buffers) == (128, 2)
+        assert (D, dq_buffers, dq_chunks) == (128, 2, 1)
         with pytest.raises(ValueError, match="shared memory"):
             _lower_backward(config, D, segments)
     else:
@@ -228,6 +230,7 @@ def test_smem_estimate_is_a_lower_bound_of_mosaic_count(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs", [dict(dq_buffers=0), dict(dq_buffers=1.5), dict(dq_with_dkdv=1),
+                                    dict(dq_chunks=3), dict(dq_chunks=2, deterministic=True),
                                     dict(dq_buffers=2, deterministic=True),
                                     dict(dq_with_dkdv=True, deterministic=True)])
 def test_atomic_dq_variant_config_is_checked(kwargs):

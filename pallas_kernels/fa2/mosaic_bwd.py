@@ -59,6 +59,11 @@ class MosaicBwdConfig:
     # have (the TMA reduce-add of the others keeps running). Each costs block_q * D * 4 bytes per
     # consumer: at D=128 a second one does not fit (`dkdv_smem_bytes`).
     dq_buffers: int = 1
+    # dq_chunks: the partial leaves in this many column chunks [block_q, D / dq_chunks], each its
+    # own reduce-add through the dq_buffers ring, so a buffer is a chunk: 2 chunks in 2 buffers
+    # cost the shared memory of one whole partial, and writing a chunk waits only for the store of
+    # the chunk two stores back (the only double buffering that fits at D=128).
+    dq_chunks: int = 1
     # dq_with_dkdv: False issues the dQ product dSᵀK after the dV and dK products have been waited
     # on, and waits on it alone. True writes dS to shared memory first and issues dQ, dV and dK
     # together with one wait (FA3's order: dS reaches shared memory before the dV product), at the
@@ -73,11 +78,14 @@ class MosaicBwdConfig:
             raise ValueError(f"the streamed ring needs at least 2 slots: {self.num_stages=}")
         if not isinstance(self.dq_buffers, int) or self.dq_buffers < 1:
             raise ValueError(f"dq_buffers must be an int >= 1, got {self.dq_buffers=}")
+        if self.dq_chunks not in (1, 2):
+            raise ValueError(f"dq_chunks must be 1 or 2 (64-column chunks at D=128), got {self.dq_chunks=}")
         if not isinstance(self.dq_with_dkdv, bool):
             raise TypeError(f"dq_with_dkdv must be a bool, got {self.dq_with_dkdv=}")
-        if self.deterministic and (self.dq_buffers != 1 or self.dq_with_dkdv):
-            raise ValueError(f"dq_buffers and dq_with_dkdv shape the reduce-add dQ path, which "
-                             f"deterministic=True does not run: {self.dq_buffers=}, {self.dq_with_dkdv=}")
+        if self.deterministic and (self.dq_buffers != 1 or self.dq_chunks != 1 or self.dq_with_dkdv):
+            raise ValueError(f"dq_buffers, dq_chunks and dq_with_dkdv shape the reduce-add dQ path, which "
+                             f"deterministic=True does not run: {self.dq_buffers=}, {self.dq_chunks=}, "
+                             f"{self.dq_with_dkdv=}")
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "MosaicBwdConfig":
@@ -109,7 +117,7 @@ def dkdv_smem_bytes(config: MosaicBwdConfig, *, head_dim: int, itemsize: int, se
     total += stages * 2 * bq * 4  # [lse, delta] ring
     if not config.deterministic:
         total += CONSUMERS * bkv * bq * itemsize  # dSᵀ
-        total += CONSUMERS * config.dq_buffers * bq * D * 4  # dQ partials on their way out
+        total += CONSUMERS * config.dq_buffers * bq * (D // config.dq_chunks) * 4  # dQ partials on their way out
     if segments:
         total += stages * bq * 4  # query ids ring
     return total
@@ -439,23 +447,29 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                 def add_dq_partial(ds_t, part, i, t):
                     """dQ[tile rows] += dSᵀ K over this consumer's keys, by TMA reduce-add. part: that
                     product when `dkdv_with_dq` made it, else None (made here)."""
-                    nbuf = config.dq_buffers
-                    # Partial buffer i % nbuf of this consumer's nbuf (written so that 1 buffer
-                    # lowers as the single-buffer kernel did).
-                    buf = wg if nbuf == 1 else wg * nbuf + lax.rem(i, jnp.int32(nbuf))
-                    ds_smem, part_smem = dq_smem[0].at[wg], dq_smem[1].at[buf]
+                    nbuf, chunks = config.dq_buffers, config.dq_chunks
+                    ds_smem = dq_smem[0].at[wg]
                     if part is None:
                         ds_smem[...] = ds_t
                         plgpu.commit_smem()
                         part = mm.t_dot(ds_smem, my_k, (bq, D))
-                    # The partial written nbuf steps ago must have left this buffer before it is
-                    # overwritten; the nbuf - 1 after it may still be reading.
-                    plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)
-                    part_smem[...] = part
-                    plgpu.commit_smem()
-                    head = kv_head * G + lax.div(i, tiles)
-                    plgpu.copy_smem_to_gmem(part_smem, dq_ref.at[b, pl.ds(t * bq, bq), head],
-                                            reduction_op="add")
+                    width = D // chunks
+                    for c in range(chunks):  # one reduce-add per column chunk [bq, width]
+                        # Store n = i * chunks + c goes to buffer n % nbuf of this consumer's nbuf
+                        # (1 buffer and 1 chunk lower as the first form of this kernel did).
+                        n = i if chunks == 1 else i * chunks + c
+                        buf = wg if nbuf == 1 else wg * nbuf + lax.rem(n, jnp.int32(nbuf))
+                        part_smem = dq_smem[1].at[buf]
+                        # The store made nbuf stores ago must have left this buffer before it is
+                        # overwritten; the nbuf - 1 after it may still be reading.
+                        plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)
+                        part_smem[...] = part if chunks == 1 else part[:, c * width:(c + 1) * width]
+                        plgpu.commit_smem()
+                        head = kv_head * G + lax.div(i, tiles)
+                        dst = dq_ref.at[b, pl.ds(t * bq, bq), head]
+                        if chunks > 1:
+                            dst = dq_ref.at[b, pl.ds(t * bq, bq), head, pl.ds(c * width, width)]
+                        plgpu.copy_smem_to_gmem(part_smem, dst, reduction_op="add")
 
                 def head_loop(g, carry):
                     base = g * tiles - lo  # step number of tile t is base + t
@@ -488,7 +502,7 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
         if with_dq:
             smem += (plgpu.SMEM((CONSUMERS, bkv, bq), q.dtype, transforms=transforms),  # dSᵀ
                      # dQ partials on their way out, dq_buffers per consumer
-                     plgpu.SMEM((CONSUMERS * config.dq_buffers, bq, D), jnp.float32))
+                     plgpu.SMEM((CONSUMERS * config.dq_buffers, bq, D // config.dq_chunks), jnp.float32))
         if segments:
             smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
         barriers = (
