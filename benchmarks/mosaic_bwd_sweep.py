@@ -1,7 +1,7 @@
 """GPU sweep of the Hopper backward's tile configurations: the backward kernels alone, per shape.
 
     PYTHONPATH=. python benchmarks/mosaic_bwd_sweep.py --out $OUT [--deadline 300]
-    PYTHONPATH=. python benchmarks/mosaic_bwd_sweep.py --atomic-variants --out $OUT  # ~200 s on an H100
+    PYTHONPATH=. python benchmarks/mosaic_bwd_sweep.py --atomic-variants --deadline 150 --out $OUT  # < ~200 s on an H100 (untimed yet)
 
 Times `mosaic_bwd.backward` (dK/dV + dQ, or dK/dV with the reduce-add dQ) on inputs already padded,
 with lse and delta from our forward, for every candidate `MosaicBwdConfig`; prints TFLOP/s
@@ -74,12 +74,12 @@ def variant_name(config: mosaic_bwd.MosaicBwdConfig) -> str:
             f"{' with-dkdv' if config.dq_with_dkdv else ''}")
 
 
-def check_variant(config, D, B=1, S=1024, H=4, K=2) -> dict:
-    """dQ, dK, dV of `mosaic_bwd.backward` under `config` against the f32 reference (causal, GQA)."""
+@functools.lru_cache(maxsize=None)
+def check_case(D: int, B=1, S=1024, H=4, K=2):
+    """(inputs, problem, f32 reference grads, bf16 XLA grads) of the correctness case, once per D."""
     q, k, v, do = attention_inputs(1, B, S, S, H, K, D, jnp.bfloat16)
     problem = problem_for(S, D, True, group_size=H // K)
     lse2, delta = backward_inputs(q, k, v, do, problem, D)
-    ours = jax.jit(lambda *a: mosaic_bwd.backward(*a, problem=problem, config=config))(q, k, v, do, lse2, delta)
 
     def grads(fn, *args):
         return jax.vjp(fn, *args[:3])[1](args[3])
@@ -88,7 +88,14 @@ def check_variant(config, D, B=1, S=1024, H=4, K=2) -> dict:
         *(x.astype(jnp.float32) for x in (q, k, v, do)))
     same = jax.jit(lambda *a: grads(functools.partial(attention_reference, causal=True, compute_dtype=jnp.bfloat16,
                                                       precision=jax.lax.Precision.DEFAULT), *a))(q, k, v, do)
-    row = {"case": f"{B}x{S}x{H}/{K}x{D} causal", "variant": variant_name(config), "ok": True}
+    return (q, k, v, do, lse2, delta), problem, exact, same, f"{B}x{S}x{H}/{K}x{D} causal"
+
+
+def check_variant(config, D) -> dict:
+    """dQ, dK, dV of `mosaic_bwd.backward` under `config` against the f32 reference (causal, GQA)."""
+    args, problem, exact, same, case = check_case(D)
+    ours = jax.jit(lambda *a: mosaic_bwd.backward(*a, problem=problem, config=config))(*args)
+    row = {"case": case, "variant": variant_name(config), "ok": True}
     for what, a, e, s in zip(("dq", "dk", "dv"), ours, exact, same):
         a, e, s = (np.asarray(x, np.float32) for x in (a, e, s))
         err, base = float(np.max(np.abs(a - e))), float(np.max(np.abs(s - e)))
