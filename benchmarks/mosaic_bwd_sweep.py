@@ -9,8 +9,8 @@ with lse and delta from our forward, for every candidate `MosaicBwdConfig`; prin
 config per shape feeds `MosaicBwdConfig` defaults / the tuning cache.
 
 --atomic-variants compares the reduce-add mode's dQ paths instead (`MosaicBwdConfig.dq_buffers`,
-`dq_chunks`, `dq_with_dkdv`, every pair whose shared memory fits): first each variant's dQ/dK/dV once against the
-f32 reference (|ours - f32| <= 2 |XLA in bf16 - f32| + 16 ulp * max|f32|, on a small causal GQA
+`dq_chunks`, `dq_with_dkdv`; `atomic_variants` lists those that fit shared memory): first each
+variant's dQ/dK/dV once against the f32 reference (|ours - f32| <= 2 |XLA in bf16 - f32| + 16 ulp * max|f32|, on a small causal GQA
 case), then the backward alone at 2x8192x16x128 and 4x4096x32x64, causal and not, next to the
 deterministic mode (its default tiles) and cuDNN (its fwd+bwd minus its forward). Writes
 `atomic_variants.json`.
