@@ -170,3 +170,78 @@ def test_decode_attention_mosaic_lowers_for_sm90(T, num_splits, merges):
     lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
     fn = functools.partial(decode_attention, backend="mosaic", interpret=False, num_splits=num_splits)
     assert lower_for_sm90(fn, q, cache, cache, lengths) == {"mosaic": 1, "triton": merges}
+
+
+# -- the reduce-add dQ variants of the Hopper backward ----------------------------------------------
+# `flash_attention` runs the default variant; the others (MosaicBwdConfig.dq_buffers, dq_chunks,
+# dq_with_dkdv), compared by benchmarks/mosaic_bwd_sweep.py --atomic-variants, are lowered through
+# `mosaic_bwd.backward` directly. Mosaic GPU's CPU simulator cannot run the reduce-add mode on jax 0.10.2 (a KeyError on the
+# mutable dQ ref), so this lowering is their only CPU check.
+
+# (dq_buffers, dq_chunks, dq_with_dkdv): every combination
+ATOMIC_VARIANTS = [(b, c, w) for b in (1, 2) for c in (1, 2) for w in (False, True)]
+
+
+def _lower_backward(config, D, segments=False, causal=True):
+    from pallas_kernels.fa2 import mosaic_bwd, mosaic_fwd
+
+    B, T, H, K = 1, 256, 4, 2
+    problem = mosaic_fwd.MosaicProblem(q_len=T - 7, kv_len=T - 7, q_offset=0, window_left=-1,
+                                       window_right=0 if causal else -1, sm_scale=D ** -0.5, group_size=H // K)
+    q = jax.ShapeDtypeStruct((B, T, H, D), BF16)
+    kv = jax.ShapeDtypeStruct((B, T, K, D), BF16)
+    stats = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
+    args = (q, kv, kv, q, stats, stats)
+    if segments:
+        args += (jax.ShapeDtypeStruct((B, T), jnp.int32),) * 2
+
+    def fn(q, k, v, do, lse2, delta, *ids):
+        return mosaic_bwd.backward(q, k, v, do, lse2, delta, tuple(ids) or None, problem=problem, config=config)
+    return lower_for_sm90(fn, *args)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["plain", "segments"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dq_buffers,dq_chunks,dq_with_dkdv", ATOMIC_VARIANTS)
+def test_atomic_dq_variants_lower_for_sm90(dq_buffers, dq_chunks, dq_with_dkdv, D, segments):
+    """Each variant lowers to one Mosaic kernel (dK/dV with the reduce-add dQ) where its shared
+    memory fits; at D=128 a second whole f32 dQ partial buffer does not (280 KB > 227 KB), and the
+    backward says so before Mosaic GPU does."""
+    from pallas_kernels.fa2 import mosaic_bwd
+
+    config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=dq_buffers, dq_chunks=dq_chunks,
+                                        dq_with_dkdv=dq_with_dkdv)
+    need = mosaic_bwd.dkdv_smem_bytes(config, head_dim=D, itemsize=2, segments=segments)
+    if need > mosaic_bwd.SMEM_LIMIT_BYTES:
+        assert (D, dq_buffers, dq_chunks) == (128, 2, 1)
+        with pytest.raises(ValueError, match="shared memory"):
+            _lower_backward(config, D, segments)
+    else:
+        assert _lower_backward(config, D, segments) == {"mosaic": 1, "triton": 0}
+
+
+def test_smem_estimate_is_a_lower_bound_of_mosaic_count(monkeypatch):
+    """With our check off, Mosaic GPU refuses the D=128 double-buffered kernel by its own count,
+    which our estimate does not exceed (it leaves out barriers and alignment): the check refuses
+    nothing that would fit."""
+    from pallas_kernels.fa2 import mosaic_bwd
+
+    config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=2)
+    monkeypatch.setattr(mosaic_bwd, "SMEM_LIMIT_BYTES", 10 ** 9)
+    with pytest.raises(Exception, match=r"smem_bytes=(\d+)") as error:
+        _lower_backward(config, 128)
+    counted = int(re.search(r"smem_bytes=(\d+)", str(error.value)).group(1))
+    estimate = mosaic_bwd.dkdv_smem_bytes(config, head_dim=128, itemsize=2, segments=False)
+    assert estimate <= counted < estimate + 1024, (estimate, counted)
+
+
+@pytest.mark.parametrize("kwargs", [dict(dq_buffers=0), dict(dq_buffers=1.5), dict(dq_with_dkdv=1),
+                                    dict(dq_chunks=3), dict(dq_chunks=2, deterministic=True),
+                                    dict(dq_buffers=2, deterministic=True),
+                                    dict(dq_with_dkdv=True, deterministic=True)])
+def test_atomic_dq_variant_config_is_checked(kwargs):
+    from pallas_kernels.fa2 import mosaic_bwd
+
+    kwargs = dict(dict(deterministic=False), **kwargs)
+    with pytest.raises((ValueError, TypeError), match="dq_"):
+        mosaic_bwd.MosaicBwdConfig(**kwargs)

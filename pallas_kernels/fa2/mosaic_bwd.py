@@ -55,6 +55,22 @@ class MosaicBwdConfig:
     # with TMA reduce-add (FA3's route: no second pass, but the order of the additions varies from
     # run to run). True: a separate dQ kernel sums in a fixed order (bitwise reproducible).
     deterministic: bool = True
+    # The reduce-add mode's dQ path (deterministic=False only; the defaults are its first form).
+    # dq_buffers: f32 [block_q, D] partial buffers per consumer. With 1, writing a step's partial
+    # waits until the previous one has left shared memory; with n, only the one n steps back must
+    # have (the TMA reduce-add of the others keeps running). Each costs block_q * D * 4 bytes per
+    # consumer: at D=128 a second one does not fit (`dkdv_smem_bytes`).
+    dq_buffers: int = 1
+    # dq_chunks: the partial leaves in this many column chunks [block_q, D / dq_chunks], each its
+    # own reduce-add through the dq_buffers ring, so a buffer is a chunk: 2 chunks in 2 buffers
+    # cost the shared memory of one whole partial, and writing a chunk waits only for the store of
+    # the chunk two stores back (the only double buffering that fits at D=128).
+    dq_chunks: int = 1
+    # dq_with_dkdv: False issues the dQ product dSᵀK after the dV and dK products have been waited
+    # on, and waits on it alone. True writes dS to shared memory first and issues dQ, dV and dK
+    # together with one wait (FA3's order: dS reaches shared memory before the dV product), at the
+    # price of three f32 accumulators live at once.
+    dq_with_dkdv: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
@@ -62,6 +78,16 @@ class MosaicBwdConfig:
                 raise ValueError(f"Mosaic GPU tiles must be multiples of 64 rows: {name}={getattr(self, name)}")
         if self.num_stages < 2:
             raise ValueError(f"the streamed ring needs at least 2 slots: {self.num_stages=}")
+        if not isinstance(self.dq_buffers, int) or self.dq_buffers < 1:
+            raise ValueError(f"dq_buffers must be an int >= 1, got {self.dq_buffers=}")
+        if self.dq_chunks not in (1, 2):
+            raise ValueError(f"dq_chunks must be 1 or 2 (64-column chunks at D=128), got {self.dq_chunks=}")
+        if not isinstance(self.dq_with_dkdv, bool):
+            raise TypeError(f"dq_with_dkdv must be a bool, got {self.dq_with_dkdv=}")
+        if self.deterministic and (self.dq_buffers != 1 or self.dq_chunks != 1 or self.dq_with_dkdv):
+            raise ValueError(f"dq_buffers, dq_chunks and dq_with_dkdv shape the reduce-add dQ path, which "
+                             f"deterministic=True does not run: {self.dq_buffers=}, {self.dq_chunks=}, "
+                             f"{self.dq_with_dkdv=}")
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "MosaicBwdConfig":
@@ -77,6 +103,26 @@ class MosaicBwdConfig:
     @property
     def kv_multiple(self) -> int:
         return max(CONSUMERS * self.block_kv, self.block_kv_dq)
+
+
+# Shared memory one CTA may use on H100/H200 (sm90: 227 KB of the SM's 228 KB).
+SMEM_LIMIT_BYTES = 227 * 1024
+
+
+def dkdv_smem_bytes(config: MosaicBwdConfig, *, head_dim: int, itemsize: int, segments: bool) -> int:
+    """A lower bound on the dK/dV kernel's shared memory (the buffers of `_dkdv`, without the
+    barriers and alignment padding Mosaic GPU adds): above SMEM_LIMIT_BYTES the kernel cannot launch.
+    itemsize: bytes per element of q (2 for bf16/f16)."""
+    bq, bkv, stages, D = config.block_q, config.block_kv, config.num_stages, head_dim
+    total = 2 * CONSUMERS * bkv * D * itemsize  # this CTA's K, V
+    total += 2 * stages * bq * D * itemsize  # Q and dO rings
+    total += stages * 2 * bq * 4  # [lse, delta] ring
+    if not config.deterministic:
+        total += CONSUMERS * bkv * bq * itemsize  # dSᵀ
+        total += CONSUMERS * config.dq_buffers * bq * (D // config.dq_chunks) * 4  # dQ partials on their way out
+    if segments:
+        total += stages * bq * 4  # query ids ring
+    return total
 
 
 ATOMIC_DQ_ENV = "FA2JAX_ATOMIC_DQ"
@@ -179,6 +225,21 @@ class _Matmuls:
             return first_ref[...], second_ref[...]
 
         return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+    def with_t_dot(self, t_ref, k_ref, shape, products):
+        """(t [K, M]ᵀ · k [K, N] as f32 [M, N], *products()): the first product is issued before
+        `products` issues its own, and all are waited on together (`products` ends in one wait).
+        Scoped like `t_dot`, for the same reason."""
+        if self.interpret:
+            return self.t_dot(t_ref, k_ref, shape), *products()
+        plgpu = _plgpu()
+
+        def issue_first(acc_ref):
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(t_ref, (1, 0)), k_ref)
+            rest = products()
+            return acc_ref[...], *rest
+
+        return pl.run_scoped(issue_first, plgpu.ACC(shape, jnp.float32))
 
     def two_accumulate(self, acc1, a1, b1_ref, acc2, a2, b2_ref):
         """(acc1 + a1 · b1, acc2 + a2 · b2), a in registers: issued together, waited on once."""
@@ -377,28 +438,55 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     if cap_grad is not None:
                         ds_t = ds_t * cap_grad
                     ds_t = ds_t.astype(q.dtype)
-                    # dV += Pᵀ dO and dK += dSᵀ Q, issued together.
-                    dv, dk = mm.two_accumulate(dv, p_t.astype(q.dtype), do_smem.at[slot],
-                                               dk, ds_t, q_smem.at[slot])
+                    if with_dq and config.dq_with_dkdv:
+                        dv, dk, part = dkdv_with_dq(dv, dk, p_t.astype(q.dtype), ds_t, slot)
+                    else:
+                        # dV += Pᵀ dO and dK += dSᵀ Q, issued together.
+                        dv, dk = mm.two_accumulate(dv, p_t.astype(q.dtype), do_smem.at[slot],
+                                                   dk, ds_t, q_smem.at[slot])
+                        part = None
                     plgpu.barrier_arrive(do_free.at[slot])
                     plgpu.barrier_arrive(q_free.at[slot])
                     if with_dq:
-                        add_dq_partial(ds_t, i, t)
+                        add_dq_partial(ds_t, part, i, t)
                     return dk, dv
 
-                def add_dq_partial(ds_t, i, t):
-                    """dQ[tile rows] += dSᵀ K over this consumer's keys, by TMA reduce-add."""
-                    ds_smem, part_smem = dq_smem[0].at[wg], dq_smem[1].at[wg]
+                def dkdv_with_dq(dv, dk, p_t, ds_t, slot):
+                    """(dV + Pᵀ dO, dK + dSᵀ Q, dSᵀ K): dS is written to shared memory first, so that
+                    the dQ product issues before dV's and dK's and shares their one wait."""
+                    ds_smem = dq_smem[0].at[wg]
                     ds_smem[...] = ds_t
                     plgpu.commit_smem()
-                    part = mm.t_dot(ds_smem, my_k, (bq, D))
-                    # The previous partial must have left shared memory before it is overwritten.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    part_smem[...] = part
-                    plgpu.commit_smem()
-                    head = kv_head * G + lax.div(i, tiles)
-                    plgpu.copy_smem_to_gmem(part_smem, dq_ref.at[b, pl.ds(t * bq, bq), head],
-                                            reduction_op="add")
+                    part, dv, dk = mm.with_t_dot(ds_smem, my_k, (bq, D), lambda: mm.two_accumulate(
+                        dv, p_t, do_smem.at[slot], dk, ds_t, q_smem.at[slot]))
+                    return dv, dk, part
+
+                def add_dq_partial(ds_t, part, i, t):
+                    """dQ[tile rows] += dSᵀ K over this consumer's keys, by TMA reduce-add. part: that
+                    product when `dkdv_with_dq` made it, else None (made here)."""
+                    nbuf, chunks = config.dq_buffers, config.dq_chunks
+                    ds_smem = dq_smem[0].at[wg]
+                    if part is None:
+                        ds_smem[...] = ds_t
+                        plgpu.commit_smem()
+                        part = mm.t_dot(ds_smem, my_k, (bq, D))
+                    width = D // chunks
+                    for c in range(chunks):  # one reduce-add per column chunk [bq, width]
+                        # Store n = i * chunks + c goes to buffer n % nbuf of this consumer's nbuf
+                        # (1 buffer and 1 chunk lower as the first form of this kernel did).
+                        n = i if chunks == 1 else i * chunks + c
+                        buf = wg if nbuf == 1 else wg * nbuf + lax.rem(n, jnp.int32(nbuf))
+                        part_smem = dq_smem[1].at[buf]
+                        # The store made nbuf stores ago must have left this buffer before it is
+                        # overwritten; the nbuf - 1 after it may still be reading.
+                        plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)
+                        part_smem[...] = part if chunks == 1 else part[:, c * width:(c + 1) * width]
+                        plgpu.commit_smem()
+                        head = kv_head * G + lax.div(i, tiles)
+                        dst = dq_ref.at[b, pl.ds(t * bq, bq), head]
+                        if chunks > 1:
+                            dst = dq_ref.at[b, pl.ds(t * bq, bq), head, pl.ds(c * width, width)]
+                        plgpu.copy_smem_to_gmem(part_smem, dst, reduction_op="add")
 
                 def head_loop(g, carry):
                     base = g * tiles - lo  # step number of tile t is base + t
@@ -430,7 +518,8 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
         )
         if with_dq:
             smem += (plgpu.SMEM((CONSUMERS, bkv, bq), q.dtype, transforms=transforms),  # dSᵀ
-                     plgpu.SMEM((CONSUMERS, bq, D), jnp.float32))  # dQ partial on its way out
+                     # dQ partials on their way out, dq_buffers per consumer
+                     plgpu.SMEM((CONSUMERS * config.dq_buffers, bq, D // config.dq_chunks), jnp.float32))
         if segments:
             smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
         barriers = (
@@ -614,6 +703,11 @@ def backward(q, k, v, do, lse2, delta, segment_ids=None, *, problem: MosaicProbl
                                     or segment_ids[1].shape != (q.shape[0], Sp)):
         raise ValueError(f"segment ids must be [B, Tp] and [B, Sp] for {q.shape=}, {k.shape=}, got "
                          f"{segment_ids[0].shape=}, {segment_ids[1].shape=}")
+    smem = dkdv_smem_bytes(config, head_dim=D, itemsize=jnp.dtype(q.dtype).itemsize,
+                           segments=segment_ids is not None)
+    if smem > SMEM_LIMIT_BYTES:
+        raise ValueError(f"the dK/dV kernel needs at least {smem=} bytes of shared memory, more than "
+                         f"{SMEM_LIMIT_BYTES=}, for {config=} at {D=}")
     stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Tp]: one copy per tile brings both
     kwargs = dict(problem=problem, config=config, interpret=interpret)
     if config.deterministic:
