@@ -211,8 +211,8 @@ BACKENDS = ("portable", "mosaic")
 # Features the Hopper kernels cover but that the automatic choice does not send to them yet:
 # backend="mosaic" reaches them. Segment ids pass the `gpu` tests (H100, jax 0.11.2: forward and both
 # dQ modes), but a packed target-1b train step (512-token documents) through them did not finish
-# within 110 s on that GPU while the unpacked one takes 0.15 s a step; until that is understood,
-# packed calls stay on the portable kernels. Softcap is in the Hopper kernels and checked in the CPU
+# within 110 s on that GPU (the same step on the portable kernels: 0.15 s); until that is understood
+# (benchmarks/stall_probe.py), packed calls stay on the portable kernels. Softcap is in the Hopper kernels and checked in the CPU
 # simulator and the sm90 lowering only; no GPU run has validated it (tanh lowers to tanh.approx there).
 NOT_YET_ON_GPU: frozenset[str] = frozenset({"segments", "softcap"})
 
