@@ -12,6 +12,7 @@
 #   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights
 #   train     benchmarks/train_step.py: target-1b train-step tokens/s, our attention vs cuDNN
 #   atomic    benchmarks/atomic_dq_check.py: the single-pass (TMA reduce-add dQ) backward
+#   fwdsweep  benchmarks/mosaic_sweep.py --head-dims 64: forward tiles at 4x4096x32x64 vs cuDNN
 #   atomicsweep  benchmarks/mosaic_bwd_sweep.py --atomic-variants: its dQ-store switches, checked and timed
 #   stall     benchmarks/stall_probe.py: compile and run seconds of each call of the two stalled runs
 # A step that runs past its limit is stopped and the next one starts.
@@ -54,6 +55,8 @@ for s in "$@"; do
               --variants "${DECODE_VARIANTS:-default,command_buffer,unroll2}" ;;
     train) step train "${TRAIN_S:-200}" python3 benchmarks/train_step.py --out "$OUT" ;;
     atomic) step atomic "${ATOMIC_S:-200}" python3 benchmarks/atomic_dq_check.py --out "$OUT" ;;
+    fwdsweep) step fwdsweep "${FWDSWEEP_S:-200}" python3 benchmarks/mosaic_sweep.py --head-dims 64 \
+                --out "$OUT/mosaic_sweep.json" ;;
     atomicsweep) step atomicsweep "${ATOMICSWEEP_S:-240}" python3 benchmarks/mosaic_bwd_sweep.py --atomic-variants \
                    --deadline 150 --out "$OUT" ;;
     stall) step stall "${STALL_S:-590}" python3 benchmarks/stall_probe.py --out "$OUT/stall_probe.json" \
