@@ -10,7 +10,7 @@ lowering (2 with the reduce-add dQ, 3 with the dQ kernel) so that a silent fallb
 that fails to lower, compile or run prints its traceback, jax's frames included (the next error to
 fix; the JSON keeps all of it), and the run goes on; --verbose-errors adds the failing equation and
 its kernel's jaxpr. Correctness, per output: |ours - f32 reference| <= 2 |XLA in bf16 - f32
-reference| + 16 ulp * max|reference| (tests/test_flash_attention.assert_within_xla_error's rule).
+reference| + 16 ulp * max|reference| (`pallas_kernels.testing.within_xla_error`).
 Timing: median of 5 samples of 5 back-to-back calls, compile excluded; TFLOP/s count 4 B T S H D
 (halved when causal) for the forward and 2.5x that for the backward (fwd+bwd = 3.5x). --deadline
 stops starting timing cases. Results: OUT/atomic_dq_check.json.
@@ -32,11 +32,10 @@ import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, "tests")
 from pallas_kernels import attention_reference, flash_attention  # noqa: E402
-from pallas_kernels.testing import attention_inputs, median_time  # noqa: E402
+from pallas_kernels.testing import attention_inputs, median_time, within_xla_error  # noqa: E402
 from test_flash_attention import _output_and_grads  # noqa: E402
 
 # (B, T, S, H, K, D, keyword arguments): a small GQA case, the realistic shapes, and the mask paths
@@ -110,12 +109,8 @@ def check(B, T, S, H, K, D, kwargs, dtype=jnp.bfloat16) -> dict:
                                               precision=jax.lax.Precision.DEFAULT)))(q, k, v, do)
     row["ok"] = row["mosaic_kernels"] == MOSAIC_KERNELS["atomic"]
     for what, a, e, s in zip(("out", "dq", "dk", "dv"), ours, exact, same):
-        a, e, s = (np.asarray(x, np.float32) for x in (a, e, s))
-        err, base = float(np.max(np.abs(a - e))), float(np.max(np.abs(s - e)))
-        floor = 16 * float(jnp.finfo(dtype).eps) * max(1.0, float(np.max(np.abs(e))))
-        ok = bool(np.all(np.isfinite(a))) and err <= 2 * base + floor
-        row[what] = {"err": err, "xla_err": base, "floor": floor, "ok": ok}
-        row["ok"] &= ok
+        row[what] = within_xla_error(a, e, s, dtype)
+        row["ok"] &= row[what]["ok"]
     errors = " ".join(f"{w}:{row[w]['err']:.2e}/{row[w]['xla_err']:.2e}{'' if row[w]['ok'] else ' FAIL'}"
                       for w in ("out", "dq", "dk", "dv"))
     print(f"check {name}: {'ok' if row['ok'] else 'WRONG'} kernels={row['mosaic_kernels']} "

@@ -12,11 +12,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, "tests")
 from pallas_kernels import attention_reference, flash_attention  # noqa: E402
-from pallas_kernels.testing import attention_inputs, median_time  # noqa: E402
+from pallas_kernels.testing import attention_inputs, median_time, within_xla_error  # noqa: E402
 from test_flash_attention import _output_and_grads  # noqa: E402
 
 
@@ -31,11 +30,8 @@ def check(B, T, S, H, K, D, dtype=jnp.bfloat16, atomic=False, **kw):
         attention_reference, compute_dtype=dtype, precision=jax.lax.Precision.DEFAULT), *a, **kw))(q, k, v, do)
     worst = []
     for name, a, e, s in zip(("out", "dq", "dk", "dv"), ours, exact, same):
-        a, e, s = (np.asarray(x, np.float32) for x in (a, e, s))
-        err, base = np.max(np.abs(a - e)), np.max(np.abs(s - e))
-        floor = 16 * float(jnp.finfo(dtype).eps) * max(1.0, float(np.max(np.abs(e))))
-        ok = bool(np.all(np.isfinite(a))) and err <= 2 * base + floor
-        worst.append(f"{name}:{err:.2e}/{base:.2e}{'' if ok else ' FAIL'}")
+        rule = within_xla_error(a, e, s, dtype)
+        worst.append(f"{name}:{rule['err']:.2e}/{rule['xla_err']:.2e}{'' if rule['ok'] else ' FAIL'}")
     print(f"check {B}x{T}x{S}x{H}/{K}x{D} {kw} atomic={atomic}: " + " ".join(worst), flush=True)
     return all("FAIL" not in w for w in worst)
 

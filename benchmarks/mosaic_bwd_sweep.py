@@ -25,11 +25,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import attention_reference
 from pallas_kernels.fa2 import mosaic_bwd, mosaic_fwd
-from pallas_kernels.testing import attention_inputs, median_time
+from pallas_kernels.testing import attention_inputs, median_time, within_xla_error
 
 
 def candidates(head_dim: int, deterministic: bool):
@@ -97,12 +96,8 @@ def check_variant(config, D) -> dict:
     ours = jax.jit(lambda *a: mosaic_bwd.backward(*a, problem=problem, config=config))(*args)
     row = {"case": case, "variant": variant_name(config), "ok": True}
     for what, a, e, s in zip(("dq", "dk", "dv"), ours, exact, same):
-        a, e, s = (np.asarray(x, np.float32) for x in (a, e, s))
-        err, base = float(np.max(np.abs(a - e))), float(np.max(np.abs(s - e)))
-        floor = 16 * float(jnp.finfo(jnp.bfloat16).eps) * max(1.0, float(np.max(np.abs(e))))
-        ok = bool(np.all(np.isfinite(a))) and err <= 2 * base + floor
-        row[what] = {"err": err, "xla_err": base, "ok": ok}
-        row["ok"] &= ok
+        row[what] = within_xla_error(a, e, s, jnp.bfloat16)
+        row["ok"] &= row[what]["ok"]
     return row
 
 

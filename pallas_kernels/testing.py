@@ -1,4 +1,5 @@
-"""What the tests and the kernel benchmarks share: the timing helper and the random-input builders.
+"""What the tests and the kernel benchmarks share: the timing helper, the random-input builders and
+the error rule that judges a kernel against the f32 reference.
 
 Needs only jax and numpy (no test or plotting packages), so both `tests/` and `benchmarks/` import it.
 Axis letters: B batch, T query len, S key len / cache slots, H heads, K kv heads, D head dim, N tree
@@ -15,7 +16,7 @@ from pallas_kernels.common.timing import median_time
 from pallas_kernels.tree.reference import tree_visibility
 
 __all__ = ["ancestor_mask", "attention_inputs", "median_time", "random_tree", "tree_attention_in_dtype",
-           "tree_inputs"]
+           "tree_inputs", "within_xla_error"]
 
 
 def attention_inputs(seed: int, B: int, T: int, S: int, H: int, K: int, D: int, dtype):
@@ -99,3 +100,15 @@ def tree_attention_in_dtype(q, k, v, lengths, mask, *, sm_scale=None, softcap=0.
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgns,bskd->bnkgd", probs, v, preferred_element_type=dtype)
     return out.reshape(B, N, H, D), lse.reshape(B, H, N)
+
+
+def within_xla_error(actual, exact, same_dtype, dtype) -> dict:
+    """The project's tolerance: |actual - exact| <= 2 |xla_in_dtype - exact| + 16 ulp(dtype) * max|exact|
+    (elementwise maxima), and actual all finite. Returns {"err", "xla_err", "floor", "finite", "ok"}."""
+    actual, exact, same_dtype = (np.asarray(x, np.float32) for x in (actual, exact, same_dtype))
+    err = float(np.max(np.abs(actual - exact)))
+    base = float(np.max(np.abs(same_dtype - exact)))
+    floor = 16 * float(jnp.finfo(dtype).eps) * max(1.0, float(np.max(np.abs(exact))))
+    finite = bool(np.all(np.isfinite(actual)))
+    return {"err": err, "xla_err": base, "floor": floor, "finite": finite,
+            "ok": finite and err <= 2 * base + floor}

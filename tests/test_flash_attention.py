@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSizes, attention_reference, flash_attention
-from pallas_kernels.testing import attention_inputs
+from pallas_kernels.testing import attention_inputs, within_xla_error
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
 
@@ -27,12 +27,9 @@ def _output_and_grads(fn, q, k, v, do, **kwargs):
 
 def assert_within_xla_error(actual, exact, same_dtype, dtype, what=""):
     """|actual - exact| <= 2 |xla_in_dtype - exact| + 16 ulp(dtype) * max|exact| (elementwise max)."""
-    actual, exact, same_dtype = (np.asarray(x, np.float32) for x in (actual, exact, same_dtype))
-    assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-    err = np.max(np.abs(actual - exact))
-    base = np.max(np.abs(same_dtype - exact))
-    floor = 16 * float(jnp.finfo(dtype).eps) * max(1.0, float(np.max(np.abs(exact))))
-    assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 x XLA's {base:.3g} + {floor:.3g}"
+    rule = within_xla_error(actual, exact, same_dtype, dtype)
+    assert rule["finite"], f"{what}: non-finite values"
+    assert rule["ok"], f"{what}: error {rule['err']:.3g} > 2 x XLA's {rule['xla_err']:.3g} + {rule['floor']:.3g}"
 
 
 def check_against_reference(q, k, v, do, block_sizes=SMALL_BLOCKS, **kwargs):
