@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common.numerics import LN2, LOG2E
+from pallas_kernels.common.numerics import LN2, LOG2E, softcap_unscaled
 
 CONSUMERS = 2
 _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
@@ -269,8 +269,7 @@ class Pipeline:
             # Capped, then brought back to unscaled units so that the exp2 FMAs below stay as they
             # are: (softcap / sm_scale) * tanh(sm_scale * q.k / softcap). Before the mask, whose -inf
             # tanh would turn into a finite -softcap.
-            sm_scale = self.scale / LOG2E
-            s = jnp.tanh(s * (sm_scale / self.softcap)) * (self.softcap / sm_scale)
+            s, _ = softcap_unscaled(s, sm_scale=self.scale / LOG2E, softcap=self.softcap)
         # The slot's key ids are read before it is released with K; the position mask after.
         same = None if query_ids is None else self._same_segment(query_ids, smem[4].at[slot])
         plgpu.barrier_arrive(k_free.at[slot])

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
-from pallas_kernels.common.numerics import LOG2E
+from pallas_kernels.common.numerics import LOG2E, softcap_unscaled
 from pallas_kernels.fa2.mosaic_fwd import (FEATURES, MosaicProblem, _key_tile_ranges, clip_to_segments,
                                            cta_first_row, segment_tile_ranges)
 
@@ -302,15 +302,12 @@ def _visible(q_idx, k_idx, problem: MosaicProblem):
 
 
 def _softcap(s, problem: MosaicProblem):
-    """Unscaled scores q.k -> (the capped scores in the same unscaled units, d capped / d s), or
-    (s, None) without a softcap. As in the forward's pipeline the cap is
-    (softcap / sm_scale) * tanh(sm_scale * s / softcap), so `s * scale` still enters exp2 and P is the
-    forward's; its derivative 1 - tanh^2 multiplies dS (the sm_scale factor is applied to dQ and dK
-    at the end, as without a cap)."""
+    """(`softcap_unscaled` of the unscaled scores, as the forward's pipeline caps them) when the
+    problem has a cap, else (s, None). The cap's derivative multiplies dS; dS's sm_scale factor is
+    applied to the finished dQ and dK, as without a cap."""
     if problem.softcap <= 0:
         return s, None
-    t = jnp.tanh(s * (problem.sm_scale / problem.softcap))
-    return t * (problem.softcap / problem.sm_scale), 1.0 - t * t
+    return softcap_unscaled(s, sm_scale=problem.sm_scale, softcap=problem.softcap)
 
 
 def _query_tile_ranges(k0, keys: int, problem: MosaicProblem, block_q: int, padded_q_len: int):
