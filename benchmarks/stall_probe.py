@@ -103,20 +103,31 @@ def _doc_len(name: str, shapes: Shapes) -> int:
     return shapes.seq if "seg2048" in name else shapes.doc
 
 
-def _timed_jit(fn, *args, static=None):
-    """Lowers, compiles and runs fn twice, printing each phase's seconds as it finishes."""
-    import jax
-
+def _timed_phases(lower, run) -> None:
+    """lower() -> a jax Lowered; then compiles it and calls run(compiled) twice, printing each
+    phase's seconds as it finishes (so a stall names the phase it is in). run returns a dict of
+    extra fields for its line, after blocking on its result."""
     start = time.perf_counter()
-    lowered = jax.jit(fn, static_argnums=static or ()).lower(*args)
+    lowered = lower()
     _say(phase="lower", s=round(time.perf_counter() - start, 2))
     start = time.perf_counter()
     compiled = lowered.compile()
     _say(phase="compile", s=round(time.perf_counter() - start, 2))
     for phase in ("run1", "run2"):
         start = time.perf_counter()
+        extra = run(compiled)
+        _say(phase=phase, s=round(time.perf_counter() - start, 3), **extra)
+
+
+def _timed_jit(fn, *args, static=None):
+    """Lowers, compiles and runs jax.jit(fn) on args twice, timing each phase."""
+    import jax
+
+    def run(compiled):
         jax.block_until_ready(compiled(*args))
-        _say(phase=phase, s=round(time.perf_counter() - start, 3))
+        return {}
+
+    _timed_phases(lambda: jax.jit(fn, static_argnums=static or ()).lower(*args), run)
 
 
 def _attention_case(name: str, shapes: Shapes) -> None:
@@ -174,17 +185,12 @@ def _train_case(name: str, shapes: Shapes) -> None:
     parts = ModelParts(parts.config, parts.graphdef, None, parts.rest)
     step = make_train_step(parts, cfg, tx)
     batch = scale_out._batch(cfg.rows_per_step, cfg.seq_len, config.vocab_size, segment_len=_doc_len(name, shapes))
-    start = time.perf_counter()
-    lowered = step.lower(state, parts.rest, batch, None, None)
-    _say(phase="lower", s=round(time.perf_counter() - start, 2))
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    _say(phase="compile", s=round(time.perf_counter() - start, 2))
-    for phase in ("run1", "run2"):
-        start = time.perf_counter()
+    def run(compiled):
+        nonlocal state
         state, metrics = compiled(state, parts.rest, batch, None, None)
-        loss = float(metrics["loss"])
-        _say(phase=phase, s=round(time.perf_counter() - start, 3), loss=loss)
+        return {"loss": float(metrics["loss"])}  # float() waits for the step
+
+    _timed_phases(lambda: step.lower(state, parts.rest, batch, None, None), run)
 
 
 def _decode_model(shapes: Shapes):
