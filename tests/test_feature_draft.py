@@ -27,7 +27,7 @@ from fa2jax.training.optimizer import make_optimizer
 from spec import DynamicTree, ExpansionTree, FeatureDrafter, MergedTree, SpeculativeDecoder, generate_incremental
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_spec_decoder import SMALL_VOCAB, _sequence_pvalue  # noqa: E402  (the chi-square helper)
+from test_spec_decoder import SMALL_VOCAB, _sequence_pvalue, greedy_state  # noqa: E402
 
 TEST_SEED = int(os.environ.get("FA2JAX_TEST_SEED", "0"))
 VOCAB = 48  # no width of the tiny model: a [V, d] leaf would stand out
@@ -134,12 +134,7 @@ def test_steps_commit_rows_from_the_target_features_and_draft_greedily(models):
     depth = 3
     decoder = SpeculativeDecoder(target, FeatureDrafter(head, target), tree=ExpansionTree.chain(depth))
     prompt, lengths = _prompts([4, 2, 5], 5)
-    params = (decoder._target_params, decoder._draft_params)
-    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
-        *params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1, max_new_tokens=12)
-    step = jax.jit(decoder.step)
-    for _ in range(2):
-        state = step(*params, state, 0.0, 1.0, -1)
+    state = greedy_state(decoder, prompt, lengths, max_new_tokens=12, steps=2)
     assert not state.done.any()
     draft = state.draft_caches[0]
     tree, _ = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root, jax.random.key(1),

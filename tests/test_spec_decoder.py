@@ -55,6 +55,18 @@ def _prompts(rng, lengths, width):
     return jnp.asarray(prompt), jnp.asarray(lengths, jnp.int32)
 
 
+def greedy_state(decoder, prompt, lengths, *, max_new_tokens, steps=0):
+    """The decoder's state after prefilling `prompt` and `steps` greedy steps (temperature 0, top-p 1,
+    no eos), through the jitted init_state and step as `generate` runs them."""
+    params = (decoder._target_params, decoder._draft_params)
+    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
+        *params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1, max_new_tokens=max_new_tokens)
+    step = jax.jit(decoder.step)
+    for _ in range(steps):
+        state = step(*params, state, 0.0, 1.0, -1)
+    return state
+
+
 def _assert_same(result, baseline):
     np.testing.assert_array_equal(np.asarray(result.lengths), np.asarray(baseline.lengths))
     np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(baseline.tokens))
@@ -212,13 +224,8 @@ def test_steps_commit_the_emitted_tokens(models, case):
     target, drafts = models["target"], [models[n] for n in draft_names]
     decoder = SpeculativeDecoder(target, drafts, tree=tree)
     prompt, lengths = _prompts(rng, [4, 2, 5], 5)
-    params = (decoder._target_params, decoder._draft_params)
-    # Long enough that no row stops within two steps (a stopped row's emission is cut short).
-    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
-        *params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1, max_new_tokens=16)
-    step = jax.jit(decoder.step)
-    for _ in range(3):
-        state = step(*params, state, 0.0, 1.0, -1)
+    # Long enough that no row stops within the steps (a stopped row's emission is cut short).
+    state = greedy_state(decoder, prompt, lengths, max_new_tokens=16, steps=3)
     assert not state.done.any()
     committed = np.asarray(state.lengths) - 1
     np.testing.assert_array_equal(np.asarray(state.target_cache.lengths), committed)
@@ -249,9 +256,7 @@ def test_drafting_leaves_exact_kv_above_the_deepest_level(models, case):
     tree, draft_names = COMMIT_CASES[case]
     decoder = SpeculativeDecoder(models["target"], [models[n] for n in draft_names], tree=tree)
     prompt, lengths = _prompts(rng, [4, 2, 5], 5)
-    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
-        decoder._target_params, decoder._draft_params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1,
-        max_new_tokens=8)
+    state = greedy_state(decoder, prompt, lengths, max_new_tokens=8)
     drafted, caches = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root,
                                              jax.random.key(1), 0.0, 1.0)
     n, start = decoder.num_nodes, np.asarray(state.draft_caches[0].lengths)
@@ -284,9 +289,7 @@ def test_drafting_a_chain_follows_the_draft_greedily(models):
     draft = models["small"]
     decoder = SpeculativeDecoder(models["target"], draft, tree=ExpansionTree.chain(5))
     prompt, lengths = _prompts(rng, [3, 5], 5)
-    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
-        decoder._target_params, decoder._draft_params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1,
-        max_new_tokens=8)
+    state = greedy_state(decoder, prompt, lengths, max_new_tokens=8)
     tree, _ = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root, jax.random.key(1),
                                      0.0, 1.0)
     with_root = jnp.where(jnp.arange(5)[None] < lengths[:, None], prompt, 0)
@@ -306,9 +309,7 @@ def test_dynamic_draft_structure(models):
     config = DynamicTree(num_nodes=9, depth=3, top_k=3)
     decoder = SpeculativeDecoder(models["target"], draft, tree=config)
     prompt, lengths = _prompts(rng, [4, 2], 4)
-    state = jax.jit(decoder.init_state, static_argnames="max_new_tokens")(
-        decoder._target_params, decoder._draft_params, prompt, lengths, 0.0, 1.0, jax.random.key(0), -1,
-        max_new_tokens=6)
+    state = greedy_state(decoder, prompt, lengths, max_new_tokens=6)
     tree, _ = jax.jit(decoder.draft)(decoder._draft_params, state.draft_caches, state.root, jax.random.key(1),
                                      0.0, 1.0)
     tokens, parents, depth = np.asarray(tree.tokens), np.asarray(tree.parents), np.asarray(tree.depth)
