@@ -212,8 +212,9 @@ BACKENDS = ("portable", "mosaic")
 # backend="mosaic" reaches them. Segment ids pass the `gpu` tests (H100, jax 0.11.2: forward and both
 # dQ modes), but a packed target-1b train step (512-token documents) through them did not finish
 # within 110 s on that GPU (the same step on the portable kernels: 0.15 s); until that is understood
-# (benchmarks/stall_probe.py), packed calls stay on the portable kernels. Softcap is in the Hopper kernels and checked in the CPU
-# simulator and the sm90 lowering only; no GPU run has validated it (tanh lowers to tanh.approx there).
+# (benchmarks/stall_probe.py), packed calls stay on the portable kernels. Softcap is in the Hopper
+# kernels and checked in the CPU simulator and the sm90 lowering only; no GPU run has validated it
+# (tanh lowers to tanh.approx there).
 NOT_YET_ON_GPU: frozenset[str] = frozenset({"segments", "softcap"})
 
 
@@ -263,7 +264,8 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
         if not covered:
             raise ValueError(
                 f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal, window, "
-                f"segment ids and softcap only; got dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
+                f"segment ids and softcap only; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
+                f"features={features}")
         return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
     if backend is None and not interpret and on_hopper():
         if covered and not NOT_YET_ON_GPU & set(features):

@@ -9,7 +9,8 @@ of their causal/window band, masking only the tiles at the band's edges.
 Scope (the dispatcher in `api.py` routes everything else to the portable kernels): bf16/f16, head dim
 64, 128 or 256, causal and sliding windows (bottom-right aligned), segment ids (packed sequences),
 logit softcapping (Gemma 2: the pipeline caps each score tile before its mask and exp2, so the lse is
-that of the capped scores), GQA/MQA, any T and S (the caller pads them to tile multiples; keys past `kv_len` are masked here).
+that of the capped scores), GQA/MQA, any T and S (the caller pads them to tile multiples; keys past
+`kv_len` are masked here).
 With segment ids every visited tile is masked: each K tile's ids travel with it through the TMA
 ring, and a CTA visits only the key tiles between the first and the last whose id range overlaps its
 queries' (`segment_tile_ranges`, from the ids' per-tile min and max). Under a causal band the CTAs that
