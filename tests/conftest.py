@@ -62,8 +62,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _slow_modules_first(items):
-    """Moves the modules that hold a `slow` or `simulator_smoke` test to the front, each kept whole (its fixtures are
-    built once per worker), in their order.
+    """Moves the modules that hold a `slow` or `simulator_smoke` test to the front, each kept whole
+    (its fixtures are built once per worker), in their order.
 
     pytest-xdist hands the tests out in this order, and the run ends when the last worker does: with
     the long tests started first, the workers end on short ones. The order depends only on the marks,
