@@ -31,6 +31,7 @@ from pallas_kernels.common.numerics import LN2, LOG2E, softcap_unscaled
 CONSUMERS = 2
 _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
 _SWIZZLE_BYTES = 128
+ROW_SUM_ORDERS = ("plain", "fenced", "during_pv")
 
 
 def _plgpu():
@@ -64,6 +65,22 @@ class Pipeline:
     # > 0: Gemma 2's logit cap on the scaled scores x = (scale / log2 e) q.k: softcap * tanh(x / softcap).
     # Static, so a kernel without it traces exactly as before.
     softcap: float = 0.0
+    # The variants below (issue 17) are opt-in and off by default; off, a kernel traces exactly as
+    # before. early_k_wait: a consumer waits for step i + 1's K while step i's P V wgmma is in flight,
+    # not at the top of step i + 1 (`consume` then needs its loops to be contiguous).
+    early_k_wait: bool = False
+    # Where a step adds its probabilities into row_sum: "plain" before the V and schedule waits, in
+    # program order; "fenced" there too, with the softmax's results pinned before the waits by an
+    # optimization_barrier (JAX's and tokamax's order at D <= 128); "during_pv" inside the P V wgmma's
+    # run_state, while the tensor cores work (their order at D > 128: fewer registers live at the waits).
+    row_sum_order: str = "plain"
+    # Whether O gets its own shared-memory slot per consumer instead of reusing its Q slot, so that a
+    # persistent kernel can load the next work item's queries while this item's O is stored.
+    out_buffer: bool = False
+
+    def __post_init__(self):
+        if self.row_sum_order not in ROW_SUM_ORDERS:
+            raise ValueError(f"row_sum_order must be one of {ROW_SUM_ORDERS}: {self.row_sum_order=}")
 
     # -- the launch --------------------------------------------------------------------------
 
@@ -79,6 +96,8 @@ class Pipeline:
         )
         if self.key_ids:
             smem += (plgpu.SMEM((self.stages, self.block_kv), jnp.int32),)  # the K tiles' segment ids
+        if self.out_buffer:
+            smem += (plgpu.SMEM((CONSUMERS, self.rows, self.head_dim), self.dtype, transforms=transforms),)  # O
         barriers = (
             # k_ready (TMA completion): K, and its keys' segment ids when they ride along.
             plgpu.Barrier(num_arrivals=2 if self.key_ids else 1, num_barriers=self.stages),
@@ -113,6 +132,18 @@ class Pipeline:
         steps [first, last) load `rows` <= block_kv keys each, into the first rows of their slot.
         v_source(i), when given, is the ref view step i copies its values from instead of
         v_ref.at[kv_index(i)] (the tree kernel's final tile comes from a sanitised copy)."""
+        self.producer_setup()
+        self.stream(smem, barriers, k_ref, v_ref, segments, key_ids)
+        self.drain(barriers, segments[-1][1])
+
+    def producer_setup(self):
+        """Once per producer, before its first `stream`: it gives its registers to the consumers."""
+        _plgpu().set_max_registers(40, action="decrease")
+
+    def stream(self, smem, barriers, k_ref, v_ref, segments, key_ids: Callable | None = None, step0=0):
+        """The loads of `produce_segments` without the setup and the drain. step0 (a persistent
+        kernel's steps of earlier work items) numbers the steps from step0 in the ring: step i of the
+        segments is the ring's step0 + i, in slot (step0 + i) % stages."""
         plgpu = _plgpu()
         _, k_smem, v_smem, *_ = smem
         k_ready, v_ready, _, k_free, v_free, _ = barriers
@@ -120,18 +151,18 @@ class Pipeline:
             raise ValueError(f"key_ids must be given exactly when the pipeline has them: {self.key_ids=}")
         if self.key_ids and any(rows != self.block_kv for _, _, _, rows, *_ in segments):
             raise ValueError(f"segment ids ride only with whole tiles: {self.block_kv=}, {segments=}")
-        plgpu.set_max_registers(40, action="decrease")
 
         for first, last, kv_index, rows, *v_source in segments:
             @pl.loop(first, last)
             def _(i, kv_index=kv_index, rows=rows, v_source=v_source):
-                slot = lax.rem(i, jnp.int32(self.stages))
+                ring_step = i if isinstance(step0, int) and step0 == 0 else i + step0
+                slot = lax.rem(ring_step, jnp.int32(self.stages))
                 index = kv_index(i)
 
                 def into(tiles):
                     return tiles.at[slot] if rows == self.block_kv else tiles.at[slot, pl.ds(0, rows)]
 
-                @pl.when(i >= self.stages)
+                @pl.when(ring_step >= self.stages)
                 def _():
                     plgpu.barrier_wait(k_free.at[slot])
 
@@ -139,14 +170,17 @@ class Pipeline:
                 if key_ids is not None:  # the ids' slot is freed with K's: after the scores
                     plgpu.copy_gmem_to_smem(key_ids(i), smem[4].at[slot], k_ready.at[slot])
 
-                @pl.when(i >= self.stages)
+                @pl.when(ring_step >= self.stages)
                 def _():
                     plgpu.barrier_wait(v_free.at[slot])
 
                 v_src = v_source[0](i) if v_source else v_ref.at[index]
                 plgpu.copy_gmem_to_smem(v_src, into(v_smem), v_ready.at[slot])
 
-        steps = segments[-1][1]
+    def drain(self, barriers, steps):
+        """Once per producer, after its last `stream`, `steps` being the ring's steps in all."""
+        plgpu = _plgpu()
+        _, _, _, k_free, v_free, _ = barriers
         # Observe the last release of every slot used, so that each barrier phase has been waited on
         # before the barriers are freed (the simulator checks this; on the GPU it costs one wait).
         for slot in range(self.stages):
@@ -165,12 +199,26 @@ class Pipeline:
 
     def start_queries(self, wg, smem, barriers, q_src):
         """`load_queries` without the wait: the consumer may issue its own loads meanwhile."""
-        plgpu = _plgpu()
-        q_smem = smem[0]
-        plgpu.set_max_registers(232, action="increase")
-        my_q = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_src, my_q, barriers[2].at[wg])
+        self.consumer_setup()
+        return self.issue_queries(wg, smem, barriers, q_src)
+
+    def consumer_setup(self):
+        """Once per consumer, before its first `issue_queries`: it takes the producer's registers."""
+        _plgpu().set_max_registers(232, action="increase")
+
+    def issue_queries(self, wg, smem, barriers, q_src):
+        """Starts the copy of this consumer's queries into its Q slot (`wait_queries` waits for it);
+        returns that slot. A persistent kernel issues the next work item's queries as soon as the
+        last score wgmma of this item has read the slot."""
+        my_q = smem[0].at[wg]
+        _plgpu().copy_gmem_to_smem(q_src, my_q, barriers[2].at[wg])
         return my_q
+
+    def out_slot(self, wg, smem):
+        """Where this consumer's O goes before its copy out: its own slot with `out_buffer`."""
+        if not self.out_buffer:
+            raise ValueError(f"only a pipeline with out_buffer has O slots: {self.out_buffer=}")
+        return smem[-1].at[wg]
 
     def wait_queries(self, wg, barriers):
         _plgpu().barrier_wait(barriers[2].at[wg])
@@ -209,15 +257,17 @@ class Pipeline:
             plgpu.barrier_arrive(barriers[5])
             plgpu.barrier_wait(barriers[5])
 
-    def consume(self, wg, my_q, smem, barriers, loops, query_ids=None):
+    def consume(self, wg, my_q, smem, barriers, loops, query_ids=None, step0=0):
         """Runs the consumer's steps and returns (acc, row_max, row_sum).
 
         loops: (first, last, allowed) triples run in order; allowed(i) gives the bool
         [rows, block_kv] visibility of step i's scores, or allowed is None for unmasked steps. A
         fourth element, a Pipeline equal to this one but for a smaller block_kv, runs those steps on
-        that many keys: the first rows of the slot (see `produce_segments`).
+        that many keys: the first rows of the slot (see `produce_segments`). With `early_k_wait` the
+        loops must be contiguous (each starts where the one before ends).
         query_ids: int32 [rows] in the row layout (`load_row_ids`), exactly when `self.key_ids`:
         then every step also masks the keys whose segment id differs from the query's.
+        step0: the ring's steps before these (a persistent kernel's earlier work items), as in `stream`.
         """
         if (query_ids is not None) != self.key_ids:
             raise ValueError(f"query_ids must be given exactly when the pipeline has key ids: {self.key_ids=}")
@@ -225,6 +275,17 @@ class Pipeline:
         # The second consumer starts half a step late so that the two alternate on the tensor cores.
         if self.ping_pong:
             pl.when(wg == 1)(lambda: self._sync_schedule(barriers))
+        k_until = None  # with early_k_wait: the end of the steps whose K a step may wait for early
+        if self.early_k_wait:
+            for (_, last, *_), (first, *_) in zip(loops, loops[1:]):
+                if isinstance(last, int) and isinstance(first, int) and last != first:  # traced: trusted
+                    raise ValueError(f"early_k_wait needs contiguous loops: {last=} then {first=}")
+            k_until = loops[-1][1]
+            first = loops[0][0]
+
+            @pl.when(k_until > first)
+            def _():
+                _plgpu().barrier_wait(barriers[0].at[self._slot(first, step0)])
         for first, last, allowed, *stepper in loops:
             stepper = stepper[0] if stepper else self
             if stepper.block_kv != self.block_kv and self.key_ids:
@@ -233,10 +294,16 @@ class Pipeline:
                 smem[0], smem[1].at[:, pl.ds(0, stepper.block_kv)], smem[2].at[:, pl.ds(0, stepper.block_kv)],
                 smem[3])
             carry = lax.fori_loop(first, last, lambda i, c, allowed=allowed, stepper=stepper, tiles=tiles:
-                                  stepper._step(i, c, my_q, tiles, barriers, allowed, query_ids), carry)
+                                  stepper._step(i, c, my_q, tiles, barriers, allowed, query_ids, step0, k_until),
+                                  carry)
         if self.ping_pong:
             pl.when(wg == 0)(lambda: self._sync_schedule(barriers))
         return carry
+
+    def _slot(self, i, step0):
+        """The ring slot of step i of a consumer's loops that start at ring step step0."""
+        ring_step = i if isinstance(step0, int) and step0 == 0 else i + step0
+        return lax.rem(ring_step, jnp.int32(self.stages))
 
     def _same_segment(self, query_ids, ids_slot):
         """bool [rows, block_kv]: the query's segment id equals the key's (this slot's ids)."""
@@ -247,13 +314,17 @@ class Pipeline:
         shape = (self.rows, self.block_kv)
         return lax.broadcast_in_dim(query_ids, shape, [0]) == lax.broadcast_in_dim(key_ids, shape, [1])
 
-    def _step(self, i, carry, my_q, smem, barriers, allowed, query_ids=None):
+    def _step(self, i, carry, my_q, smem, barriers, allowed, query_ids=None, step0=0, k_until=None):
+        """One step; with `early_k_wait`, K of this step was waited for already (by `consume` or the
+        step before), and this step waits for K of step i + 1 while its P V wgmma runs (if
+        i + 1 < k_until)."""
         plgpu = _plgpu()
         _, k_smem, v_smem, *_ = smem
         k_ready, v_ready, _, k_free, v_free, schedule = barriers
         acc, row_max, row_sum = carry
-        slot = lax.rem(i, jnp.int32(self.stages))
-        plgpu.barrier_wait(k_ready.at[slot])
+        slot = self._slot(i, step0)
+        if not self.early_k_wait:
+            plgpu.barrier_wait(k_ready.at[slot])
         if self.interpret:
             s = lax.dot_general(my_q[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
@@ -284,34 +355,68 @@ class Pipeline:
         shift = new_max if mask is None else jnp.where(new_max == -jnp.inf, 0.0, new_max)
         rescale = jnp.exp2(row_max - shift)
         p = jnp.exp2(s * self.scale - lax.broadcast_in_dim(shift, s.shape, [0]))
-        row_sum = row_sum * rescale + p.sum(axis=1)
+        p32 = p
+        if self.row_sum_order != "during_pv":
+            row_sum = row_sum * rescale + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
         p = p.astype(self.dtype)
+        if self.row_sum_order == "fenced":
+            # Pins the softmax before the waits below: the compiler may not sink the sum past them.
+            acc, p = lax.optimization_barrier((acc, p))
+            row_sum, new_max = lax.optimization_barrier((row_sum, new_max))
         if self.ping_pong:
             plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(v_ready.at[slot])
         if self.ping_pong:
             plgpu.barrier_wait(schedule)
+
+        def during_pv(row_sum):
+            """What runs while the P V wgmma is in flight; returns the new row_sum."""
+            if self.row_sum_order == "during_pv":
+                row_sum = row_sum * rescale + p32.sum(axis=1)
+            if self.early_k_wait:
+                @pl.when(i + 1 < k_until)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[self._slot(i + 1, step0)])
+            return row_sum
+
         if self.interpret:
             acc = acc + jnp.dot(p, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+            row_sum = during_pv(row_sum)
+        elif self.row_sum_order == "during_pv":
+            def accumulate_and_sum(refs):
+                acc_ref, sum_ref = refs
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                sum_ref[...] = during_pv(sum_ref[...])
+
+            acc, row_sum = pl.run_state(accumulate_and_sum)((plgpu.ACC.init(acc), row_sum))
         else:
             def accumulate(acc_ref):
                 plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                during_pv(None)
 
             acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, new_max, row_sum
 
-    def store(self, wg, my_q, smem, carry, out_dst, lse_dst):
-        """Normalises O (zeros and lse -inf for rows that saw no key) and copies O and lse out."""
+    def store(self, wg, my_q, smem, carry, out_dst, lse_dst, *, in_flight: bool = False):
+        """Normalises O (zeros and lse -inf for rows that saw no key) and copies O and lse out.
+
+        my_q: the shared-memory tile O passes through (the Q slot, or `out_slot`). in_flight: first
+        wait until the previous `store`'s copies have read shared memory, and return with these
+        copies in flight (a persistent kernel stores every work item this way and waits once at the
+        end: `plgpu.wait_smem_to_gmem(0)`)."""
         plgpu = _plgpu()
         lse_smem = smem[3].at[wg]
         acc, row_max, row_sum = carry
         seen = row_sum > 0
         safe_sum = jnp.where(seen, row_sum, 1.0)
+        if in_flight:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         my_q[...] = (acc * lax.broadcast_in_dim(1.0 / safe_sum, acc.shape, [0])).astype(self.dtype)
         lse_smem[...] = jnp.where(seen, row_max * LN2 + jnp.log(safe_sum), -jnp.inf)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(my_q, out_dst)
         plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
-        plgpu.wait_smem_to_gmem(0)
+        if not in_flight:
+            plgpu.wait_smem_to_gmem(0)

@@ -27,24 +27,47 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common.mosaic_pipeline import CONSUMERS, Pipeline
+from pallas_kernels.common.device import num_sms
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, ROW_SUM_ORDERS, Pipeline
 from pallas_kernels.common.numerics import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicFwdConfig:
-    """Tile shapes of the Hopper kernel: a CTA covers 2 * block_q query rows (two consumers)."""
+    """Tile shapes of the Hopper kernel: a CTA covers 2 * block_q query rows (two consumers).
+
+    The fields after ping_pong are scheduling variants (issue 17), off by default; each computes the
+    same result and `benchmarks/mosaic_sweep.py` times them against the default.
+    """
 
     block_q: int = 64
     block_kv: int = 128
     num_stages: int = 2
     ping_pong: bool = True
+    # Wait for the next step's K while the P V wgmma is in flight (`Pipeline.early_k_wait`).
+    early_k_wait: bool = False
+    # Where row_sum is accumulated: "plain", "fenced" or "during_pv" (`Pipeline.row_sum_order`).
+    row_sum_order: str = "plain"
+    # One CTA per SM (or num_ctas), each looping over (query tile, head, batch) work items: the
+    # producer streams K/V from one item into the next without draining the ring, and a consumer loads
+    # its next queries while it stores this item's O (from a shared-memory slot of its own).
+    persistent: bool = False
+    num_ctas: int = 0  # persistent only: CTAs launched; 0 = the default device's SM count
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
             raise ValueError(f"Mosaic GPU tiles must be multiples of 64 rows: {self}")
         if self.num_stages < 2:
             raise ValueError(f"the K/V ring needs at least 2 slots: {self.num_stages=}")
+        for name in ("ping_pong", "early_k_wait", "persistent"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool: {self}")
+        if self.row_sum_order not in ROW_SUM_ORDERS:
+            raise ValueError(f"row_sum_order must be one of {ROW_SUM_ORDERS}: {self.row_sum_order=}")
+        if not isinstance(self.num_ctas, int) or self.num_ctas < 0:
+            raise ValueError(f"num_ctas must be an int >= 0: {self.num_ctas=}")
+        if self.num_ctas and not self.persistent:
+            raise ValueError(f"num_ctas sizes a persistent grid only: {self.num_ctas=}, {self.persistent=}")
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "MosaicFwdConfig":
@@ -82,10 +105,11 @@ def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
             and set(features) <= FEATURES)
 
 
-def cta_first_row(problem: MosaicProblem, padded_q_len: int, cta_rows: int):
-    """The first query row of this CTA (grid axis "q_tiles"). Rows that see the most keys go first:
-    under a causal band those are the last rows, and starting them early keeps the grid's tail short."""
-    tile = lax.axis_index("q_tiles")
+def cta_first_row(problem: MosaicProblem, padded_q_len: int, cta_rows: int, rank=None):
+    """The first query row of the rank-th query tile to launch (rank: grid axis "q_tiles" unless
+    given). Rows that see the most keys go first: under a causal band those are the last rows, and
+    starting them early keeps the grid's tail short."""
+    tile = lax.axis_index("q_tiles") if rank is None else rank
     if problem.window_right >= 0:
         tile = (padded_q_len // cta_rows - 1) - tile
     return tile * cta_rows
@@ -170,8 +194,10 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                          f"{segment_ids[0].shape=}, {segment_ids[1].shape=}")
     pipeline = Pipeline(rows=bq, block_kv=bkv, head_dim=D, stages=config.num_stages, dtype=q.dtype,
                         scale=problem.sm_scale * LOG2E, ping_pong=config.ping_pong, interpret=interpret,
-                        key_ids=segments, softcap=problem.softcap)
+                        key_ids=segments, softcap=problem.softcap, early_k_wait=config.early_k_wait,
+                        row_sum_order=config.row_sum_order, out_buffer=config.persistent)
     masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
+    num_q_tiles = Tp // cta_rows
 
     def body(q_ref, k_ref, v_ref, *refs):
         if segments:
@@ -179,21 +205,50 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
         else:
             out_ref, lse_ref = refs
 
+        def item_bounds(b, rank=None):
+            """(row0, (lo, full_lo, full_hi, hi)) of the rank-th query tile of batch row b."""
+            row0 = cta_first_row(problem, Tp, cta_rows, rank)
+            bounds = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
+            if segments:
+                bounds = clip_to_segments(ranges_ref, b, lax.div(row0, jnp.int32(cta_rows)), *bounds)
+            return row0, bounds
+
+        def kv_source(b, h, lo):
+            """(kv_index, key_ids) of `Pipeline.produce` for the key tiles from lo of (b, h)."""
+            kv_head = lax.div(h, jnp.int32(problem.group_size))
+            key_ids = (lambda i: kv_ids_ref.at[b, pl.ds((lo + i) * bkv, bkv)]) if segments else None
+            return (lambda i: (b, pl.ds((lo + i) * bkv, bkv), kv_head)), key_ids
+
+        def consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0=0):
+            lo, full_lo, full_hi, hi = bounds
+
+            def allowed(i):
+                q_idx = rows0 + pipeline.iota(0)
+                k_idx = (lo + i) * bkv + pipeline.iota(1)
+                visible = k_idx < problem.kv_len
+                if problem.window_right >= 0:
+                    visible &= k_idx <= q_idx + (problem.q_offset + problem.window_right)
+                if problem.window_left >= 0:
+                    visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
+                return visible
+
+            # Steps count from tile lo: masked band edges around the unmasked interior. With
+            # segment ids every step is masked all the same: the pipeline ANDs "same id" into
+            # each step's position mask (or uses it alone in the interior).
+            loops = [(full_lo - lo, full_hi - lo, None)]
+            if masks_keys:
+                loops = [(0, full_lo - lo, allowed)] + loops + [(full_hi - lo, hi - lo, allowed)]
+            return pipeline.consume(wg, my_q, smem, barriers, loops, query_ids, step0)
+
         def per_warpgroup(smem, barriers):
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            row0 = cta_first_row(problem, Tp, cta_rows)
-            lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
-            if segments:
-                lo, full_lo, full_hi, hi = clip_to_segments(
-                    ranges_ref, b, lax.div(row0, jnp.int32(cta_rows)), lo, full_lo, full_hi, hi)
+            row0, (lo, full_lo, full_hi, hi) = item_bounds(b)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
-                kv_head = lax.div(h, jnp.int32(problem.group_size))
-                key_ids = (lambda i: kv_ids_ref.at[b, pl.ds((lo + i) * bkv, bkv)]) if segments else None
-                pipeline.produce(smem, barriers, k_ref, v_ref, hi - lo,
-                                 lambda i: (b, pl.ds((lo + i) * bkv, bkv), kv_head), key_ids)
+                kv_index, key_ids = kv_source(b, h, lo)
+                pipeline.produce(smem, barriers, k_ref, v_ref, hi - lo, kv_index, key_ids)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -202,38 +257,98 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                 # The queries' segment ids load while the queries are in flight.
                 query_ids = pipeline.load_row_ids(q_ids_ref.at[b], rows0) if segments else None
                 pipeline.wait_queries(wg, barriers)
-
-                def allowed(i):
-                    q_idx = rows0 + pipeline.iota(0)
-                    k_idx = (lo + i) * bkv + pipeline.iota(1)
-                    visible = k_idx < problem.kv_len
-                    if problem.window_right >= 0:
-                        visible &= k_idx <= q_idx + (problem.q_offset + problem.window_right)
-                    if problem.window_left >= 0:
-                        visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
-                    return visible
-
-                # Steps count from tile lo: masked band edges around the unmasked interior. With
-                # segment ids every step is masked all the same: the pipeline ANDs "same id" into
-                # each step's position mask (or uses it alone in the interior).
-                loops = [(full_lo - lo, full_hi - lo, None)]
-                if masks_keys:
-                    loops = [(0, full_lo - lo, allowed)] + loops + [(full_hi - lo, hi - lo, allowed)]
-                carry = pipeline.consume(wg, my_q, smem, barriers, loops, query_ids)
+                carry = consume_item(wg, smem, barriers, my_q, rows0, (lo, full_lo, full_hi, hi), query_ids)
                 pipeline.store(wg, my_q, smem, carry, out_ref.at[b, pl.ds(rows0, bq), h],
                                lse_ref.at[b, h, pl.ds(rows0, bq)])
 
-        pipeline.run(per_warpgroup, (q_ref, k_ref, v_ref))
+        def per_warpgroup_persistent(smem, barriers):
+            wg = lax.axis_index("wg")
+            cta = lax.axis_index("cta")
+            # This CTA's work items are cta, cta + num_ctas, ... < num_items.
+            local_items = lax.div(jnp.int32(num_items - 1 + num_ctas) - cta, jnp.int32(num_ctas))
+
+            def item_at(k):
+                """(item, b, h, rank) of this CTA's k-th work item."""
+                item = cta + k * num_ctas
+                b, h, rank = _unravel_item(item, problem, B, H, num_q_tiles)
+                return item, b, h, rank
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                pipeline.producer_setup()
+
+                def stream_item(k, step0):
+                    _, b, h, rank = item_at(k)
+                    _, (lo, _, _, hi) = item_bounds(b, rank)
+                    kv_index, key_ids = kv_source(b, h, lo)
+                    pipeline.stream(smem, barriers, k_ref, v_ref, [(0, hi - lo, kv_index, bkv)], key_ids, step0)
+                    return step0 + (hi - lo)
+
+                pipeline.drain(barriers, lax.fori_loop(0, local_items, stream_item, jnp.int32(0)))
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                pipeline.consumer_setup()
+
+                def queries(item):
+                    b, h, rank = _unravel_item(item, problem, B, H, num_q_tiles)
+                    rows0 = cta_first_row(problem, Tp, cta_rows, rank) + wg * bq
+                    return q_ref.at[b, pl.ds(rows0, bq), h]
+
+                my_q = pipeline.issue_queries(wg, smem, barriers, queries(cta))
+
+                def consume_and_store(k, step0):
+                    item, b, h, rank = item_at(k)
+                    row0, bounds = item_bounds(b, rank)
+                    rows0 = row0 + wg * bq
+                    query_ids = pipeline.load_row_ids(q_ids_ref.at[b], rows0) if segments else None
+                    pipeline.wait_queries(wg, barriers)
+                    carry = consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0)
+
+                    # The last score wgmma has read the Q slot: the next item's queries load while
+                    # this item's O is normalised and stored.
+                    @pl.when(item + num_ctas < num_items)
+                    def _():
+                        pipeline.issue_queries(wg, smem, barriers, queries(item + num_ctas))
+
+                    pipeline.store(wg, pipeline.out_slot(wg, smem), smem, carry,
+                                   out_ref.at[b, pl.ds(rows0, bq), h], lse_ref.at[b, h, pl.ds(rows0, bq)],
+                                   in_flight=True)
+                    lo, *_, hi = bounds
+                    return step0 + (hi - lo)
+
+                lax.fori_loop(0, local_items, consume_and_store, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0)
+
+        pipeline.run(per_warpgroup_persistent if config.persistent else per_warpgroup, (q_ref, k_ref, v_ref))
 
     inputs = (q, k, v)
     if segments:
         q_ids, kv_ids = segment_ids
         inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, cta_rows, bkv))
+    num_items = num_q_tiles * H * B
+    if config.persistent:
+        num_ctas = min(config.num_ctas or num_sms(), num_items)
+        grid, grid_names = (num_ctas,), ("cta",)
+    else:
+        grid, grid_names = (num_q_tiles, H, B), ("q_tiles", "heads", "batch")
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
                   jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)),
-        grid=(Tp // cta_rows, H, B),
-        grid_names=("q_tiles", "heads", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         **pipeline.kernel_options(),
     )(*inputs)
+
+
+def _unravel_item(item, problem: MosaicProblem, B: int, H: int, num_q_tiles: int):
+    """(b, h, rank) of a persistent kernel's work item (rank as `cta_first_row` takes it). Items are
+    handed out in order, so the order sets what runs together: with a causal band the query tile
+    rank varies slowest (the tiles with the most keys first, as the grid launches them); else
+    fastest, so that CTAs running at once share their head's K/V in L2."""
+    if problem.window_right >= 0:
+        rank, rest = lax.div(item, jnp.int32(H * B)), lax.rem(item, jnp.int32(H * B))
+        return lax.rem(rest, jnp.int32(B)), lax.div(rest, jnp.int32(B)), rank
+    rank, rest = lax.rem(item, jnp.int32(num_q_tiles)), lax.div(item, jnp.int32(num_q_tiles))
+    return lax.div(rest, jnp.int32(H)), lax.rem(rest, jnp.int32(H)), rank
