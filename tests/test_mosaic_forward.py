@@ -18,7 +18,7 @@ import pytest
 
 from pallas_kernels import attention_reference, flash_attention
 from pallas_kernels.common.device import on_hopper
-from pallas_kernels.fa2 import mosaic_fwd
+from pallas_kernels.fa2 import api, mosaic_fwd
 from pallas_kernels.testing import attention_inputs
 from test_flash_attention import _output_and_grads, _segments, assert_within_xla_error
 
@@ -67,14 +67,17 @@ def empty_rows(segment_ids, T, S, causal=False):
 
 
 def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False, seed=0, input_scale=1.0,
-           **kwargs):
-    """input_scale multiplies q and k (before the cast to dtype): large scores make a softcap bite."""
+           variant=None, **kwargs):
+    """input_scale multiplies q and k (before the cast to dtype): large scores make a softcap bite.
+    variant: `MosaicFwdConfig` fields that replace the default config's (forward only)."""
     kwargs = resolve_segments(kwargs, seed, B, T, S)
     q, k, v, do = attention_inputs(seed, B, T, S, H, K, D, jnp.float32)
     q, k, v, do = (x.astype(dtype) for x in (q * input_scale, k * input_scale, v, do))
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     same_dtype_ref = lambda *a, **kw: attention_reference(
         *a, compute_dtype=dtype, precision=jax.lax.Precision.DEFAULT, **kw)
+    if grads and variant is not None:
+        raise ValueError(f"variants are checked forward only: {variant=}, {grads=}")
     if grads:
         ours = jax.jit(lambda *a: _output_and_grads(
             flash_attention, *a, backend="mosaic", interpret=interpret, **kwargs))(q, k, v, do)
@@ -82,7 +85,12 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
         same_dtype = _output_and_grads(same_dtype_ref, q, k, v, do, **kwargs)
         names = ("out", "dq", "dk", "dv")
     else:
-        ours = flash_attention(q, k, v, backend="mosaic", interpret=interpret, return_lse=True, **kwargs)
+        if variant is None:
+            ours = flash_attention(q, k, v, backend="mosaic", interpret=interpret, return_lse=True, **kwargs)
+        else:  # `flash_attention` takes no config: the planned call, with the variant's config in
+            launch, aux = api.plan(q, k, v, backend="mosaic", interpret=interpret, **kwargs)
+            config = dataclasses.replace(launch.mosaic_config, **variant)
+            ours = api.forward(q, k, v, aux, dataclasses.replace(launch, mosaic_config=config))
         exact = attention_reference(*f32[:3], return_lse=True, **kwargs)
         same_dtype = same_dtype_ref(q, k, v, return_lse=True, **kwargs)
         names = ("out", "lse")
@@ -149,6 +157,51 @@ def test_mosaic_forward_gqa_and_head_dim_128_in_simulator():
 @pytest.mark.simulator
 def test_mosaic_forward_feeds_the_portable_backward_in_simulator():
     _check(1, 96, 160, 2, 1, 64, causal=True, grads=True)
+
+
+# The scheduling variants of `MosaicFwdConfig` (issue 17). In the simulator the products are plain
+# dots, so early_k_wait only moves a barrier wait and the row_sum orders only move a sum (the fence is
+# an identity): these cases check the barrier protocol and the results, not the speed. persistent
+# runs its whole protocol (work items per CTA, the ring carried across them, the next queries loaded
+# during the store): num_ctas=3 for 4 work items gives CTA 0 two items. Each item takes 3 key tiles,
+# an odd number of steps for the 2-slot ring, so that CTA 0's second item starts in slot 1: a kernel
+# that restarted the ring's numbering per item would read the wrong slot.
+VARIANTS = {
+    "early-k-wait": dict(early_k_wait=True),
+    "fenced-sum": dict(row_sum_order="fenced"),
+    "sum-during-pv": dict(row_sum_order="during_pv"),
+    "persistent": dict(persistent=True, num_ctas=3),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.simulator
+def test_mosaic_forward_variant_in_simulator(variant):
+    """A causal band (bottom-right aligned) with padded rows and keys: masked and unmasked tiles."""
+    _check(1, 250, 380, 2, 1, 64, causal=True, variant=VARIANTS[variant])
+
+
+@pytest.mark.simulator
+@pytest.mark.simulator_smoke
+def test_mosaic_forward_all_variants_smoke_in_simulator():
+    """Every variant at once on a persistent grid of 3 CTAs over 4 work items of 3 key tiles each
+    (a left window and keys past kv_len: masked edges around an unmasked tile)."""
+    _check(1, 256, 380, 2, 1, 64, window_size=(200, -1),
+           variant=dict(persistent=True, num_ctas=3, early_k_wait=True, row_sum_order="during_pv"))
+
+
+@pytest.mark.simulator
+def test_mosaic_forward_persistent_segments_in_simulator():
+    """A persistent grid with segment ids: each work item clips its key tiles to its queries' ids."""
+    _check(2, 256, 256, 2, 1, 64, causal=True, segment_ids=simulator_segment_ids(256, 256),
+           variant=dict(persistent=True, num_ctas=3))
+
+
+@pytest.mark.parametrize("kwargs", [dict(row_sum_order="late"), dict(num_ctas=4), dict(persistent=True, num_ctas=-1),
+                                    dict(early_k_wait=1), dict(persistent="yes")])
+def test_mosaic_fwd_config_checks_the_variants(kwargs):
+    with pytest.raises((ValueError, TypeError), match="row_sum_order|num_ctas|early_k_wait|persistent"):
+        mosaic_fwd.MosaicFwdConfig(**kwargs)
 
 
 def test_mosaic_backend_rejects_what_it_does_not_cover():
@@ -236,3 +289,21 @@ def test_mosaic_forward_softcap_on_gpu(B, T, S, H, K, D, kwargs):
         pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
     _check(B, T, S, H, K, D, interpret=False, input_scale=2.0, **kwargs)
     _check(B, T, S, H, K, D, interpret=False, input_scale=2.0, grads=True, **kwargs)
+
+
+# On the GPU a persistent grid has one CTA per SM; "all" is every variant at once.
+GPU_VARIANTS = dict(VARIANTS, persistent=dict(persistent=True),
+                    all=dict(persistent=True, early_k_wait=True, row_sum_order="fenced"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_mosaic_forward_variant_on_gpu(variant, causal, D):
+    """The variants on the wgmma path."""
+    if not on_hopper():
+        pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
+    fields = GPU_VARIANTS[variant]
+    _check(2, 1000, 1000, 8, 2, D, interpret=False, causal=causal, variant=fields)
+    _check(1, 333, 517, 4, 4, D, interpret=False, variant=fields, window_size=(100, 0) if causal else (-1, -1))

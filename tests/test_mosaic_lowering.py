@@ -128,6 +128,75 @@ def test_flash_attention_mosaic_lowers_for_sm90(kernel, case):
     assert lower_for_sm90(fn, *args) == expected
 
 
+# -- the forward's scheduling variants (MosaicFwdConfig, issue 17) ---------------------------------
+# Lowered through `mosaic_fwd.forward` (`flash_attention` runs the default config), each must lower
+# and must change the kernel: its Mosaic GPU module (read before serialisation, without source
+# locations) differs from the default config's for the same call.
+
+FWD_VARIANTS = {
+    "early-k-wait": dict(early_k_wait=True),
+    "fenced-sum": dict(row_sum_order="fenced"),
+    "sum-during-pv": dict(row_sum_order="during_pv"),
+    "persistent": dict(persistent=True),
+    "all": dict(persistent=True, early_k_wait=True, row_sum_order="fenced"),
+}
+FWD_VARIANT_CASES = {  # (D, causal, real length of a 256-row padded T = S, segment ids)
+    "d64": (64, False, 256, False),
+    "d64-causal-odd": (64, True, 249, False),
+    "d128": (128, False, 256, False),
+    "d128-causal-segments": (128, True, 256, True),
+}
+
+
+def _mosaic_modules(fn, *abstract_args) -> list[str]:
+    """The Mosaic GPU modules of fn's sm90 lowering as text without locations (a line moved in the
+    Python source does not change them). Read where Mosaic GPU serialises them: a private function,
+    the same from jax 0.10 to 0.11."""
+    from jax.experimental.mosaic.gpu import core
+
+    modules = []
+    serialise = core._run_serde_pass
+
+    def capture(module, **kwargs):
+        if kwargs.get("serialize"):
+            modules.append(module.operation.get_asm(enable_debug_info=False))
+        return serialise(module, **kwargs)
+
+    core._run_serde_pass = capture
+    try:
+        lowered = jax.jit(fn).trace(*abstract_args).lower(lowering_platforms=("cuda",))
+    finally:
+        core._run_serde_pass = serialise
+    assert kernel_counts(lowered.as_text()) == {"mosaic": len(modules), "triton": 0}
+    return modules
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_variant_modules(case, variant_name):
+    from pallas_kernels.fa2 import mosaic_fwd
+
+    D, causal, length, segments = FWD_VARIANT_CASES[case]
+    B, T, H, K = 2, 256, 4, 2
+    problem = mosaic_fwd.MosaicProblem(q_len=length, kv_len=length, q_offset=0, window_left=-1,
+                                       window_right=0 if causal else -1, sm_scale=D ** -0.5, group_size=H // K)
+    config = mosaic_fwd.MosaicFwdConfig(**(FWD_VARIANTS[variant_name] if variant_name else {}))
+    args = (jax.ShapeDtypeStruct((B, T, H, D), BF16),) + (jax.ShapeDtypeStruct((B, T, K, D), BF16),) * 2
+    if segments:
+        args += (jax.ShapeDtypeStruct((B, T), jnp.int32),) * 2
+
+    def fn(q, k, v, *ids):
+        return mosaic_fwd.forward(q, k, v, tuple(ids) or None, problem=problem, config=config)
+    return tuple(_mosaic_modules(fn, *args))
+
+
+@pytest.mark.parametrize("case", list(FWD_VARIANT_CASES))
+@pytest.mark.parametrize("variant", list(FWD_VARIANTS))
+def test_forward_variants_lower_for_sm90(variant, case):
+    ours = _fwd_variant_modules(case, variant)
+    assert len(ours) == 1
+    assert ours != _fwd_variant_modules(case, None), f"{variant} lowers to the default kernel"
+
+
 # -- tree and decode attention ----------------------------------------------------------------------
 
 TREE_CASES = {  # (B, N, H, K, D, S, dtype), keyword arguments, Triton kernels (the split merge)
