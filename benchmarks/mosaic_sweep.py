@@ -1,15 +1,21 @@
-"""Tile sweep of the Hopper forward (`mosaic_fwd`) against the portable forward and cuDNN, one process.
+"""Tile and variant sweep of the Hopper forward (`mosaic_fwd`) against the portable forward and cuDNN.
 
-    PYTHONPATH=. python3 benchmarks/mosaic_sweep.py --out $OUT/mosaic_sweep.json
+    PYTHONPATH=. python3 benchmarks/mosaic_sweep.py --out $OUT/mosaic_sweep.json --deadline 280
 
-Prints TFLOP/s per (case, tiles) and writes JSON; the winner is the candidate for `MosaicFwdConfig`'s
-defaults.
+Issue 17's cells (D=64 at 4x4096x32, D=128 at 2x8192x16, causal and not). Every kernel runs once
+against cuDNN (max abs error: a new variant or tile can be wrong, not only slow), then is timed. The
+work runs in three passes, most telling first, so that --deadline cuts the least: (1) every
+`MosaicFwdConfig` variant (early_k_wait, row_sum_order, persistent, combinations) on the default tiles,
+(2) the other tile shapes with the combined variant, (3) the other tile shapes without variants. Each
+kernel costs one compile (seconds) and about 20 calls; a kernel is skipped when the time left is
+less than the slowest one so far. The JSON is rewritten after every kernel and lists what was skipped.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,51 +25,139 @@ from pallas_kernels import flash_attention
 from pallas_kernels.fa2 import mosaic_fwd
 from pallas_kernels.testing import median_time
 
+# name -> MosaicFwdConfig fields beyond the tiles
+VARIANTS = {
+    "default": {},
+    "early_k": dict(early_k_wait=True),
+    "fenced": dict(row_sum_order="fenced"),
+    "during_pv": dict(row_sum_order="during_pv"),
+    "early_k+fenced": dict(early_k_wait=True, row_sum_order="fenced"),
+    "persistent": dict(persistent=True),
+    "persistent+early_k": dict(persistent=True, early_k_wait=True),
+    "persistent+early_k+fenced": dict(persistent=True, early_k_wait=True, row_sum_order="fenced"),
+    "persistent+early_k+during_pv": dict(persistent=True, early_k_wait=True, row_sum_order="during_pv"),
+}
+COMBINED = "persistent+early_k+fenced"  # pass 2's variant: the one expected to win at D=64
+DEFAULT_TILES = (64, 128, 2, True)  # (block_q, block_kv, num_stages, ping_pong)
+
+
+def tile_candidates(head_dim: int) -> list[tuple[int, int, int, bool]]:
+    """Tile shapes other than the default that lower for sm90 within shared memory (a persistent
+    kernel adds an O slot per consumer: a shape that no longer fits reports its error)."""
+    tiles = [(64, 128, 2, False), (64, 64, 2, True), (64, 64, 3, True)]
+    if head_dim == 64:
+        # At D=64 a tile's matmuls are half as long for the same loads: wider tiles and deeper rings.
+        tiles += [(128, 64, 2, True), (128, 64, 3, True), (64, 128, 3, True), (64, 128, 4, True),
+                  (128, 64, 4, True), (64, 256, 2, True), (128, 128, 2, True), (128, 128, 2, False)]
+    return tiles
+
+
+def cells(head_dims) -> list[tuple[Case, mosaic_fwd.MosaicProblem]]:
+    out = []
+    for D in head_dims:
+        for causal in (False, True):
+            # Issue 17's cells: D=64 trails the peers most at 4x4096x32x64.
+            case = Case(2, 8192, 16, D, causal) if D == 128 else Case(4, 4096, 32, D, causal)
+            problem = mosaic_fwd.MosaicProblem(
+                q_len=case.seq_len, kv_len=case.seq_len, q_offset=0, window_left=-1,
+                window_right=0 if causal else -1, sm_scale=D ** -0.5, group_size=1)
+            out.append((case, problem))
+    return out
+
+
+def plan(head_dims) -> list[tuple[int, str, tuple]]:
+    """(cell index, variant, tiles) in the order they run: the three passes of the docstring."""
+    cell_dims = [D for D in head_dims for _causal in (False, True)]  # as `cells` orders them
+    todo = [(c, name, DEFAULT_TILES) for name in VARIANTS for c in range(len(cell_dims))]
+    for variant in (COMBINED, "default"):
+        todo += [(c, variant, tiles) for c, D in enumerate(cell_dims) for tiles in tile_candidates(D)]
+    return todo
+
+
+def label(variant: str, tiles) -> str:
+    bq, bkv, stages, ping_pong = tiles
+    return f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''} {variant}"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--deadline", type=float, default=280.0,
+                        help="seconds from start after which the remaining kernels are skipped")
     args = parser.parse_args()
-    rows = []
-    for D, causal in itertools.product(args.head_dims, (False, True)):
-        # Issue 17's cells: D=64 trails the peers most at 4x4096x32x64.
-        case = Case(2, 8192, 16, D, causal) if D == 128 else Case(4, 4096, 32, D, causal)
-        q, k, v, _ = case.inputs(jnp.bfloat16)
-        row = {"case": case.label}
-        peers = {
-            "portable": lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="portable"),
-            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                                  implementation="cudnn"),
-        }
-        for name, fn in peers.items():
-            row[name] = case.flops() / median_time(jax.jit(fn), samples(args.repeats), args=(q, k, v), **BATCHED) / 1e12
-        problem = mosaic_fwd.MosaicProblem(
-            q_len=case.seq_len, kv_len=case.seq_len, q_offset=0, window_left=-1,
-            window_right=0 if causal else -1, sm_scale=D ** -0.5, group_size=1)
-        candidates = [(64, 128, 2, True), (64, 128, 2, False), (64, 64, 2, True), (64, 64, 3, True)]
-        if D == 64:
-            # At D=64 a tile's matmuls are half as long for the same loads: wider tiles and deeper
-            # rings are the candidates (these lower for sm90 within shared memory).
-            candidates += [(128, 64, 2, True), (128, 64, 3, True), (64, 128, 3, True), (64, 128, 4, True),
-                           (128, 64, 4, True), (64, 256, 2, True), (128, 128, 2, True), (128, 128, 2, False)]
-        ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn").astype(jnp.float32)
-        for bq, bkv, stages, ping_pong in candidates:
-            config = mosaic_fwd.MosaicFwdConfig(block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong)
-            fn = jax.jit(lambda q, k, v, config=config: mosaic_fwd.forward(q, k, v, problem=problem, config=config)[0])
-            key = f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''}"
-            try:
-                # Every tile shape once against cuDNN: a new shape can be wrong, not only slow.
-                row[f"{key} max err vs cudnn"] = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - ref)))
-                row[key] = case.flops() / median_time(fn, samples(args.repeats), args=(q, k, v), **BATCHED) / 1e12
-            except Exception as error:
-                row[key] = repr(error)[:400]
-            print(case.label, key, row[key], flush=True)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    start = time.monotonic()
+    slowest = 0.0  # seconds of the slowest kernel so far (compile, error check, timing)
+    cell_list = cells(args.head_dims)
+    rows = [{"case": case.label} for case, _ in cell_list]
+    results, skipped = [], []
+    arrays = {}  # cell -> (q, k, v, cuDNN output in f32)
+    default_err = {}  # cell -> max error of the default kernel (pass 1 runs it first on each cell)
+
+    def save():
         with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "elapsed_s": round(time.monotonic() - start, 1), "peers": rows,
+                       "results": results, "skipped": skipped}, f, indent=1)
+
+    def inputs(c):
+        if c not in arrays:
+            case, _ = cell_list[c]
+            q, k, v, _ = case.inputs(jnp.bfloat16)
+            cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=case.causal, implementation="cudnn"))
+            portable = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend="portable"))
+            for name, fn in (("cudnn", cudnn), ("portable", portable)):
+                rows[c][name] = case.flops() / median_time(fn, samples(args.repeats), args=(q, k, v),
+                                                           **BATCHED) / 1e12
+            print(json.dumps(rows[c]), flush=True)
+            arrays[c] = (q, k, v, cudnn(q, k, v).astype(jnp.float32))
+        return arrays[c]
+
+    for c, variant, tiles in plan(args.head_dims):
+        case, problem = cell_list[c]
+        key = label(variant, tiles)
+        if time.monotonic() - start + slowest > args.deadline:
+            skipped.append(f"{case.label} {key}")
+            continue
+        q, k, v, ref = inputs(c)  # the cell's peers run on its first kernel, outside its seconds
+        t0 = time.monotonic()
+        bq, bkv, stages, ping_pong = tiles
+        result = {"case": case.label, "variant": variant, "tiles": list(tiles), "name": key}
+        try:
+            config = dataclasses.replace(mosaic_fwd.MosaicFwdConfig(
+                block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong), **VARIANTS[variant])
+            fn = jax.jit(lambda q, k, v, config=config, problem=problem:
+                         mosaic_fwd.forward(q, k, v, problem=problem, config=config)[0])
+            err = result["max_err_vs_cudnn"] = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - ref)))
+            # Wrong, not rounding: more than twice the default kernel's error on this cell plus 2 bf16
+            # ulps at 1 (outputs are averages of values below 1 in magnitude).
+            if (variant, tiles) == ("default", DEFAULT_TILES):
+                default_err[c] = err
+            result["suspect"] = c in default_err and err > 2 * default_err[c] + 2 ** -7
+            result["tflops"] = case.flops() / median_time(fn, samples(args.repeats), args=(q, k, v),
+                                                          **BATCHED) / 1e12
+            result["vs_cudnn"] = result["tflops"] / rows[c]["cudnn"]
+        except Exception as error:
+            result["error"] = repr(error)[:400]
+        result["seconds"] = round(time.monotonic() - t0, 1)
+        slowest = max(slowest, result["seconds"])
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        save()
+    save()
+    print(f"done in {time.monotonic() - start:.0f} s; skipped {len(skipped)} (past --deadline "
+          f"{args.deadline:.0f} s):", *skipped, sep="\n  ", flush=True)
+    for row in rows:  # the table: best kernels per cell
+        best = sorted((r for r in results if r["case"] == row["case"] and "tflops" in r),
+                      key=lambda r: -r["tflops"])[:5]
+        print(row, *(f"  {r['tflops']:.0f} TFLOP/s ({r['vs_cudnn']:.2f}x cuDNN, err "
+                     f"{r['max_err_vs_cudnn']:.3g}{' SUSPECT' if r['suspect'] else ''}) {r['name']}"
+                     for r in best), sep="\n", flush=True)
+    suspects = [r["case"] + " " + r["name"] for r in results if r.get("suspect")]
+    print(f"{len(suspects)} kernels off cuDNN by more than 2x the default's error:", *suspects,
+          sep="\n  ", flush=True)
 
 
 if __name__ == "__main__":

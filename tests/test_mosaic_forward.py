@@ -197,8 +197,9 @@ def test_mosaic_forward_persistent_segments_in_simulator():
            variant=dict(persistent=True, num_ctas=3))
 
 
-@pytest.mark.parametrize("kwargs", [dict(row_sum_order="late"), dict(num_ctas=4), dict(persistent=True, num_ctas=-1),
-                                    dict(early_k_wait=1), dict(persistent="yes")])
+@pytest.mark.parametrize("kwargs", [dict(row_sum_order="late"), dict(num_ctas=4),
+                                    dict(persistent=True, num_ctas=-1), dict(early_k_wait=1),
+                                    dict(persistent="yes")])
 def test_mosaic_fwd_config_checks_the_variants(kwargs):
     with pytest.raises((ValueError, TypeError), match="row_sum_order|num_ctas|early_k_wait|persistent"):
         mosaic_fwd.MosaicFwdConfig(**kwargs)
