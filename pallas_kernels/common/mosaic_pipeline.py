@@ -11,7 +11,9 @@ Segment ids (packed sequences, `key_ids=True`): the producer copies each tile's 
 int32 into a third ring with the tile's K (the same k_ready barrier, one more arrival); a consumer
 passes its queries' ids to `consume` and every step ANDs "same id" into the tile's visibility.
 
-Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages.
+Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages. A
+persistent kernel (one CTA looping over work items) keeps numbering across its items (`step0`), so
+the ring is never drained between them.
 `interpret=True` runs Mosaic GPU's CPU simulator, which executes the warpgroups as threads with real
 barriers and TMA copies but lacks register layouts, wgmma with a transposed operand and accumulators
 carried through run_state: there the two products are plain dots on the shared-memory tiles.

@@ -16,6 +16,9 @@ ring, and a CTA visits only the key tiles between the first and the last whose i
 queries' (`segment_tile_ranges`, from the ids' per-tile min and max). Under a causal band the CTAs that
 own the last rows (the most keys) launch first. Outputs: O [B, Tp, H, D] in the input dtype and the
 natural-log lse [B, H, Tp] (-inf for rows that see no key), the residuals both backwards consume.
+`MosaicFwdConfig` also holds opt-in scheduling variants (issue 17): early K waits, where the row sums
+are added, and a persistent grid of one CTA per SM looping over (query tile, head, batch) work items
+in the same longest-first order.
 """
 
 from __future__ import annotations
@@ -198,6 +201,8 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                         row_sum_order=config.row_sum_order, out_buffer=config.persistent)
     masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
     num_q_tiles = Tp // cta_rows
+    num_items = num_q_tiles * H * B  # a CTA's work in the grid kernel, a work item in the persistent one
+    num_ctas = min(config.num_ctas or num_sms(), num_items) if config.persistent else 0  # its grid
 
     def body(q_ref, k_ref, v_ref, *refs):
         if segments:
@@ -326,9 +331,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
     if segments:
         q_ids, kv_ids = segment_ids
         inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, cta_rows, bkv))
-    num_items = num_q_tiles * H * B
     if config.persistent:
-        num_ctas = min(config.num_ctas or num_sms(), num_items)
         grid, grid_names = (num_ctas,), ("cta",)
     else:
         grid, grid_names = (num_q_tiles, H, B), ("q_tiles", "heads", "batch")
