@@ -350,7 +350,7 @@ def train_feature_head(
             window = {k: float(v) for k, v in jax.device_get(window).items()}
             count = max(window.pop("count"), 1.0)
             record = {"step": done, "lr": float(lr(step)), "seconds": time.perf_counter() - train_start,
-                      "epoch": step / schedule.batches_per_epoch, **{k: v / count for k, v in window.items()}}
+                      "epoch": done / schedule.batches_per_epoch, **{k: v / count for k, v in window.items()}}
             if not math.isfinite(record["loss"]):
                 saved = sorted((out / "checkpoints").glob("step_*"))
                 raise NonFiniteLossError(done, {"loss": record["loss"]}, saved[-1] if saved else None)
