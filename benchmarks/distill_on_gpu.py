@@ -13,7 +13,9 @@ Phases, each ending by its share of --deadline (seconds from the start):
      in turn, a batch of each, until the time share is spent. Every batch is appended to
      <out>/corpus.jsonl as it finishes (examples/chat_corpus.py's records: "text" trains a model
      draft with examples/train.py --jsonl). Prompts whose index is a multiple of --val-every are
-     held out: their answers are the validation rows.
+     held out: their answers are the validation rows. --self-prompts N first has the target write
+     N user messages of its own (`self_prompts`), which the sampled passes answer too (more kinds
+     of prompt than the file's 349; it costs two more compilations of the generate loop).
   2. features: the answers (prompt + answer + eos) packed into rows of --seq-len; the target's
      final hidden states of every row computed once, in jitted batches, kept on the device
      (`fa2jax.training.feature_draft.target_features`).
@@ -80,11 +82,33 @@ def say(clock: Clock, text: str) -> None:
     print(f"[{clock.now():6.1f} s] {text}", flush=True)
 
 
-def answer_batches(target, tokenizer, prompts: list[str], args):
-    """(temperature, records) per generate call: the greedy pass over every prompt, then the
+def self_prompts(target, tokenizer, count: int, batch: int, max_tokens: int = 48, seed: int = 0) -> list[str]:
+    """`count` user messages written by the target itself (Magpie's trick: sample from the chat
+    template cut just after the user header), for prompts beyond the training file's; empty and
+    repeated ones are dropped, so fewer may come back."""
+    mark = "\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": mark}])
+    prefix = tokenizer.encode_batch([rendered[: rendered.index(mark)]], add_special_tokens=False)[0]
+    prompt = jnp.asarray([list(prefix)] * batch, jnp.int32)
+    lengths = jnp.full((batch,), len(prefix), jnp.int32)
+    found: dict[str, None] = {}
+    for number in range(-(-count // batch)):
+        result = generate_incremental(target, prompt, lengths, max_new_tokens=max_tokens, temperature=1.0,
+                                      min_p=0.02, rng=seed + number, eos_id=tokenizer.eos_ids)
+        tokens, ends = np.asarray(result.tokens), np.asarray(result.lengths)
+        for row in range(batch):
+            ids = [int(t) for t in tokens[row, len(prefix): ends[row]] if int(t) not in tokenizer.eos_ids]
+            text = tokenizer.decode(ids).strip()
+            if len(text) >= 8:
+                found.setdefault(text)
+    return list(found)[:count]
+
+
+def answer_batches(target, tokenizer, prompts: list[str], greedy: int, args):
+    """(temperature, records) per generate call: the greedy pass over the first `greedy` prompts, then the
     temperatures' sampled passes in turn, a batch of each (a generate call runs only when asked)."""
     common = dict(max_new_tokens=args.new_tokens, min_p=args.min_p, batch=args.gen_batch)
-    for records in teacher_chat_responses(target, tokenizer, prompts, samples=1, temperature=0.0, seed=0, **common):
+    for records in teacher_chat_responses(target, tokenizer, prompts[:greedy], samples=1, temperature=0.0, seed=0, **common):
         yield 0.0, records
     sampled = [(t, teacher_chat_responses(target, tokenizer, prompts, samples=args.samples, temperature=t,
                                           seed=1000 * (i + 1), **common))
@@ -98,11 +122,12 @@ def answer_batches(target, tokenizer, prompts: list[str], args):
                 yield t, records
 
 
-def generate_corpus(target, tokenizer, prompts: list[str], args, until: float, clock: Clock, out: Path) -> list[dict]:
+def generate_corpus(target, tokenizer, prompts: list[str], greedy: int, args, until: float, clock: Clock,
+                    out: Path) -> list[dict]:
     """Phase 1: `answer_batches` appended to `out` batch by batch, until no batch is left or the
     previous one's time says the next would end past `until`."""
     corpus, tokens, last = [], 0, 0.0
-    batches = answer_batches(target, tokenizer, prompts, args)
+    batches = answer_batches(target, tokenizer, prompts, greedy, args)
     with out.open("w", encoding="utf-8") as f:
         while True:
             if clock.left(until) < last:
@@ -159,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperatures", default="0.7,0.85,1.0", help="sampling temperatures, comma-separated")
     g.add_argument("--min-p", type=float, default=0.02, help="min-p of the sampled answers")
     g.add_argument("--samples", type=int, default=64, help="sampled answers per prompt per temperature, at most")
+    g.add_argument("--self-prompts", type=int, default=0,
+                   help="also answer N user messages the target writes itself (see self_prompts); their "
+                        "answers are sampled only, after the greedy pass over --prompts")
     g.add_argument("--val-every", type=int, default=25, help="prompts i with i %% N == 0 are held out")
     g = p.add_argument_group("training")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
@@ -221,8 +249,14 @@ def main(argv=None) -> dict:
     prompts = read_prompts(args.prompts)[: args.max_prompts]
     say(clock, f"loaded the target ({target.config.num_layers} layers, d {target.config.d_model}); "
                f"{len(prompts)} training prompts")
+    greedy = len(prompts)  # the greedy pass answers the file's prompts, not the target's own
+    if args.self_prompts:
+        written = self_prompts(target, tokenizer, args.self_prompts, args.gen_batch)
+        say(clock, f"corpus: {len(written)} prompts written by the target, e.g. {written[:3]}")
+        prompts += written
+        record["self_prompts"] = written
     gen_end = args.gen_fraction * args.deadline
-    records = generate_corpus(target, tokenizer, prompts, args, gen_end, clock, out / "corpus.jsonl")
+    records = generate_corpus(target, tokenizer, prompts, greedy, args, gen_end, clock, out / "corpus.jsonl")
     answer_tokens = sum(len(r["response_ids"]) for r in records)
     record["phases"]["corpus"] = {
         "answers": len(records), "answer_tokens": answer_tokens, "ended_by_eos": sum(r["stopped"] for r in records),
