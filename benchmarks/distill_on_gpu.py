@@ -108,7 +108,8 @@ def answer_batches(target, tokenizer, prompts: list[str], greedy: int, args):
     """(temperature, records) per generate call: the greedy pass over the first `greedy` prompts, then the
     temperatures' sampled passes in turn, a batch of each (a generate call runs only when asked)."""
     common = dict(max_new_tokens=args.new_tokens, min_p=args.min_p, batch=args.gen_batch)
-    for records in teacher_chat_responses(target, tokenizer, prompts[:greedy], samples=1, temperature=0.0, seed=0, **common):
+    for records in teacher_chat_responses(target, tokenizer, prompts[:greedy], samples=1, temperature=0.0, seed=0,
+                                          **common):
         yield 0.0, records
     sampled = [(t, teacher_chat_responses(target, tokenizer, prompts, samples=args.samples, temperature=t,
                                           seed=1000 * (i + 1), **common))
@@ -296,7 +297,8 @@ def main(argv=None) -> dict:
     summary = train_feature_head(
         target, train_rows, out / "head", train_cfg=train_cfg, loss_cfg=loss_cfg, head_config=head_config,
         val_rows=val_rows, tokenizer=tokenizer, save_dtype=jnp.bfloat16, show_progress=False,
-        metadata={"teacher": target_path, "corpus": record["phases"]["corpus"], "made_by": "benchmarks/distill_on_gpu.py"},
+        metadata={"teacher": target_path, "corpus": record["phases"]["corpus"],
+                  "made_by": "benchmarks/distill_on_gpu.py"},
         train_features=train_features, val_features=val_features, time_budget=clock.left(train_end),
         stop_after_seconds=clock.left(train_end), checkpoint_seconds=args.checkpoint_seconds, on_log=log)
     summary["tokens_seen"] = summary["step"] * batch * args.seq_len
