@@ -326,12 +326,16 @@ def main(argv=None) -> dict:
                 say(clock, f"acceptance: no time left for {head_name} on {tree_name}")
                 continue
             before = clock.now()
-            if baseline is None:  # once, for the identity check (greedy speculative == incremental)
-                baseline = generate_incremental(target, prompt, lengths, **sampling)
-            result = measure(target, drafter, tree, prompt, lengths, baseline, **sampling)
-            acceptance[f"{head_name}/{tree_name}"] = {"head": str(path), **result}
+            try:
+                if baseline is None:  # once, for the identity check (greedy speculative == incremental)
+                    baseline = generate_incremental(target, prompt, lengths, **sampling)
+                result = measure(target, drafter, tree, prompt, lengths, baseline, **sampling)
+                text = describe(f"{head_name} head ({path}), {tree_name}", result)
+            except Exception as e:  # recorded, and the other measurements still run
+                result, text = {"error": repr(e)}, f"{head_name} head on {tree_name} failed: {e!r}"
             last = clock.now() - before
-            say(clock, "acceptance: " + describe(f"{head_name} head ({path}), {tree_name}", result))
+            acceptance[f"{head_name}/{tree_name}"] = {"head": str(path), **result}
+            say(clock, "acceptance: " + text)
             write(out, record)
     record["seconds"] = round(clock.now(), 1)
     write(out, record)

@@ -273,7 +273,7 @@ def train_feature_head(
       save_dtype: dtype the saved parameters are cast to (e.g. bfloat16); None keeps float32.
       metadata: more JSON-able values for the checkpoint's meta.json.
       show_progress: a tqdm bar (the `examples` extra).
-      stop_after_seconds: end early (evaluating and saving as at the last step) once training has
+      stop_after_seconds: end early (evaluating and saving as at the last step) once this call has
         taken this long; the schedule keeps its length.
       train_features, val_features: the target's features of `train_rows` / `val_rows`
         (`target_features`); a step then runs the target's LM head only, not its stack.  # [N, T, d]
@@ -312,8 +312,9 @@ def train_feature_head(
         first, per_step = _seconds_per_step(make_feature_train_step(head_def, target_def, loss_cfg, tx), head_params,
                                             tx.init(head_params), schedule, train_features, target_params,
                                             target_rest, probes=5)
-        # The real step compiles again (its schedule differs), and the end evaluates and saves.
-        left = time_budget - (time.perf_counter() - start) - first - 2 * (train_cfg.eval_batches * per_step)
+        # The real step compiles again (its schedule differs); the end compiles and runs an evaluation
+        # (forward only: counted as another compilation and two steps a batch) and saves.
+        left = time_budget - (time.perf_counter() - start) - 2 * first - 2 * train_cfg.eval_batches * per_step
         steps = max(2, min(train_cfg.steps, int(0.95 * left / per_step)))
         train_cfg = dataclasses.replace(train_cfg, steps=steps,
                                         warmup_steps=min(train_cfg.warmup_steps, steps // 10))
@@ -330,7 +331,7 @@ def train_feature_head(
     metrics_file.unlink(missing_ok=True)  # a run starts afresh: there is no resume to keep records for
     window = None  # metric sums since the last log, on the device: fetched at log time only
     bar = progress.bar(train_cfg.steps, 0, show_progress, desc="feature head")
-    train_start = last_save = time.perf_counter()
+    train_start, last_save = start, time.perf_counter()  # stop_after_seconds counts the probe steps too
 
     def save(step: int) -> Path:
         nnx.update(head, head_params)
