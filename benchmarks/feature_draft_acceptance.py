@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,6 +36,31 @@ def read_prompt_texts(path: str | Path, count: int) -> list[str]:
     if not prompts:
         raise ValueError(f"no prompt in {str(path)=}")
     return prompts
+
+
+def chat_prompts(tokenizer, path: str | Path, count: int) -> tuple[jax.Array, jax.Array]:
+    """The first `count` prompts of a JSONL file as user turns under the chat template, right-padded:
+    (prompt # [B, P] int32, lengths # [B] int32)."""
+    prompt, lengths = pad_prompts([chat_ids(tokenizer, t) for t in read_prompt_texts(path, count)])
+    return jnp.asarray(prompt), jnp.asarray(lengths)
+
+
+def measure(target, draft, tree, prompt: jax.Array, lengths: jax.Array, baseline=None, **sampling) -> dict:
+    """Greedy speculative decoding of `prompt` with `draft` on `tree`: {"mean_accepted_length" (tokens
+    per verify step), "histogram" (steps emitting k tokens), "identical" (to `baseline`'s tokens, an
+    incremental `GenerationResult`; None without one)}."""
+    result = SpeculativeDecoder(target, draft, tree=tree).generate(prompt, lengths, **sampling)
+    same = None if baseline is None else bool(np.array_equal(np.asarray(result.tokens), np.asarray(baseline.tokens)))
+    return {"mean_accepted_length": float(result.stats.mean_accepted_length),
+            "histogram": np.asarray(result.stats.accepted_histogram).tolist(), "identical": same}
+
+
+def describe(name: str, record: dict) -> str:
+    """Two lines: tokens per step, the histogram and the identity check of a `measure` record."""
+    shown = "  ".join(f"{k}:{int(c)}" for k, c in enumerate(record["histogram"]) if k)
+    same = {True: "yes", False: "NO", None: "not checked"}[record["identical"]]
+    return (f"{name}\n    tokens per step {record['mean_accepted_length']:.2f}   steps emitting k tokens {shown}   "
+            f"identical to incremental: {same}")
 
 
 def main(argv=None) -> dict:
@@ -56,8 +82,7 @@ def main(argv=None) -> dict:
         p.error("give at least one --feature-head or --draft")
 
     tokenizer = load_tokenizer(args.target)
-    prompt, lengths = pad_prompts([chat_ids(tokenizer, t) for t in read_prompt_texts(args.prompts, args.num_prompts)])
-    prompt, lengths = jnp.asarray(prompt), jnp.asarray(lengths)
+    prompt, lengths = chat_prompts(tokenizer, args.prompts, args.num_prompts)
     tree = (DynamicTree(num_nodes=args.dynamic_tree, depth=args.depth, top_k=args.tree_top_k)
             if args.dynamic_tree else ExpansionTree.parse(args.tree))
     needed = prompt.shape[1] + args.max_new_tokens + tree.num_nodes
@@ -71,14 +96,8 @@ def main(argv=None) -> dict:
                "max_new_tokens": args.max_new_tokens, "tree": repr(tree), "drafts": {}}
     print(f"{prompt.shape[0]} prompts, {args.max_new_tokens} new tokens, {tree}")
     for name, draft in drafts:
-        result = SpeculativeDecoder(target, draft, tree=tree).generate(prompt, lengths, **sampling)
-        hist = np.asarray(result.stats.accepted_histogram)
-        same = bool(np.array_equal(np.asarray(result.tokens), np.asarray(baseline.tokens)))
-        mean = float(result.stats.mean_accepted_length)
-        results["drafts"][name] = {"mean_accepted_length": mean, "histogram": hist.tolist(), "identical": same}
-        shown = "  ".join(f"{k}:{int(c)}" for k, c in enumerate(hist) if k)
-        print(f"{name}\n    tokens per step {mean:.2f}   steps emitting k tokens {shown}   "
-              f"identical to incremental: {'yes' if same else 'NO'}")
+        results["drafts"][name] = measure(target, draft, tree, prompt, lengths, baseline, **sampling)
+        print(describe(name, results["drafts"][name]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return results

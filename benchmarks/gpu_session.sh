@@ -90,6 +90,22 @@ for s in "$@"; do
       echo "$GGUF_SHA256  /tmp/smollm2.gguf" | sha256sum -c --quiet || { echo "no complete /tmp/smollm2.gguf"; exit 2; }
       step realspec "${REALSPEC_S:-560}" python3 benchmarks/speculative_real.py --target /tmp/smollm2.gguf \
         --draft examples/checkpoints/smollm2-draft --out "$OUT" --deadline "${REALSPEC_DEADLINE_MIN:-8}" ;;
+    distill)  # benchmarks/distill_on_gpu.py: the target's answers -> a feature head -> its acceptance (needs gguf)
+      echo "$GGUF_SHA256  /tmp/smollm2.gguf" | sha256sum -c --quiet || { echo "no complete /tmp/smollm2.gguf"; exit 2; }
+      rm -rf /tmp/distill
+      step distill "${DISTILL_S:-590}" python3 benchmarks/distill_on_gpu.py --target /tmp/smollm2.gguf \
+        --out /tmp/distill --deadline "${DISTILL_DEADLINE:-540}" ${DISTILL_ARGS:-}
+      # What it wrote, killed or not, in files $OUT brings back (the head's orbax folder is too deep):
+      # the head as one tar, the corpus gzipped (in 15 MB parts when over the 16 MB a file may be).
+      cp /tmp/distill/distill.json "$OUT/" 2>/dev/null; cp /tmp/distill/head/metrics.jsonl "$OUT/distill_metrics.jsonl" 2>/dev/null
+      [ -d /tmp/distill/head/checkpoints ] && tar -C /tmp/distill/head -cf "$OUT/distill_head.tar" checkpoints
+      if [ -f /tmp/distill/corpus.jsonl ]; then
+        gzip -c /tmp/distill/corpus.jsonl > /tmp/distill_corpus.jsonl.gz
+        if [ "$(stat -c %s /tmp/distill_corpus.jsonl.gz)" -gt 16000000 ]; then
+          split -b 15M -a 1 /tmp/distill_corpus.jsonl.gz "$OUT/distill_corpus.jsonl.gz.part-"
+        else cp /tmp/distill_corpus.jsonl.gz "$OUT/"; fi
+      fi
+      ls -la "$OUT" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -9,7 +9,7 @@ with lse and delta from our forward, for every candidate `MosaicBwdConfig`; prin
 config per shape feeds `MosaicBwdConfig` defaults / the tuning cache.
 
 --atomic-variants compares the reduce-add mode's dQ paths instead (`MosaicBwdConfig.dq_buffers`,
-`dq_chunks`, `dq_with_dkdv`; `atomic_variants` lists those that fit shared memory): first each
+`dq_chunks`, `dq_with_dkdv`, `dq_split`; `atomic_variants` lists those that fit shared memory): first each
 variant's dQ/dK/dV once against the f32 reference (|ours - f32| <= 2 |XLA in bf16 - f32| + 16 ulp * max|f32|, on a small causal GQA
 case), then the backward alone at 2x8192x16x128 and 4x4096x32x64, causal and not, next to the
 deterministic mode (its default tiles) and cuDNN (its fwd+bwd minus its forward). Writes
@@ -64,13 +64,18 @@ def atomic_variants(D: int):
                                             dq_with_dkdv=with_dkdv)
         if mosaic_bwd.dkdv_smem_bytes(config, head_dim=D, itemsize=2, segments=False) <= mosaic_bwd.SMEM_LIMIT_BYTES:
             yield config
+    if D % 128 == 0:  # the two consumers share each step's partial, half the columns each
+        for buffers in (1, 2):
+            config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=buffers, dq_split=True)
+            if mosaic_bwd.dkdv_smem_bytes(config, head_dim=D, itemsize=2, segments=False) <= mosaic_bwd.SMEM_LIMIT_BYTES:
+                yield config
 
 
 def variant_name(config: mosaic_bwd.MosaicBwdConfig) -> str:
     if config.deterministic:
         return "deterministic"
     return (f"atomic buf={config.dq_buffers}{f' chunks={config.dq_chunks}' if config.dq_chunks > 1 else ''}"
-            f"{' with-dkdv' if config.dq_with_dkdv else ''}")
+            f"{' with-dkdv' if config.dq_with_dkdv else ''}{' split' if config.dq_split else ''}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -249,13 +249,17 @@ class BatchSchedule:
     def epoch_of(self, step: int) -> int:
         return step // self.batches_per_epoch
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The batch of optimizer step `step` (0-based): tokens/segment_ids/positions, [B, T]."""
+    def indices(self, step: int) -> np.ndarray:
+        """The rows of optimizer step `step` (0-based), [B] indices into `rows`."""
         if step < 0:
             raise ValueError(f"{step=} must be non-negative")
         epoch, i = divmod(step, self.batches_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.rows.num_rows)
-        return _take(self.rows, order[i * self.batch_size : (i + 1) * self.batch_size])
+        return order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of optimizer step `step` (0-based): tokens/segment_ids/positions, [B, T]."""
+        return _take(self.rows, self.indices(step))
 
 
 def eval_batches(

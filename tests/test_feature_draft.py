@@ -22,7 +22,9 @@ from fa2jax.feature_head import (
     FeatureHead, FeatureHeadConfig, count_params, load_feature_head, read_feature_head_config, save_feature_head)
 from fa2jax.training import TrainConfig
 from fa2jax.model import with_invariant_rows
-from fa2jax.training.feature_draft import FeatureLossConfig, make_feature_train_step
+from fa2jax.training.feature_draft import (
+    FeatureLossConfig, evaluate_feature_head, feature_loss_sums, make_feature_train_step, target_features,
+    train_feature_head)
 from fa2jax.training.optimizer import make_optimizer
 from spec import DynamicTree, ExpansionTree, FeatureDrafter, MergedTree, SpeculativeDecoder, generate_incremental
 
@@ -232,6 +234,53 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(models, rows):
     # Both terms are counted over the positions whose next token is in the same document.
     assert float(sums["count"]) == float(np.sum((rows.segment_ids[:4, 1:] == rows.segment_ids[:4, :-1])
                                                 & (rows.segment_ids[:4, 1:] != 0)))
+
+
+def test_precomputed_features_give_the_same_loss(models, rows):
+    """A batch's "hidden" (the target's features, computed once by target_features in padded
+    batches) stands in for the target's forward: the same loss terms, batch by batch and in evaluation."""
+    target, head = models
+    features = target_features(target, rows, batch_size=5)  # the last batch is padded
+    assert features.shape == (rows.num_rows, rows.seq_len, target.config.d_model)
+    batch = {"tokens": rows.tokens[3:7], "segment_ids": rows.segment_ids[3:7], "positions": rows.positions[3:7]}
+    cfg = FeatureLossConfig(token_weight=0.5)
+    ran = feature_loss_sums(head, target, batch, cfg)
+    read = feature_loss_sums(head, target, {**batch, "hidden": features[3:7]}, cfg)
+    for k in ("loss", "feature", "token", "agree", "count"):
+        np.testing.assert_allclose(float(read[k]), float(ran[k]), rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(list(evaluate_feature_head(head, target, rows, 4, features=features).values()),
+                               list(evaluate_feature_head(head, target, rows, 4).values()), rtol=1e-5)
+
+
+def test_time_budget_plans_the_steps(models, rows, tmp_path):
+    """With time_budget the step count comes from timed probe steps and bounds the schedule; the run
+    trains on precomputed features, logs through on_log and saves its last step."""
+    target, _ = models
+    features = target_features(target, rows, batch_size=8)
+    cfg = TrainConfig(steps=40, batch_size=2, seq_len=16, learning_rate=3e-3, warmup_steps=30, log_every=5,
+                      eval_every=40, eval_batches=1, checkpoint_every=40)
+    logs = []
+    summary = train_feature_head(target, rows, tmp_path, train_cfg=cfg, val_rows=rows, train_features=features,
+                                 val_features=features, time_budget=120.0, show_progress=False, on_log=logs.append)
+    assert logs[0]["planned_steps"] == summary["planned_steps"] == summary["step"]
+    assert 2 <= summary["step"] <= cfg.steps and summary["checkpoint"].endswith(f"step_{summary['step']:08d}")
+    assert 0 <= summary["val_agree"] <= 1 and any("val_loss" in r for r in logs)
+    with pytest.raises(ValueError, match="train_features"):
+        train_feature_head(target, rows, tmp_path, train_cfg=cfg, train_features=features[:3], show_progress=False)
+
+
+def test_distill_script_packs_held_out_prompts_apart():
+    from benchmarks import distill_on_gpu as distill
+    records = [{"prompt_index": i % 4, "response_ids": [7, 8, 9], "stopped": i % 2 == 0} for i in range(8)]
+    train, val = distill.pack(records, [[1], [1, 2], [1, 2, 3], [4]], eos=2, seq_len=8, val_every=3)
+    # Prompts 0 and 3 are held out: answers 0, 3, 4, 7; the even ones ended by eos get it back.
+    assert int((val.segment_ids > 0).sum()) == (1 + 3 + 1) + (1 + 3) + (1 + 3 + 1) + (1 + 3)
+    assert int((train.segment_ids > 0).sum()) == (2 + 3) + (3 + 3 + 1) + (2 + 3 + 1) + (3 + 3)
+    with pytest.raises(ValueError, match="held-out"):
+        distill.pack([r for r in records if r["prompt_index"]], [[1]] * 4, eos=2, seq_len=8, val_every=100)
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--out", "x", "--deadline", "100", "--eval-seconds", "90"])
+    assert distill.parse_args(["--out", "x", "--smoke"]).max_steps == distill.SMOKE["max_steps"]
 
 
 def test_save_load_round_trip(models, tmp_path, monkeypatch):

@@ -289,6 +289,19 @@ def test_atomic_dq_variants_lower_for_sm90(dq_buffers, dq_chunks, dq_with_dkdv, 
         assert _lower_backward(config, D, segments) == {"mosaic": 1, "triton": 0}
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["plain", "segments"])
+@pytest.mark.parametrize("dq_buffers", [1, 2])
+def test_split_dq_variant_lowers_for_sm90(dq_buffers, segments):
+    """dq_split (each consumer reduce-adds half of dQ's columns over both consumers' keys) lowers at
+    D=128, and refuses D=64 (a half would be 32 columns, less than one swizzle span) by name."""
+    from pallas_kernels.fa2 import mosaic_bwd
+
+    config = mosaic_bwd.MosaicBwdConfig(deterministic=False, dq_buffers=dq_buffers, dq_split=True)
+    assert _lower_backward(config, 128, segments) == {"mosaic": 1, "triton": 0}
+    with pytest.raises(ValueError, match="dq_split"):
+        _lower_backward(config, 64, segments)
+
+
 def test_smem_estimate_is_a_lower_bound_of_mosaic_count(monkeypatch):
     """With our check off, Mosaic GPU refuses the D=128 double-buffered kernel by its own count,
     which our estimate does not exceed (it leaves out barriers and alignment): the check refuses
@@ -307,7 +320,9 @@ def test_smem_estimate_is_a_lower_bound_of_mosaic_count(monkeypatch):
 @pytest.mark.parametrize("kwargs", [dict(dq_buffers=0), dict(dq_buffers=1.5), dict(dq_with_dkdv=1),
                                     dict(dq_chunks=3), dict(dq_chunks=2, deterministic=True),
                                     dict(dq_buffers=2, deterministic=True),
-                                    dict(dq_with_dkdv=True, deterministic=True)])
+                                    dict(dq_with_dkdv=True, deterministic=True),
+                                    dict(dq_split=1), dict(dq_split=True, deterministic=True),
+                                    dict(dq_split=True, dq_chunks=2), dict(dq_split=True, dq_with_dkdv=True)])
 def test_atomic_dq_variant_config_is_checked(kwargs):
     from pallas_kernels.fa2 import mosaic_bwd
 

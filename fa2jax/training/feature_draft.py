@@ -1,7 +1,7 @@
 """Training a `fa2jax.feature_head.FeatureHead` on a frozen target's features (EAGLE's recipe).
 
-Per packed batch, the target runs once (no gradient) and gives its final hidden states f and
-logits; the head reads (f_i, e(x_{i+1})) and predicts f^_{i+1}. The loss (Li et al., EAGLE,
+Per packed batch, the target runs once (no gradient) and gives its final hidden states f, and
+its LM head their logits; the head reads (f_i, e(x_{i+1})) and predicts f^_{i+1}. The loss (Li et al., EAGLE,
 ICML'24, §4.2) is
 
     feature_weight * smooth-L1(f^_{i+1}, f_{i+1}) + token_weight * CE(p_{i+2}, softmax(head(f^_{i+1})))
@@ -11,6 +11,11 @@ graded on matching the target, not the text) and `head` the target's LM head, sh
 EAGLE weighs them 1 and 0.1. Uniform noise of amplitude `input_noise` on the input features
 (EAGLE's augmentation) teaches the head to read its own, imperfect predictions at deeper levels.
 Only positions whose next token lies in the same document count (`losses.target_mask`).
+
+The target is frozen, so its features can be computed once per corpus (`target_features`, in
+big jitted batches) and handed to the training as `train_features`: a step then reads them
+from device memory (a batch's "hidden") and runs only the target's LM head for its soft labels,
+not its whole stack; over many epochs that is most of the work saved.
 
 The optimizer, schedule and data order are the Transformer trainer's (`TrainConfig`,
 `make_optimizer`, `BatchSchedule`); the head is saved with `save_feature_head` at the end and every
@@ -23,11 +28,13 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -74,6 +81,8 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
       head: the head (its parameters are what a gradient would be taken of).
       target: the frozen target; its outputs are cut from the gradient.
       batch: "tokens", "segment_ids", "positions".  # [B, T] int32 each
+        Optionally "hidden": the target's final hidden states of these tokens, precomputed
+        (`target_features`), so the target's stack does not run.  # [B, T, d]
       loss_cfg: weights and noise.
       key: PRNG key of the input noise (unused when `input_noise` is 0).
 
@@ -83,8 +92,12 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
       depth-1 greedy acceptance with the target's own context features). Divide by "count".
     """
     tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
-    logits, hidden = target(tokens, segments, positions, return_hidden=True)  # [B, T, V], [B, T, d]
-    logits, hidden = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(hidden)
+    hidden = batch.get("hidden")
+    if hidden is None:
+        _, hidden = target(tokens, segments, positions, return_hidden=True)  # [B, T, d]
+    hidden = jax.lax.stop_gradient(hidden)
+    # The target's logits of x_{i+2}: its LM head on f_{i+1} (what its forward computes there).
+    logits = jax.lax.stop_gradient(target.head_logits(hidden[:, 1:], mask_padding=False))  # [B, T-1, V]
     features = hidden[:, :-1]  # f_i  [B, T-1, d]
     if loss_cfg.input_noise > 0:
         noise = jax.random.uniform(key, features.shape, jnp.float32, -loss_cfg.input_noise, loss_cfg.input_noise)
@@ -95,9 +108,9 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
     err = predicted.astype(jnp.float32) - hidden[:, 1:].astype(jnp.float32)
     smooth_l1 = optax.huber_loss(err, delta=1.0).mean(-1)  # [B, T-1]
     log_q = jax.nn.log_softmax(target.head_logits(predicted, mask_padding=False), -1)  # [B, T-1, V]
-    p = jax.nn.softmax(logits[:, 1:], -1)  # the target's distribution of x_{i+2}
+    p = jax.nn.softmax(logits, -1)  # the target's distribution of x_{i+2}
     cross_entropy = -jnp.sum(p * log_q, -1)  # [B, T-1]
-    agree = jnp.argmax(log_q, -1) == jnp.argmax(logits[:, 1:], -1)
+    agree = jnp.argmax(log_q, -1) == jnp.argmax(logits, -1)
     feature = jnp.sum(jnp.where(mask, smooth_l1, 0.0))
     token = jnp.sum(jnp.where(mask, cross_entropy, 0.0))
     return {"loss": loss_cfg.feature_weight * feature + loss_cfg.token_weight * token, "feature": feature,
@@ -130,10 +143,61 @@ def make_feature_train_step(head_def: nnx.GraphDef, target_def: nnx.GraphDef, lo
     return step
 
 
+def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtype=None) -> jax.Array:
+    """The frozen target's final hidden states of every row, computed in jitted batches and kept
+    on the device (`train_feature_head`'s `train_features`).
+
+    Args:
+      target: the model.
+      rows: packed rows.  # [N, T]
+      batch_size: rows per forward pass (the last pass is padded to it: one compiled shape).
+      dtype: storage dtype; default the target's compute dtype.
+
+    Returns:
+      features.  # [N, T, d] on the default device
+    """
+    if batch_size < 1:
+        raise ValueError(f"{batch_size=} must be positive")
+    graphdef, params, rest = _split_target(target)
+    dtype = jnp.dtype(dtype or target.config.dtype)
+
+    @jax.jit
+    def forward(params, rest, batch):
+        _, hidden = nnx.merge(graphdef, params, rest)(batch["tokens"], batch["segment_ids"], batch["positions"],
+                                                     return_hidden=True)
+        return hidden.astype(dtype)
+
+    parts = []
+    for lo, batch in zip(range(0, rows.num_rows, batch_size), eval_batches(rows, batch_size)):
+        parts.append(forward(params, rest, batch)[: rows.num_rows - lo])
+    return jnp.concatenate(parts, axis=0)
+
+
+def _step_batch(schedule: BatchSchedule, step: int, features: jax.Array | None) -> dict:
+    """The batch of optimizer step `step`, with its rows' precomputed features when given."""
+    index = schedule.indices(step)
+    rows = schedule.rows
+    batch = {"tokens": rows.tokens[index], "segment_ids": rows.segment_ids[index], "positions": rows.positions[index]}
+    return _with_features(batch, features, index)
+
+
+def _with_features(batch: dict, features: jax.Array | None, index: np.ndarray) -> dict:
+    """`batch` plus "hidden" = features[index] (gathered on the device), zeros for padding rows."""
+    if features is None:
+        return batch
+    hidden = features[jnp.asarray(index)]  # [b, T, d]
+    short = batch["tokens"].shape[0] - hidden.shape[0]
+    if short:
+        hidden = jnp.pad(hidden, ((0, short), (0, 0), (0, 0)))
+    return {**batch, "hidden": hidden}
+
+
 def evaluate_feature_head(head: FeatureHead, target: Transformer, rows: PackedRows, batch_size: int,
-                          max_batches: int | None = None, loss_cfg: FeatureLossConfig = FeatureLossConfig()) -> dict:
+                          max_batches: int | None = None, loss_cfg: FeatureLossConfig = FeatureLossConfig(),
+                          features: jax.Array | None = None) -> dict:
     """Mean loss terms and greedy agreement of `head` over `rows` (no noise): {"loss", "feature",
-    "token", "agree"} as floats per valid position."""
+    "token", "agree"} as floats per valid position. `features`: the target's, precomputed
+    (`target_features` of `rows`), so that only its LM head runs."""
     head_def, head_params = nnx.split(head)
     target_def, target_params, target_rest = _split_target(target)
     clean = dataclasses.replace(loss_cfg, input_noise=0.0)
@@ -143,12 +207,35 @@ def evaluate_feature_head(head: FeatureHead, target: Transformer, rows: PackedRo
         return feature_loss_sums(nnx.merge(head_def, head_params), nnx.merge(target_def, target_params, target_rest),
                                  batch, clean)
 
-    total: dict[str, float] = {}
-    for batch in eval_batches(rows, batch_size, max_batches):
-        for k, v in jax.device_get(sums(head_params, batch, target_params, target_rest)).items():
-            total[k] = total.get(k, 0.0) + float(v)
+    total = None
+    for lo, batch in zip(range(0, rows.num_rows, batch_size), eval_batches(rows, batch_size, max_batches)):
+        index = np.arange(lo, min(lo + batch_size, rows.num_rows))
+        out = sums(head_params, _with_features(batch, features, index), target_params, target_rest)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)  # on the device: no sync per batch
+    total = {k: float(v) for k, v in jax.device_get(total).items()}
     count = max(total.pop("count", 0.0), 1.0)
     return {k: v / count for k, v in total.items()}
+
+
+def _seconds_per_step(step_fn, head_params, opt_state, schedule: BatchSchedule, features, target_params,
+                      target_rest, probes: int) -> tuple[float, float]:
+    """(compile + first step seconds, seconds per step after it) of `step_fn` on copies of the state
+    (the step donates its inputs), timed over `probes` steps."""
+    head_params, opt_state = jax.tree.map(jnp.copy, (head_params, opt_state))
+    key = jax.random.key(0)
+
+    def run(step):
+        return step_fn(head_params, opt_state, _step_batch(schedule, step, features), target_params, target_rest, key)
+
+    start = time.perf_counter()
+    head_params, opt_state, sums = run(0)
+    jax.block_until_ready(sums)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(1, probes + 1):
+        head_params, opt_state, sums = run(step)
+    jax.block_until_ready(sums)
+    return first, (time.perf_counter() - start) / probes
 
 
 def train_feature_head(
@@ -165,6 +252,11 @@ def train_feature_head(
     metadata: dict | None = None,
     show_progress: bool = True,
     stop_after_seconds: float | None = None,
+    train_features: jax.Array | None = None,
+    val_features: jax.Array | None = None,
+    time_budget: float | None = None,
+    checkpoint_seconds: float | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> dict:
     """Trains a fresh head for the frozen `target` and saves it under `out`/checkpoints.
 
@@ -181,16 +273,30 @@ def train_feature_head(
       save_dtype: dtype the saved parameters are cast to (e.g. bfloat16); None keeps float32.
       metadata: more JSON-able values for the checkpoint's meta.json.
       show_progress: a tqdm bar (the `examples` extra).
-      stop_after_seconds: end early (evaluating and saving as at the last step) once training has
+      stop_after_seconds: end early (evaluating and saving as at the last step) once this call has
         taken this long; the schedule keeps its length.
+      train_features, val_features: the target's features of `train_rows` / `val_rows`
+        (`target_features`); a step then runs the target's LM head only, not its stack.  # [N, T, d]
+      time_budget: seconds the whole call may take: the step count (so the schedule's length;
+        train_cfg.steps becomes an upper bound) is set from the time of a few steps of a throwaway
+        copy, so the cosine decay ends when the time does. Its warmup is capped below the steps.
+      checkpoint_seconds: also save whenever this long has passed since the last save (a run
+        killed from outside keeps its latest head).
+      on_log: called with each logged record ({"step", "lr", "seconds", "loss", ...}, and the
+        {"step", "val_*"} records of the evaluations), e.g. to print progress.
 
     Returns:
       a summary: step, params, loss (last logged), the final evaluation's val_* values, checkpoint.
     """
+    start = time.perf_counter()
     if train_cfg.grad_accum != 1:
         raise ValueError(f"feature-head training takes one batch per step: {train_cfg.grad_accum=}")
     if train_rows.seq_len != train_cfg.seq_len:
         raise ValueError(f"rows of {train_rows.seq_len=} tokens, but {train_cfg.seq_len=}")
+    for name, rows, features in (("train", train_rows, train_features), ("val", val_rows, val_features)):
+        if features is not None and (rows is None or features.shape[:2] != rows.tokens.shape):
+            raise ValueError(f"{name}_features must be [N, T, d] of the {name} rows: {features.shape=}, "
+                             f"rows {None if rows is None else rows.tokens.shape}")
     head_config = head_config or FeatureHeadConfig.for_target(
         target.config, dtype=target.config.dtype, param_dtype=jnp.float32)
     head_config.check_target(target.config)
@@ -199,19 +305,33 @@ def train_feature_head(
     head = FeatureHead(head_config, rngs=nnx.Rngs(train_cfg.seed))
     head_def, head_params = nnx.split(head)
     target_def, target_params, target_rest = _split_target(target)
+    schedule = BatchSchedule(train_rows, train_cfg.batch_size, train_cfg.seed)
+    summary: dict[str, Any] = {"params": count_params(head)}
+    if time_budget is not None:
+        tx = make_optimizer(train_cfg)
+        first, per_step = _seconds_per_step(make_feature_train_step(head_def, target_def, loss_cfg, tx), head_params,
+                                            tx.init(head_params), schedule, train_features, target_params,
+                                            target_rest, probes=5)
+        # The real step compiles again (its schedule differs); the end compiles and runs an evaluation
+        # (forward only: counted as another compilation and two steps a batch) and saves.
+        left = time_budget - (time.perf_counter() - start) - 2 * first - 2 * train_cfg.eval_batches * per_step
+        steps = max(2, min(train_cfg.steps, int(0.95 * left / per_step)))
+        train_cfg = dataclasses.replace(train_cfg, steps=steps,
+                                        warmup_steps=min(train_cfg.warmup_steps, steps // 10))
+        summary.update(planned_steps=steps, probe_seconds_per_step=per_step, probe_first_step_seconds=first)
+        if on_log is not None:
+            on_log({"step": 0, "planned_steps": steps, "seconds_per_step": per_step, "compile_seconds": first})
     tx = make_optimizer(train_cfg)
     opt_state = tx.init(head_params)
     step_fn = make_feature_train_step(head_def, target_def, loss_cfg, tx)
-    schedule = BatchSchedule(train_rows, train_cfg.batch_size, train_cfg.seed)
     lr = learning_rate_schedule(train_cfg)
     key = jax.random.key(train_cfg.seed)
     meta = {"train_config": train_cfg, "loss_config": loss_cfg, **(metadata or {})}
-    summary: dict[str, Any] = {"params": count_params(head)}
     metrics_file = out / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)  # a run starts afresh: there is no resume to keep records for
-    window: dict[str, float] = {}
+    window = None  # metric sums since the last log, on the device: fetched at log time only
     bar = progress.bar(train_cfg.steps, 0, show_progress, desc="feature head")
-    start = time.perf_counter()
+    train_start, last_save = start, time.perf_counter()  # stop_after_seconds counts the probe steps too
 
     def save(step: int) -> Path:
         nnx.update(head, head_params)
@@ -220,36 +340,44 @@ def train_feature_head(
 
     for step in range(train_cfg.steps):
         key, sub = jax.random.split(key)
-        head_params, opt_state, sums = step_fn(head_params, opt_state, schedule.batch(step), target_params,
-                                               target_rest, sub)
-        for k, v in jax.device_get(sums).items():
-            window[k] = window.get(k, 0.0) + float(v)
+        head_params, opt_state, sums = step_fn(head_params, opt_state, _step_batch(schedule, step, train_features),
+                                               target_params, target_rest, sub)
+        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
         bar.update()
         done = step + 1
         last = done == train_cfg.steps or (
-            stop_after_seconds is not None and time.perf_counter() - start > stop_after_seconds)
+            stop_after_seconds is not None and time.perf_counter() - train_start > stop_after_seconds)
         if done % train_cfg.log_every == 0 or last:
+            window = {k: float(v) for k, v in jax.device_get(window).items()}
             count = max(window.pop("count"), 1.0)
-            record = {"step": done, "lr": float(lr(step)), "seconds": time.perf_counter() - start,
-                      **{k: v / count for k, v in window.items()}}
+            record = {"step": done, "lr": float(lr(step)), "seconds": time.perf_counter() - train_start,
+                      "epoch": done / schedule.batches_per_epoch, **{k: v / count for k, v in window.items()}}
             if not math.isfinite(record["loss"]):
                 saved = sorted((out / "checkpoints").glob("step_*"))
                 raise NonFiniteLossError(done, {"loss": record["loss"]}, saved[-1] if saved else None)
             append_metrics(metrics_file, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", agree=f"{record['agree']:.3f}")
             summary.update(step=done, loss=record["loss"], agree=record["agree"])
-            window = {}
+            if on_log is not None:
+                on_log(record)
+            window = None
         if val_rows is not None and (done % train_cfg.eval_every == 0 or last):
             nnx.update(head, head_params)
             val = evaluate_feature_head(head, target, val_rows, train_cfg.batch_size, train_cfg.eval_batches,
-                                        loss_cfg)
-            append_metrics(metrics_file, {"step": done, **{f"val_{k}": v for k, v in val.items()}})
-            summary.update({f"val_{k}": v for k, v in val.items()})
+                                        loss_cfg, features=val_features)
+            record = {"step": done, **{f"val_{k}": v for k, v in val.items()}}
+            append_metrics(metrics_file, record)
+            summary.update(record)
             bar.write(f"step {done}: " + " ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
+            if on_log is not None:
+                on_log(record)
         if last:
             break
-        if done % train_cfg.checkpoint_every == 0:
+        if done % train_cfg.checkpoint_every == 0 or (
+                checkpoint_seconds is not None and time.perf_counter() - last_save > checkpoint_seconds):
             save(done)
+            last_save = time.perf_counter()
     bar.close()
     summary["checkpoint"] = str(save(done))
+    summary["train_seconds"] = time.perf_counter() - train_start
     return summary

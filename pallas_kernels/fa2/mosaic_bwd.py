@@ -71,6 +71,14 @@ class MosaicBwdConfig:
     # together with one wait (FA3's order: dS reaches shared memory before the dV product), at the
     # price of three f32 accumulators live at once.
     dq_with_dkdv: bool = False
+    # dq_split: the two consumers share each step's dQ partial (FA3's layout at D=128): once both
+    # have written their dSᵀ to shared memory, consumer w computes columns [w D/2, (w+1) D/2) of
+    # dS·K over BOTH consumers' keys and reduce-adds that half. Each consumer's dQ accumulator is
+    # half as wide (at D=128 the whole one would push the dK/dV consumer past its 232 registers:
+    # dK, dV, Sᵀ, dPᵀ and dQ together need 256) and half as many f32 bytes go to global memory, at
+    # the price of two barrier waits per step between the consumers. Needs D a multiple of 128 (a
+    # half is then whole 64-column swizzle spans), dq_chunks=1 and dq_with_dkdv=False.
+    dq_split: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
@@ -84,9 +92,16 @@ class MosaicBwdConfig:
             raise ValueError(f"dq_chunks must be 1 or 2 (64-column chunks at D=128), got {self.dq_chunks=}")
         if not isinstance(self.dq_with_dkdv, bool):
             raise TypeError(f"dq_with_dkdv must be a bool, got {self.dq_with_dkdv=}")
-        if self.deterministic and (self.dq_buffers != 1 or self.dq_chunks != 1 or self.dq_with_dkdv):
-            raise ValueError(f"dq_buffers, dq_chunks and dq_with_dkdv shape the reduce-add dQ path, which "
-                             f"deterministic=True does not run: {self.dq_buffers=}, {self.dq_chunks=}, "
+        if not isinstance(self.dq_split, bool):
+            raise TypeError(f"dq_split must be a bool, got {self.dq_split=}")
+        if self.deterministic and (self.dq_buffers != 1 or self.dq_chunks != 1 or self.dq_with_dkdv
+                                   or self.dq_split):
+            raise ValueError(f"dq_buffers, dq_chunks, dq_with_dkdv and dq_split shape the reduce-add dQ "
+                             f"path, which deterministic=True does not run: {self.dq_buffers=}, "
+                             f"{self.dq_chunks=}, {self.dq_with_dkdv=}, {self.dq_split=}")
+        if self.dq_split and (self.dq_chunks != 1 or self.dq_with_dkdv):
+            raise ValueError(f"dq_split already halves the partial's columns and issues dQ after dK/dV: "
+                             f"it takes dq_chunks=1 and dq_with_dkdv=False, got {self.dq_chunks=}, "
                              f"{self.dq_with_dkdv=}")
 
     @classmethod
@@ -119,7 +134,8 @@ def dkdv_smem_bytes(config: MosaicBwdConfig, *, head_dim: int, itemsize: int, se
     total += stages * 2 * bq * 4  # [lse, delta] ring
     if not config.deterministic:
         total += CONSUMERS * bkv * bq * itemsize  # dSᵀ
-        total += CONSUMERS * config.dq_buffers * bq * (D // config.dq_chunks) * 4  # dQ partials on their way out
+        width = D // (2 if config.dq_split else config.dq_chunks)
+        total += CONSUMERS * config.dq_buffers * bq * width * 4  # dQ partials on their way out
     if segments:
         total += stages * bq * 4  # query ids ring
     return total
@@ -212,6 +228,20 @@ class _Matmuls:
             return acc_ref[...]
 
         return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+    def t_dot_sum(self, pairs, shape):
+        """sum over (a [K, M], b [K, N]) in `pairs` of aᵀ · b -> f32 [M, N], all in shared memory:
+        every product issued into one scoped accumulator, waited on once (scoped as in `t_dot`)."""
+        if self.interpret:
+            return sum(self.t_dot(a_ref, b_ref, shape) for a_ref, b_ref in pairs)
+        plgpu = _plgpu()
+
+        def products(acc_ref):
+            for a_ref, b_ref in pairs:
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), b_ref)
+            return acc_ref[...]
+
+        return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32))
 
     def two_dot_t(self, a_ref, b_ref, c_ref, d_ref, shape):
         """(a · bᵀ, c · dᵀ), all four in shared memory: issued together, waited on once."""
@@ -357,7 +387,7 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
             kv_smem, q_smem, do_smem, stats_smem, *extra_smem = smem
             ids_smem = extra_smem.pop() if segments else None  # the streamed query tiles' ids
             dq_smem = extra_smem
-            kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free = barriers
+            kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free, *ds_barriers = barriers
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
             k0 = lax.axis_index("kv_tiles") * cta_keys
@@ -458,10 +488,43 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                         dv, p_t, do_smem.at[slot], dk, ds_t, q_smem.at[slot]))
                     return dv, dk, part
 
+                def split_dq_partial(ds_t, i):
+                    """`config.dq_split`: this consumer's half of the columns of dS K over both
+                    consumers' keys, f32 [bq, D / 2]. Step i's dSᵀ goes to this consumer's slot once
+                    the other has read step i - 1's (ds_free), and the product waits until both
+                    slots hold step i's (ds_ready)."""
+                    ds_ready, ds_free = ds_barriers
+
+                    @pl.when(i > 0)
+                    def _():
+                        plgpu.barrier_wait(ds_free)
+
+                    dq_smem[0].at[wg][...] = ds_t
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(ds_ready)
+                    plgpu.barrier_wait(ds_ready)
+                    cols = pl.ds(wg * (D // 2), D // 2)
+                    part = mm.t_dot_sum([(dq_smem[0].at[c], kv_smem.at[0, c, :, cols]) for c in range(CONSUMERS)],
+                                        (bq, D // 2))
+                    plgpu.barrier_arrive(ds_free)
+                    return part
+
                 def add_dq_partial(ds_t, part, i, t):
                     """dQ[tile rows] += dSᵀ K over this consumer's keys, by TMA reduce-add. part: that
-                    product when `dkdv_with_dq` made it, else None (made here)."""
+                    product when `dkdv_with_dq` made it, else None (made here). With `config.dq_split`
+                    the consumer adds its half of the columns over both consumers' keys instead."""
                     nbuf, chunks = config.dq_buffers, config.dq_chunks
+                    if config.dq_split:
+                        half = split_dq_partial(ds_t, i)
+                        buf = wg if nbuf == 1 else wg * nbuf + lax.rem(i, jnp.int32(nbuf))
+                        plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)
+                        dq_smem[1].at[buf][...] = half
+                        plgpu.commit_smem()
+                        head = kv_head * G + lax.div(i, tiles)
+                        plgpu.copy_smem_to_gmem(
+                            dq_smem[1].at[buf], dq_ref.at[b, pl.ds(t * bq, bq), head, pl.ds(wg * (D // 2), D // 2)],
+                            reduction_op="add")
+                        return
                     ds_smem = dq_smem[0].at[wg]
                     if part is None:
                         ds_smem[...] = ds_t
@@ -499,6 +562,10 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     return run(full_hi, hi, True, carry)
 
                 dk, dv = lax.fori_loop(0, G, head_loop, (mm.zeros((bkv, D)), mm.zeros((bkv, D))))
+                if ds_barriers:  # observe the last step's ds_free before the barriers are freed
+                    @pl.when(G * tiles > 0)
+                    def _():
+                        plgpu.barrier_wait(ds_barriers[1])
                 # dS was left unscaled: the softmax scale is applied once to the finished dK.
                 my_k[...] = (dk * problem.sm_scale).astype(q.dtype)
                 my_v[...] = dv.astype(q.dtype)
@@ -516,7 +583,8 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
         if with_dq:
             smem += (plgpu.SMEM((CONSUMERS, bkv, bq), q.dtype, transforms=transforms),  # dSᵀ
                      # dQ partials on their way out, dq_buffers per consumer
-                     plgpu.SMEM((CONSUMERS * config.dq_buffers, bq, D // config.dq_chunks), jnp.float32))
+                     plgpu.SMEM((CONSUMERS * config.dq_buffers, bq,
+                                 D // (2 if config.dq_split else config.dq_chunks)), jnp.float32))
         if segments:
             smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
         barriers = (
@@ -529,6 +597,9 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_free
             plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # stats_free
         )
+        if with_dq and config.dq_split:
+            barriers += (plgpu.Barrier(num_arrivals=CONSUMERS),  # ds_ready: both dSᵀ of a step written
+                         plgpu.Barrier(num_arrivals=CONSUMERS))  # ds_free: both read by the dQ products
         pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
@@ -693,6 +764,8 @@ def backward(q, k, v, do, lse2, delta, segment_ids=None, *, problem: MosaicProbl
     Tp, Sp, D = q.shape[1], k.shape[1], q.shape[3]
     if D not in (64, 128):
         raise ValueError(f"the Hopper backward covers head dim 64 or 128, got {D=}")
+    if config.dq_split and D % 128:
+        raise ValueError(f"dq_split halves dQ's columns into 64-column swizzle spans: it needs D=128, got {D=}")
     if Tp % config.q_multiple or Sp % config.kv_multiple:
         raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {config.q_multiple}, "
                          f"{Sp=} % {config.kv_multiple}")
