@@ -12,7 +12,7 @@
 #   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights
 #   train     benchmarks/train_step.py: target-1b train-step tokens/s, our attention vs cuDNN
 #   atomic    benchmarks/atomic_dq_check.py: the single-pass (TMA reduce-add dQ) backward
-#   fwdsweep  benchmarks/mosaic_sweep.py --head-dims 64: forward tiles at 4x4096x32x64 vs cuDNN
+#   fwdsweep  benchmarks/mosaic_sweep.py: forward variants and tiles at D=64 and 128 vs cuDNN, under a deadline
 #   atomicsweep  benchmarks/mosaic_bwd_sweep.py --atomic-variants: its dQ-store switches, checked and timed
 #   stall     benchmarks/stall_probe.py: compile and run seconds of each call of the two stalled runs
 #   gguf      SmolLM2-135M-Instruct's GGUF (98 MB) is larger than one call's upload (64 MiB with the
@@ -67,8 +67,8 @@ for s in "$@"; do
               --variants "${DECODE_VARIANTS:-default,command_buffer,unroll2}" ;;
     train) step train "${TRAIN_S:-200}" python3 benchmarks/train_step.py --out "$OUT" ;;
     atomic) step atomic "${ATOMIC_S:-200}" python3 benchmarks/atomic_dq_check.py --out "$OUT" ;;
-    fwdsweep) step fwdsweep "${FWDSWEEP_S:-200}" python3 benchmarks/mosaic_sweep.py --head-dims 64 \
-                --out "$OUT/mosaic_sweep.json" ;;
+    fwdsweep) step fwdsweep "${FWDSWEEP_S:-270}" python3 benchmarks/mosaic_sweep.py \
+                --out "$OUT/mosaic_sweep.json" --deadline "${FWDSWEEP_DEADLINE:-230}" ;;
     atomicsweep) step atomicsweep "${ATOMICSWEEP_S:-240}" python3 benchmarks/mosaic_bwd_sweep.py --atomic-variants \
                    --deadline 150 --out "$OUT" ;;
     stall) step stall "${STALL_S:-590}" python3 benchmarks/stall_probe.py --out "$OUT/stall_probe.json" \
