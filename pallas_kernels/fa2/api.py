@@ -21,7 +21,8 @@ from pallas_kernels.common.device import device_kind, on_hopper, resolve_interpr
 from pallas_kernels.common.numerics import LOG2E, next_power_of_two
 from pallas_kernels.fa2 import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
 from pallas_kernels.fa2.arguments import AttentionProblem, validate
-from pallas_kernels.fa2.block_sizes import MIN_BLOCK, BlockSizes, feature_names, lookup_block_sizes
+from pallas_kernels.fa2.block_sizes import (MIN_BLOCK, BlockSizes, feature_names, lookup_block_sizes,
+                                            lookup_mosaic_bwd, lookup_mosaic_fwd)
 from pallas_kernels.fa2.kernel_common import KernelSpec
 
 logger = logging.getLogger(__name__)
@@ -233,29 +234,49 @@ def _log_fallback(direction: str, problem: AttentionProblem, features) -> None:
                 problem.head_dim, features)
 
 
-def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool):
-    """The Hopper forward's tiles when it runs this call, else None."""
+def _tuning_kind(interpret: bool) -> str:
+    """The device kind the tuning cache is read under ("cpu" in interpret mode)."""
+    return "cpu" if interpret else device_kind()
+
+
+def _choose_mosaic(backend, problem: AttentionProblem, features, interpret: bool, config=None):
+    """The Hopper forward's config when it runs this call, else None: `config` when given (the
+    autotuner's candidate), else the tuning cache's entry or the default tiles for the head dim."""
     backend = _split_backend(backend)[0]
     covered = mosaic_fwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
-    if backend == "mosaic":
+    if config is not None and backend == "portable":
+        raise ValueError(f"mosaic_configs gives a Hopper forward config but the backend forces the portable "
+                         f"forward: {backend=}, {config=}")
+    if backend == "mosaic" or config is not None:
         if not covered:
             raise ValueError(
                 f"backend='mosaic' covers bf16/f16, head dim 64, 128 or 256, causal, window, segment ids "
                 f"and softcap only; got "
                 f"dtype={problem.dtype}, head_dim={problem.head_dim}, features={features}")
-        return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
+        return config or lookup_mosaic_fwd(_tuning_kind(interpret), problem.dtype, problem.head_dim, features)
     if backend is None and not interpret and on_hopper():
         if covered and mosaic_fwd.preferred(head_dim=problem.head_dim) and not NOT_YET_ON_GPU & set(features):
-            return mosaic_fwd.MosaicFwdConfig.for_head_dim(problem.head_dim)
+            return lookup_mosaic_fwd(_tuning_kind(interpret), problem.dtype, problem.head_dim, features)
         _log_fallback("forward", problem, features)
     return None
 
 
-def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: bool):
-    """The Hopper backward's tiles when it runs this call's backward, else None."""
-    strict = isinstance(backend, (tuple, list))  # a pair names the backward's kernel exactly
+def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: bool, deterministic: bool = True,
+                       config=None):
+    """The Hopper backward's config when it runs this call's backward, else None: `config` when given
+    (the autotuner's candidate), else the tuning cache's entry for the dQ mode `deterministic` asks
+    for, or the default tiles of that mode."""
+    strict = isinstance(backend, (tuple, list)) or config is not None  # the backward's kernel is named
     backend = _split_backend(backend)[1]
     covered = mosaic_bwd.supports(dtype=problem.dtype, head_dim=problem.head_dim, features=features)
+    if config is not None:
+        if backend == "portable":
+            raise ValueError(f"mosaic_configs gives a Hopper backward config but the backend forces the "
+                             f"portable backward: {backend=}, {config=}")
+        if config.deterministic != deterministic:
+            raise ValueError(f"mosaic_configs' backward config has {config.deterministic=}, the call asks "
+                             f"{deterministic=}")
+        backend = "mosaic"
     if backend == "mosaic" and not strict and not covered:
         # backend="mosaic" forces the Hopper forward; a backward it lacks (e.g. D=256) is portable.
         _log_fallback("backward", problem, features)
@@ -266,12 +287,22 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
                 f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal, window, "
                 f"segment ids and softcap only; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
                 f"features={features}")
-        return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
+        return config or _tuned_mosaic_bwd(problem, features, interpret, deterministic)
     if backend is None and not interpret and on_hopper():
         if covered and not NOT_YET_ON_GPU & set(features):
-            return mosaic_bwd.MosaicBwdConfig.for_head_dim(problem.head_dim)
+            return _tuned_mosaic_bwd(problem, features, interpret, deterministic)
         _log_fallback("backward", problem, features)
     return None
+
+
+def _tuned_mosaic_bwd(problem: AttentionProblem, features, interpret: bool, deterministic: bool):
+    """The cached (or default) backward config of the dQ mode asked for. deterministic=False is the
+    caller's opt-in: only then may a reduce-add config be chosen, from its own cache section."""
+    if not deterministic and not mosaic_bwd.atomic_dq_available():
+        logger.info("flash_attention backward: deterministic=False asked for, but %s=0 turns the "
+                    "reduce-add dQ kernel off; the deterministic dQ kernel runs", mosaic_bwd.ATOMIC_DQ_ENV)
+        deterministic = True
+    return lookup_mosaic_bwd(_tuning_kind(interpret), problem.dtype, problem.head_dim, features, deterministic)
 
 
 def flash_attention(
@@ -293,6 +324,7 @@ def flash_attention(
     interpret: bool | None = None,
     backend: str | tuple[str | None, str | None] | None = None,
     deterministic: bool = True,
+    mosaic_configs: tuple | None = None,
 ):
     """FlashAttention-2, forward and backward, as Pallas kernels.
 
@@ -316,6 +348,12 @@ def flash_attention(
       deterministic: True sums dQ in a fixed order (bitwise reproducible). False lets the Hopper
         backward add dQ partials from its dK/dV kernel with TMA reduce-add (one kernel less; the
         order of additions varies between runs). The portable backward is deterministic always.
+        On Hopper the kernels' tiles come from the tuning cache (`tuning.autotune_mosaic`), per dQ
+        mode: a deterministic call never gets a reduce-add config.
+      mosaic_configs: (MosaicFwdConfig | None, MosaicBwdConfig | None): the Hopper kernels' configs
+        for this call instead of the tuning cache's (what the autotuner times); a config given runs
+        its direction on the Hopper kernel (backend "portable" for that direction is an error); the
+        backward's `deterministic` must equal the call's.
       backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper kernels; raises
         ValueError for a forward they do not cover, runs the portable backward with a log line
         where the Hopper backward lacks the call, e.g. head dim 256), None: "mosaic" on Hopper
@@ -335,7 +373,7 @@ def flash_attention(
     launch, aux = plan(q, k, v, causal=causal, sm_scale=sm_scale, window_size=window_size, segment_ids=segment_ids,
                        softcap=softcap, alibi_slopes=alibi_slopes, mask=mask, dropout_rate=dropout_rate,
                        dropout_seed=dropout_seed, block_sizes=block_sizes, interpret=interpret, backend=backend,
-                       deterministic=deterministic)
+                       deterministic=deterministic, mosaic_configs=mosaic_configs)
     out, lse = _flash(q, k, v, aux, launch)
     return (out, lse) if return_lse else out
 
@@ -343,7 +381,7 @@ def flash_attention(
 def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window_size=(-1, -1), segment_ids=None,
          softcap: float = 0.0, alibi_slopes=None, mask=None, dropout_rate: float = 0.0, dropout_seed=None,
          block_sizes: BlockSizes | None = None, interpret: bool | None = None, backend=None,
-         deterministic: bool = True) -> tuple[_Launch, dict]:
+         deterministic: bool = True, mosaic_configs: tuple | None = None) -> tuple[_Launch, dict]:
     """Validates one call of `flash_attention` (same arguments) and fixes everything static about it.
 
     Returns:
@@ -361,21 +399,13 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
                              softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
                              dropout_rate=dropout_rate)
     if block_sizes is None:
-        kind = "cpu" if interpret else device_kind()
-        block_sizes = lookup_block_sizes(kind, problem.dtype, problem.head_dim, features)
+        block_sizes = lookup_block_sizes(_tuning_kind(interpret), problem.dtype, problem.head_dim, features)
     blocks = block_sizes.fitted(problem.q_len, problem.kv_len)
-    mosaic_config = _choose_mosaic(backend, problem, features, interpret)
-    mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic=}")
-    if mosaic_bwd_config is not None and not deterministic:
-        if mosaic_bwd.atomic_dq_available():
-            # The dS and dQ-partial buffers of the reduce-add mode leave no shared memory for a third
-            # ring slot at D=128 (248 KB > 227 KB, seen in the sm90 lowering).
-            mosaic_bwd_config = dataclasses.replace(mosaic_bwd_config, deterministic=False, num_stages=2)
-        else:
-            logger.info("flash_attention backward: deterministic=False asked for, but %s=0 turns the "
-                        "reduce-add dQ kernel off; the deterministic dQ kernel runs", mosaic_bwd.ATOMIC_DQ_ENV)
+    fwd_config, bwd_config = _split_mosaic_configs(mosaic_configs)
+    mosaic_config = _choose_mosaic(backend, problem, features, interpret, fwd_config)
+    mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret, deterministic, bwd_config)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:
@@ -397,6 +427,18 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
            "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}
     return launch, aux
+
+
+def _split_mosaic_configs(mosaic_configs):
+    """mosaic_configs -> (MosaicFwdConfig | None, MosaicBwdConfig | None), checked."""
+    if mosaic_configs is None:
+        return None, None
+    pair = tuple(mosaic_configs) if isinstance(mosaic_configs, (tuple, list)) else ()
+    if (len(pair) != 2 or not isinstance(pair[0], (mosaic_fwd.MosaicFwdConfig, type(None)))
+            or not isinstance(pair[1], (mosaic_bwd.MosaicBwdConfig, type(None)))):
+        raise TypeError(f"mosaic_configs must be None or a (MosaicFwdConfig | None, MosaicBwdConfig | None) "
+                        f"pair, got {mosaic_configs=}")
+    return pair
 
 
 def forward(q, k, v, aux: dict, launch: _Launch):

@@ -1,10 +1,16 @@
-"""Block sizes of the portable kernels: the config, heuristics per head dim, dtype and GPU, and the cache.
+"""Kernel configs without a GPU at hand: the portable block sizes, defaults per head dim, and the cache.
 
-FA2 leaves block sizes to hand tuning. Here `block_sizes=None` looks up the cache shipped with the
-package (measured on an H100, see BENCHMARKS.md), then a user cache written by the autotuner
-(`tuning.autotune`, which sits above the API and writes through `save_block_sizes`), then falls back
-to `heuristic_block_sizes`. The cache key is (device kind, dtype, head dim, feature set). This module
-imports no other part of the package but `common`, so the API and the autotuner both read it.
+FA2 leaves block sizes to hand tuning. Here `block_sizes=None` looks up a user cache written by the
+autotuner (`tuning.autotune`, which sits above the API and writes through `save_tuned`), then the
+cache shipped with the package (see BENCHMARKS.md for what was measured where), then falls back to
+`heuristic_block_sizes`. The Hopper kernels' configs (`MosaicFwdConfig`, `MosaicBwdConfig`) live in
+the same entries and are looked up the same way, falling back to their `for_head_dim` defaults.
+
+The cache key is (device kind, dtype, head dim, feature set); an entry holds one section per kernel
+family: {"block_sizes": {...}, "mosaic_fwd": {...}, "mosaic_bwd": {...},
+"mosaic_bwd_nondeterministic": {...}, "measured": {...}}, each config as its dataclass fields by
+name. Unknown sections or fields are refused with their names, never dropped. This module imports
+only `common` and the config classes of the kernel modules, so the API and the autotuner both read it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import pathlib
 import jax.numpy as jnp
 
 from pallas_kernels.common.numerics import next_power_of_two
+from pallas_kernels.fa2.mosaic_bwd import MosaicBwdConfig
+from pallas_kernels.fa2.mosaic_fwd import MosaicFwdConfig
 
 SHIPPED_CACHE = pathlib.Path(__file__).with_name("tuning_cache.json")
 USER_CACHE_ENV = "FA2JAX_TUNING_CACHE"
@@ -122,24 +130,161 @@ def _read_cache(path: pathlib.Path) -> dict:
         return {}
 
 
+# An entry's sections: each holds one config (its dataclass fields by name), or, for MEASURED, where
+# and how the configs were measured (free-form, read by people). The reduce-add backward
+# (deterministic=False) has a section of its own, so that a call with the default deterministic=True
+# can never be handed a config that changes its dQ summation order.
+BLOCK_SIZES = "block_sizes"
+MOSAIC_FWD = "mosaic_fwd"
+MOSAIC_BWD = "mosaic_bwd"
+MOSAIC_BWD_NONDETERMINISTIC = "mosaic_bwd_nondeterministic"
+MEASURED = "measured"
+SECTIONS = {BLOCK_SIZES: BlockSizes, MOSAIC_FWD: MosaicFwdConfig, MOSAIC_BWD: MosaicBwdConfig,
+            MOSAIC_BWD_NONDETERMINISTIC: MosaicBwdConfig}
+
+
+def mosaic_bwd_section(deterministic: bool) -> str:
+    """The section holding Hopper backward configs of this dQ mode."""
+    return MOSAIC_BWD if deterministic else MOSAIC_BWD_NONDETERMINISTIC
+
+
+def config_to_json(config) -> dict:
+    """A config dataclass as {field name: value}."""
+    return dataclasses.asdict(config)
+
+
+def config_from_json(cls, data: dict, where: str = "tuning cache"):
+    """cls(**data), refusing names that are not fields of cls: an entry written for fields this
+    version lacks (or with a typo) must not load as something else. Missing fields take their
+    defaults, which are the kernels' behaviour from before the field existed."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a {cls.__name__} entry must be a JSON object, got {data=}")
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} fields {unknown} (known: {sorted(known)}); "
+                         f"the entry was written by another version: re-run the autotuner or delete it")
+    return cls(**data)
+
+
+def entry_sections(entry: dict, where: str = "tuning cache") -> dict:
+    """{section: config or MEASURED dict} of one cache entry, every config decoded and checked.
+
+    An entry of the first format (BlockSizes fields at top level, no sections) reads as its
+    block_sizes section.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an entry must be a JSON object, got {entry=}")
+    if entry and not set(entry) & (set(SECTIONS) | {MEASURED}):
+        entry = {BLOCK_SIZES: entry}
+    unknown = sorted(set(entry) - set(SECTIONS) - {MEASURED})
+    if unknown:
+        raise ValueError(f"{where}: unknown sections {unknown} (known: {sorted(SECTIONS) + [MEASURED]})")
+    sections = {}
+    for name, data in entry.items():
+        if name == MEASURED:
+            sections[name] = data
+            continue
+        config = config_from_json(SECTIONS[name], data, f"{where}[{name!r}]")
+        if name in (MOSAIC_BWD, MOSAIC_BWD_NONDETERMINISTIC) and mosaic_bwd_section(config.deterministic) != name:
+            raise ValueError(f"{where}[{name!r}] holds a backward config with {config.deterministic=}: "
+                             f"that mode's configs go in {mosaic_bwd_section(config.deterministic)!r}")
+        sections[name] = config
+    return sections
+
+
+def _cached(section: str, device_kind: str, dtype, head_dim: int, features: tuple[str, ...]):
+    """The first config of `section` in: the user cache under this feature set, the shipped cache
+    under it, then both under the plain feature set; None when none has one."""
+    caches = [(f"user cache {user_cache_path()}", _read_cache(user_cache_path())),
+              (f"shipped cache {SHIPPED_CACHE}", _read_cache(SHIPPED_CACHE))]
+    for key in dict.fromkeys([cache_key(device_kind, dtype, head_dim, features),
+                              cache_key(device_kind, dtype, head_dim, ())]):
+        for name, cache in caches:
+            if key in cache:
+                config = entry_sections(cache[key], f"{name}[{key!r}]").get(section)
+                if config is not None:
+                    return config
+    return None
+
+
 def lookup_block_sizes(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> BlockSizes:
     """User cache, then the shipped cache, then the heuristic; a cached feature set falls back to plain."""
-    caches = [_read_cache(user_cache_path()), _read_cache(SHIPPED_CACHE)]
-    for key in (cache_key(device_kind, dtype, head_dim, features), cache_key(device_kind, dtype, head_dim, ())):
-        for cache in caches:
-            if key in cache:
-                return BlockSizes(**cache[key])
-    return heuristic_block_sizes(head_dim, dtype, device_kind)
+    cached = _cached(BLOCK_SIZES, device_kind, dtype, head_dim, features)
+    return cached if cached is not None else heuristic_block_sizes(head_dim, dtype, device_kind)
+
+
+def default_mosaic_bwd_config(head_dim: int, deterministic: bool = True) -> MosaicBwdConfig:
+    """The Hopper backward's config without measurement, per dQ mode."""
+    config = MosaicBwdConfig.for_head_dim(head_dim)
+    if deterministic:
+        return config
+    # The dS and dQ-partial buffers of the reduce-add mode leave no shared memory for a third
+    # ring slot at D=128 (248 KB > 227 KB, seen in the sm90 lowering).
+    return dataclasses.replace(config, deterministic=False, num_stages=2)
+
+
+def lookup_mosaic_fwd(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> MosaicFwdConfig:
+    """The Hopper forward's config: user cache, then the shipped cache (feature set, then plain),
+    then `MosaicFwdConfig.for_head_dim`."""
+    cached = _cached(MOSAIC_FWD, device_kind, dtype, head_dim, features)
+    return cached if cached is not None else MosaicFwdConfig.for_head_dim(head_dim)
+
+
+def lookup_mosaic_bwd(device_kind: str, dtype, head_dim: int, features: tuple[str, ...],
+                      deterministic: bool = True) -> MosaicBwdConfig:
+    """The Hopper backward's config of the asked dQ mode: the caches' section of that mode (in the
+    order of `lookup_mosaic_fwd`), then `default_mosaic_bwd_config`. The result's `deterministic`
+    always equals the argument."""
+    cached = _cached(mosaic_bwd_section(deterministic), device_kind, dtype, head_dim, features)
+    return cached if cached is not None else default_mosaic_bwd_config(head_dim, deterministic)
+
+
+def save_tuned(key: str, sections: dict, path: pathlib.Path | None = None) -> None:
+    """Writes `sections` ({section: config, or MEASURED: {config section: notes}}) under `key` into
+    the user cache (or `path`), keeping the entry's other sections; atomically (a temporary file,
+    then a rename)."""
+    path = user_cache_path() if path is None else pathlib.Path(path)
+    cache = _read_cache(path)
+    entry = _entry_json(entry_sections(cache[key], f"{path}[{key!r}]")) if key in cache else {}
+    for name, value in sections.items():
+        if name == MEASURED:
+            entry[MEASURED] = {**entry.get(MEASURED, {}), **value}
+        elif name not in SECTIONS or not isinstance(value, SECTIONS[name]):
+            raise ValueError(f"section {name!r} takes a {SECTIONS.get(name)}, got {value=}")
+        else:
+            entry[name] = config_to_json(value)
+    entry_sections(entry, f"{path}[{key!r}]")  # refuse what a lookup would refuse
+    cache[key] = entry
+    _write_cache(path, cache)
 
 
 def save_block_sizes(key: str, blocks: BlockSizes, path: pathlib.Path | None = None) -> None:
-    """Writes `blocks` under `key` into the user cache (atomically: a temporary file, then a rename)."""
-    path = user_cache_path() if path is None else path
-    cache = _read_cache(path)
-    cache[key] = dataclasses.asdict(blocks)
+    """Writes `blocks` under `key` into the user cache (or `path`), keeping the entry's other sections."""
+    save_tuned(key, {BLOCK_SIZES: blocks}, path)
+
+
+def merge_caches(source: pathlib.Path, target: pathlib.Path) -> list[str]:
+    """Adds every entry of the cache file `source` into `target`, section by section (a section of
+    source replaces target's, the others stay); keys starting with "_" (a tuning run's notes) are
+    not entries and stay behind. Returns the merged keys."""
+    merged = []
+    for key, entry in _read_cache(pathlib.Path(source)).items():
+        if key.startswith("_"):
+            continue
+        save_tuned(key, entry_sections(entry, f"{source}[{key!r}]"), pathlib.Path(target))
+        merged.append(key)
+    return merged
+
+
+def _entry_json(sections: dict) -> dict:
+    return {name: value if name == MEASURED else config_to_json(value) for name, value in sections.items()}
+
+
+def _write_cache(path: pathlib.Path, cache: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
