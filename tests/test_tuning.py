@@ -6,7 +6,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels.fa2 import api, block_sizes, tuning
@@ -69,9 +68,9 @@ def test_first_format_entry_reads_as_block_sizes(caches):
 def test_unknown_or_misplaced_fields_are_refused(caches, entry, names):
     user, _ = caches
     user.write_text(json.dumps({cache_key(KIND, jnp.bfloat16, 64, ()): entry}))
-    with pytest.raises(ValueError, match=names):
-        block_sizes.lookup_mosaic_fwd(KIND, jnp.bfloat16, 64, ())
-        block_sizes.lookup_mosaic_bwd(KIND, jnp.bfloat16, 64, ())
+    for lookup in (block_sizes.lookup_mosaic_fwd, block_sizes.lookup_mosaic_bwd, block_sizes.lookup_block_sizes):
+        with pytest.raises(ValueError, match=names):
+            lookup(KIND, jnp.bfloat16, 64, ())
 
 
 def test_shipped_cache_decodes():

@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.common.device import device_kind as current_device_kind
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS
@@ -194,14 +193,14 @@ def max_error(outputs, reference) -> tuple[float, float]:
     """
     worst = (0.0, 1.0)
     for out, ref in zip(jax.tree.leaves(outputs), jax.tree.leaves(reference), strict=True):
-        step = float(jnp.finfo(ref.dtype).eps) if jnp.issubdtype(ref.dtype, jnp.floating) else 0.0
-        out = np.asarray(jnp.asarray(out, jnp.float32))
-        ref = np.asarray(jnp.asarray(ref, jnp.float32))
         if out.shape != ref.shape:
             return math.inf, 1.0
-        diff = np.abs(out - ref)
-        error = math.inf if np.isnan(diff).any() else float(diff.max(initial=0.0))
-        tolerance = 2 * step * float(np.abs(ref).max(initial=0.0)) + ERROR_FLOOR
+        step = float(jnp.finfo(ref.dtype).eps) if jnp.issubdtype(ref.dtype, jnp.floating) else 0.0
+        # Reduced on the device: only two numbers per array come to the host.
+        out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+        error = float(jnp.max(jnp.abs(out - ref), initial=0.0))
+        error = math.inf if math.isnan(error) else error
+        tolerance = 2 * step * float(jnp.max(jnp.abs(ref), initial=0.0)) + ERROR_FLOOR
         if error / tolerance > worst[0] / worst[1]:
             worst = (error, tolerance)
     return worst
@@ -231,18 +230,21 @@ def time_mosaic_candidates(inputs: Sequence[tuple], candidates: Sequence, config
     """trials[c][i]: candidate c on input i. candidates[0] is the default, whose outputs are the
     reference the others must match (before they are timed).
 
-    configs_of(candidate) -> the (forward, backward) config pair to run. A candidate not started
-    before `deadline` (time.monotonic() seconds) is "skipped" on every input.
+    configs_of(candidate) -> the (forward, backward) config pair to run. A candidate that would not
+    end before `deadline` (time.monotonic() seconds) at the pace of the slowest one so far is not
+    started: "skipped" on every input.
 
     Raises:
       ValueError: the default does not run on some input (nothing can be judged without it).
     """
     references = [None] * len(inputs)
     trials = []
+    slowest = 0.0  # seconds of the slowest candidate so far (compiles, check, timing on every input)
     for index, candidate in enumerate(candidates):
-        if deadline is not None and time.monotonic() > deadline:
-            logger.info("autotune_mosaic: skipped (past the deadline) %s", candidate)
-            trials.append([MosaicTrial(candidate, "skipped")] * len(inputs))
+        started = time.monotonic()
+        if deadline is not None and started + slowest > deadline:
+            logger.info("autotune_mosaic: skipped (it would end past the deadline) %s", candidate)
+            trials.append([MosaicTrial(candidate, "skipped", message="deadline")] * len(inputs))
             continue
         row = []
         for i, (q, k, v) in enumerate(inputs):
@@ -256,6 +258,7 @@ def time_mosaic_candidates(inputs: Sequence[tuple], candidates: Sequence, config
                 break  # out on one input is out: the others need not compile it
         row += [MosaicTrial(candidate, "skipped", message="out on an earlier input")] * (len(inputs) - len(row))
         trials.append(row)
+        slowest = max(slowest, time.monotonic() - started)
     return trials
 
 
@@ -325,7 +328,8 @@ def autotune_mosaic(inputs: Sequence[tuple], *, include_backward: bool = True, d
       repeats: timed runs per candidate (median taken), for the default timer.
       save: write the winners (and what was measured) under the inputs' cache key, into `path` or
         the user cache (`$FA2JAX_TUNING_CACHE` or ~/.cache/fa2jax/).
-      timer: timer(fn) -> seconds of one call of fn() (default `median_time` with `repeats`).
+      timer: timer(fn) -> seconds of one call of fn() (default `median_time`: `repeats` samples of
+        five calls each).
       attention: the function run, as attention(q, k, v, mosaic_configs=(fwd, bwd), **attention_kwargs).
       deadline: time.monotonic() seconds after which no further candidate starts. Past it before the
         default backward ran, the backward is not tuned (None, not saved); before the default
@@ -352,7 +356,8 @@ def autotune_mosaic(inputs: Sequence[tuple], *, include_backward: bool = True, d
     fwd_candidates = list(fwd_candidates or mosaic_fwd_candidates(head_dim, dtype, segments))
     bwd_candidates = list(bwd_candidates or mosaic_bwd_candidates(head_dim, dtype, deterministic, segments))
     if timer is None:
-        timer = functools.partial(median_time, iters=repeats)
+        # Five back-to-back calls per sample hide the host's dispatch behind millisecond kernels.
+        timer = functools.partial(median_time, iters=repeats, warmup=2, calls_per_sample=5)
     common = dict(timer=timer, attention=attention, attention_kwargs=attention_kwargs, deadline=deadline)
     labels = [_shape_label(q, k) for q, k, _ in inputs]
     sections, measured = {}, {}
