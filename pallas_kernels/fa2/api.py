@@ -1,9 +1,10 @@
 """`flash_attention`: validation, padding, block-size choice, backend dispatch and the custom VJP.
 
 The portable Pallas kernels (`triton_fwd`, `triton_bwd`) run on every backend: lowered through
-Triton on NVIDIA GPUs, interpreted on CPU. On Hopper GPUs the forward of the calls it covers runs the
-Mosaic GPU kernel (`mosaic_fwd`: wgmma, TMA, warp specialisation); its residuals are the same, so
-the backward is the portable one either way. Arbitrary T, S and D are handled here by padding T and S
+Triton on NVIDIA GPUs, interpreted on CPU. On Hopper GPUs the calls they cover run the Mosaic GPU
+kernels (`mosaic_fwd`, `mosaic_bwd`: wgmma, TMA, warp specialisation) with tiles from the tuning
+cache or their per-head-dim defaults; both forwards leave the same residuals, so either backward can
+follow either forward. Arbitrary T, S and D are handled here by padding T and S
 to block multiples and D to a power of two (zeros; padded keys are masked in the kernel, padded
 queries and head-dim columns are sliced away), so the kernels only ever see whole tiles.
 """
