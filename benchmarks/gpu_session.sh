@@ -70,7 +70,7 @@ for s in "$@"; do
     fwdsweep) step fwdsweep "${FWDSWEEP_S:-270}" python3 benchmarks/mosaic_sweep.py \
                 --out "$OUT/mosaic_sweep.json" --deadline "${FWDSWEEP_DEADLINE:-230}" ;;
     atomicsweep) step atomicsweep "${ATOMICSWEEP_S:-240}" python3 benchmarks/mosaic_bwd_sweep.py --atomic-variants \
-                   --deadline 150 --out "$OUT" ;;
+                   --deadline "${ATOMICSWEEP_DEADLINE:-170}" --out "$OUT" ;;
     stall) step stall "${STALL_S:-590}" python3 benchmarks/stall_probe.py --out "$OUT/stall_probe.json" \
              --budget "${STALL_BUDGET:-560}" ${STALL_ONLY:+--only "$STALL_ONLY"} ;;
     gguf)
