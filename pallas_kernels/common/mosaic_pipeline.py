@@ -1,10 +1,11 @@
 """The K/V pipeline shared by the Hopper (Pallas Mosaic GPU) attention kernels.
 
-A CTA runs three warpgroups: warpgroup 2 streams K/V tiles with TMA into a ring of `stages`
-shared-memory slots; warpgroups 0 and 1 each own `rows` query rows and consume every tile with two
-asynchronous wgmma (S = Q Kᵀ, then O += P V) around a base-2 online softmax (FA2's deferred 1/l).
-With `ping_pong`, a schedule barrier makes the two consumers alternate, so one warpgroup's softmax
-overlaps the other's matrix products (FA3). The kernels (`fa2.mosaic_fwd`, `tree.mosaic_kernel`)
+A CTA runs `consumers` + 1 warpgroups (2 + 1 unless a kernel asks for 3 consumers): the last one
+streams K/V tiles with TMA into a ring of `stages` shared-memory slots; the consumers each own `rows`
+query rows and consume every tile with two asynchronous wgmma (S = Q Kᵀ, then O += P V) around a
+base-2 online softmax (FA2's deferred 1/l). With `ping_pong` the consumers take turns on the tensor
+cores, so one warpgroup's softmax overlaps the others' matrix products (FA3): two alternate through
+one schedule barrier, three pass a turn round a ring of barriers. The kernels (`fa2.mosaic_fwd`, `tree.mosaic_kernel`)
 only decide which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
 
 Segment ids (packed sequences, `key_ids=True`): the producer copies each tile's key ids [block_kv]
@@ -30,7 +31,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common.numerics import LN2, LOG2E, softcap_unscaled
 
-CONSUMERS = 2
+CONSUMERS = 2  # consumer warpgroups per CTA unless a Pipeline asks for 3 (the backward always has 2)
+# setmaxnreg budgets per thread, (consumer, producer), by consumer count: the register file holds
+# 64K 32-bit registers for (consumers + 1) warpgroups of 128 threads, (3 * 160 + 32) * 128 = 65536
+# (FA3's split); values are multiples of 8 in [24, 256] (PTX's rule for setmaxnreg).
+REGISTERS = {2: (232, 40), 3: (160, 32)}
 _TILE_COLUMNS = 64  # 64 bf16 columns = one 128-byte swizzle span per row
 _SWIZZLE_BYTES = 128
 ROW_SUM_ORDERS = ("plain", "fenced", "during_pv")
@@ -79,10 +84,15 @@ class Pipeline:
     # Whether O gets its own shared-memory slot per consumer instead of reusing its Q slot, so that a
     # persistent kernel can load the next work item's queries while this item's O is stored.
     out_buffer: bool = False
+    # Consumer warpgroups (2 or 3); the producer is warpgroup `consumers`. FA3 runs 3 at D=64, where
+    # each tile's matrix products are short and two consumers leave the tensor cores idle.
+    consumers: int = CONSUMERS
 
     def __post_init__(self):
         if self.row_sum_order not in ROW_SUM_ORDERS:
             raise ValueError(f"row_sum_order must be one of {ROW_SUM_ORDERS}: {self.row_sum_order=}")
+        if not isinstance(self.consumers, int) or isinstance(self.consumers, bool) or self.consumers not in REGISTERS:
+            raise ValueError(f"consumers must be one of {tuple(REGISTERS)}: {self.consumers=}")
 
     # -- the launch --------------------------------------------------------------------------
 
@@ -91,29 +101,35 @@ class Pipeline:
         plgpu = _plgpu()
         transforms = smem_transforms()
         smem = (
-            plgpu.SMEM((CONSUMERS, self.rows, self.head_dim), self.dtype, transforms=transforms),  # Q, then O
+            plgpu.SMEM((self.consumers, self.rows, self.head_dim), self.dtype, transforms=transforms),  # Q, then O
             plgpu.SMEM((self.stages, self.block_kv, self.head_dim), self.dtype, transforms=transforms),
             plgpu.SMEM((self.stages, self.block_kv, self.head_dim), self.dtype, transforms=transforms),
-            plgpu.SMEM((CONSUMERS, self.rows), jnp.float32),  # lse
+            plgpu.SMEM((self.consumers, self.rows), jnp.float32),  # lse
         )
         if self.key_ids:
             smem += (plgpu.SMEM((self.stages, self.block_kv), jnp.int32),)  # the K tiles' segment ids
         if self.out_buffer:
-            smem += (plgpu.SMEM((CONSUMERS, self.rows, self.head_dim), self.dtype, transforms=transforms),)  # O
+            smem += (plgpu.SMEM((self.consumers, self.rows, self.head_dim), self.dtype, transforms=transforms),)  # O
         barriers = (
             # k_ready (TMA completion): K, and its keys' segment ids when they ride along.
             plgpu.Barrier(num_arrivals=2 if self.key_ids else 1, num_barriers=self.stages),
             plgpu.Barrier(num_barriers=self.stages),  # v_ready
-            plgpu.Barrier(num_barriers=CONSUMERS),  # q_ready
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=self.stages),  # k_free: both consumers done
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=self.stages),  # v_free
-            plgpu.Barrier(num_arrivals=CONSUMERS),  # schedule (ping-pong)
+            plgpu.Barrier(num_barriers=self.consumers),  # q_ready
+            plgpu.Barrier(num_arrivals=self.consumers, num_barriers=self.stages),  # k_free: all consumers done
+            plgpu.Barrier(num_arrivals=self.consumers, num_barriers=self.stages),  # v_free
+            self._schedule_barrier(),
         )
         pl.run_scoped(lambda smem, *barriers: body(smem, barriers), smem, *barriers, collective_axes="wg")
 
+    def _schedule_barrier(self):
+        """Ping-pong: one barrier both of 2 consumers pass together, or 3 consumers' turns (one each)."""
+        if self.consumers == 2:
+            return _plgpu().Barrier(num_arrivals=2)
+        return _plgpu().Barrier(num_barriers=self.consumers)
+
     def kernel_options(self) -> dict:
         plgpu = _plgpu()
-        options = dict(num_threads=CONSUMERS + 1, thread_name="wg",
+        options = dict(num_threads=self.consumers + 1, thread_name="wg",
                        compiler_params=plgpu.CompilerParams(
                            approx_math=True, reduction_scratch_bytes=self.reduction_scratch_bytes))
         if self.interpret:
@@ -122,7 +138,7 @@ class Pipeline:
             options["interpret"] = InterpretGPUParams()
         return options
 
-    # -- warpgroup 2 -------------------------------------------------------------------------
+    # -- the producer (warpgroup `consumers`) -----------------------------------------------
 
     def produce(self, smem, barriers, k_ref, v_ref, steps, kv_index: Callable, key_ids: Callable | None = None):
         """Streams `steps` tiles; kv_index(i) indexes k_ref/v_ref for step i, and key_ids(i) (with
@@ -140,7 +156,7 @@ class Pipeline:
 
     def producer_setup(self):
         """Once per producer, before its first `stream`: it gives its registers to the consumers."""
-        _plgpu().set_max_registers(40, action="decrease")
+        _plgpu().set_max_registers(REGISTERS[self.consumers][1], action="decrease")
 
     def stream(self, smem, barriers, k_ref, v_ref, segments, key_ids: Callable | None = None, step0=0):
         """The loads of `produce_segments` without the setup and the drain. step0 (a persistent
@@ -191,7 +207,7 @@ class Pipeline:
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
 
-    # -- warpgroups 0 and 1 ------------------------------------------------------------------
+    # -- the consumers (warpgroups 0 .. consumers - 1) ----------------------------------------
 
     def load_queries(self, wg, smem, barriers, q_src):
         """Copies this consumer's queries into its slot; returns that slot (reused for the output)."""
@@ -206,7 +222,7 @@ class Pipeline:
 
     def consumer_setup(self):
         """Once per consumer, before its first `issue_queries`: it takes the producer's registers."""
-        _plgpu().set_max_registers(232, action="increase")
+        _plgpu().set_max_registers(REGISTERS[self.consumers][0], action="increase")
 
     def issue_queries(self, wg, smem, barriers, q_src):
         """Starts the copy of this consumer's queries into its Q slot (`wait_queries` waits for it);
@@ -253,11 +269,23 @@ class Pipeline:
                 cast(jnp.full((self.rows,), -jnp.inf, jnp.float32), self.row_layout()),
                 cast(jnp.zeros((self.rows,), jnp.float32), self.row_layout()))
 
-    def _sync_schedule(self, barriers):
+    def _sync_schedule(self, barriers, wg=None):
+        """Ping-pong, once a consumer has issued its S wgmma: two consumers pass the schedule barrier
+        together; with three, consumer wg hands the turn to the next (it waits for its own again
+        before its P V wgmma: `_await_turn`)."""
         if self.ping_pong:
             plgpu = _plgpu()
-            plgpu.barrier_arrive(barriers[5])
-            plgpu.barrier_wait(barriers[5])
+            if self.consumers == 2:
+                plgpu.barrier_arrive(barriers[5])
+                plgpu.barrier_wait(barriers[5])
+            else:
+                plgpu.barrier_arrive(barriers[5].at[lax.rem(wg + 1, self.consumers)])
+
+    def _await_turn(self, barriers, wg):
+        """Round robin (3 consumers): waits until the consumer before wg hands it the turn. A turn
+        is one consumer's P V wgmma of step i and S wgmma of step i + 1, so the tensor cores run
+        them while the other two consumers do their softmax."""
+        _plgpu().barrier_wait(barriers[5].at[wg])
 
     def consume(self, wg, my_q, smem, barriers, loops, query_ids=None, step0=0):
         """Runs the consumer's steps and returns (acc, row_max, row_sum).
@@ -275,8 +303,12 @@ class Pipeline:
             raise ValueError(f"query_ids must be given exactly when the pipeline has key ids: {self.key_ids=}")
         carry = self.initial_carry()
         # The second consumer starts half a step late so that the two alternate on the tensor cores.
-        if self.ping_pong:
+        # Three take turns in order from consumer 0, which holds the first turn; a turn passes on
+        # after each S wgmma and comes back before each P V wgmma (every consumer runs the same steps).
+        if self.ping_pong and self.consumers == 2:
             pl.when(wg == 1)(lambda: self._sync_schedule(barriers))
+        elif self.ping_pong:
+            pl.when(wg > 0)(lambda: self._await_turn(barriers, wg))
         k_until = None  # with early_k_wait: the end of the steps whose K a step may wait for early
         if self.early_k_wait:
             for (_, last, *_), (first, *_) in zip(loops, loops[1:]):
@@ -296,10 +328,16 @@ class Pipeline:
                 smem[0], smem[1].at[:, pl.ds(0, stepper.block_kv)], smem[2].at[:, pl.ds(0, stepper.block_kv)],
                 smem[3])
             carry = lax.fori_loop(first, last, lambda i, c, allowed=allowed, stepper=stepper, tiles=tiles:
-                                  stepper._step(i, c, my_q, tiles, barriers, allowed, query_ids, step0, k_until),
+                                  stepper._step(i, c, my_q, tiles, barriers, allowed, query_ids, step0, k_until,
+                                                wg),
                                   carry)
-        if self.ping_pong:
+        if self.ping_pong and self.consumers == 2:
             pl.when(wg == 0)(lambda: self._sync_schedule(barriers))
+        elif self.ping_pong:
+            # Each turn taken is passed on, except the last consumer's final one: every consumer
+            # then waits for its turn as often as the one before it passes it (steps + 1 times for
+            # consumers 1 and 2, steps times for consumer 0), which the simulator checks.
+            pl.when(wg < self.consumers - 1)(lambda: self._sync_schedule(barriers, wg))
         return carry
 
     def _slot(self, i, step0):
@@ -316,10 +354,10 @@ class Pipeline:
         shape = (self.rows, self.block_kv)
         return lax.broadcast_in_dim(query_ids, shape, [0]) == lax.broadcast_in_dim(key_ids, shape, [1])
 
-    def _step(self, i, carry, my_q, smem, barriers, allowed, query_ids=None, step0=0, k_until=None):
-        """One step; with `early_k_wait`, K of this step was waited for already (by `consume` or the
-        step before), and this step waits for K of step i + 1 while its P V wgmma runs (if
-        i + 1 < k_until)."""
+    def _step(self, i, carry, my_q, smem, barriers, allowed, query_ids=None, step0=0, k_until=None, wg=None):
+        """One step of consumer wg; with `early_k_wait`, K of this step was waited for already (by
+        `consume` or the step before), and this step waits for K of step i + 1 while its P V wgmma
+        runs (if i + 1 < k_until)."""
         plgpu = _plgpu()
         _, k_smem, v_smem, *_ = smem
         k_ready, v_ready, _, k_free, v_free, schedule = barriers
@@ -330,11 +368,11 @@ class Pipeline:
         if self.interpret:
             s = lax.dot_general(my_q[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-            self._sync_schedule(barriers)
+            self._sync_schedule(barriers, wg)
         else:
             def scores_of(s_ref):
                 plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                self._sync_schedule(barriers)
+                self._sync_schedule(barriers, wg)
                 return s_ref[...]
 
             s = pl.run_scoped(scores_of, plgpu.ACC((self.rows, self.block_kv), jnp.float32))
@@ -366,11 +404,13 @@ class Pipeline:
             # Pins the softmax before the waits below: the compiler may not sink the sum past them.
             acc, p = lax.optimization_barrier((acc, p))
             row_sum, new_max = lax.optimization_barrier((row_sum, new_max))
-        if self.ping_pong:
+        if self.ping_pong and self.consumers == 2:
             plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(v_ready.at[slot])
-        if self.ping_pong:
+        if self.ping_pong and self.consumers == 2:
             plgpu.barrier_wait(schedule)
+        elif self.ping_pong:  # V is in: the turn is taken only when the wgmma can start
+            self._await_turn(barriers, wg)
 
         def during_pv(row_sum):
             """What runs while the P V wgmma is in flight; returns the new row_sum."""

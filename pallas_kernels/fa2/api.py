@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -407,14 +408,16 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
     fwd_config, bwd_config = _split_mosaic_configs(mosaic_configs)
     mosaic_config = _choose_mosaic(backend, problem, features, interpret, fwd_config)
     mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret, deterministic, bwd_config)
-    q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    # Least common multiples: a Hopper forward with 3 consumers covers 192 rows per CTA, which the
+    # other kernels' power-of-two tiles do not divide (for powers of two this is their max).
+    q_multiple = math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    k_multiple = math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     if mosaic_config is not None:
-        q_multiple = max(q_multiple, 2 * mosaic_config.block_q)
-        k_multiple = max(k_multiple, mosaic_config.block_kv)
+        q_multiple = math.lcm(q_multiple, mosaic_config.cta_rows)
+        k_multiple = math.lcm(k_multiple, mosaic_config.block_kv)
     if mosaic_bwd_config is not None:
-        q_multiple = max(q_multiple, mosaic_bwd_config.q_multiple)
-        k_multiple = max(k_multiple, mosaic_bwd_config.kv_multiple)
+        q_multiple = math.lcm(q_multiple, mosaic_bwd_config.q_multiple)
+        k_multiple = math.lcm(k_multiple, mosaic_bwd_config.kv_multiple)
     launch = _Launch(
         problem=problem,
         blocks=blocks,

@@ -2,9 +2,9 @@
 
 The portable kernel (`triton_fwd`) leaves the H100's tensor cores idle while it computes the softmax.
 Here each CTA runs the pipeline of `mosaic_pipeline`: one warpgroup streams K/V tiles with TMA, two
-consumer warpgroups (`block_q` query rows each) run wgmma and the online softmax, alternating on the
-tensor cores. This module decides the tiles: a CTA covers 2 * block_q rows and visits the key tiles
-of their causal/window band, masking only the tiles at the band's edges.
+(or, opt-in, three) consumer warpgroups (`block_q` query rows each) run wgmma and the online softmax,
+taking turns on the tensor cores. This module decides the tiles: a CTA covers consumers * block_q rows
+and visits the key tiles of their causal/window band, masking only the tiles at the band's edges.
 
 Scope (the dispatcher in `api.py` routes everything else to the portable kernels): bf16/f16, head dim
 64, 128 or 256, causal and sliding windows (bottom-right aligned), segment ids (packed sequences),
@@ -31,13 +31,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.device import num_sms
-from pallas_kernels.common.mosaic_pipeline import CONSUMERS, ROW_SUM_ORDERS, Pipeline
+from pallas_kernels.common.mosaic_pipeline import CONSUMERS, REGISTERS, ROW_SUM_ORDERS, Pipeline
 from pallas_kernels.common.numerics import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicFwdConfig:
-    """Tile shapes of the Hopper kernel: a CTA covers 2 * block_q query rows (two consumers).
+    """Tile shapes of the Hopper kernel: a CTA covers consumers * block_q query rows.
 
     The fields after ping_pong are scheduling variants (issue 17), off by default; each computes the
     same result and `benchmarks/mosaic_sweep.py` times them against the default.
@@ -56,6 +56,8 @@ class MosaicFwdConfig:
     # its next queries while it stores this item's O (from a shared-memory slot of its own).
     persistent: bool = False
     num_ctas: int = 0  # persistent only: CTAs launched; 0 = the default device's SM count
+    # Consumer warpgroups per CTA, 2 or 3 (FA3's hdim-64 forward: 3 x 64 rows, 160 registers each).
+    consumers: int = CONSUMERS
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -71,6 +73,14 @@ class MosaicFwdConfig:
             raise ValueError(f"num_ctas must be an int >= 0: {self.num_ctas=}")
         if self.num_ctas and not self.persistent:
             raise ValueError(f"num_ctas sizes a persistent grid only: {self.num_ctas=}, {self.persistent=}")
+        if (not isinstance(self.consumers, int) or isinstance(self.consumers, bool)
+                or self.consumers not in REGISTERS):
+            raise ValueError(f"consumers must be one of {tuple(REGISTERS)}: {self.consumers=}")
+
+    @property
+    def cta_rows(self) -> int:
+        """Query rows per CTA (192 with 3 consumers of 64: padded lengths are multiples of it)."""
+        return self.consumers * self.block_q
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "MosaicFwdConfig":
@@ -188,7 +198,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
     B, Tp, H, D = q.shape
     Sp = k.shape[1]
     bq, bkv = config.block_q, config.block_kv
-    cta_rows = CONSUMERS * bq
+    cta_rows = config.cta_rows
     if Tp % cta_rows or Sp % bkv:
         raise ValueError(f"padded lengths must be tile multiples: {Tp=} % {cta_rows}, {Sp=} % {bkv}")
     segments = segment_ids is not None
@@ -198,7 +208,8 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
     pipeline = Pipeline(rows=bq, block_kv=bkv, head_dim=D, stages=config.num_stages, dtype=q.dtype,
                         scale=problem.sm_scale * LOG2E, ping_pong=config.ping_pong, interpret=interpret,
                         key_ids=segments, softcap=problem.softcap, early_k_wait=config.early_k_wait,
-                        row_sum_order=config.row_sum_order, out_buffer=config.persistent)
+                        row_sum_order=config.row_sum_order, out_buffer=config.persistent,
+                        consumers=config.consumers)
     masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
     num_q_tiles = Tp // cta_rows
     num_items = num_q_tiles * H * B  # a CTA's work in the grid kernel, a work item in the persistent one
@@ -250,12 +261,12 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
             row0, (lo, full_lo, full_hi, hi) = item_bounds(b)
 
-            @pl.when(wg == CONSUMERS)
+            @pl.when(wg == config.consumers)
             def _producer():
                 kv_index, key_ids = kv_source(b, h, lo)
                 pipeline.produce(smem, barriers, k_ref, v_ref, hi - lo, kv_index, key_ids)
 
-            @pl.when(wg < CONSUMERS)
+            @pl.when(wg < config.consumers)
             def _consumer():
                 rows0 = row0 + wg * bq
                 my_q = pipeline.start_queries(wg, smem, barriers, q_ref.at[b, pl.ds(rows0, bq), h])
@@ -278,7 +289,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                 b, h, rank = _unravel_item(item, problem, B, H, num_q_tiles)
                 return item, b, h, rank
 
-            @pl.when(wg == CONSUMERS)
+            @pl.when(wg == config.consumers)
             def _producer():
                 pipeline.producer_setup()
 
@@ -291,7 +302,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
 
                 pipeline.drain(barriers, lax.fori_loop(0, local_items, stream_item, jnp.int32(0)))
 
-            @pl.when(wg < CONSUMERS)
+            @pl.when(wg < config.consumers)
             def _consumer():
                 pipeline.consumer_setup()
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.device import device_kind as current_device_kind
-from pallas_kernels.common.mosaic_pipeline import CONSUMERS
 from pallas_kernels.common.timing import median_time
 from pallas_kernels.fa2 import mosaic_bwd
 from pallas_kernels.fa2.api import flash_attention
@@ -123,13 +122,13 @@ def fwd_smem_bytes(config: MosaicFwdConfig, *, head_dim: int, itemsize: int, seg
     Q (then O) per consumer, the K and V rings, the lse rows, the K tiles' ids with segment ids, and
     a persistent kernel's own O slot per consumer."""
     rows, D = config.block_q, head_dim
-    total = CONSUMERS * rows * D * itemsize  # Q, then O
+    total = config.consumers * rows * D * itemsize  # Q, then O
     total += 2 * config.num_stages * config.block_kv * D * itemsize  # K and V rings
-    total += CONSUMERS * rows * 4  # lse
+    total += config.consumers * rows * 4  # lse
     if segments:
         total += config.num_stages * config.block_kv * 4
     if config.persistent:
-        total += CONSUMERS * rows * D * itemsize  # O's own slot
+        total += config.consumers * rows * D * itemsize  # O's own slot
     return total + _REDUCTION_SCRATCH_BYTES
 
 
