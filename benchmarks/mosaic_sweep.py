@@ -4,9 +4,12 @@
 
 Issue 17's cells (D=64 at 4x4096x32, D=128 at 2x8192x16, causal and not). Every kernel runs once
 against cuDNN (max abs error: a new variant or tile can be wrong, not only slow), then is timed. The
-work runs in three passes, most telling first, so that --deadline cuts the least: (1) every
-`MosaicFwdConfig` variant (early_k_wait, row_sum_order, persistent, combinations) on the default tiles,
-(2) the other tile shapes with the combined variant, (3) the other tile shapes without variants. Each
+work runs in passes, most telling first, so that --deadline cuts the least: (0) the default kernel on
+every cell, then at D=64 the three-consumer CTAs (`consumers=3`: FA3's 192 query rows, key tiles of
+128 or 192), (1) every other `MosaicFwdConfig` variant (early_k_wait, row_sum_order, persistent,
+combinations) on the default tiles, (2) the other tile shapes with the combined variant, (3) the other
+tile shapes without variants. Lengths that a CTA's rows or a key tile do not divide (4096 with 192)
+are padded once, outside the timed call; TFLOP/s count the real lengths' work only. Each
 kernel costs one compile (seconds) and about 20 calls; a kernel is skipped when the time left is
 less than the slowest one so far. The JSON is rewritten after every kernel and lists what was skipped.
 """
@@ -38,18 +41,26 @@ VARIANTS = {
     "persistent+early_k+during_pv": dict(persistent=True, early_k_wait=True, row_sum_order="during_pv"),
 }
 COMBINED = "persistent+early_k+fenced"  # pass 2's variant: the one expected to win at D=64
-DEFAULT_TILES = (64, 128, 2, True)  # (block_q, block_kv, num_stages, ping_pong)
+DEFAULT_TILES = (64, 128, 2, True, 2)  # (block_q, block_kv, num_stages, ping_pong, consumers)
+# Pass 0 at D=64: three consumers of 64 rows (round-robin turns unless ping_pong is off), (variant,
+# tiles). FA3 pairs them with 192-key tiles (128 under a causal band); 192 keys take 96 accumulator
+# registers per thread of the 160 a consumer gets, so 128 may win here.
+THREE_CONSUMERS = [("default", (64, bkv, stages, True, 3)) for bkv in (128, 192) for stages in (2, 3)] + [
+    ("default", (64, 192, 2, False, 3)),
+    ("persistent+early_k", (64, 128, 2, True, 3)),
+    ("persistent+early_k", (64, 192, 2, True, 3)),
+]
 
 
-def tile_candidates(head_dim: int) -> list[tuple[int, int, int, bool]]:
-    """Tile shapes other than the default that lower for sm90 within shared memory (a persistent
-    kernel adds an O slot per consumer: a shape that no longer fits reports its error)."""
+def tile_candidates(head_dim: int) -> list[tuple[int, int, int, bool, int]]:
+    """Two-consumer tile shapes other than the default that lower for sm90 within shared memory (a
+    persistent kernel adds an O slot per consumer: a shape that no longer fits reports its error)."""
     tiles = [(64, 128, 2, False), (64, 64, 2, True), (64, 64, 3, True)]
     if head_dim == 64:
         # At D=64 a tile's matmuls are half as long for the same loads: wider tiles and deeper rings.
         tiles += [(128, 64, 2, True), (128, 64, 3, True), (64, 128, 3, True), (64, 128, 4, True),
                   (128, 64, 4, True), (64, 256, 2, True), (128, 128, 2, True), (128, 128, 2, False)]
-    return tiles
+    return [t + (2,) for t in tiles]
 
 
 def cells(head_dims) -> list[tuple[Case, mosaic_fwd.MosaicProblem]]:
@@ -66,17 +77,29 @@ def cells(head_dims) -> list[tuple[Case, mosaic_fwd.MosaicProblem]]:
 
 
 def plan(head_dims) -> list[tuple[int, str, tuple]]:
-    """(cell index, variant, tiles) in the order they run: the three passes of the docstring."""
+    """(cell index, variant, tiles) in the order they run: the passes of the docstring."""
     cell_dims = [D for D in head_dims for _causal in (False, True)]  # as `cells` orders them
-    todo = [(c, name, DEFAULT_TILES) for name in VARIANTS for c in range(len(cell_dims))]
+    # The default first on every cell: the error check of each later kernel is relative to it.
+    todo = [(c, "default", DEFAULT_TILES) for c in range(len(cell_dims))]
+    todo += [(c, name, tiles) for c, D in enumerate(cell_dims) if D == 64 for name, tiles in THREE_CONSUMERS]
+    todo += [(c, name, DEFAULT_TILES) for name in VARIANTS if name != "default" for c in range(len(cell_dims))]
     for variant in (COMBINED, "default"):
         todo += [(c, variant, tiles) for c, D in enumerate(cell_dims) for tiles in tile_candidates(D)]
     return todo
 
 
 def label(variant: str, tiles) -> str:
-    bq, bkv, stages, ping_pong = tiles
-    return f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''} {variant}"
+    bq, bkv, stages, ping_pong, consumers = tiles
+    return f"mosaic {bq}x{bkv} s{stages}{' pp' if ping_pong else ''}{' 3wg' if consumers == 3 else ''} {variant}"
+
+
+def padded(q, k, v, config: mosaic_fwd.MosaicFwdConfig):
+    """q [B, T, H, D] and k, v [B, S, K, D] zero-padded to multiples of the config's CTA rows and key
+    tile (the problem's q_len and kv_len stay the real ones: padded keys are masked, padded rows cut)."""
+    def pad(x, multiple):
+        extra = -x.shape[1] % multiple
+        return x if extra == 0 else jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    return pad(q, config.cta_rows), pad(k, config.block_kv), pad(v, config.block_kv)
 
 
 def main() -> None:
@@ -123,20 +146,23 @@ def main() -> None:
             continue
         q, k, v, ref = inputs(c)  # the cell's peers run on its first kernel, outside its seconds
         t0 = time.monotonic()
-        bq, bkv, stages, ping_pong = tiles
+        bq, bkv, stages, ping_pong, consumers = tiles
         result = {"case": case.label, "variant": variant, "tiles": list(tiles), "name": key}
         try:
             config = dataclasses.replace(mosaic_fwd.MosaicFwdConfig(
-                block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong), **VARIANTS[variant])
+                block_q=bq, block_kv=bkv, num_stages=stages, ping_pong=ping_pong, consumers=consumers),
+                **VARIANTS[variant])
             fn = jax.jit(lambda q, k, v, config=config, problem=problem:
                          mosaic_fwd.forward(q, k, v, problem=problem, config=config)[0])
-            err = result["max_err_vs_cudnn"] = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - ref)))
+            qp, kp, vp = padded(q, k, v, config)
+            out = fn(qp, kp, vp)[:, :q.shape[1]]
+            err = result["max_err_vs_cudnn"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
             # Wrong, not rounding: more than twice the default kernel's error on this cell plus 2 bf16
             # ulps at 1 (outputs are averages of values below 1 in magnitude).
             if (variant, tiles) == ("default", DEFAULT_TILES):
                 default_err[c] = err
             result["suspect"] = c in default_err and err > 2 * default_err[c] + 2 ** -7
-            result["tflops"] = case.flops() / median_time(fn, samples(args.repeats), args=(q, k, v),
+            result["tflops"] = case.flops() / median_time(fn, samples(args.repeats), args=(qp, kp, vp),
                                                           **BATCHED) / 1e12
             result["vs_cudnn"] = result["tflops"] / rows[c]["cudnn"]
         except Exception as error:

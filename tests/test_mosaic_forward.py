@@ -87,10 +87,13 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
     else:
         if variant is None:
             ours = flash_attention(q, k, v, backend="mosaic", interpret=interpret, return_lse=True, **kwargs)
-        else:  # `flash_attention` takes no config: the planned call, with the variant's config in
-            launch, aux = api.plan(q, k, v, backend="mosaic", interpret=interpret, **kwargs)
+        else:  # the planned call, planned again with the variant's config (whose CTA rows, 192 with
+            # three consumers, set the padding)
+            launch, _ = api.plan(q, k, v, backend="mosaic", interpret=interpret, **kwargs)
             config = dataclasses.replace(launch.mosaic_config, **variant)
-            ours = api.forward(q, k, v, aux, dataclasses.replace(launch, mosaic_config=config))
+            launch, aux = api.plan(q, k, v, backend="mosaic", interpret=interpret,
+                                   mosaic_configs=(config, None), **kwargs)
+            ours = api.forward(q, k, v, aux, launch)
         exact = attention_reference(*f32[:3], return_lse=True, **kwargs)
         same_dtype = same_dtype_ref(q, k, v, return_lse=True, **kwargs)
         names = ("out", "lse")
