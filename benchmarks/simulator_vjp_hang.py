@@ -14,13 +14,14 @@ Root cause. The simulator runs a kernel as an XLA host callback (thread_map) tha
 thread per warpgroup; each thread runs its own jitted computation, whose barrier waits are host
 callbacks that block. XLA's CPU client runs (parts of) those computations on its intra-op thread
 pool, which has one thread per schedulable CPU (2 here), and a callback blocked in a barrier keeps
-its pool thread. In the vjp program the outer computation has work independent of the kernel (the
-backward's padding of q/k/v/dO), so XLA runs the thread_map callback itself on a pool thread: one
-thread is left for three warpgroups, one of them takes it and waits in a barrier for a warpgroup
+its pool thread. In the vjp program XLA runs the thread_map callback itself on a pool thread (its
+stack has no Python parent; with the forward alone it runs on the main thread; presumably because
+the outer program has work independent of the kernel, e.g. the backward's padding): one thread is left for three warpgroups, one of them takes it and waits in a barrier for a warpgroup
 whose computation is queued behind it. The stacks show exactly that: two threads with no Python
 parent frames (XLA's pool: the thread_map callback, a barrier wait), one warpgroup waiting in a
 barrier inline, two warpgroups inside XLA's execute with no callback running.
-Evidence (same 2 cores; /tmp shim = an LD_PRELOAD sched_getaffinity that reports N CPUs):
+Evidence (same 2 cores; the shim is a 10-line LD_PRELOAD library, not committed, whose
+sched_getaffinity reports N CPUs, which sizes XLA's pool):
   - the forward alone via mosaic_fwd.forward at the vjp path's exact arguments (Tp=128, Sp=256; the
     forward-alone path pads T to 256 because the Mosaic backward's tiles join the padding):
     finishes in ~7 s; under `taskset -c 0` (a 1-thread pool) it hangs with the same stacks, and
