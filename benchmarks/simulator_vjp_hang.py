@@ -16,8 +16,9 @@ callbacks that block. XLA's CPU client runs (parts of) those computations on its
 pool, which has one thread per schedulable CPU (2 here), and a callback blocked in a barrier keeps
 its pool thread. In the vjp program XLA runs the thread_map callback itself on a pool thread (its
 stack has no Python parent; with the forward alone it runs on the main thread; presumably because
-the outer program has work independent of the kernel, e.g. the backward's padding): one thread is left for three warpgroups, one of them takes it and waits in a barrier for a warpgroup
-whose computation is queued behind it. The stacks show exactly that: two threads with no Python
+the outer program has work independent of the kernel, e.g. the backward's padding): one thread
+is left for three warpgroups, one of them takes it and waits in a barrier for a warpgroup whose
+computation is queued behind it. The stacks show exactly that: two threads with no Python
 parent frames (XLA's pool: the thread_map callback, a barrier wait), one warpgroup waiting in a
 barrier inline, two warpgroups inside XLA's execute with no callback running.
 Evidence (same 2 cores; the shim is a 10-line LD_PRELOAD library, not committed, whose
