@@ -258,7 +258,8 @@ def test_mosaic_step_counts_match_over_a_grid(block_kv):
                     masked = mosaic_fwd.masks_keys(problem, Sp)
                     ranks = np.arange(Tp // cta_rows)
                     row0s = np.asarray(mosaic_fwd.cta_first_row(problem, Tp, cta_rows, ranks))
-                    bounds = [np.broadcast_to(x, row0s.shape) for x in mosaic_fwd._key_tile_ranges(row0s, cta_rows, problem, block_kv, Sp)]
+                    ranges_of_ctas = mosaic_fwd._key_tile_ranges(row0s, cta_rows, problem, block_kv, Sp)
+                    bounds = [np.broadcast_to(x, row0s.shape) for x in ranges_of_ctas]  # some are scalars
                     for c, row0 in enumerate(row0s):
                         lo, full_lo, full_hi, hi = (int(x[c]) for x in bounds)
                         case = f"{T=} {S=} {left=} {right=} {Tp=} {row0=}: {(lo, full_lo, full_hi, hi)}"
