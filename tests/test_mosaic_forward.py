@@ -229,6 +229,65 @@ def test_mosaic_tile_ranges_bound_the_band():
     assert full_hi - full_lo == 0
 
 
+def _visible(problem, rows, keys):
+    """bool [len(rows), len(keys)]: which (query, key) positions attend, by position alone."""
+    q, k = np.asarray(rows)[:, None], np.asarray(keys)[None, :]
+    seen = (k < problem.kv_len) & (q >= 0)
+    if problem.window_right >= 0:
+        seen = seen & (k <= q + problem.q_offset + problem.window_right)
+    if problem.window_left >= 0:
+        seen = seen & (k >= q + problem.q_offset - problem.window_left)
+    return seen
+
+
+@pytest.mark.parametrize("block_kv", [64, 128])
+def test_mosaic_step_counts_match_over_a_grid(block_kv):
+    """Pure Python, no kernel: for every CTA of a grid of T, S (T != S, so q_offset of both signs),
+    windows and paddings (the forward-alone and the vjp-with-portable-backward paddings differ), the
+    consumers' loops (`consumer_loops`) take exactly the producer's hi - lo steps, also after segment
+    clipping, so that every k/v ready/free barrier phase has its arrivals and waits; the visited
+    tiles [lo, hi) hold every visible key of the CTA's real rows and the unmasked ones [full_lo,
+    full_hi) only keys every row of the CTA sees. A mismatch here is a kernel that hangs on the GPU."""
+    cta_rows = 2 * 64
+    rng = np.random.default_rng(0)
+    windows = [(-1, -1), (-1, 0), (0, 0), (16, 0), (64, 32), (-1, 5), (3, -1), (200, 0)]
+    for T in (1, 50, 77, 128, 200):
+        for S in (1, 63, 129, 256, 300):
+            for left, right in windows:
+                problem = mosaic_fwd.MosaicProblem(q_len=T, kv_len=S, q_offset=S - T, window_left=left,
+                                                   window_right=right, sm_scale=1.0, group_size=1)
+                for Tp in {-(-T // cta_rows) * cta_rows, -(-T // 256) * 256}:
+                    Sp = -(-S // block_kv) * block_kv
+                    masked = mosaic_fwd.masks_keys(problem, Sp)
+                    ranks = np.arange(Tp // cta_rows)
+                    row0s = np.asarray(mosaic_fwd.cta_first_row(problem, Tp, cta_rows, ranks))
+                    ranges_of_ctas = mosaic_fwd._key_tile_ranges(row0s, cta_rows, problem, block_kv, Sp)
+                    bounds = [np.broadcast_to(x, row0s.shape) for x in ranges_of_ctas]  # some are scalars
+                    for c, row0 in enumerate(row0s):
+                        lo, full_lo, full_hi, hi = (int(x[c]) for x in bounds)
+                        case = f"{T=} {S=} {left=} {right=} {Tp=} {row0=}: {(lo, full_lo, full_hi, hi)}"
+                        assert 0 <= lo <= full_lo <= full_hi <= hi <= Sp // block_kv, case
+                        loops = mosaic_fwd.consumer_loops((lo, full_lo, full_hi, hi), masked, "mask")
+                        assert [first for first, *_ in loops] == [0, *(last for _, last, _ in loops[:-1])], case
+                        assert loops[-1][1] == hi - lo, case  # the producer's steps
+                        rows = np.arange(row0, row0 + cta_rows)
+                        seen = _visible(problem, rows[rows < T], np.arange(Sp))
+                        tiles = np.flatnonzero(seen.reshape(len(seen), Sp // block_kv, block_kv).any((0, 2)))
+                        assert np.all((lo <= tiles) & (tiles < hi)), (case, tiles)
+                        whole = _visible(problem, rows, np.arange(full_lo * block_kv, full_hi * block_kv))
+                        assert whole.all(), case
+                        # Segment clipping (random [first, last) tile ranges, empty ones included)
+                        # keeps the bounds ordered, so the loops still add up to the producer's steps.
+                        ranges = jnp.asarray(rng.integers(0, Sp // block_kv + 1, (1, 3, 2)), jnp.int32)
+                        for r in range(3):
+                            clipped = [int(x) for x in mosaic_fwd.clip_to_segments(
+                                ranges, 0, r, lo, full_lo, full_hi, hi)]
+                            c_lo, c_full_lo, c_full_hi, c_hi = clipped
+                            assert lo <= c_lo <= c_full_lo <= c_full_hi <= c_hi <= hi, (case, clipped)
+                            loops = mosaic_fwd.consumer_loops(clipped, masked, "mask")
+                            assert sum(last - first for first, last, _ in loops) == c_hi - c_lo, (case, clipped)
+
+
 def test_segment_tile_ranges_cover_every_matching_tile():
     """The tile range a kernel visits holds every tile with a pair of equal ids, and the first and
     last tiles of the range hold one (random ids, not sorted, with values that match nothing)."""

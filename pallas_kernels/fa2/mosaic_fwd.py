@@ -186,6 +186,25 @@ def clip_to_segments(ranges_ref, b, block, lo, full_lo, full_hi, hi):
     return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
 
 
+def masks_keys(problem: MosaicProblem, padded_kv_len: int) -> bool:
+    """Whether some key tile needs a position mask: padded keys, or a causal/window band."""
+    return problem.kv_len != padded_kv_len or problem.window_left >= 0 or problem.window_right >= 0
+
+
+def consumer_loops(bounds, masked: bool, allowed):
+    """A consumer's (first, last, allowed) loops over the tiles [lo, hi) of `bounds` (lo, full_lo,
+    full_hi, hi), steps counted from lo: masked band edges around the unmasked interior, or (masked
+    False, where full_lo == lo and full_hi == hi) the interior alone. Their steps must add up to the
+    producer's hi - lo, or a barrier waits forever (tests/test_mosaic_forward.py checks a grid).
+    With segment ids every step is masked all the same: the pipeline ANDs "same id" into each step's
+    position mask (or uses it alone in the interior)."""
+    lo, full_lo, full_hi, hi = bounds
+    loops = [(full_lo - lo, full_hi - lo, None)]
+    if masked:
+        loops = [(0, full_lo - lo, allowed)] + loops + [(full_hi - lo, hi - lo, allowed)]
+    return loops
+
+
 def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: MosaicFwdConfig,
             interpret: bool = False):
     """q [B, Tp, H, D], k/v [B, Sp, K, D] padded to tile multiples -> (O [B, Tp, H, D], lse [B, H, Tp]).
@@ -210,7 +229,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                         key_ids=segments, softcap=problem.softcap, early_k_wait=config.early_k_wait,
                         row_sum_order=config.row_sum_order, out_buffer=config.persistent,
                         consumers=config.consumers)
-    masks_keys = problem.kv_len != Sp or problem.window_left >= 0 or problem.window_right >= 0
+    masked = masks_keys(problem, Sp)
     num_q_tiles = Tp // cta_rows
     num_items = num_q_tiles * H * B  # a CTA's work in the grid kernel, a work item in the persistent one
     num_ctas = min(config.num_ctas or num_sms(), num_items) if config.persistent else 0  # its grid
@@ -236,7 +255,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
             return (lambda i: (b, pl.ds((lo + i) * bkv, bkv), kv_head)), key_ids
 
         def consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0=0):
-            lo, full_lo, full_hi, hi = bounds
+            lo = bounds[0]
 
             def allowed(i):
                 q_idx = rows0 + pipeline.iota(0)
@@ -248,12 +267,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                     visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
                 return visible
 
-            # Steps count from tile lo: masked band edges around the unmasked interior. With
-            # segment ids every step is masked all the same: the pipeline ANDs "same id" into
-            # each step's position mask (or uses it alone in the interior).
-            loops = [(full_lo - lo, full_hi - lo, None)]
-            if masks_keys:
-                loops = [(0, full_lo - lo, allowed)] + loops + [(full_hi - lo, hi - lo, allowed)]
+            loops = consumer_loops(bounds, masked, allowed)
             return pipeline.consume(wg, my_q, smem, barriers, loops, query_ids, step0)
 
         def per_warpgroup(smem, barriers):
