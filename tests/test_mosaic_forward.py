@@ -10,6 +10,7 @@ in test_flash_attention: 2x the error of XLA in the input dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +194,24 @@ def test_mosaic_forward_all_variants_smoke_in_simulator():
            variant=dict(persistent=True, num_ctas=3, early_k_wait=True, row_sum_order="during_pv"))
 
 
+# Three consumer warpgroups (FA3's hdim-64 CTA: 3 x 64 query rows), with round-robin turns, without
+# ping-pong, and persistent. T=250 pads to 384 rows (two CTAs of 192); S=380 takes two 192-key tiles
+# (the second masked past kv_len) or three of 128. In the simulator the 4 warpgroups' barrier waits
+# block XLA CPU pool threads (benchmarks/simulator_vjp_hang.py): with a pool of 2 threads (2 CPUs)
+# these hang; NPROC=8 in the environment sizes XLA's pool to 8 and they pass in ~25 s each.
+THREE_CONSUMERS = {
+    "turns": dict(consumers=3),
+    "kv192-no-ping-pong": dict(consumers=3, block_kv=192, ping_pong=False),
+    "kv192-persistent-early-k": dict(consumers=3, block_kv=192, persistent=True, num_ctas=3, early_k_wait=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(THREE_CONSUMERS))
+@pytest.mark.simulator
+def test_mosaic_forward_three_consumers_in_simulator(variant):
+    _check(1, 250, 380, 2, 1, 64, causal=True, variant=THREE_CONSUMERS[variant])
+
+
 @pytest.mark.simulator
 def test_mosaic_forward_persistent_segments_in_simulator():
     """A persistent grid with segment ids: each work item clips its key tiles to its queries' ids."""
@@ -202,9 +221,10 @@ def test_mosaic_forward_persistent_segments_in_simulator():
 
 @pytest.mark.parametrize("kwargs", [dict(row_sum_order="late"), dict(num_ctas=4),
                                     dict(persistent=True, num_ctas=-1), dict(early_k_wait=1),
-                                    dict(persistent="yes")])
+                                    dict(persistent="yes"), dict(consumers=4), dict(consumers=1),
+                                    dict(consumers=3.0), dict(consumers=True)])
 def test_mosaic_fwd_config_checks_the_variants(kwargs):
-    with pytest.raises((ValueError, TypeError), match="row_sum_order|num_ctas|early_k_wait|persistent"):
+    with pytest.raises((ValueError, TypeError), match="row_sum_order|num_ctas|early_k_wait|persistent|consumers"):
         mosaic_fwd.MosaicFwdConfig(**kwargs)
 
 
@@ -240,15 +260,15 @@ def _visible(problem, rows, keys):
     return seen
 
 
-@pytest.mark.parametrize("block_kv", [64, 128])
-def test_mosaic_step_counts_match_over_a_grid(block_kv):
+@pytest.mark.parametrize("consumers,block_kv", [(2, 64), (2, 128), (3, 128), (3, 192)])
+def test_mosaic_step_counts_match_over_a_grid(consumers, block_kv):
     """Pure Python, no kernel: for every CTA of a grid of T, S (T != S, so q_offset of both signs),
     windows and paddings (the forward-alone and the vjp-with-portable-backward paddings differ), the
     consumers' loops (`consumer_loops`) take exactly the producer's hi - lo steps, also after segment
     clipping, so that every k/v ready/free barrier phase has its arrivals and waits; the visited
     tiles [lo, hi) hold every visible key of the CTA's real rows and the unmasked ones [full_lo,
     full_hi) only keys every row of the CTA sees. A mismatch here is a kernel that hangs on the GPU."""
-    cta_rows = 2 * 64
+    cta_rows = consumers * 64
     rng = np.random.default_rng(0)
     windows = [(-1, -1), (-1, 0), (0, 0), (16, 0), (64, 32), (-1, 5), (3, -1), (200, 0)]
     for T in (1, 50, 77, 128, 200):
@@ -256,7 +276,7 @@ def test_mosaic_step_counts_match_over_a_grid(block_kv):
             for left, right in windows:
                 problem = mosaic_fwd.MosaicProblem(q_len=T, kv_len=S, q_offset=S - T, window_left=left,
                                                    window_right=right, sm_scale=1.0, group_size=1)
-                for Tp in {-(-T // cta_rows) * cta_rows, -(-T // 256) * 256}:
+                for Tp in {-(-T // cta_rows) * cta_rows, -(-T // math.lcm(cta_rows, 256)) * math.lcm(cta_rows, 256)}:
                     Sp = -(-S // block_kv) * block_kv
                     masked = mosaic_fwd.masks_keys(problem, Sp)
                     ranks = np.arange(Tp // cta_rows)
@@ -370,3 +390,21 @@ def test_mosaic_forward_variant_on_gpu(variant, causal, D):
     fields = GPU_VARIANTS[variant]
     _check(2, 1000, 1000, 8, 2, D, interpret=False, causal=causal, variant=fields)
     _check(1, 333, 517, 4, 4, D, interpret=False, variant=fields, window_size=(100, 0) if causal else (-1, -1))
+
+
+# On the GPU: the wgmma path with 160 registers per consumer thread, at D=64 (where FA3 runs three
+# consumers); the persistent grid has one CTA per SM.
+GPU_THREE_CONSUMERS = dict(THREE_CONSUMERS, **{
+    "kv192-turns-s3": dict(consumers=3, block_kv=192, num_stages=3),
+    "kv192-persistent-early-k": dict(consumers=3, block_kv=192, persistent=True, early_k_wait=True)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_THREE_CONSUMERS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_forward_three_consumers_on_gpu(variant, causal):
+    if not on_hopper():
+        pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
+    fields = GPU_THREE_CONSUMERS[variant]
+    _check(2, 1000, 1000, 8, 2, 64, interpret=False, causal=causal, variant=fields)
+    _check(1, 333, 517, 4, 4, 64, interpret=False, variant=fields, window_size=(100, 0) if causal else (-1, -1))

@@ -197,6 +197,44 @@ def test_forward_variants_lower_for_sm90(variant, case):
     assert ours != _fwd_variant_modules(case, None), f"{variant} lowers to the default kernel"
 
 
+# -- three consumer warpgroups (MosaicFwdConfig.consumers=3: FA3's 192-row CTA at D=64) -------------
+# Through `flash_attention` with the config, so that the API's padding (a multiple of 192 rows and of
+# the key tile, joined with the backward's tiles) is part of the check; odd lengths everywhere.
+
+THREE_CONSUMER_CASES = {  # (T, S, causal), MosaicFwdConfig fields beside consumers=3
+    "kv128-turns": ((377, 377, False), dict(block_kv=128)),
+    "kv128-causal-turns-s3": ((377, 500, True), dict(block_kv=128, num_stages=3)),
+    "kv192-causal-no-ping-pong": ((200, 377, True), dict(block_kv=192, ping_pong=False)),
+    "kv192-turns": ((377, 377, False), dict(block_kv=192)),
+    "kv192-causal-persistent-early-k": ((377, 377, True), dict(block_kv=192, persistent=True, early_k_wait=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(THREE_CONSUMER_CASES))
+def test_three_consumer_forward_lowers_for_sm90(case):
+    from pallas_kernels.fa2.mosaic_fwd import MosaicFwdConfig
+
+    (T, S, causal), fields = THREE_CONSUMER_CASES[case]
+    config = MosaicFwdConfig(consumers=3, **fields)
+    q = jax.ShapeDtypeStruct((1, T, 4, 64), BF16)
+    kv = jax.ShapeDtypeStruct((1, S, 2, 64), BF16)
+    fn = functools.partial(flash_attention, backend="mosaic", interpret=False, return_lse=True, causal=causal,
+                           mosaic_configs=(config, None))
+    assert lower_for_sm90(fn, q, kv, kv) == {"mosaic": 1, "triton": 0}
+
+
+def test_three_consumer_forward_lowers_with_the_mosaic_backward():
+    """The backward's kernels on the rows the 3-consumer forward pads to: lcm(192, theirs), 768 for
+    T=500 and S=550 (576, the next multiple of 192, is no multiple of the backward's 128)."""
+    from pallas_kernels.fa2.mosaic_fwd import MosaicFwdConfig
+
+    q = jax.ShapeDtypeStruct((1, 500, 2, 64), BF16)
+    kv = jax.ShapeDtypeStruct((1, 550, 2, 64), BF16)
+    build = functools.partial(_fa_forward_backward, backend="mosaic")
+    fn = build(dict(causal=True, mosaic_configs=(MosaicFwdConfig(consumers=3, block_kv=192), None)))
+    assert lower_for_sm90(fn, q, kv, kv, q) == {"mosaic": 3, "triton": 0}
+
+
 # -- tree and decode attention ----------------------------------------------------------------------
 
 TREE_CASES = {  # (B, N, H, K, D, S, dtype), keyword arguments, Triton kernels (the split merge)
