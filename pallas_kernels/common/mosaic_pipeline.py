@@ -5,8 +5,9 @@ streams K/V tiles with TMA into a ring of `stages` shared-memory slots; the cons
 query rows and consume every tile with two asynchronous wgmma (S = Q Kᵀ, then O += P V) around a
 base-2 online softmax (FA2's deferred 1/l). With `ping_pong` the consumers take turns on the tensor
 cores, so one warpgroup's softmax overlaps the others' matrix products (FA3): two alternate through
-one schedule barrier, three pass a turn round a ring of barriers. The kernels (`fa2.mosaic_fwd`, `tree.mosaic_kernel`)
-only decide which tiles a CTA visits, where the queries and outputs live, and which scores are masked.
+one schedule barrier, three pass a turn round a ring of barriers. The kernels (`fa2.mosaic_fwd`,
+`tree.mosaic_kernel`) only decide which tiles a CTA visits, where the queries and outputs live, and
+which scores are masked.
 
 Segment ids (packed sequences, `key_ids=True`): the producer copies each tile's key ids [block_kv]
 int32 into a third ring with the tile's K (the same k_ready barrier, one more arrival); a consumer
@@ -91,7 +92,8 @@ class Pipeline:
     def __post_init__(self):
         if self.row_sum_order not in ROW_SUM_ORDERS:
             raise ValueError(f"row_sum_order must be one of {ROW_SUM_ORDERS}: {self.row_sum_order=}")
-        if not isinstance(self.consumers, int) or isinstance(self.consumers, bool) or self.consumers not in REGISTERS:
+        if (not isinstance(self.consumers, int) or isinstance(self.consumers, bool)
+                or self.consumers not in REGISTERS):
             raise ValueError(f"consumers must be one of {tuple(REGISTERS)}: {self.consumers=}")
 
     # -- the launch --------------------------------------------------------------------------
