@@ -14,6 +14,8 @@
 #   atomic    benchmarks/atomic_dq_check.py: the single-pass (TMA reduce-add dQ) backward
 #   fwdsweep  benchmarks/mosaic_sweep.py: forward variants and tiles at D=64 and 128 vs cuDNN, under a deadline
 #   atomicsweep  benchmarks/mosaic_bwd_sweep.py --atomic-variants: its dQ-store switches, checked and timed
+#   tune      benchmarks/tune_mosaic.py: the Mosaic autotuner over issue 17's cells of head dim TUNE_D (64)
+#             into $OUT/tune_d$TUNE_D.json; merge into pallas_kernels/fa2/tuning_cache.json with --merge
 #   stall     benchmarks/stall_probe.py: compile and run seconds of each call of the two stalled runs
 #   gguf      SmolLM2-135M-Instruct's GGUF (98 MB) is larger than one call's upload (64 MiB with the
 #             ~27 MB repository), so it travels in parts: here, `bash benchmarks/gpu_session.sh split`
@@ -71,6 +73,8 @@ for s in "$@"; do
                 --out "$OUT/mosaic_sweep.json" --deadline "${FWDSWEEP_DEADLINE:-230}" ;;
     atomicsweep) step atomicsweep "${ATOMICSWEEP_S:-240}" python3 benchmarks/mosaic_bwd_sweep.py --atomic-variants \
                    --deadline "${ATOMICSWEEP_DEADLINE:-170}" --out "$OUT" ;;
+    tune) step tune "${TUNE_S:-580}" python3 benchmarks/tune_mosaic.py --out "$OUT/tune_d${TUNE_D:-64}.json" \
+            --head-dims "${TUNE_D:-64}" --deadline "${TUNE_DEADLINE:-540}" ;;
     stall) step stall "${STALL_S:-590}" python3 benchmarks/stall_probe.py --out "$OUT/stall_probe.json" \
              --budget "${STALL_BUDGET:-560}" ${STALL_ONLY:+--only "$STALL_ONLY"} ;;
     gguf)

@@ -134,8 +134,9 @@ def fwd_smem_bytes(config: MosaicFwdConfig, *, head_dim: int, itemsize: int, seg
 
 def mosaic_fwd_candidates(head_dim: int, dtype=jnp.bfloat16, segments: bool = False) -> list[MosaicFwdConfig]:
     """The forward configs autotune_mosaic tries, the default first: four tile shapes
-    (block_q, block_kv, num_stages), each plain, persistent, with early K waits, and both; those that
-    cannot fit in shared memory left out."""
+    (block_q, block_kv, num_stages), each plain, persistent, with early K waits, and both; at D=64
+    also three consumer warpgroups (192-row CTAs, FA3's hdim-64 layout) with 128 or 192 keys; those
+    that cannot fit in shared memory left out."""
     default = MosaicFwdConfig.for_head_dim(head_dim)
     candidates = [default]
     for block_q, block_kv, stages in ((64, 128, 2), (64, 128, 3), (128, 64, 2), (64, 64, 2)):
@@ -144,6 +145,10 @@ def mosaic_fwd_candidates(head_dim: int, dtype=jnp.bfloat16, segments: bool = Fa
                 candidates.append(dataclasses.replace(
                     default, block_q=block_q, block_kv=block_kv, num_stages=stages, persistent=persistent,
                     early_k_wait=early_k_wait))
+    if head_dim == 64:
+        for block_kv, stages, persistent in ((128, 2, False), (128, 3, False), (192, 2, False), (128, 2, True)):
+            candidates.append(dataclasses.replace(default, consumers=3, block_kv=block_kv, num_stages=stages,
+                                                  persistent=persistent))
     itemsize = jnp.dtype(dtype).itemsize
     return [c for c in dict.fromkeys(candidates)
             if fwd_smem_bytes(c, head_dim=head_dim, itemsize=itemsize, segments=segments) <= SMEM_LIMIT_BYTES]
