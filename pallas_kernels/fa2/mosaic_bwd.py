@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
 from pallas_kernels.common.numerics import LOG2E, softcap_unscaled
 from pallas_kernels.fa2.mosaic_fwd import (FEATURES, MosaicProblem, _key_tile_ranges, clip_to_segments,
-                                           cta_first_row, segment_tile_ranges)
+                                           cta_first_row, segment_tile_ranges, visible_pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,16 +321,6 @@ class _Matmuls:
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _visible(q_idx, k_idx, problem: MosaicProblem):
-    """bool tile: which (query, key) pairs attend under the causal/window band and kv_len."""
-    visible = k_idx < problem.kv_len
-    if problem.window_right >= 0:
-        visible &= k_idx <= q_idx + (problem.q_offset + problem.window_right)
-    if problem.window_left >= 0:
-        visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
-    return visible
-
-
 def _softcap(s, problem: MosaicProblem):
     """(`softcap_unscaled` of the unscaled scores, as the forward's pipeline caps them) when the
     problem has a cap, else (s, None). The cap's derivative multiplies dS; dS's sm_scale factor is
@@ -457,7 +447,7 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     if masked:
                         q_idx = t * bq + mm.iota(s_t.shape, 1)
                         k_idx = keys0 + mm.iota(s_t.shape, 0)
-                        by_position = _visible(q_idx, k_idx, problem)
+                        by_position = visible_pairs(q_idx, k_idx, problem)
                         visible = by_position if visible is None else visible & by_position
                     if visible is not None:
                         p_t = jnp.where(visible, p_t, 0.0)
@@ -704,7 +694,7 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
                     if masked:
                         q_idx = rows0 + mm.iota(s.shape, 0)
                         k_idx = i * bkv + mm.iota(s.shape, 1)
-                        by_position = _visible(q_idx, k_idx, problem)
+                        by_position = visible_pairs(q_idx, k_idx, problem)
                         visible = by_position if visible is None else visible & by_position
                     if visible is not None:
                         p = jnp.where(visible, p, 0.0)

@@ -128,6 +128,16 @@ def cta_first_row(problem: MosaicProblem, padded_q_len: int, cta_rows: int, rank
     return tile * cta_rows
 
 
+def visible_pairs(q_idx, k_idx, problem: MosaicProblem):
+    """bool tile: which (query, key) index pairs attend under the causal/window band and kv_len."""
+    visible = k_idx < problem.kv_len
+    if problem.window_right >= 0:
+        visible &= k_idx <= q_idx + (problem.q_offset + problem.window_right)
+    if problem.window_left >= 0:
+        visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
+    return visible
+
+
 def _key_tile_ranges(row0, rows: int, problem: MosaicProblem, block_kv: int, padded_kv_len: int):
     """[lo, hi): key tiles some row of the CTA may see; [full_lo, full_hi): tiles every row sees whole.
 
@@ -258,14 +268,7 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
             lo = bounds[0]
 
             def allowed(i):
-                q_idx = rows0 + pipeline.iota(0)
-                k_idx = (lo + i) * bkv + pipeline.iota(1)
-                visible = k_idx < problem.kv_len
-                if problem.window_right >= 0:
-                    visible &= k_idx <= q_idx + (problem.q_offset + problem.window_right)
-                if problem.window_left >= 0:
-                    visible &= k_idx >= q_idx + (problem.q_offset - problem.window_left)
-                return visible
+                return visible_pairs(rows0 + pipeline.iota(0), (lo + i) * bkv + pipeline.iota(1), problem)
 
             loops = consumer_loops(bounds, masked, allowed)
             return pipeline.consume(wg, my_q, smem, barriers, loops, query_ids, step0)
