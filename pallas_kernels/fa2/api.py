@@ -286,12 +286,13 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
     if backend == "mosaic":
         if not covered:
             raise ValueError(
-                f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128, causal, window, "
-                f"segment ids and softcap only; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
+                f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128 (causal, window, "
+                f"segment ids and softcap) or 256 (the same less softcap) only; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
                 f"features={features}")
         return config or _tuned_mosaic_bwd(problem, features, interpret, deterministic)
     if backend is None and not interpret and on_hopper():
-        if covered and not NOT_YET_ON_GPU & set(features):
+        if (covered and mosaic_bwd.preferred(head_dim=problem.head_dim)
+                and not NOT_YET_ON_GPU & set(features)):
             return _tuned_mosaic_bwd(problem, features, interpret, deterministic)
         _log_fallback("backward", problem, features)
     return None
@@ -303,6 +304,10 @@ def _tuned_mosaic_bwd(problem: AttentionProblem, features, interpret: bool, dete
     if not deterministic and not mosaic_bwd.atomic_dq_available():
         logger.info("flash_attention backward: deterministic=False asked for, but %s=0 turns the "
                     "reduce-add dQ kernel off; the deterministic dQ kernel runs", mosaic_bwd.ATOMIC_DQ_ENV)
+        deterministic = True
+    if not deterministic and problem.head_dim > 128:
+        logger.info("flash_attention backward: the reduce-add dQ mode has no head dim %d kernel; the "
+                    "deterministic kernels run", problem.head_dim)
         deterministic = True
     return lookup_mosaic_bwd(_tuning_kind(interpret), problem.dtype, problem.head_dim, features, deterministic)
 

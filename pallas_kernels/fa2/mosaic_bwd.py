@@ -39,7 +39,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common.mosaic_pipeline import CONSUMERS, smem_transforms
 from pallas_kernels.common.numerics import LOG2E, softcap_unscaled
 from pallas_kernels.fa2.mosaic_fwd import (FEATURES, MosaicProblem, _key_tile_ranges, clip_to_segments,
-                                           cta_first_row, segment_tile_ranges, visible_pairs)
+                                           consumer_loops, cta_first_row, masks_keys, segment_tile_ranges,
+                                           visible_pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,14 @@ class MosaicBwdConfig:
     # the price of two barrier waits per step between the consumers. Needs D a multiple of 128 (a
     # half is then whole 64-column swizzle spans), dq_chunks=1 and dq_with_dkdv=False.
     dq_split: bool = False
+    # split_head_dim: the two consumers share each tile's keys (dK/dV kernel) or query rows (dQ
+    # kernel) and split the head dim's columns between them (FA3's layout at D=256, where one
+    # consumer's whole-width dK and dV would take 256 f32 registers per thread): consumer 0 computes
+    # the scores and P, consumer 1 dP and dS, they hand P and dS over in shared memory, and each
+    # accumulates its half of the columns (`_dkdv_split`, `_dq_split`). A CTA then covers block_kv
+    # keys or block_q_dq rows, not CONSUMERS times as many. Needs 64-row tiles, D a multiple of 128
+    # and deterministic=True.
+    split_head_dim: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
@@ -104,19 +113,34 @@ class MosaicBwdConfig:
                              f"it takes dq_chunks=1 and dq_with_dkdv=False, got {self.dq_chunks=}, "
                              f"{self.dq_with_dkdv=}")
 
+        if not isinstance(self.split_head_dim, bool):
+            raise TypeError(f"split_head_dim must be a bool, got {self.split_head_dim=}")
+        tiles = (self.block_q, self.block_kv, self.block_q_dq, self.block_kv_dq)
+        if self.split_head_dim and (not self.deterministic or tiles != (64, 64, 64, 64)):
+            raise ValueError(f"split_head_dim runs the deterministic kernels on 64-row tiles (one wgmma "
+                             f"row block per hand-off tile): {self.deterministic=}, {tiles=}")
+
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "MosaicBwdConfig":
         """The default tiles per head dim, from the H100 sweep (benchmarks/mosaic_bwd_sweep.py, BENCHMARKS.md):
         at D=128 a third ring slot hides the Q/dO copies (+4-5%); at D=64 the dQ kernel's 128-row
-        consumers halve its K/V traffic (+8-10%). Larger dK/dV tiles were slower or did not fit."""
+        consumers halve its K/V traffic (+8-10%). Larger dK/dV tiles were slower or did not fit.
+        D=256 splits the head dim between the consumers (not yet measured on a GPU); a third ring
+        slot would not fit in shared memory there."""
+        if head_dim > 128:
+            return cls(split_head_dim=True)
         return cls(num_stages=3) if head_dim > 64 else cls(block_q_dq=128)
 
     @property
     def q_multiple(self) -> int:
+        if self.split_head_dim:
+            return max(self.block_q, self.block_q_dq)
         return max(self.block_q, CONSUMERS * self.block_q_dq)
 
     @property
     def kv_multiple(self) -> int:
+        if self.split_head_dim:
+            return max(self.block_kv, self.block_kv_dq)
         return max(CONSUMERS * self.block_kv, self.block_kv_dq)
 
 
@@ -127,8 +151,10 @@ SMEM_LIMIT_BYTES = 227 * 1024
 def dkdv_smem_bytes(config: MosaicBwdConfig, *, head_dim: int, itemsize: int, segments: bool) -> int:
     """A lower bound on the dK/dV kernel's shared memory (the buffers of `_dkdv`, without the
     barriers and alignment padding Mosaic GPU adds): above SMEM_LIMIT_BYTES the kernel cannot launch.
-    itemsize: bytes per element of q (2 for bf16/f16)."""
+    itemsize: bytes per element of q (2 for bf16/f16). With `split_head_dim`: `split_smem_bytes`."""
     bq, bkv, stages, D = config.block_q, config.block_kv, config.num_stages, head_dim
+    if config.split_head_dim:
+        return split_smem_bytes(config, head_dim=head_dim, itemsize=itemsize, segments=segments)
     total = 2 * CONSUMERS * bkv * D * itemsize  # this CTA's K, V
     total += 2 * stages * bq * D * itemsize  # Q and dO rings
     total += stages * 2 * bq * 4  # [lse, delta] ring
@@ -139,6 +165,20 @@ def dkdv_smem_bytes(config: MosaicBwdConfig, *, head_dim: int, itemsize: int, se
     if segments:
         total += stages * bq * 4  # query ids ring
     return total
+
+
+def split_smem_bytes(config: MosaicBwdConfig, *, head_dim: int, itemsize: int, segments: bool) -> int:
+    """The larger of the two split-head-dim kernels' shared memory (`split_head_dim`), a lower bound
+    as in `dkdv_smem_bytes`. dK/dV: this CTA's K and V, the Q and dO ring, the [lse, delta] ring, the
+    Pᵀ and dSᵀ hand-off tiles. dQ: the CTA's Q and dO, the K and V ring, its [lse, delta], P and dS.
+    At D=256 in bf16 with 2 slots both come to 209 KB."""
+    bq, bkv, stages, D = config.block_q, config.block_kv, config.num_stages, head_dim
+    dkdv = (2 * bkv * D + 2 * stages * bq * D + 2 * bkv * bq) * itemsize + stages * 2 * bq * 4
+    dkdv += stages * bq * 4 if segments else 0  # query ids ring
+    bq, bkv = config.block_q_dq, config.block_kv_dq
+    dq = (2 * bq * D + 2 * stages * bkv * D + 2 * bq * bkv) * itemsize + 2 * bq * 4
+    dq += stages * bkv * 4 if segments else 0  # key ids ring
+    return max(dkdv, dq)
 
 
 ATOMIC_DQ_ENV = "FA2JAX_ATOMIC_DQ"
@@ -155,11 +195,23 @@ def atomic_dq_available() -> bool:
     return setting == "1"
 
 
+# What the split-head-dim kernels (D=256) cover: a softcap's derivative needs the raw scores, which
+# only consumer 0 holds while consumer 1 forms dS.
+SPLIT_FEATURES = FEATURES - {"softcap"}
+
+
 def supports(*, dtype, head_dim: int, features: tuple[str, ...]) -> bool:
     """Whether the Hopper backward covers a call (the rest runs the portable backward)."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and head_dim in (64, 128)
-            and set(features) <= FEATURES)
+            and (head_dim in (64, 128) and set(features) <= FEATURES
+                 or head_dim == 256 and set(features) <= SPLIT_FEATURES))
+
+
+def preferred(*, head_dim: int) -> bool:
+    """Where the automatic backend choice runs the Hopper backward: head dims 64 and 128, measured
+    faster than the portable one on an H100 (BENCHMARKS.md). D=256 runs when asked for
+    (backend="mosaic") until it is measured."""
+    return head_dim in (64, 128)
 
 
 def _plgpu():
@@ -229,6 +281,20 @@ class _Matmuls:
 
         return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
+    def dot_t_sum(self, pairs, shape):
+        """sum over (a [M, K], b [N, K]) in `pairs` of a · bᵀ -> f32 [M, N], all in shared memory:
+        issued into one scoped accumulator, waited on once (a contraction split into column blocks)."""
+        if self.interpret:
+            return sum(self.dot_t(a_ref, b_ref, shape) for a_ref, b_ref in pairs)
+        plgpu = _plgpu()
+
+        def products(acc_ref):
+            for a_ref, b_ref in pairs:
+                plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32))
+
     def t_dot_sum(self, pairs, shape):
         """sum over (a [K, M], b [K, N]) in `pairs` of aᵀ · b -> f32 [M, N], all in shared memory:
         every product issued into one scoped accumulator, waited on once (scoped as in `t_dot`)."""
@@ -283,6 +349,38 @@ class _Matmuls:
             plgpu.wgmma(second_ref, a2, b2_ref)
 
         return pl.run_state(products)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+
+    def accumulate_from_smem(self, acc, a_ref, b_ref):
+        """acc [M, N] += a [M, K] · b [K, N], both in shared memory."""
+        if self.interpret:
+            return acc + jnp.dot(a_ref[...], b_ref[...], preferred_element_type=jnp.float32)
+        plgpu = _plgpu()
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, a_ref, b_ref)
+
+        return pl.run_state(product)(plgpu.ACC.init(acc))
+
+    def accumulate_mixed(self, acc1, a1, b1_ref, acc2, a2_ref, b2_ref):
+        """(acc1 + a1 · b1, acc2 + a2 · b2), a1 in registers, a2 in shared memory: issued together,
+        waited on once."""
+        if self.interpret:
+            return self.accumulate(acc1, a1, b1_ref), self.accumulate_from_smem(acc2, a2_ref, b2_ref)
+        plgpu = _plgpu()
+
+        def products(refs):
+            first_ref, second_ref = refs
+            plgpu.wgmma(first_ref, a1, b1_ref)
+            plgpu.wgmma(second_ref, a2_ref, b2_ref)
+
+        return pl.run_state(products)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+
+    def tile(self, ref):
+        """A 16-bit tile from (swizzled) shared memory into registers, laid out as a wgmma operand."""
+        if self.interpret:
+            return ref[...]
+        plgpu = _plgpu()
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
 
     def zeros(self, shape):
         if self.interpret:
@@ -746,14 +844,446 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
                         **_kernel_options(interpret))(*inputs)
 
 
+# -- the head dim split between the consumers (`MosaicBwdConfig.split_head_dim`, D=256) -------------
+# Each step's score tile is shared by the two consumers: consumer 0 computes the scores and P (the
+# whole D contraction), consumer 1 dP and dS, and each then accumulates its half of the gradient's
+# columns. They hand P and dS over in shared memory, each guarded by a "ready" barrier (the writer
+# arrives once the tile is written) and a "free" barrier (the reader arrives once it has read it; the
+# writer waits on that before overwriting the tile next step, and observes the last one at the end).
+#
+# Every [rows, D] tile lies in shared memory as its two column halves [2, rows, D/2], each a
+# contiguous swizzled tile: a consumer's half is then a whole wgmma operand and a whole TMA copy (a
+# column slice of one [rows, D] tile is strided, which TMA cannot copy). The D contraction of the
+# scores is the sum of the two halves' products.
+#
+# P crosses in the input dtype, the precision it already has as the dV (dK/dV kernel) operand: dS =
+# P (dP - delta) formed from the rounded P has one more rounding error of the same size as the one
+# dS gets anyway when it is cast for its product (f32 P would cost 8 KB more shared memory).
+
+
+def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
+                interpret: bool):
+    """-> dK, dV [B, Sp, K, D] in q's dtype, summed over the GQA group; one CTA per block_kv keys of
+    one KV head, consumer w owning columns [w D/2, (w+1) D/2) of dK and dV. Streams (Q, dO,
+    [lse, delta]) tiles like `_dkdv`. segment_ids: None or padded (q_ids [B, Tp], kv_ids [B, Sp])."""
+    plgpu = _plgpu()
+    B, Tp, H, D = q.shape
+    Sp, K = k.shape[1], k.shape[2]
+    bq, bkv, stages = config.block_q, config.block_kv, config.num_stages
+    G = problem.group_size
+    half = D // CONSUMERS
+    scale = problem.sm_scale * LOG2E
+    masks = masks_keys(problem, Sp)
+    mm = _Matmuls(interpret)
+    transforms = smem_transforms()
+    segments = segment_ids is not None
+
+    halves = [pl.ds(c * half, half) for c in range(CONSUMERS)]  # the column halves of D
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
+        if segments:
+            q_ids_ref, kv_ids_ref, ranges_ref, dk_ref, dv_ref = refs
+        else:
+            dk_ref, dv_ref = refs
+
+        def per_warpgroup(smem, barriers):
+            kv_smem, q_smem, do_smem, stats_smem, hand_smem, *ids_smem = smem
+            (kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free,
+             p_ready, p_free, ds_ready, ds_free) = barriers
+            p_smem, ds_smem = hand_smem.at[0], hand_smem.at[1]  # Pᵀ, dSᵀ [bkv, bq]
+            wg = lax.axis_index("wg")
+            b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
+            k0 = lax.axis_index("kv_tiles") * bkv
+            keys = pl.ds(k0, bkv)
+            lo, full_lo, full_hi, hi = _query_tile_ranges(k0, bkv, problem, bq, Tp)
+            if segments:
+                lo, full_lo, full_hi, hi = clip_to_segments(
+                    ranges_ref, b, lax.axis_index("kv_tiles"), lo, full_lo, full_hi, hi)
+            tiles = hi - lo
+            steps = G * tiles
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                for c, cols in enumerate(halves):
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head, cols], kv_smem.at[0, c], kv_ready)
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head, cols], kv_smem.at[1, c], kv_ready)
+
+                @pl.loop(0, steps)
+                def _(i):
+                    slot = lax.rem(i, jnp.int32(stages))
+                    head = kv_head * G + lax.div(i, tiles)
+                    rows = pl.ds((lo + lax.rem(i, tiles)) * bq, bq)
+                    for ref, dst, ready, free in ((q_ref, q_smem, q_ready, q_free),
+                                                  (do_ref, do_smem, do_ready, do_free),
+                                                  (stats_ref, stats_smem, stats_ready, stats_free)):
+                        @pl.when(i >= stages)
+                        def _(free=free):
+                            plgpu.barrier_wait(free.at[slot])
+
+                        if ref is stats_ref:
+                            plgpu.copy_gmem_to_smem(ref.at[b, head, :, rows], dst.at[slot], ready.at[slot])
+                            continue
+                        for c, cols in enumerate(halves):
+                            plgpu.copy_gmem_to_smem(ref.at[b, rows, head, cols], dst.at[slot, c], ready.at[slot])
+                    if segments:  # freed with the stats, by the same stats_free
+                        plgpu.copy_gmem_to_smem(q_ids_ref.at[b, rows], ids_smem[0].at[slot], stats_ready.at[slot])
+
+                for slot in range(stages):  # observe each slot's last release before the barriers go
+                    @pl.when(steps > slot)
+                    def _():
+                        for free in (q_free, do_free, stats_free):
+                            plgpu.barrier_wait(free.at[slot])
+
+            def finish(dk, dv, c):
+                """Stores this consumer's columns of dK and dV over K's and V's half c in shared memory
+                (neither consumer reads them any more: each has waited on the other's last hand-off)
+                and out."""
+                cols = halves[c]
+                out_k, out_v = kv_smem.at[0, c], kv_smem.at[1, c]
+                out_k[...] = (dk * problem.sm_scale).astype(q.dtype)  # dS was left unscaled
+                out_v[...] = dv.astype(q.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_k, dk_ref.at[b, keys, kv_head, cols])
+                plgpu.copy_smem_to_gmem(out_v, dv_ref.at[b, keys, kv_head, cols])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == 0)
+            def _scores():
+                """Sᵀ = K Qᵀ and Pᵀ, handed to consumer 1; dV, dK columns [0, D/2)."""
+                plgpu.set_max_registers(232, action="increase")
+                key_ids = mm.ids(kv_ids_ref.at[b], k0, bkv) if segments else None
+                plgpu.barrier_wait(kv_ready)
+
+                def step(i, t, carry, masked: bool):
+                    dk, dv = carry
+                    slot = lax.rem(i, jnp.int32(stages))
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    s_t = mm.dot_t_sum([(kv_smem.at[0, c], q_smem.at[slot, c]) for c in range(CONSUMERS)],
+                                       (bkv, bq))  # [keys, queries]
+                    plgpu.barrier_wait(stats_ready.at[slot])
+                    lse = mm.vector(stats_smem.at[slot, 0], 0)
+                    visible = mm.same_segment(key_ids, ids_smem[0].at[slot], s_t.shape) if segments else None
+                    plgpu.barrier_arrive(stats_free.at[slot])
+                    p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                    if masked:
+                        by_position = visible_pairs(t * bq + mm.iota(s_t.shape, 1), k0 + mm.iota(s_t.shape, 0),
+                                                    problem)
+                        visible = by_position if visible is None else visible & by_position
+                    if visible is not None:
+                        p_t = jnp.where(visible, p_t, 0.0)
+                    p_t = p_t.astype(q.dtype)
+
+                    @pl.when(i > 0)
+                    def _():
+                        plgpu.barrier_wait(p_free)
+
+                    p_smem[...] = p_t
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(p_ready)
+                    plgpu.barrier_wait(do_ready.at[slot])
+                    plgpu.barrier_wait(ds_ready)
+                    # dV += Pᵀ dO (Pᵀ from registers) and dK += dSᵀ Q (dSᵀ from consumer 1), this half.
+                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, 0], dk, ds_smem, q_smem.at[slot, 0])
+                    plgpu.barrier_arrive(ds_free)
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    return dk, dv
+
+                def head_loop(g, carry):
+                    base = g * tiles - lo  # step number of tile t is base + t
+                    for first, last, allowed in consumer_loops((lo, full_lo, full_hi, hi), masks, True):
+                        carry = lax.fori_loop(lo + first, lo + last,
+                                              lambda t, c, m=allowed is not None: step(base + t, t, c, m), carry)
+                    return carry
+
+                dk, dv = lax.fori_loop(0, G, head_loop, (mm.zeros((bkv, half)), mm.zeros((bkv, half))))
+
+                @pl.when(steps > 0)
+                def _():
+                    plgpu.barrier_wait(p_free)  # the last step's, observed before the barrier goes
+
+                finish(dk, dv, 0)
+
+            @pl.when(wg == 1)
+            def _gradients():
+                """dPᵀ = V dOᵀ and dSᵀ, handed to consumer 0; dV, dK columns [D/2, D)."""
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.barrier_wait(kv_ready)
+
+                def step(i, carry):
+                    dk, dv = carry
+                    slot = lax.rem(i, jnp.int32(stages))
+                    plgpu.barrier_wait(do_ready.at[slot])
+                    dp_t = mm.dot_t_sum([(kv_smem.at[1, c], do_smem.at[slot, c]) for c in range(CONSUMERS)],
+                                        (bkv, bq))  # [keys, queries]
+                    plgpu.barrier_wait(stats_ready.at[slot])
+                    delta = mm.vector(stats_smem.at[slot, 1], 0)
+                    plgpu.barrier_arrive(stats_free.at[slot])
+                    plgpu.barrier_wait(p_ready)
+                    p_t = mm.tile(p_smem)
+                    plgpu.barrier_arrive(p_free)
+                    ds_t = p_t.astype(jnp.float32) * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                    ds_t = ds_t.astype(q.dtype)
+
+                    @pl.when(i > 0)
+                    def _():
+                        plgpu.barrier_wait(ds_free)
+
+                    ds_smem[...] = ds_t
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(ds_ready)
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    dv, dk = mm.two_accumulate(dv, p_t, do_smem.at[slot, 1], dk, ds_t, q_smem.at[slot, 1])
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    return dk, dv
+
+                dk, dv = lax.fori_loop(0, steps, step, (mm.zeros((bkv, half)), mm.zeros((bkv, half))))
+
+                @pl.when(steps > 0)
+                def _():
+                    plgpu.barrier_wait(ds_free)  # the last step's, observed before the barrier goes
+
+                finish(dk, dv, 1)
+
+        smem = (
+            plgpu.SMEM((2, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # this CTA's K, V (then dK, dV)
+            plgpu.SMEM((stages, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # Q ring
+            plgpu.SMEM((stages, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # dO ring
+            plgpu.SMEM((stages, 2, bq), jnp.float32),  # [lse, delta] ring
+            plgpu.SMEM((2, bkv, bq), q.dtype, transforms=transforms),  # Pᵀ, dSᵀ hand-offs
+        )
+        if segments:
+            smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
+        barriers = (
+            plgpu.Barrier(num_arrivals=2 * CONSUMERS),  # kv_ready: K's and V's halves landed
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_ready: both halves
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_ready
+            plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),  # stats_ready (+ ids)
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_free
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # stats_free
+            plgpu.Barrier(),  # p_ready: consumer 0 wrote Pᵀ
+            plgpu.Barrier(),  # p_free: consumer 1 read it
+            plgpu.Barrier(),  # ds_ready: consumer 1 wrote dSᵀ
+            plgpu.Barrier(),  # ds_free: consumer 0's dK product read it
+        )
+        pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
+    inputs = (q, k, v, do, stats)
+    if segments:
+        q_ids, kv_ids = segment_ids
+        inputs += (q_ids, kv_ids, segment_tile_ranges(kv_ids, q_ids, bkv, bq))
+    return plgpu.kernel(body, out_type=(out, out), grid=(Sp // bkv, K, B),
+                        grid_names=("kv_tiles", "kv_heads", "batch"), **_kernel_options(interpret))(*inputs)
+
+
+def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
+              interpret: bool):
+    """-> dQ [B, Tp, H, D] in q's dtype; one CTA per block_q_dq query rows of one head, streaming K/V
+    tiles like `_dq`, consumer w owning columns [w D/2, (w+1) D/2) of dQ. segment_ids: as `_dq`."""
+    plgpu = _plgpu()
+    B, Tp, H, D = q.shape
+    Sp = k.shape[1]
+    bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
+    half = D // CONSUMERS
+    scale = problem.sm_scale * LOG2E
+    masks = masks_keys(problem, Sp)
+    mm = _Matmuls(interpret)
+    transforms = smem_transforms()
+    segments = segment_ids is not None
+
+    halves = [pl.ds(c * half, half) for c in range(CONSUMERS)]  # the column halves of D
+
+    def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
+        if segments:
+            q_ids_ref, kv_ids_ref, ranges_ref, dq_ref = refs
+        else:
+            (dq_ref,) = refs
+
+        def per_warpgroup(smem, barriers):
+            qdo_smem, k_smem, v_smem, stats_smem, hand_smem, *ids_smem = smem  # ids_smem: key tiles' ids
+            mine_ready, k_ready, v_ready, k_free, v_free, p_ready, p_free, ds_ready, ds_free = barriers
+            p_smem, ds_smem = hand_smem.at[0], hand_smem.at[1]  # P, dS [bq, bkv]
+            wg = lax.axis_index("wg")
+            b, h = lax.axis_index("batch"), lax.axis_index("heads")
+            row0 = cta_first_row(problem, Tp, bq)
+            rows = pl.ds(row0, bq)
+            lo, full_lo, full_hi, hi = _key_tile_ranges(row0, bq, problem, bkv, Sp)
+            if segments:
+                lo, full_lo, full_hi, hi = clip_to_segments(
+                    ranges_ref, b, lax.div(row0, jnp.int32(bq)), lo, full_lo, full_hi, hi)
+            my_q, my_do = qdo_smem.at[0], qdo_smem.at[1]
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+                kv_head = lax.div(h, jnp.int32(problem.group_size))
+                for c, cols in enumerate(halves):
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, cols], my_q.at[c], mine_ready)
+                    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], my_do.at[c], mine_ready)
+                plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, rows], stats_smem, mine_ready)
+
+                @pl.loop(0, hi - lo)
+                def _(i):
+                    slot = lax.rem(i, jnp.int32(stages))
+                    keys = pl.ds((lo + i) * bkv, bkv)
+                    for ref, dst, ready, free, with_ids in ((k_ref, k_smem, k_ready, k_free, segments),
+                                                            (v_ref, v_smem, v_ready, v_free, False)):
+                        @pl.when(i >= stages)
+                        def _(free=free):
+                            plgpu.barrier_wait(free.at[slot])
+
+                        for c, cols in enumerate(halves):
+                            plgpu.copy_gmem_to_smem(ref.at[b, keys, kv_head, cols], dst.at[slot, c], ready.at[slot])
+                        if with_ids:  # the keys' ids ride with K, and are freed with it
+                            plgpu.copy_gmem_to_smem(kv_ids_ref.at[b, keys], ids_smem[0].at[slot],
+                                                    ready.at[slot])
+
+                for slot in range(stages):
+                    @pl.when(hi - lo > slot)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+
+            def finish(dq, c):
+                """Stores this consumer's columns of dQ over Q's half c in shared memory (consumer 0
+                read Q last before its last P, which consumer 1 waited on) and out."""
+                out = my_q.at[c]
+                out[...] = (dq * problem.sm_scale).astype(q.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out, dq_ref.at[b, rows, h, halves[c]])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == 0)
+            def _scores():
+                """S = Q Kᵀ and P, handed to consumer 1; dQ columns [0, D/2)."""
+                plgpu.set_max_registers(232, action="increase")
+                query_ids = mm.ids(q_ids_ref.at[b], row0, bq) if segments else None
+                plgpu.barrier_wait(mine_ready)
+                lse = mm.vector(stats_smem.at[0], 1)
+
+                def step(i, dq, masked: bool):
+                    slot = lax.rem(i - lo, jnp.int32(stages))
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    s = mm.dot_t_sum([(my_q.at[c], k_smem.at[slot, c]) for c in range(CONSUMERS)], (bq, bkv))
+                    p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    visible = mm.same_segment(query_ids, ids_smem[0].at[slot], s.shape) if segments else None
+                    if masked:
+                        by_position = visible_pairs(row0 + mm.iota(s.shape, 0), i * bkv + mm.iota(s.shape, 1),
+                                                    problem)
+                        visible = by_position if visible is None else visible & by_position
+                    if visible is not None:
+                        p = jnp.where(visible, p, 0.0)
+
+                    @pl.when(i > lo)
+                    def _():
+                        plgpu.barrier_wait(p_free)
+
+                    p_smem[...] = p.astype(q.dtype)
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(p_ready)
+                    plgpu.barrier_wait(ds_ready)
+                    dq = mm.accumulate_from_smem(dq, ds_smem, k_smem.at[slot, 0])  # dQ += dS K, this half
+                    plgpu.barrier_arrive(ds_free)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
+
+                dq = mm.zeros((bq, half))
+                for first, last, allowed in consumer_loops((lo, full_lo, full_hi, hi), masks, True):
+                    dq = lax.fori_loop(lo + first, lo + last,
+                                       lambda i, c, m=allowed is not None: step(i, c, m), dq)
+
+                @pl.when(hi > lo)
+                def _():
+                    plgpu.barrier_wait(p_free)  # the last step's, observed before the barrier goes
+
+                finish(dq, 0)
+
+            @pl.when(wg == 1)
+            def _gradients():
+                """dP = dO Vᵀ and dS, handed to consumer 0; dQ columns [D/2, D)."""
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.barrier_wait(mine_ready)
+                delta = mm.vector(stats_smem.at[1], 1)
+
+                def step(i, dq):
+                    slot = lax.rem(i - lo, jnp.int32(stages))
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    dp = mm.dot_t_sum([(my_do.at[c], v_smem.at[slot, c]) for c in range(CONSUMERS)], (bq, bkv))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    plgpu.barrier_wait(p_ready)
+                    p = mm.tile(p_smem)
+                    plgpu.barrier_arrive(p_free)
+                    ds = p.astype(jnp.float32) * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                    ds = ds.astype(q.dtype)
+
+                    @pl.when(i > lo)
+                    def _():
+                        plgpu.barrier_wait(ds_free)
+
+                    ds_smem[...] = ds
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(ds_ready)
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    dq = mm.accumulate(dq, ds, k_smem.at[slot, 1])  # dQ += dS K, this half
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq
+
+                dq = lax.fori_loop(lo, hi, step, mm.zeros((bq, half)))
+
+                @pl.when(hi > lo)
+                def _():
+                    plgpu.barrier_wait(ds_free)  # the last step's, observed before the barrier goes
+
+                finish(dq, 1)
+
+        smem = (
+            plgpu.SMEM((2, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # this CTA's Q (then dQ), dO
+            plgpu.SMEM((stages, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # K ring
+            plgpu.SMEM((stages, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # V ring
+            plgpu.SMEM((2, bq), jnp.float32),  # [lse, delta]
+            plgpu.SMEM((2, bq, bkv), q.dtype, transforms=transforms),  # P, dS hand-offs
+        )
+        if segments:
+            smem += (plgpu.SMEM((stages, bkv), jnp.int32),)  # key ids ring
+        barriers = (
+            plgpu.Barrier(num_arrivals=2 * CONSUMERS + 1),  # mine_ready: Q's and dO's halves, stats landed
+            plgpu.Barrier(num_arrivals=CONSUMERS + segments, num_barriers=stages),  # k_ready: halves (+ ids)
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_ready: halves
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free: both read K
+            plgpu.Barrier(num_barriers=stages),  # v_free: consumer 1 alone reads V
+            plgpu.Barrier(),  # p_ready: consumer 0 wrote P
+            plgpu.Barrier(),  # p_free: consumer 1 read it
+            plgpu.Barrier(),  # ds_ready: consumer 1 wrote dS
+            plgpu.Barrier(),  # ds_free: consumer 0's dQ product read it
+        )
+        pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
+
+    inputs = (q, k, v, do, stats)
+    if segments:
+        q_ids, kv_ids = segment_ids
+        inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, bq, bkv))
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
+                        grid=(Tp // bq, H, B), grid_names=("q_tiles", "heads", "batch"),
+                        **_kernel_options(interpret))(*inputs)
+
+
 def backward(q, k, v, do, lse2, delta, segment_ids=None, *, problem: MosaicProblem,
              config: MosaicBwdConfig, interpret: bool = False):
     """Padded q, do [B, Tp, H, D], k, v [B, Sp, K, D], lse2 (log2 units, +inf for empty rows) and
     delta [B, H, Tp] f32 -> (dQ, dK, dV) padded, in q's dtype. segment_ids: None, or
     (q_ids [B, Tp], kv_ids [B, Sp]) int32 padded as for `mosaic_fwd.forward`."""
     Tp, Sp, D = q.shape[1], k.shape[1], q.shape[3]
-    if D not in (64, 128):
-        raise ValueError(f"the Hopper backward covers head dim 64 or 128, got {D=}")
+    if D not in (64, 128, 256):
+        raise ValueError(f"the Hopper backward covers head dim 64, 128 or 256, got {D=}")
+    if (D == 256) != config.split_head_dim:
+        raise ValueError(f"head dim 256 (and only it) runs the split-head-dim kernels: {D=}, "
+                         f"{config.split_head_dim=}")
+    if config.split_head_dim and problem.softcap > 0:
+        raise ValueError(f"the split-head-dim kernels do not cover softcap: {problem.softcap=}")
     if config.dq_split and D % 128:
         raise ValueError(f"dq_split halves dQ's columns into 64-column swizzle spans: it needs D=128, got {D=}")
     if Tp % config.q_multiple or Sp % config.kv_multiple:
@@ -770,6 +1300,9 @@ def backward(q, k, v, do, lse2, delta, segment_ids=None, *, problem: MosaicProbl
                          f"{SMEM_LIMIT_BYTES=}, for {config=} at {D=}")
     stats = jnp.stack([lse2, delta], axis=2)  # [B, H, 2, Tp]: one copy per tile brings both
     kwargs = dict(problem=problem, config=config, interpret=interpret)
+    if config.split_head_dim:
+        dk, dv = _dkdv_split(q, k, v, do, stats, segment_ids, **kwargs)
+        return _dq_split(q, k, v, do, stats, segment_ids, **kwargs), dk, dv
     if config.deterministic:
         dk, dv = _dkdv(q, k, v, do, stats, segment_ids, **kwargs)
         return _dq(q, k, v, do, stats, segment_ids, **kwargs), dk, dv

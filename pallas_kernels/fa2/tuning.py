@@ -163,6 +163,9 @@ def mosaic_bwd_candidates(head_dim: int, dtype=jnp.bfloat16, deterministic: bool
     default = default_mosaic_bwd_config(head_dim, deterministic)
     candidates = [default]
     for stages in (2, 3):
+        if default.split_head_dim:  # 64-row tiles only: the ring depth is the one choice
+            candidates.append(dataclasses.replace(default, num_stages=stages))
+            continue
         if deterministic:
             candidates += [dataclasses.replace(default, num_stages=stages, block_q_dq=rows) for rows in (64, 128)]
             continue
