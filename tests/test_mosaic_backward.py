@@ -2,12 +2,13 @@
 
 `gpu` tests run the wgmma kernels on an H100/H200 over the argument grid of the portable tests (odd
 lengths, T != S, GQA/MQA, causal bottom-right, windows, segment ids with fully masked rows, softcap,
-bf16 and f16, head dims 64 and 128), in both dQ modes. `simulator` tests run the deterministic kernels in Mosaic GPU's CPU simulator (opt-in, see
+bf16 and f16, head dims 64, 128 and 256), in both dQ modes (D=256 has the deterministic one alone). `simulator` tests run the deterministic kernels in Mosaic GPU's CPU simulator (opt-in, see
 conftest). Tolerance basis as in test_flash_attention: 2x the error of XLA in the input dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import attention_reference, flash_attention
+from pallas_kernels.fa2 import mosaic_bwd
+from pallas_kernels.fa2.mosaic_bwd import MosaicBwdConfig
 from pallas_kernels.testing import attention_inputs
 from test_flash_attention import _output_and_grads, assert_within_xla_error
 from test_mosaic_forward import Packed, empty_rows, resolve_segments, simulator_segment_ids
@@ -38,6 +41,10 @@ GRID = [
     (1, 333, 517, 4, 2, 128, {"softcap": 30.0, "input_scale": 2.0}),
     (1, 600, 900, 4, 2, 128, {"window_size": (100, 20), "segment_ids": Packed(5), "softcap": 5.0,
                               "input_scale": 2.0}),
+    # D=256: the head dim split between the consumers (`split_head_dim`)
+    (1, 333, 517, 4, 2, 256, {"causal": True}),
+    (2, 512, 512, 4, 1, 256, {}),
+    (1, 600, 900, 4, 2, 256, {"window_size": (100, 20), "segment_ids": Packed(5)}),
 ]
 
 
@@ -78,6 +85,11 @@ def test_mosaic_backward_float16_on_gpu():
 
 
 @pytest.mark.gpu
+def test_mosaic_backward_float16_d256_on_gpu():
+    _check(2, 300, 300, 4, 2, 256, dtype=jnp.float16, causal=True)
+
+
+@pytest.mark.gpu
 def test_mosaic_backward_deterministic_mode_is_bitwise_reproducible():
     first = _check(1, 1000, 1000, 4, 2, 128, causal=True, seed=3)
     second = _check(1, 1000, 1000, 4, 2, 128, causal=True, seed=3)
@@ -93,6 +105,24 @@ def test_mosaic_backward_deterministic_mode_is_bitwise_reproducible():
 ])
 def test_mosaic_backward_in_simulator(T, S, kwargs):
     _check(1, T, S, 2, 1, 64, interpret=True, **kwargs)
+
+
+@pytest.mark.simulator
+@pytest.mark.parametrize("T,S,H,K,kwargs", [
+    (128, 128, 2, 1, {}),
+    (77, 129, 2, 1, {"causal": True}),  # padded rows and keys
+    (130, 200, 2, 1, {"window_size": (40, 8), "dtype": jnp.float16}),
+    (200, 150, 4, 2, {"causal": True}),  # T > S: rows that see no key; two KV heads
+])
+def test_mosaic_backward_d256_in_simulator(T, S, H, K, kwargs):
+    """The split-head-dim kernels (D=256): Pᵀ/dSᵀ and P/dS hand-offs between the consumers, each
+    accumulating half of dK, dV or dQ's columns."""
+    _check(1, T, S, H, K, 256, interpret=True, **kwargs)
+
+
+@pytest.mark.simulator
+def test_mosaic_backward_d256_segments_in_simulator():
+    _check(2, 256, 256, 2, 1, 256, interpret=True, causal=True, segment_ids=simulator_segment_ids(256, 256))
 
 
 @pytest.mark.simulator
@@ -117,6 +147,27 @@ def test_mosaic_backward_tile_aligned_documents_in_simulator():
            segment_ids=(jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)))
 
 
+def test_split_head_dim_config():
+    """D=256's config: 64-row CTAs (padding multiples of 64), 209 KB of shared memory with two ring
+    slots and too much with three, deterministic 64-row tiles only; softcap left to the portable backward."""
+    config = MosaicBwdConfig.for_head_dim(256)
+    assert config.split_head_dim and (config.q_multiple, config.kv_multiple) == (64, 64)
+    assert MosaicBwdConfig.for_head_dim(128).q_multiple == 128  # unchanged: two consumers of 64 rows
+    smem = mosaic_bwd.dkdv_smem_bytes(config, head_dim=256, itemsize=2, segments=False)
+    assert smem == 2 * 64 * 256 * 2 + 2 * 2 * 64 * 256 * 2 + 2 * 64 * 64 * 2 + 2 * 2 * 64 * 4 <= mosaic_bwd.SMEM_LIMIT_BYTES
+    three = dataclasses.replace(config, num_stages=3)
+    assert mosaic_bwd.dkdv_smem_bytes(three, head_dim=256, itemsize=2, segments=False) > mosaic_bwd.SMEM_LIMIT_BYTES
+    with pytest.raises(ValueError, match="split_head_dim"):
+        dataclasses.replace(config, block_q_dq=128)
+    with pytest.raises(ValueError, match="split_head_dim"):
+        dataclasses.replace(config, deterministic=False)
+    with pytest.raises(TypeError, match="split_head_dim"):
+        MosaicBwdConfig(split_head_dim=1)
+    assert mosaic_bwd.supports(dtype=jnp.bfloat16, head_dim=256, features=("causal", "segments"))
+    assert not mosaic_bwd.supports(dtype=jnp.bfloat16, head_dim=256, features=("softcap",))
+    assert not mosaic_bwd.supports(dtype=jnp.float32, head_dim=256, features=())
+
+
 def test_mosaic_backward_rejects_calls_it_does_not_cover():
     q, k, v, _ = attention_inputs(0, 1, 64, 64, 2, 2, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="backward"):
@@ -125,3 +176,6 @@ def test_mosaic_backward_rejects_calls_it_does_not_cover():
         flash_attention(q, k, v, backend=("mosaic", "fast"))
     with pytest.raises(TypeError, match="deterministic"):
         flash_attention(q, k, v, deterministic="no")
+    q, k, v, _ = attention_inputs(0, 1, 64, 64, 2, 2, 256, jnp.bfloat16)
+    with pytest.raises(ValueError, match="backward"):  # D=256 with softcap, the backward's kernel named
+        flash_attention(q, k, v, softcap=5.0, backend=("portable", "mosaic"))

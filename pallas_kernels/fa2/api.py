@@ -280,7 +280,7 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
                              f"{deterministic=}")
         backend = "mosaic"
     if backend == "mosaic" and not strict and not covered:
-        # backend="mosaic" forces the Hopper forward; a backward it lacks (e.g. D=256) is portable.
+        # backend="mosaic" forces the Hopper forward; a backward it lacks (e.g. D=256 softcap) is portable.
         _log_fallback("backward", problem, features)
         return None
     if backend == "mosaic":
@@ -363,7 +363,7 @@ def flash_attention(
         backward's `deterministic` must equal the call's.
       backend: "portable" (the Triton/interpret kernels), "mosaic" (the Hopper kernels; raises
         ValueError for a forward they do not cover, runs the portable backward with a log line
-        where the Hopper backward lacks the call, e.g. head dim 256), None: "mosaic" on Hopper
+        where the Hopper backward lacks the call, e.g. head dim 256 with softcap), None: "mosaic" on Hopper
         GPUs where it covers the call, else "portable" with one log line naming the reason; or a
         (forward, backward) pair of those choices, each forced strictly.
 

@@ -10,6 +10,10 @@ a ring of shared-memory slots, and the products are asynchronous wgmma.
   can see these keys. The GQA reduction is that loop: no repeated K/V, no [B, S, H, D] partials.
 - dQ kernel: one CTA per 2 * block_q query rows of one head, streaming K/V like the forward and
   recomputing P and dP.
+- D=256 (`MosaicBwdConfig.split_head_dim`): whole-width dK and dV per consumer would take 256 f32
+  registers per thread, so the two consumers share each tile and split the head dim's columns
+  instead (FA3's layout): one computes the scores and P, the other dP and dS, they hand P and dS
+  over in shared memory, and each accumulates half of dK, dV or dQ (`_dkdv_split`, `_dq_split`).
 - Softcap (Gemma 2): both kernels recompute tanh from the raw scores, cap them as the forward did,
   and scale dS by the cap's derivative 1 - tanh^2.
 
