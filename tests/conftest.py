@@ -30,6 +30,11 @@ def _with_cpu_flags(given: str) -> str:
 
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ["XLA_FLAGS"] = _with_cpu_flags(os.environ.get("XLA_FLAGS", ""))
+    # The simulator's warpgroups block inside XLA host callbacks, each holding a thread of XLA's CPU
+    # pool, which has one thread per core: on 2 cores three or four warpgroups starve it and hang
+    # (benchmarks/simulator_vjp_hang.py). NPROC sizes that pool; 8 threads cost the suite no time on
+    # 2 cores (693 s without, 671 s with, one run each). A value the user sets wins.
+    os.environ.setdefault("NPROC", "8")
 
 import jax  # noqa: E402  (the platform must be chosen before jax is imported)
 import pytest  # noqa: E402

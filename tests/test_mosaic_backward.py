@@ -109,7 +109,7 @@ def test_mosaic_backward_in_simulator(T, S, kwargs):
 
 @pytest.mark.simulator
 @pytest.mark.parametrize("T,S,H,K,kwargs", [
-    (128, 128, 2, 1, {}),
+    pytest.param(128, 128, 2, 1, {}, marks=pytest.mark.simulator_smoke),
     (77, 129, 2, 1, {"causal": True}),  # padded rows and keys
     (130, 200, 2, 1, {"window_size": (40, 8), "dtype": jnp.float16}),
     (200, 150, 4, 2, {"causal": True}),  # T > S: rows that see no key; two KV heads

@@ -206,7 +206,8 @@ THREE_CONSUMERS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(THREE_CONSUMERS))
+@pytest.mark.parametrize("variant", [pytest.param("turns", marks=pytest.mark.simulator_smoke),
+                                     *list(THREE_CONSUMERS)[1:]])
 @pytest.mark.simulator
 def test_mosaic_forward_three_consumers_in_simulator(variant):
     _check(1, 250, 380, 2, 1, 64, causal=True, variant=THREE_CONSUMERS[variant])
