@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import attention_reference
+from pallas_kernels.common.numerics import backward_lse
 from pallas_kernels.fa2 import mosaic_bwd, mosaic_fwd
 from pallas_kernels.testing import attention_inputs, median_time, within_xla_error
 
@@ -47,11 +48,12 @@ def problem_for(S: int, D: int, causal: bool, group_size: int = 1) -> mosaic_fwd
 
 
 def backward_inputs(q, k, v, do, problem, D):
-    """(lse2, delta) [B, H, T] f32 from our forward, as `api.py` hands them to the backward."""
-    out, lse2 = jax.jit(lambda q, k, v: mosaic_fwd.forward(
+    """(lse2, delta) [B, H, T] f32 from our forward, as `api.py` hands them to the backward: the
+    forward's lse is in natural log, the backward takes log2 units."""
+    out, lse = jax.jit(lambda q, k, v: mosaic_fwd.forward(
         q, k, v, problem=problem, config=mosaic_fwd.MosaicFwdConfig.for_head_dim(D)))(q, k, v)
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
-    return lse2, delta
+    return backward_lse(lse), delta
 
 
 def atomic_variants(D: int):

@@ -31,3 +31,9 @@ def softcap_unscaled(s, *, sm_scale: float, softcap: float):
     derivative d capped / d s = 1 - tanh^2), which a backward multiplies into dS."""
     t = jnp.tanh(s * (sm_scale / softcap))
     return t * (softcap / sm_scale), 1.0 - t * t
+
+
+def backward_lse(lse):
+    """The forward's log-sum-exp (natural log, [B, H, T]) in the units the backward kernels take:
+    log2, with a fully masked row's -inf turned to +inf so that every P of that row is exactly 0."""
+    return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)

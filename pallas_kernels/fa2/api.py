@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.device import device_kind, on_hopper, resolve_interpret
-from pallas_kernels.common.numerics import LOG2E, next_power_of_two
+from pallas_kernels.common.numerics import backward_lse, next_power_of_two
 from pallas_kernels.fa2 import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
 from pallas_kernels.fa2.arguments import AttentionProblem, validate
 from pallas_kernels.fa2.block_sizes import (MIN_BLOCK, BlockSizes, feature_names, lookup_block_sizes,
@@ -185,8 +185,7 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
     # which is the same as subtracting it from delta.
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = _pad_axis(delta - dlse.astype(jnp.float32), 2, launch.padded_q_len)
-    # The kernels work in log2 units; +inf marks a fully masked row so that all its P are exactly 0.
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+    lse = backward_lse(lse)
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
     D, T, S = problem.head_dim, problem.q_len, problem.kv_len
