@@ -216,3 +216,16 @@ def test_select_mosaic_takes_the_best_geometric_mean():
     assert tuning.select_mosaic(trials) == 1
     trials[1][0] = tuning.MosaicTrial(b, "wrong")  # out on one input: out
     assert tuning.select_mosaic(trials) == 2
+
+
+def test_forward_and_backward_pad_to_their_own_tiles(hopper):
+    """A 3-consumer forward pads rows to multiples of its 192-row CTAs and the backward to its own
+    tiles, not both to their least common multiple (384: 2304 rows instead of 2112 and 2048 here)."""
+    q = jnp.zeros((1, 2048, 2, 64), jnp.bfloat16)
+    fwd = MosaicFwdConfig(consumers=3)
+    launch = api.plan(q, q, q, interpret=False, backend="mosaic", mosaic_configs=(fwd, None))[0]
+    assert launch.mosaic_config == fwd
+    assert (launch.padded_q_len, launch.padded_kv_len) == (2112, 2048)
+    assert launch.bwd_padded_q_len == 2048 and launch.bwd_padded_q_len % launch.mosaic_bwd_config.q_multiple == 0
+    backward = launch.for_backward()
+    assert (backward.padded_q_len, backward.padded_kv_len) == (2048, 2048)

@@ -36,6 +36,7 @@ class _Launch:
 
     problem: AttentionProblem
     blocks: BlockSizes
+    # The forward's padded lengths (multiples of its tiles); the backward's are below.
     padded_q_len: int
     padded_kv_len: int
     padded_head_dim: int
@@ -44,6 +45,16 @@ class _Launch:
     mosaic_config: mosaic_fwd.MosaicFwdConfig | None = None
     # The Hopper backward's tiles, or None when the portable backward runs.
     mosaic_bwd_config: mosaic_bwd.MosaicBwdConfig | None = None
+    # Each direction pads to its own kernels' tiles: a 3-consumer forward's 192-row CTAs and a
+    # backward's 128-row tiles would otherwise pad both to multiples of 384 (12% more rows at 2048).
+    bwd_padded_q_len: int = 0
+    bwd_padded_kv_len: int = 0
+
+    def for_backward(self) -> "_Launch":
+        """This launch with the backward's padded lengths in the forward's fields, which the padding
+        and extras helpers read."""
+        return dataclasses.replace(self, padded_q_len=self.bwd_padded_q_len,
+                                   padded_kv_len=self.bwd_padded_kv_len)
 
     @property
     def kernel_spec(self) -> KernelSpec:
@@ -180,15 +191,22 @@ def _flash_fwd(q, k, v, aux, launch: _Launch):
 def _flash_bwd(launch: _Launch, residuals, cotangents):
     q, k, v, aux, out, lse = residuals
     dout, dlse = cotangents
+    launch = launch.for_backward()
     problem, blocks = launch.problem, launch.blocks
     # FA2 preprocess: delta = rowsum(dO * O). A cotangent on the returned lse adds P * dlse to dS,
     # which is the same as subtracting it from delta.
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = _pad_axis(delta - dlse.astype(jnp.float32), 2, launch.padded_q_len)
+    # lse comes at the forward's padded length (or the real one, from `backward`). Padded query rows
+    # get lse = -inf, which `backward_lse` turns into P = 0: they add nothing.
+    T = problem.q_len
+    lse = _pad_axis(lse[:, :, :T], 2, launch.padded_q_len)
+    if launch.padded_q_len != T:
+        lse = jnp.where(jnp.arange(launch.padded_q_len) < T, lse, -jnp.inf)
     lse = backward_lse(lse)
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
-    D, T, S = problem.head_dim, problem.q_len, problem.kv_len
+    D, S = problem.head_dim, problem.kv_len
     # Segment ids, slopes, mask and seed are not differentiated (integers, booleans, or by choice).
     aux_cotangent = jax.tree.map(lambda _: None, aux)
     if launch.mosaic_bwd_config is not None:
@@ -412,25 +430,27 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
     fwd_config, bwd_config = _split_mosaic_configs(mosaic_configs)
     mosaic_config = _choose_mosaic(backend, problem, features, interpret, fwd_config)
     mosaic_bwd_config = _choose_mosaic_bwd(backend, problem, features, interpret, deterministic, bwd_config)
-    # Least common multiples: a Hopper forward with 3 consumers covers 192 rows per CTA, which the
-    # other kernels' power-of-two tiles do not divide (for powers of two this is their max).
-    q_multiple = math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    k_multiple = math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    # Each direction's row and key multiples: least common multiples, as a Hopper forward with 3
+    # consumers covers 192 rows per CTA, which power-of-two tiles do not divide.
     if mosaic_config is not None:
-        q_multiple = math.lcm(q_multiple, mosaic_config.cta_rows)
-        k_multiple = math.lcm(k_multiple, mosaic_config.block_kv)
+        fwd_multiples = (mosaic_config.cta_rows, mosaic_config.block_kv)
+    else:
+        fwd_multiples = (blocks.block_q, blocks.block_k)
     if mosaic_bwd_config is not None:
-        q_multiple = math.lcm(q_multiple, mosaic_bwd_config.q_multiple)
-        k_multiple = math.lcm(k_multiple, mosaic_bwd_config.kv_multiple)
+        bwd_multiples = (mosaic_bwd_config.q_multiple, mosaic_bwd_config.kv_multiple)
+    else:
+        bwd_multiples = (math.lcm(blocks.block_q_dkv, blocks.block_q_dq), math.lcm(blocks.block_k_dkv, blocks.block_k_dq))
     launch = _Launch(
         problem=problem,
         blocks=blocks,
-        padded_q_len=_round_up(problem.q_len, q_multiple),
-        padded_kv_len=_round_up(problem.kv_len, k_multiple),
+        padded_q_len=_round_up(problem.q_len, fwd_multiples[0]),
+        padded_kv_len=_round_up(problem.kv_len, fwd_multiples[1]),
         padded_head_dim=max(MIN_BLOCK, next_power_of_two(problem.head_dim)),
         interpret=interpret,
         mosaic_config=mosaic_config,
         mosaic_bwd_config=mosaic_bwd_config,
+        bwd_padded_q_len=_round_up(problem.q_len, bwd_multiples[0]),
+        bwd_padded_kv_len=_round_up(problem.kv_len, bwd_multiples[1]),
     )
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
            "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}
@@ -473,11 +493,7 @@ def backward(q, k, v, aux: dict, launch: _Launch, out, lse, dout, dlse=None):
     Returns:
       (dq, dk, dv) in the dtypes of q, k, v.
     """
-    lse = _pad_axis(lse.astype(jnp.float32), 2, launch.padded_q_len)
-    # Padded query rows get lse = -inf, which the backward turns into P = 0: they add nothing.
-    if launch.padded_q_len != launch.problem.q_len:
-        rows = jnp.arange(launch.padded_q_len) < launch.problem.q_len
-        lse = jnp.where(rows, lse, -jnp.inf)
+    lse = lse.astype(jnp.float32)
     if dlse is None:
         dlse = jnp.zeros(lse.shape[:2] + (launch.problem.q_len,), jnp.float32)
     dq, dk, dv, _ = _flash_bwd(launch, (q, k, v, aux, out, lse), (dout, dlse))
