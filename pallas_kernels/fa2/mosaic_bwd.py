@@ -247,13 +247,7 @@ class _Matmuls:
         if self.interpret:
             return lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
-        plgpu = _plgpu()
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
-            return acc_ref[...]
-
-        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+        return self.dot_t_sum([(a_ref, b_ref)], shape)
 
     def accumulate(self, acc, a, b_ref):
         """acc [M, N] += a [M, K] (registers) · b [K, N] (shared memory)."""
@@ -278,13 +272,7 @@ class _Matmuls:
         if self.interpret:
             return lax.dot_general(a_ref[...], b_ref[...], (((0,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
-        plgpu = _plgpu()
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), b_ref)
-            return acc_ref[...]
-
-        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+        return self.t_dot_sum([(a_ref, b_ref)], shape)
 
     def dot_t_sum(self, pairs, shape):
         """sum over (a [M, K], b [N, K]) in `pairs` of a · bᵀ -> f32 [M, N], all in shared memory:
@@ -359,26 +347,14 @@ class _Matmuls:
         """acc [M, N] += a [M, K] · b [K, N], both in shared memory."""
         if self.interpret:
             return acc + jnp.dot(a_ref[...], b_ref[...], preferred_element_type=jnp.float32)
-        plgpu = _plgpu()
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, a_ref, b_ref)
-
-        return pl.run_state(product)(plgpu.ACC.init(acc))
+        return self.accumulate(acc, a_ref, b_ref)  # wgmma reads a from registers or shared memory
 
     def accumulate_mixed(self, acc1, a1, b1_ref, acc2, a2_ref, b2_ref):
         """(acc1 + a1 · b1, acc2 + a2 · b2), a1 in registers, a2 in shared memory: issued together,
         waited on once."""
         if self.interpret:
             return self.accumulate(acc1, a1, b1_ref), self.accumulate_from_smem(acc2, a2_ref, b2_ref)
-        plgpu = _plgpu()
-
-        def products(refs):
-            first_ref, second_ref = refs
-            plgpu.wgmma(first_ref, a1, b1_ref)
-            plgpu.wgmma(second_ref, a2_ref, b2_ref)
-
-        return pl.run_state(products)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+        return self.two_accumulate(acc1, a1, b1_ref, acc2, a2_ref, b2_ref)
 
     def tile(self, ref):
         """A 16-bit tile from (swizzled) shared memory into registers, laid out as a wgmma operand."""
@@ -505,15 +481,14 @@ class _Columns:
 
 
 def _produce(steps: Callable, stages: int, frees, issue: Callable):
-    """The producer warpgroup's loop over rings of `stages` shared-memory slots (step i fills slot
-    i % stages of each): ring by ring, wait until the consumers have freed the slot (their release of
-    step i - stages, on the ring's barrier in `frees`), then start the ring's copies for step i. At
-    the end it observes each slot's last release, before the barriers are freed.
+    """The producer warpgroup's loop over rings of `stages` shared-memory slots, step i in slot
+    i % stages: ring by ring, wait until the consumers have freed the slot (step i - stages's release
+    on the ring's barrier in `frees`), then start the ring's copies of step i. At the end, observe
+    each slot's last release before the barriers are freed.
 
-    steps: () -> int32, the number of steps, traced anew at each use (as the kernels were validated
-    on sm90 lowering and the simulator: one value traced once lowers to a different module).
-    issue(i, slot) -> one function per ring, in the order of `frees`, that starts step i's copies.
-    """
+    steps: () -> int32, the step count, traced anew at each use: the kernels were validated (sm90
+    lowering, simulator) in that form, and one value traced once lowers to another module.
+    issue(i, slot) -> one function per ring, in the order of `frees`, that starts step i's copies."""
     plgpu = _plgpu()
 
     @pl.loop(0, steps())
@@ -582,8 +557,8 @@ class _QueryStream:
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n))  # stats_free
 
     def produce(self, refs, rings, barriers, *, b, kv_head, lo, tiles, steps: Callable):
-        """The producer's loop (`_produce`; steps: group_size * tiles). refs: (q, do, stats, q_ids or
-        None) in global memory; rings: `smem`'s three and the ids ring (or None); barriers: `barriers`'."""
+        """`_produce` (steps: group_size * tiles). refs: q, do, stats and q_ids (or None) in global
+        memory; rings: `smem`'s and the ids ring (or None); barriers: `barriers`'."""
         plgpu = _plgpu()
         q_ref, do_ref, stats_ref, ids_ref = refs
         q_smem, do_smem, stats_smem, ids_smem = rings
@@ -661,8 +636,8 @@ class _KeyStream:
                 plgpu.Barrier(num_arrivals=self.v_readers, num_barriers=n))  # v_free
 
     def produce(self, refs, rings, barriers, *, b, kv_head, lo, hi):
-        """The producer's loop (`_produce`). refs: (k, v, kv_ids or None) in global memory; rings:
-        `smem`'s two and the ids ring (or None); barriers: `barriers`'."""
+        """`_produce` (steps: hi - lo). refs: k, v and kv_ids (or None) in global memory; rings:
+        `smem`'s and the ids ring (or None); barriers: `barriers`'."""
         plgpu = _plgpu()
         k_ref, v_ref, ids_ref = refs
         k_smem, v_smem, ids_smem = rings
@@ -697,9 +672,8 @@ def _split_refs(refs, segments: bool):
 
 
 def _store_dkdv(dk, dv, k_smem, v_smem, dk_dst, dv_dst, *, sm_scale: float):
-    """Writes the finished dK and dV (f32, [keys, D] or a column half) over the CTA's K and V tiles in
-    shared memory, which no consumer reads any more, and copies them out. dS was left unscaled: the
-    softmax scale is applied once, to the finished dK."""
+    """Writes the finished f32 dK and dV over the CTA's K and V tiles in shared memory (read by no
+    one any more) and copies them out. dS was left unscaled: the softmax scale goes on dK once."""
     plgpu = _plgpu()
     k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
     v_smem[...] = dv.astype(v_smem.dtype)
@@ -710,8 +684,8 @@ def _store_dkdv(dk, dv, k_smem, v_smem, dk_dst, dv_dst, *, sm_scale: float):
 
 
 def _store_dq(dq, q_smem, dq_dst, *, sm_scale: float):
-    """Writes the finished dQ (f32, unscaled like dS) over the CTA's Q tile in shared memory, which no
-    consumer reads any more, and copies it out."""
+    """Writes the finished f32 dQ (unscaled, like dS) over the CTA's Q tile in shared memory (read by
+    no one any more) and copies it out."""
     plgpu = _plgpu()
     q_smem[...] = (dq * sm_scale).astype(q_smem.dtype)
     plgpu.commit_smem()
@@ -758,7 +732,8 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
                 stream.produce((q_ref, do_ref, stats_ref, q_ids_ref), (q_smem, do_smem, stats_smem, ids_smem),
-                               barriers[1:7], b=b, kv_head=kv_head, lo=lo, tiles=tiles, steps=lambda: G * tiles)
+                               (q_ready, do_ready, stats_ready, q_free, do_free, stats_free),
+                               b=b, kv_head=kv_head, lo=lo, tiles=tiles, steps=lambda: G * tiles)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -954,7 +929,8 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
                 kv_head = lax.div(h, jnp.int32(problem.group_size))
-                stream.produce((k_ref, v_ref, kv_ids_ref), (k_smem, v_smem, ids_smem), barriers[1:],
+                stream.produce((k_ref, v_ref, kv_ids_ref), (k_smem, v_smem, ids_smem),
+                               (k_ready, v_ready, k_free, v_free),
                                b=b, kv_head=kv_head, lo=lo, hi=hi)
 
             @pl.when(wg < CONSUMERS)
@@ -1113,7 +1089,8 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head, cols], kv_smem.at[0, c], kv_ready)
                     plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head, cols], kv_smem.at[1, c], kv_ready)
                 stream.produce((q_ref, do_ref, stats_ref, q_ids_ref), (q_smem, do_smem, stats_smem, ids_smem),
-                               barriers[1:7], b=b, kv_head=kv_head, lo=lo, tiles=tiles, steps=lambda: steps)
+                               (q_ready, do_ready, stats_ready, q_free, do_free, stats_free),
+                               b=b, kv_head=kv_head, lo=lo, tiles=tiles, steps=lambda: steps)
 
             def finish(dk, dv, c):
                 """Stores this consumer's columns of dK and dV over K's and V's half c (neither consumer
@@ -1193,7 +1170,7 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                 ds_hand.last_freed(steps > 0)
                 finish(dk, dv, 1)
 
-        smem = (plgpu.SMEM((2, *columns.shape(bkv)), q.dtype, transforms=transforms),  # this CTA's K, V (then dK, dV)
+        smem = (plgpu.SMEM((2, *columns.shape(bkv)), q.dtype, transforms=transforms),  # K, V (then dK, dV)
                 *stream.smem(q.dtype),
                 plgpu.SMEM((2, bkv, bq), q.dtype, transforms=transforms),  # Pᵀ, dSᵀ hand-offs
                 *stream.ids_smem())
@@ -1254,7 +1231,8 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, cols], my_q.at[c], mine_ready)
                     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], my_do.at[c], mine_ready)
                 plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, rows], stats_smem, mine_ready)
-                stream.produce((k_ref, v_ref, kv_ids_ref), (k_smem, v_smem, ids_smem), barriers[1:5],
+                stream.produce((k_ref, v_ref, kv_ids_ref), (k_smem, v_smem, ids_smem),
+                               (k_ready, v_ready, k_free, v_free),
                                b=b, kv_head=kv_head, lo=lo, hi=hi)
 
             def finish(dq, c):
