@@ -1013,9 +1013,9 @@ class _HandOff:
     once it has read it; the writer waits on that before overwriting the tile next step, and observes
     the last one at the end)."""
 
-    smem: Any
-    ready: Any
-    free: Any
+    smem: Any  # the tile in shared memory: Pᵀ or dSᵀ [bkv, bq] (dK/dV kernel), P or dS [bq, bkv] (dQ)
+    ready: Any  # barrier: the writer has written this step's tile
+    free: Any  # barrier: the reader has read it
 
     def put(self, value, overwrites):
         """Writes value (cast to the tile's dtype) and signals it; overwrites: whether a previous
