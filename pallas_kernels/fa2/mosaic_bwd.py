@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -246,13 +247,7 @@ class _Matmuls:
         if self.interpret:
             return lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
-        plgpu = _plgpu()
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
-            return acc_ref[...]
-
-        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+        return self.dot_t_sum([(a_ref, b_ref)], shape)
 
     def accumulate(self, acc, a, b_ref):
         """acc [M, N] += a [M, K] (registers) · b [K, N] (shared memory)."""
@@ -277,13 +272,7 @@ class _Matmuls:
         if self.interpret:
             return lax.dot_general(a_ref[...], b_ref[...], (((0,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
-        plgpu = _plgpu()
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), b_ref)
-            return acc_ref[...]
-
-        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+        return self.t_dot_sum([(a_ref, b_ref)], shape)
 
     def dot_t_sum(self, pairs, shape):
         """sum over (a [M, K], b [N, K]) in `pairs` of a · bᵀ -> f32 [M, N], all in shared memory:
@@ -358,26 +347,14 @@ class _Matmuls:
         """acc [M, N] += a [M, K] · b [K, N], both in shared memory."""
         if self.interpret:
             return acc + jnp.dot(a_ref[...], b_ref[...], preferred_element_type=jnp.float32)
-        plgpu = _plgpu()
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, a_ref, b_ref)
-
-        return pl.run_state(product)(plgpu.ACC.init(acc))
+        return self.accumulate(acc, a_ref, b_ref)  # wgmma reads a from registers or shared memory
 
     def accumulate_mixed(self, acc1, a1, b1_ref, acc2, a2_ref, b2_ref):
         """(acc1 + a1 · b1, acc2 + a2 · b2), a1 in registers, a2 in shared memory: issued together,
         waited on once."""
         if self.interpret:
             return self.accumulate(acc1, a1, b1_ref), self.accumulate_from_smem(acc2, a2_ref, b2_ref)
-        plgpu = _plgpu()
-
-        def products(refs):
-            first_ref, second_ref = refs
-            plgpu.wgmma(first_ref, a1, b1_ref)
-            plgpu.wgmma(second_ref, a2_ref, b2_ref)
-
-        return pl.run_state(products)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+        return self.two_accumulate(acc1, a1, b1_ref, acc2, a2_ref, b2_ref)
 
     def tile(self, ref):
         """A 16-bit tile from (swizzled) shared memory into registers, laid out as a wgmma operand."""
@@ -451,6 +428,271 @@ def _query_tile_ranges(k0, keys: int, problem: MosaicProblem, block_q: int, padd
     return lo, full_lo, full_hi, hi
 
 
+def _zero_hidden(p, visible, positions, problem: MosaicProblem):
+    """p [M, N] with 0 where a (query, key) pair is hidden. visible: bool [M, N] from the segment ids
+    ("same id"), or None without them. positions: None for a tile inside the causal/window band and
+    kv_len, else a function giving the pairs' (query, key) index tiles [M, N] for `visible_pairs`."""
+    if positions is not None:
+        by_position = visible_pairs(*positions(), problem)
+        visible = by_position if visible is None else visible & by_position
+    return p if visible is None else jnp.where(visible, p, 0.0)
+
+
+# -- what the kernels share: the tiles' layout, the producer's rings, the launch --------------------
+# Each kernel pairs a producer warpgroup that streams tiles of one side of the attention matrix
+# through rings of shared-memory slots with two consumers that hold a block of the other side: the
+# dK/dV kernels hold keys and stream query tiles (`_QueryStream`), the dQ kernels hold query rows and
+# stream key tiles (`_KeyStream`). Each stream owns its rings, their barriers and the producer's loop,
+# so that a ring's "ready" arrivals match the copies that fill it.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    """How a kernel lays out its [rows, D] tiles in shared memory: whole, or (`split_head_dim`) as
+    their column halves [CONSUMERS, rows, D / CONSUMERS], each a contiguous swizzled tile, so that a
+    consumer's half is a whole wgmma operand and a whole TMA copy (a column slice of one [rows, D]
+    tile is strided, which TMA cannot copy)."""
+
+    head_dim: int
+    split: bool
+
+    @property
+    def halves(self) -> list:
+        """The column halves of D as slices: consumer c's is [c D/2, (c+1) D/2)."""
+        half = self.head_dim // CONSUMERS
+        return [pl.ds(c * half, half) for c in range(CONSUMERS)]
+
+    @property
+    def copies(self) -> int:
+        """TMA copies per tile: the arrivals of a barrier that waits for one tile."""
+        return CONSUMERS if self.split else 1
+
+    def shape(self, rows: int) -> tuple[int, ...]:
+        return (CONSUMERS, rows, self.head_dim // CONSUMERS) if self.split else (rows, self.head_dim)
+
+    def copy_in(self, src, src_index: tuple, dst, dst_index: tuple, barrier):
+        """TMA src.at[src_index] [rows, D] in global memory -> dst.at[dst_index] (a `shape` tile)."""
+        plgpu = _plgpu()
+        if not self.split:
+            plgpu.copy_gmem_to_smem(src.at[src_index], dst.at[dst_index], barrier)
+            return
+        for c, cols in enumerate(self.halves):
+            plgpu.copy_gmem_to_smem(src.at[(*src_index, cols)], dst.at[(*dst_index, c)], barrier)
+
+
+def _produce(steps: Callable, stages: int, frees, issue: Callable):
+    """The producer warpgroup's loop over rings of `stages` shared-memory slots, step i in slot
+    i % stages: ring by ring, wait until the consumers have freed the slot (step i - stages's release
+    on the ring's barrier in `frees`), then start the ring's copies of step i. At the end, observe
+    each slot's last release before the barriers are freed.
+
+    steps: () -> int32, the step count, traced anew at each use: the kernels were validated (sm90
+    lowering, simulator) in that form, and one value traced once lowers to another module.
+    issue(i, slot) -> one function per ring, in the order of `frees`, that starts step i's copies."""
+    plgpu = _plgpu()
+
+    @pl.loop(0, steps())
+    def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        for free, copy in zip(frees, issue(i, slot)):
+            @pl.when(i >= stages)
+            def _(free=free):
+                plgpu.barrier_wait(free.at[slot])
+
+            copy()
+
+    for slot in range(stages):
+        @pl.when(steps() > slot)
+        def _():
+            for free in frees:
+                plgpu.barrier_wait(free.at[slot])
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryStream:
+    """The producer side of the dK/dV kernels (`_dkdv`, `_dkdv_split`). A CTA holds `cta_keys` keys of
+    one KV head; its producer streams the query tiles that see them, for every query head of the GQA
+    group in turn: step i is tile lo + i % tiles of head kv_head * group_size + i // tiles. Three
+    rings: Q and dO [block_q, D] (laid out by `columns`) and the rows' [lse, delta] f32 [2, block_q],
+    with which the rows' segment ids ride (freed with them). Both consumers read every slot."""
+
+    problem: MosaicProblem
+    columns: _Columns
+    cta_keys: int
+    block_q: int
+    stages: int
+    padded_q_len: int
+    segments: bool
+
+    def tile_bounds(self, ranges_ref, b):
+        """(k0, (lo, full_lo, full_hi, hi)): this CTA's first key and the query tiles it visits, as
+        `_query_tile_ranges`, narrowed to the keys' segments with segment ids."""
+        k0 = lax.axis_index("kv_tiles") * self.cta_keys
+        bounds = _query_tile_ranges(k0, self.cta_keys, self.problem, self.block_q, self.padded_q_len)
+        if self.segments:
+            bounds = clip_to_segments(ranges_ref, b, lax.axis_index("kv_tiles"), *bounds)
+        return k0, bounds
+
+    def smem(self, dtype) -> tuple:
+        """The Q, dO and [lse, delta] rings."""
+        plgpu = _plgpu()
+        transforms = smem_transforms()
+        tiles = (self.stages, *self.columns.shape(self.block_q))
+        return (plgpu.SMEM(tiles, dtype, transforms=transforms),  # Q ring
+                plgpu.SMEM(tiles, dtype, transforms=transforms),  # dO ring
+                plgpu.SMEM((self.stages, 2, self.block_q), jnp.float32))  # [lse, delta] ring
+
+    def ids_smem(self) -> tuple:
+        """With segment ids, the ring of the streamed rows' ids [stages, block_q] int32; else ()."""
+        return (_plgpu().SMEM((self.stages, self.block_q), jnp.int32),) if self.segments else ()
+
+    def barriers(self) -> tuple:
+        """(q_ready, do_ready, stats_ready, q_free, do_free, stats_free), `stages` barriers each."""
+        plgpu, n, copies = _plgpu(), self.stages, self.columns.copies
+        return (plgpu.Barrier(num_arrivals=copies, num_barriers=n),  # q_ready
+                plgpu.Barrier(num_arrivals=copies, num_barriers=n),  # do_ready
+                plgpu.Barrier(num_arrivals=1 + self.segments, num_barriers=n),  # stats_ready (+ the ids)
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n),  # q_free
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n),  # do_free
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n))  # stats_free
+
+    def produce(self, refs, rings, barriers, *, b, kv_head, lo, tiles, steps: Callable):
+        """`_produce` (steps: group_size * tiles). refs: q, do, stats and q_ids (or None) in global
+        memory; rings: `smem`'s and the ids ring (or None); barriers: `barriers`'."""
+        plgpu = _plgpu()
+        q_ref, do_ref, stats_ref, ids_ref = refs
+        q_smem, do_smem, stats_smem, ids_smem = rings
+        q_ready, do_ready, stats_ready, *frees = barriers
+        G, bq = self.problem.group_size, self.block_q
+
+        def issue(i, slot):
+            head = kv_head * G + lax.div(i, tiles)
+            rows = pl.ds((lo + lax.rem(i, tiles)) * bq, bq)
+
+            def stats_and_ids():
+                plgpu.copy_gmem_to_smem(stats_ref.at[b, head, :, rows], stats_smem.at[slot], stats_ready.at[slot])
+                if self.segments:
+                    plgpu.copy_gmem_to_smem(ids_ref.at[b, rows], ids_smem.at[slot], stats_ready.at[slot])
+
+            return (lambda: self.columns.copy_in(q_ref, (b, rows, head), q_smem, (slot,), q_ready.at[slot]),
+                    lambda: self.columns.copy_in(do_ref, (b, rows, head), do_smem, (slot,), do_ready.at[slot]),
+                    stats_and_ids)
+
+        _produce(steps, self.stages, frees, issue)
+
+    def operands(self, q, k, v, do, stats, segment_ids) -> tuple:
+        """The kernel's inputs: (q, k, v, do, stats), with segment ids then (q_ids, kv_ids, each key
+        block's range of query tiles)."""
+        if not self.segments:
+            return q, k, v, do, stats
+        q_ids, kv_ids = segment_ids
+        return q, k, v, do, stats, q_ids, kv_ids, segment_tile_ranges(kv_ids, q_ids, self.cta_keys, self.block_q)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeyStream:
+    """The producer side of the dQ kernels (`_dq`, `_dq_split`). A CTA holds `cta_rows` query rows of
+    one head; its producer streams the key tiles they see from the head's KV head: step i is key tile
+    lo + i. Two rings: K and V [block_kv, D] (laid out by `columns`); the keys' segment ids ride with
+    K (freed with it). Both consumers read every K slot, `v_readers` of them every V slot."""
+
+    problem: MosaicProblem
+    columns: _Columns
+    cta_rows: int
+    block_kv: int
+    stages: int
+    padded_q_len: int
+    padded_kv_len: int
+    segments: bool
+    v_readers: int
+
+    def tile_bounds(self, ranges_ref, b):
+        """(row0, (lo, full_lo, full_hi, hi)): this CTA's first query row and the key tiles it visits,
+        as `_key_tile_ranges`, narrowed to the rows' segments with segment ids."""
+        row0 = cta_first_row(self.problem, self.padded_q_len, self.cta_rows)
+        bounds = _key_tile_ranges(row0, self.cta_rows, self.problem, self.block_kv, self.padded_kv_len)
+        if self.segments:
+            bounds = clip_to_segments(ranges_ref, b, lax.div(row0, jnp.int32(self.cta_rows)), *bounds)
+        return row0, bounds
+
+    def smem(self, dtype) -> tuple:
+        """The K and V rings."""
+        plgpu = _plgpu()
+        transforms = smem_transforms()
+        tiles = (self.stages, *self.columns.shape(self.block_kv))
+        return (plgpu.SMEM(tiles, dtype, transforms=transforms),  # K ring
+                plgpu.SMEM(tiles, dtype, transforms=transforms))  # V ring
+
+    def ids_smem(self) -> tuple:
+        """With segment ids, the ring of the streamed keys' ids [stages, block_kv] int32; else ()."""
+        return (_plgpu().SMEM((self.stages, self.block_kv), jnp.int32),) if self.segments else ()
+
+    def barriers(self) -> tuple:
+        """(k_ready, v_ready, k_free, v_free), `stages` barriers each."""
+        plgpu, n, copies = _plgpu(), self.stages, self.columns.copies
+        return (plgpu.Barrier(num_arrivals=copies + self.segments, num_barriers=n),  # k_ready (+ the ids)
+                plgpu.Barrier(num_arrivals=copies, num_barriers=n),  # v_ready
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n),  # k_free
+                plgpu.Barrier(num_arrivals=self.v_readers, num_barriers=n))  # v_free
+
+    def produce(self, refs, rings, barriers, *, b, kv_head, lo, hi):
+        """`_produce` (steps: hi - lo). refs: k, v and kv_ids (or None) in global memory; rings:
+        `smem`'s and the ids ring (or None); barriers: `barriers`'."""
+        plgpu = _plgpu()
+        k_ref, v_ref, ids_ref = refs
+        k_smem, v_smem, ids_smem = rings
+        k_ready, v_ready, k_free, v_free = barriers
+
+        def issue(i, slot):
+            keys = pl.ds((lo + i) * self.block_kv, self.block_kv)
+
+            def k_and_ids():
+                self.columns.copy_in(k_ref, (b, keys, kv_head), k_smem, (slot,), k_ready.at[slot])
+                if self.segments:
+                    plgpu.copy_gmem_to_smem(ids_ref.at[b, keys], ids_smem.at[slot], k_ready.at[slot])
+
+            return k_and_ids, lambda: self.columns.copy_in(v_ref, (b, keys, kv_head), v_smem, (slot,),
+                                                           v_ready.at[slot])
+
+        _produce(lambda: hi - lo, self.stages, (k_free, v_free), issue)
+
+    def operands(self, q, k, v, do, stats, segment_ids) -> tuple:
+        """The kernel's inputs: (q, k, v, do, stats), with segment ids then (q_ids, kv_ids, each row
+        block's range of key tiles)."""
+        if not self.segments:
+            return q, k, v, do, stats
+        q_ids, kv_ids = segment_ids
+        return q, k, v, do, stats, q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, self.cta_rows, self.block_kv)
+
+
+def _split_refs(refs, segments: bool):
+    """((q_ids, kv_ids, ranges), outputs) from a kernel's refs after its five inputs: the segment ids'
+    three refs come first, (None, None, None) without segment ids."""
+    return (refs[:3], refs[3:]) if segments else ((None, None, None), refs)
+
+
+def _store_dkdv(dk, dv, k_smem, v_smem, dk_dst, dv_dst, *, sm_scale: float):
+    """Writes the finished f32 dK and dV over the CTA's K and V tiles in shared memory (read by no
+    one any more) and copies them out. dS was left unscaled: the softmax scale goes on dK once."""
+    plgpu = _plgpu()
+    k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
+    v_smem[...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_dst)
+    plgpu.copy_smem_to_gmem(v_smem, dv_dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _store_dq(dq, q_smem, dq_dst, *, sm_scale: float):
+    """Writes the finished f32 dQ (unscaled, like dS) over the CTA's Q tile in shared memory (read by
+    no one any more) and copies it out."""
+    plgpu = _plgpu()
+    q_smem[...] = (dq * sm_scale).astype(q_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicProblem,
           config: MosaicBwdConfig, interpret: bool):
     """-> dK, dV [B, Sp, K, D] in q's dtype, summed over the GQA group. With `dq_acc` (a mutable f32
@@ -463,16 +705,17 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
     G = problem.group_size
     cta_keys = CONSUMERS * bkv
     scale = problem.sm_scale * LOG2E
-    masks = problem.window_left >= 0 or problem.window_right >= 0 or problem.kv_len != Sp
+    masks = masks_keys(problem, Sp)
     mm = _Matmuls(interpret)
     transforms = smem_transforms()
 
     with_dq = dq_acc is not None
     segments = segment_ids is not None
+    stream = _QueryStream(problem, _Columns(D, split=False), cta_keys=cta_keys, block_q=bq, stages=stages,
+                          padded_q_len=Tp, segments=segments)
 
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
-        if segments:
-            q_ids_ref, kv_ids_ref, ranges_ref, *refs = refs
+        (q_ids_ref, kv_ids_ref, ranges_ref), refs = _split_refs(refs, segments)
         dq_ref, dk_ref, dv_ref = refs if with_dq else (None, *refs)
 
         def per_warpgroup(smem, barriers):
@@ -482,45 +725,15 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
             kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free, *ds_barriers = barriers
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
-            k0 = lax.axis_index("kv_tiles") * cta_keys
-            lo, full_lo, full_hi, hi = _query_tile_ranges(k0, cta_keys, problem, bq, Tp)
-            if segments:
-                lo, full_lo, full_hi, hi = clip_to_segments(
-                    ranges_ref, b, lax.axis_index("kv_tiles"), lo, full_lo, full_hi, hi)
+            k0, (lo, full_lo, full_hi, hi) = stream.tile_bounds(ranges_ref, b)
             tiles = hi - lo
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
-
-                @pl.loop(0, G * tiles)
-                def _(i):
-                    slot = lax.rem(i, jnp.int32(stages))
-                    head = kv_head * G + lax.div(i, tiles)
-                    rows = pl.ds((lo + lax.rem(i, tiles)) * bq, bq)
-                    for ref, dst, ready, free in ((q_ref, q_smem, q_ready, q_free),
-                                                  (do_ref, do_smem, do_ready, do_free)):
-                        @pl.when(i >= stages)
-                        def _(free=free):
-                            plgpu.barrier_wait(free.at[slot])
-
-                        plgpu.copy_gmem_to_smem(ref.at[b, rows, head], dst.at[slot], ready.at[slot])
-
-                    @pl.when(i >= stages)
-                    def _():
-                        plgpu.barrier_wait(stats_free.at[slot])
-
-                    plgpu.copy_gmem_to_smem(stats_ref.at[b, head, :, rows], stats_smem.at[slot],
-                                            stats_ready.at[slot])
-                    if segments:  # freed with the stats, by the same stats_free
-                        plgpu.copy_gmem_to_smem(q_ids_ref.at[b, rows], ids_smem.at[slot], stats_ready.at[slot])
-
-                # Observe each slot's last release before the barriers are freed.
-                for slot in range(stages):
-                    @pl.when(G * tiles > slot)
-                    def _():
-                        for free in (q_free, do_free, stats_free):
-                            plgpu.barrier_wait(free.at[slot])
+                stream.produce((q_ref, do_ref, stats_ref, q_ids_ref), (q_smem, do_smem, stats_smem, ids_smem),
+                               (q_ready, do_ready, stats_ready, q_free, do_free, stats_free),
+                               b=b, kv_head=kv_head, lo=lo, tiles=tiles, steps=lambda: G * tiles)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -546,13 +759,9 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     plgpu.barrier_arrive(stats_free.at[slot])
                     s_t, cap_grad = _softcap(s_t, problem)
                     p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-                    if masked:
-                        q_idx = t * bq + mm.iota(s_t.shape, 1)
-                        k_idx = keys0 + mm.iota(s_t.shape, 0)
-                        by_position = visible_pairs(q_idx, k_idx, problem)
-                        visible = by_position if visible is None else visible & by_position
-                    if visible is not None:
-                        p_t = jnp.where(visible, p_t, 0.0)
+                    positions = (lambda: (t * bq + mm.iota(s_t.shape, 1), keys0 + mm.iota(s_t.shape, 0))
+                                 ) if masked else None
+                    p_t = _zero_hidden(p_t, visible, positions, problem)
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
                     if cap_grad is not None:
                         ds_t = ds_t * cap_grad
@@ -658,37 +867,19 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
                     @pl.when(G * tiles > 0)
                     def _():
                         plgpu.barrier_wait(ds_barriers[1])
-                # dS was left unscaled: the softmax scale is applied once to the finished dK.
-                my_k[...] = (dk * problem.sm_scale).astype(q.dtype)
-                my_v[...] = dv.astype(q.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(my_k, dk_ref.at[b, pl.ds(keys0, bkv), kv_head])
-                plgpu.copy_smem_to_gmem(my_v, dv_ref.at[b, pl.ds(keys0, bkv), kv_head])
-                plgpu.wait_smem_to_gmem(0)
+                _store_dkdv(dk, dv, my_k, my_v, dk_ref.at[b, pl.ds(keys0, bkv), kv_head],
+                            dv_ref.at[b, pl.ds(keys0, bkv), kv_head], sm_scale=problem.sm_scale)
 
-        smem = (
-            plgpu.SMEM((2, CONSUMERS, bkv, D), q.dtype, transforms=transforms),  # this CTA's K, V
-            plgpu.SMEM((stages, bq, D), q.dtype, transforms=transforms),  # Q ring
-            plgpu.SMEM((stages, bq, D), q.dtype, transforms=transforms),  # dO ring
-            plgpu.SMEM((stages, 2, bq), jnp.float32),  # [lse, delta] ring
-        )
+        smem = (plgpu.SMEM((2, CONSUMERS, bkv, D), q.dtype, transforms=transforms),  # this CTA's K, V
+                *stream.smem(q.dtype))
         if with_dq:
             smem += (plgpu.SMEM((CONSUMERS, bkv, bq), q.dtype, transforms=transforms),  # dSᵀ
                      # dQ partials on their way out, dq_buffers per consumer
                      plgpu.SMEM((CONSUMERS * config.dq_buffers, bq,
                                  D // (2 if config.dq_split else config.dq_chunks)), jnp.float32))
-        if segments:
-            smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
-        barriers = (
-            plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # kv_ready: K and V landed
-            plgpu.Barrier(num_barriers=stages),  # q_ready
-            plgpu.Barrier(num_barriers=stages),  # do_ready
-            # stats_ready: [lse, delta], and the query ids with segments
-            plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_free
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # stats_free
-        )
+        smem += stream.ids_smem()
+        barriers = (plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # kv_ready: K and V landed
+                    *stream.barriers())
         if with_dq and config.dq_split:
             barriers += (plgpu.Barrier(num_arrivals=CONSUMERS),  # ds_ready: both dSᵀ of a step written
                          plgpu.Barrier(num_arrivals=CONSUMERS))  # ds_free: both read by the dQ products
@@ -696,10 +887,7 @@ def _dkdv(q, k, v, do, stats, segment_ids=None, dq_acc=None, *, problem: MosaicP
 
     out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
     launch = dict(grid=(Sp // cta_keys, K, B), grid_names=("kv_tiles", "kv_heads", "batch"))
-    inputs = (q, k, v, do, stats)
-    if segments:
-        q_ids, kv_ids = segment_ids
-        inputs += (q_ids, kv_ids, segment_tile_ranges(kv_ids, q_ids, cta_keys, bq))
+    inputs = stream.operands(q, k, v, do, stats, segment_ids)
     if not with_dq:
         return plgpu.kernel(body, out_type=(out, out), **launch, **_kernel_options(interpret))(*inputs)
     # pl.kernel (unlike plgpu.kernel) takes a mutable ref argument, updated in place.
@@ -718,54 +906,32 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
     bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.num_stages
     cta_rows = CONSUMERS * bq
     scale = problem.sm_scale * LOG2E
-    masks = problem.window_left >= 0 or problem.window_right >= 0 or problem.kv_len != Sp
+    masks = masks_keys(problem, Sp)
     mm = _Matmuls(interpret)
     transforms = smem_transforms()
 
     segments = segment_ids is not None
+    stream = _KeyStream(problem, _Columns(D, split=False), cta_rows=cta_rows, block_kv=bkv, stages=stages,
+                        padded_q_len=Tp, padded_kv_len=Sp, segments=segments, v_readers=CONSUMERS)
 
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
-        if segments:
-            q_ids_ref, kv_ids_ref, ranges_ref, dq_ref = refs
-        else:
-            (dq_ref,) = refs
+        (q_ids_ref, kv_ids_ref, ranges_ref), (dq_ref,) = _split_refs(refs, segments)
 
         def per_warpgroup(smem, barriers):
-            qdo_smem, k_smem, v_smem, stats_smem, *ids_smem = smem  # ids_smem: the key tiles' ids
+            qdo_smem, k_smem, v_smem, stats_smem, *ids_smem = smem
+            ids_smem = ids_smem[0] if segments else None  # the key tiles' ids
             mine_ready, k_ready, v_ready, k_free, v_free = barriers
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            row0 = cta_first_row(problem, Tp, cta_rows)
-            lo, full_lo, full_hi, hi = _key_tile_ranges(row0, cta_rows, problem, bkv, Sp)
-            if segments:
-                lo, full_lo, full_hi, hi = clip_to_segments(
-                    ranges_ref, b, lax.div(row0, jnp.int32(cta_rows)), lo, full_lo, full_hi, hi)
+            row0, (lo, full_lo, full_hi, hi) = stream.tile_bounds(ranges_ref, b)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
                 kv_head = lax.div(h, jnp.int32(problem.group_size))
-
-                @pl.loop(0, hi - lo)
-                def _(i):
-                    slot = lax.rem(i, jnp.int32(stages))
-                    keys = pl.ds((lo + i) * bkv, bkv)
-                    for ref, dst, ready, free, with_ids in ((k_ref, k_smem, k_ready, k_free, segments),
-                                                            (v_ref, v_smem, v_ready, v_free, False)):
-                        @pl.when(i >= stages)
-                        def _(free=free):
-                            plgpu.barrier_wait(free.at[slot])
-
-                        plgpu.copy_gmem_to_smem(ref.at[b, keys, kv_head], dst.at[slot], ready.at[slot])
-                        if with_ids:  # the keys' ids ride with K, and are freed with it
-                            plgpu.copy_gmem_to_smem(kv_ids_ref.at[b, keys], ids_smem[0].at[slot],
-                                                    ready.at[slot])
-
-                for slot in range(stages):
-                    @pl.when(hi - lo > slot)
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v_free.at[slot])
+                stream.produce((k_ref, v_ref, kv_ids_ref), (k_smem, v_smem, ids_smem),
+                               (k_ready, v_ready, k_free, v_free),
+                               b=b, kv_head=kv_head, lo=lo, hi=hi)
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
@@ -792,14 +958,10 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
                     s, cap_grad = _softcap(s, problem)
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
                     # With segment ids every step is masked by id; `masked` adds the position mask.
-                    visible = mm.same_segment(query_ids, ids_smem[0].at[slot], s.shape) if segments else None
-                    if masked:
-                        q_idx = rows0 + mm.iota(s.shape, 0)
-                        k_idx = i * bkv + mm.iota(s.shape, 1)
-                        by_position = visible_pairs(q_idx, k_idx, problem)
-                        visible = by_position if visible is None else visible & by_position
-                    if visible is not None:
-                        p = jnp.where(visible, p, 0.0)
+                    visible = mm.same_segment(query_ids, ids_smem.at[slot], s.shape) if segments else None
+                    positions = (lambda: (rows0 + mm.iota(s.shape, 0), i * bkv + mm.iota(s.shape, 1))
+                                 ) if masked else None
+                    p = _zero_hidden(p, visible, positions, problem)
                     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                     if cap_grad is not None:
                         ds = ds * cap_grad
@@ -817,52 +979,71 @@ def _dq(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config:
                     dq = run(full_hi, hi, True, dq)
                 else:
                     dq = run(lo, hi, False, dq)
-                my_q[...] = (dq * problem.sm_scale).astype(q.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(my_q, dq_ref.at[b, rows, h])
-                plgpu.wait_smem_to_gmem(0)
+                _store_dq(dq, my_q, dq_ref.at[b, rows, h], sm_scale=problem.sm_scale)
 
-        smem = (
-            plgpu.SMEM((2, CONSUMERS, bq, D), q.dtype, transforms=transforms),  # each consumer's Q, dO
-            plgpu.SMEM((stages, bkv, D), q.dtype, transforms=transforms),  # K ring
-            plgpu.SMEM((stages, bkv, D), q.dtype, transforms=transforms),  # V ring
-            plgpu.SMEM((CONSUMERS, 2, bq), jnp.float32),  # each consumer's [lse, delta]
-        )
-        if segments:
-            smem += (plgpu.SMEM((stages, bkv), jnp.int32),)  # key ids ring
-        barriers = (
-            plgpu.Barrier(num_arrivals=3, num_barriers=CONSUMERS),  # Q, dO and stats landed
-            plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),  # k_ready (+ key ids)
-            plgpu.Barrier(num_barriers=stages),  # v_ready
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_free
-        )
+        smem = (plgpu.SMEM((2, CONSUMERS, bq, D), q.dtype, transforms=transforms),  # each consumer's Q, dO
+                *stream.smem(q.dtype),
+                plgpu.SMEM((CONSUMERS, 2, bq), jnp.float32),  # each consumer's [lse, delta]
+                *stream.ids_smem())
+        barriers = (plgpu.Barrier(num_arrivals=3, num_barriers=CONSUMERS),  # mine_ready: Q, dO and stats landed
+                    *stream.barriers())
         pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
 
-    inputs = (q, k, v, do, stats)
-    if segments:
-        q_ids, kv_ids = segment_ids
-        inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, cta_rows, bkv))
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
                         grid=(Tp // cta_rows, H, B), grid_names=("q_tiles", "heads", "batch"),
-                        **_kernel_options(interpret))(*inputs)
+                        **_kernel_options(interpret))(*stream.operands(q, k, v, do, stats, segment_ids))
 
 
 # -- the head dim split between the consumers (`MosaicBwdConfig.split_head_dim`, D=256) -------------
 # Each step's score tile is shared by the two consumers: consumer 0 computes the scores and P (the
 # whole D contraction), consumer 1 dP and dS, and each then accumulates its half of the gradient's
-# columns. They hand P and dS over in shared memory, each guarded by a "ready" barrier (the writer
-# arrives once the tile is written) and a "free" barrier (the reader arrives once it has read it; the
-# writer waits on that before overwriting the tile next step, and observes the last one at the end).
-#
-# Every [rows, D] tile lies in shared memory as its two column halves [2, rows, D/2], each a
-# contiguous swizzled tile: a consumer's half is then a whole wgmma operand and a whole TMA copy (a
-# column slice of one [rows, D] tile is strided, which TMA cannot copy). The D contraction of the
-# scores is the sum of the two halves' products.
+# columns. They hand P and dS over in shared memory (`_HandOff`). Every [rows, D] tile lies in
+# shared memory as its two column halves (`_Columns`); the D contraction of the scores is the sum
+# of the two halves' products.
 #
 # P crosses in the input dtype, the precision it already has as the dV (dK/dV kernel) operand: dS =
 # P (dP - delta) formed from the rounded P has one more rounding error of the same size as the one
 # dS gets anyway when it is cast for its product (f32 P would cost 8 KB more shared memory).
+
+
+@dataclasses.dataclass(frozen=True)
+class _HandOff:
+    """A tile one consumer writes each step and the other reads (P or dS), guarded by a "ready"
+    barrier (the writer arrives once the tile is written) and a "free" barrier (the reader arrives
+    once it has read it; the writer waits on that before overwriting the tile next step, and observes
+    the last one at the end)."""
+
+    smem: Any  # the tile in shared memory: Pᵀ or dSᵀ [bkv, bq] (dK/dV kernel), P or dS [bq, bkv] (dQ)
+    ready: Any  # barrier: the writer has written this step's tile
+    free: Any  # barrier: the reader has read it
+
+    def put(self, value, overwrites):
+        """Writes value (cast to the tile's dtype) and signals it; overwrites: whether a previous
+        step's tile is there (then the reader must have freed it first)."""
+        plgpu = _plgpu()
+
+        @pl.when(overwrites)
+        def _():
+            plgpu.barrier_wait(self.free)
+
+        self.smem[...] = value.astype(self.smem.dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(self.ready)
+
+    def take(self, mm: _Matmuls):
+        """The tile in registers, as a wgmma operand; frees it."""
+        plgpu = _plgpu()
+        plgpu.barrier_wait(self.ready)
+        value = mm.tile(self.smem)
+        plgpu.barrier_arrive(self.free)
+        return value
+
+    def last_freed(self, written):
+        """The writer observes the last step's release (if any step was written: `written`) before
+        the barriers are freed."""
+        @pl.when(written)
+        def _():
+            _plgpu().barrier_wait(self.free)
 
 
 def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
@@ -881,76 +1062,42 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
     mm = _Matmuls(interpret)
     transforms = smem_transforms()
     segments = segment_ids is not None
-
-    halves = [pl.ds(c * half, half) for c in range(CONSUMERS)]  # the column halves of D
+    columns = _Columns(D, split=True)
+    stream = _QueryStream(problem, columns, cta_keys=bkv, block_q=bq, stages=stages, padded_q_len=Tp,
+                          segments=segments)
 
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
-        if segments:
-            q_ids_ref, kv_ids_ref, ranges_ref, dk_ref, dv_ref = refs
-        else:
-            dk_ref, dv_ref = refs
+        (q_ids_ref, kv_ids_ref, ranges_ref), (dk_ref, dv_ref) = _split_refs(refs, segments)
 
         def per_warpgroup(smem, barriers):
             kv_smem, q_smem, do_smem, stats_smem, hand_smem, *ids_smem = smem
-            (kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free,
-             p_ready, p_free, ds_ready, ds_free) = barriers
-            p_smem, ds_smem = hand_smem.at[0], hand_smem.at[1]  # Pᵀ, dSᵀ [bkv, bq]
+            ids_smem = ids_smem[0] if segments else None  # the streamed query tiles' ids
+            kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free, *hand_barriers = barriers
+            p_hand = _HandOff(hand_smem.at[0], *hand_barriers[:2])  # Pᵀ [bkv, bq]
+            ds_hand = _HandOff(hand_smem.at[1], *hand_barriers[2:])  # dSᵀ [bkv, bq]
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
-            k0 = lax.axis_index("kv_tiles") * bkv
+            k0, (lo, full_lo, full_hi, hi) = stream.tile_bounds(ranges_ref, b)
             keys = pl.ds(k0, bkv)
-            lo, full_lo, full_hi, hi = _query_tile_ranges(k0, bkv, problem, bq, Tp)
-            if segments:
-                lo, full_lo, full_hi, hi = clip_to_segments(
-                    ranges_ref, b, lax.axis_index("kv_tiles"), lo, full_lo, full_hi, hi)
             tiles = hi - lo
             steps = G * tiles
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
-                for c, cols in enumerate(halves):
+                for c, cols in enumerate(columns.halves):
                     plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head, cols], kv_smem.at[0, c], kv_ready)
                     plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head, cols], kv_smem.at[1, c], kv_ready)
-
-                @pl.loop(0, steps)
-                def _(i):
-                    slot = lax.rem(i, jnp.int32(stages))
-                    head = kv_head * G + lax.div(i, tiles)
-                    rows = pl.ds((lo + lax.rem(i, tiles)) * bq, bq)
-                    for ref, dst, ready, free in ((q_ref, q_smem, q_ready, q_free),
-                                                  (do_ref, do_smem, do_ready, do_free),
-                                                  (stats_ref, stats_smem, stats_ready, stats_free)):
-                        @pl.when(i >= stages)
-                        def _(free=free):
-                            plgpu.barrier_wait(free.at[slot])
-
-                        if ref is stats_ref:
-                            plgpu.copy_gmem_to_smem(ref.at[b, head, :, rows], dst.at[slot], ready.at[slot])
-                            continue
-                        for c, cols in enumerate(halves):
-                            plgpu.copy_gmem_to_smem(ref.at[b, rows, head, cols], dst.at[slot, c], ready.at[slot])
-                    if segments:  # freed with the stats, by the same stats_free
-                        plgpu.copy_gmem_to_smem(q_ids_ref.at[b, rows], ids_smem[0].at[slot], stats_ready.at[slot])
-
-                for slot in range(stages):  # observe each slot's last release before the barriers go
-                    @pl.when(steps > slot)
-                    def _():
-                        for free in (q_free, do_free, stats_free):
-                            plgpu.barrier_wait(free.at[slot])
+                stream.produce((q_ref, do_ref, stats_ref, q_ids_ref), (q_smem, do_smem, stats_smem, ids_smem),
+                               (q_ready, do_ready, stats_ready, q_free, do_free, stats_free),
+                               b=b, kv_head=kv_head, lo=lo, tiles=tiles, steps=lambda: steps)
 
             def finish(dk, dv, c):
-                """Stores this consumer's columns of dK and dV over K's and V's half c in shared memory
-                (neither consumer reads them any more: each has waited on the other's last hand-off)
-                and out."""
-                cols = halves[c]
-                out_k, out_v = kv_smem.at[0, c], kv_smem.at[1, c]
-                out_k[...] = (dk * problem.sm_scale).astype(q.dtype)  # dS was left unscaled
-                out_v[...] = dv.astype(q.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_k, dk_ref.at[b, keys, kv_head, cols])
-                plgpu.copy_smem_to_gmem(out_v, dv_ref.at[b, keys, kv_head, cols])
-                plgpu.wait_smem_to_gmem(0)
+                """Stores this consumer's columns of dK and dV over K's and V's half c (neither consumer
+                reads them any more: each has waited on the other's last hand-off)."""
+                cols = columns.halves[c]
+                _store_dkdv(dk, dv, kv_smem.at[0, c], kv_smem.at[1, c], dk_ref.at[b, keys, kv_head, cols],
+                            dv_ref.at[b, keys, kv_head, cols], sm_scale=problem.sm_scale)
 
             @pl.when(wg == 0)
             def _scores():
@@ -967,29 +1114,18 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                                        (bkv, bq))  # [keys, queries]
                     plgpu.barrier_wait(stats_ready.at[slot])
                     lse = mm.vector(stats_smem.at[slot, 0], 0)
-                    visible = mm.same_segment(key_ids, ids_smem[0].at[slot], s_t.shape) if segments else None
+                    visible = mm.same_segment(key_ids, ids_smem.at[slot], s_t.shape) if segments else None
                     plgpu.barrier_arrive(stats_free.at[slot])
                     p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-                    if masked:
-                        by_position = visible_pairs(t * bq + mm.iota(s_t.shape, 1), k0 + mm.iota(s_t.shape, 0),
-                                                    problem)
-                        visible = by_position if visible is None else visible & by_position
-                    if visible is not None:
-                        p_t = jnp.where(visible, p_t, 0.0)
-                    p_t = p_t.astype(q.dtype)
-
-                    @pl.when(i > 0)
-                    def _():
-                        plgpu.barrier_wait(p_free)
-
-                    p_smem[...] = p_t
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(p_ready)
+                    positions = (lambda: (t * bq + mm.iota(s_t.shape, 1), k0 + mm.iota(s_t.shape, 0))
+                                 ) if masked else None
+                    p_t = _zero_hidden(p_t, visible, positions, problem).astype(q.dtype)
+                    p_hand.put(p_t, i > 0)
                     plgpu.barrier_wait(do_ready.at[slot])
-                    plgpu.barrier_wait(ds_ready)
+                    plgpu.barrier_wait(ds_hand.ready)
                     # dV += Pᵀ dO (Pᵀ from registers) and dK += dSᵀ Q (dSᵀ from consumer 1), this half.
-                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, 0], dk, ds_smem, q_smem.at[slot, 0])
-                    plgpu.barrier_arrive(ds_free)
+                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, 0], dk, ds_hand.smem, q_smem.at[slot, 0])
+                    plgpu.barrier_arrive(ds_hand.free)
                     plgpu.barrier_arrive(q_free.at[slot])
                     plgpu.barrier_arrive(do_free.at[slot])
                     return dk, dv
@@ -1002,11 +1138,7 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     return carry
 
                 dk, dv = lax.fori_loop(0, G, head_loop, (mm.zeros((bkv, half)), mm.zeros((bkv, half))))
-
-                @pl.when(steps > 0)
-                def _():
-                    plgpu.barrier_wait(p_free)  # the last step's, observed before the barrier goes
-
+                p_hand.last_freed(steps > 0)
                 finish(dk, dv, 0)
 
             @pl.when(wg == 1)
@@ -1024,19 +1156,10 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     plgpu.barrier_wait(stats_ready.at[slot])
                     delta = mm.vector(stats_smem.at[slot, 1], 0)
                     plgpu.barrier_arrive(stats_free.at[slot])
-                    plgpu.barrier_wait(p_ready)
-                    p_t = mm.tile(p_smem)
-                    plgpu.barrier_arrive(p_free)
+                    p_t = p_hand.take(mm)
                     ds_t = p_t.astype(jnp.float32) * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
                     ds_t = ds_t.astype(q.dtype)
-
-                    @pl.when(i > 0)
-                    def _():
-                        plgpu.barrier_wait(ds_free)
-
-                    ds_smem[...] = ds_t
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(ds_ready)
+                    ds_hand.put(ds_t, i > 0)
                     plgpu.barrier_wait(q_ready.at[slot])
                     dv, dk = mm.two_accumulate(dv, p_t, do_smem.at[slot, 1], dk, ds_t, q_smem.at[slot, 1])
                     plgpu.barrier_arrive(q_free.at[slot])
@@ -1044,30 +1167,16 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     return dk, dv
 
                 dk, dv = lax.fori_loop(0, steps, step, (mm.zeros((bkv, half)), mm.zeros((bkv, half))))
-
-                @pl.when(steps > 0)
-                def _():
-                    plgpu.barrier_wait(ds_free)  # the last step's, observed before the barrier goes
-
+                ds_hand.last_freed(steps > 0)
                 finish(dk, dv, 1)
 
-        smem = (
-            plgpu.SMEM((2, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # this CTA's K, V (then dK, dV)
-            plgpu.SMEM((stages, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # Q ring
-            plgpu.SMEM((stages, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # dO ring
-            plgpu.SMEM((stages, 2, bq), jnp.float32),  # [lse, delta] ring
-            plgpu.SMEM((2, bkv, bq), q.dtype, transforms=transforms),  # Pᵀ, dSᵀ hand-offs
-        )
-        if segments:
-            smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
+        smem = (plgpu.SMEM((2, *columns.shape(bkv)), q.dtype, transforms=transforms),  # K, V (then dK, dV)
+                *stream.smem(q.dtype),
+                plgpu.SMEM((2, bkv, bq), q.dtype, transforms=transforms),  # Pᵀ, dSᵀ hand-offs
+                *stream.ids_smem())
         barriers = (
             plgpu.Barrier(num_arrivals=2 * CONSUMERS),  # kv_ready: K's and V's halves landed
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_ready: both halves
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_ready
-            plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),  # stats_ready (+ ids)
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # q_free
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # do_free
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # stats_free
+            *stream.barriers(),
             plgpu.Barrier(),  # p_ready: consumer 0 wrote Pᵀ
             plgpu.Barrier(),  # p_free: consumer 1 read it
             plgpu.Barrier(),  # ds_ready: consumer 1 wrote dSᵀ
@@ -1076,12 +1185,9 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
         pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct((B, Sp, K, D), q.dtype)
-    inputs = (q, k, v, do, stats)
-    if segments:
-        q_ids, kv_ids = segment_ids
-        inputs += (q_ids, kv_ids, segment_tile_ranges(kv_ids, q_ids, bkv, bq))
     return plgpu.kernel(body, out_type=(out, out), grid=(Sp // bkv, K, B),
-                        grid_names=("kv_tiles", "kv_heads", "batch"), **_kernel_options(interpret))(*inputs)
+                        grid_names=("kv_tiles", "kv_heads", "batch"),
+                        **_kernel_options(interpret))(*stream.operands(q, k, v, do, stats, segment_ids))
 
 
 def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, config: MosaicBwdConfig,
@@ -1098,68 +1204,41 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
     mm = _Matmuls(interpret)
     transforms = smem_transforms()
     segments = segment_ids is not None
-
-    halves = [pl.ds(c * half, half) for c in range(CONSUMERS)]  # the column halves of D
+    columns = _Columns(D, split=True)
+    stream = _KeyStream(problem, columns, cta_rows=bq, block_kv=bkv, stages=stages, padded_q_len=Tp,
+                        padded_kv_len=Sp, segments=segments, v_readers=1)  # consumer 1 alone reads V
 
     def body(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs):
-        if segments:
-            q_ids_ref, kv_ids_ref, ranges_ref, dq_ref = refs
-        else:
-            (dq_ref,) = refs
+        (q_ids_ref, kv_ids_ref, ranges_ref), (dq_ref,) = _split_refs(refs, segments)
 
         def per_warpgroup(smem, barriers):
-            qdo_smem, k_smem, v_smem, stats_smem, hand_smem, *ids_smem = smem  # ids_smem: key tiles' ids
-            mine_ready, k_ready, v_ready, k_free, v_free, p_ready, p_free, ds_ready, ds_free = barriers
-            p_smem, ds_smem = hand_smem.at[0], hand_smem.at[1]  # P, dS [bq, bkv]
+            qdo_smem, k_smem, v_smem, stats_smem, hand_smem, *ids_smem = smem
+            ids_smem = ids_smem[0] if segments else None  # the key tiles' ids
+            mine_ready, k_ready, v_ready, k_free, v_free, *hand_barriers = barriers
+            p_hand = _HandOff(hand_smem.at[0], *hand_barriers[:2])  # P [bq, bkv]
+            ds_hand = _HandOff(hand_smem.at[1], *hand_barriers[2:])  # dS [bq, bkv]
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
-            row0 = cta_first_row(problem, Tp, bq)
+            row0, (lo, full_lo, full_hi, hi) = stream.tile_bounds(ranges_ref, b)
             rows = pl.ds(row0, bq)
-            lo, full_lo, full_hi, hi = _key_tile_ranges(row0, bq, problem, bkv, Sp)
-            if segments:
-                lo, full_lo, full_hi, hi = clip_to_segments(
-                    ranges_ref, b, lax.div(row0, jnp.int32(bq)), lo, full_lo, full_hi, hi)
             my_q, my_do = qdo_smem.at[0], qdo_smem.at[1]
 
             @pl.when(wg == CONSUMERS)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
                 kv_head = lax.div(h, jnp.int32(problem.group_size))
-                for c, cols in enumerate(halves):
+                for c, cols in enumerate(columns.halves):
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, cols], my_q.at[c], mine_ready)
                     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], my_do.at[c], mine_ready)
                 plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, rows], stats_smem, mine_ready)
-
-                @pl.loop(0, hi - lo)
-                def _(i):
-                    slot = lax.rem(i, jnp.int32(stages))
-                    keys = pl.ds((lo + i) * bkv, bkv)
-                    for ref, dst, ready, free, with_ids in ((k_ref, k_smem, k_ready, k_free, segments),
-                                                            (v_ref, v_smem, v_ready, v_free, False)):
-                        @pl.when(i >= stages)
-                        def _(free=free):
-                            plgpu.barrier_wait(free.at[slot])
-
-                        for c, cols in enumerate(halves):
-                            plgpu.copy_gmem_to_smem(ref.at[b, keys, kv_head, cols], dst.at[slot, c], ready.at[slot])
-                        if with_ids:  # the keys' ids ride with K, and are freed with it
-                            plgpu.copy_gmem_to_smem(kv_ids_ref.at[b, keys], ids_smem[0].at[slot],
-                                                    ready.at[slot])
-
-                for slot in range(stages):
-                    @pl.when(hi - lo > slot)
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v_free.at[slot])
+                stream.produce((k_ref, v_ref, kv_ids_ref), (k_smem, v_smem, ids_smem),
+                               (k_ready, v_ready, k_free, v_free),
+                               b=b, kv_head=kv_head, lo=lo, hi=hi)
 
             def finish(dq, c):
-                """Stores this consumer's columns of dQ over Q's half c in shared memory (consumer 0
-                read Q last before its last P, which consumer 1 waited on) and out."""
-                out = my_q.at[c]
-                out[...] = (dq * problem.sm_scale).astype(q.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out, dq_ref.at[b, rows, h, halves[c]])
-                plgpu.wait_smem_to_gmem(0)
+                """Stores this consumer's columns of dQ over Q's half c (consumer 0 read Q last before
+                its last P, which consumer 1 waited on)."""
+                _store_dq(dq, my_q.at[c], dq_ref.at[b, rows, h, columns.halves[c]], sm_scale=problem.sm_scale)
 
             @pl.when(wg == 0)
             def _scores():
@@ -1174,24 +1253,13 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                     plgpu.barrier_wait(k_ready.at[slot])
                     s = mm.dot_t_sum([(my_q.at[c], k_smem.at[slot, c]) for c in range(CONSUMERS)], (bq, bkv))
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
-                    visible = mm.same_segment(query_ids, ids_smem[0].at[slot], s.shape) if segments else None
-                    if masked:
-                        by_position = visible_pairs(row0 + mm.iota(s.shape, 0), i * bkv + mm.iota(s.shape, 1),
-                                                    problem)
-                        visible = by_position if visible is None else visible & by_position
-                    if visible is not None:
-                        p = jnp.where(visible, p, 0.0)
-
-                    @pl.when(i > lo)
-                    def _():
-                        plgpu.barrier_wait(p_free)
-
-                    p_smem[...] = p.astype(q.dtype)
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(p_ready)
-                    plgpu.barrier_wait(ds_ready)
-                    dq = mm.accumulate_from_smem(dq, ds_smem, k_smem.at[slot, 0])  # dQ += dS K, this half
-                    plgpu.barrier_arrive(ds_free)
+                    visible = mm.same_segment(query_ids, ids_smem.at[slot], s.shape) if segments else None
+                    positions = (lambda: (row0 + mm.iota(s.shape, 0), i * bkv + mm.iota(s.shape, 1))
+                                 ) if masked else None
+                    p_hand.put(_zero_hidden(p, visible, positions, problem), i > lo)
+                    plgpu.barrier_wait(ds_hand.ready)
+                    dq = mm.accumulate_from_smem(dq, ds_hand.smem, k_smem.at[slot, 0])  # dQ += dS K, this half
+                    plgpu.barrier_arrive(ds_hand.free)
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq
 
@@ -1199,11 +1267,7 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                 for first, last, allowed in consumer_loops((lo, full_lo, full_hi, hi), masks, True):
                     dq = lax.fori_loop(lo + first, lo + last,
                                        lambda i, c, m=allowed is not None: step(i, c, m), dq)
-
-                @pl.when(hi > lo)
-                def _():
-                    plgpu.barrier_wait(p_free)  # the last step's, observed before the barrier goes
-
+                p_hand.last_freed(hi > lo)
                 finish(dq, 0)
 
             @pl.when(wg == 1)
@@ -1218,47 +1282,27 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                     plgpu.barrier_wait(v_ready.at[slot])
                     dp = mm.dot_t_sum([(my_do.at[c], v_smem.at[slot, c]) for c in range(CONSUMERS)], (bq, bkv))
                     plgpu.barrier_arrive(v_free.at[slot])
-                    plgpu.barrier_wait(p_ready)
-                    p = mm.tile(p_smem)
-                    plgpu.barrier_arrive(p_free)
+                    p = p_hand.take(mm)
                     ds = p.astype(jnp.float32) * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                     ds = ds.astype(q.dtype)
-
-                    @pl.when(i > lo)
-                    def _():
-                        plgpu.barrier_wait(ds_free)
-
-                    ds_smem[...] = ds
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(ds_ready)
+                    ds_hand.put(ds, i > lo)
                     plgpu.barrier_wait(k_ready.at[slot])
                     dq = mm.accumulate(dq, ds, k_smem.at[slot, 1])  # dQ += dS K, this half
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq
 
                 dq = lax.fori_loop(lo, hi, step, mm.zeros((bq, half)))
-
-                @pl.when(hi > lo)
-                def _():
-                    plgpu.barrier_wait(ds_free)  # the last step's, observed before the barrier goes
-
+                ds_hand.last_freed(hi > lo)
                 finish(dq, 1)
 
-        smem = (
-            plgpu.SMEM((2, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # this CTA's Q (then dQ), dO
-            plgpu.SMEM((stages, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # K ring
-            plgpu.SMEM((stages, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # V ring
-            plgpu.SMEM((2, bq), jnp.float32),  # [lse, delta]
-            plgpu.SMEM((2, bq, bkv), q.dtype, transforms=transforms),  # P, dS hand-offs
-        )
-        if segments:
-            smem += (plgpu.SMEM((stages, bkv), jnp.int32),)  # key ids ring
+        smem = (plgpu.SMEM((2, *columns.shape(bq)), q.dtype, transforms=transforms),  # this CTA's Q (then dQ), dO
+                *stream.smem(q.dtype),
+                plgpu.SMEM((2, bq), jnp.float32),  # [lse, delta]
+                plgpu.SMEM((2, bq, bkv), q.dtype, transforms=transforms),  # P, dS hand-offs
+                *stream.ids_smem())
         barriers = (
             plgpu.Barrier(num_arrivals=2 * CONSUMERS + 1),  # mine_ready: Q's and dO's halves, stats landed
-            plgpu.Barrier(num_arrivals=CONSUMERS + segments, num_barriers=stages),  # k_ready: halves (+ ids)
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # v_ready: halves
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # k_free: both read K
-            plgpu.Barrier(num_barriers=stages),  # v_free: consumer 1 alone reads V
+            *stream.barriers(),
             plgpu.Barrier(),  # p_ready: consumer 0 wrote P
             plgpu.Barrier(),  # p_free: consumer 1 read it
             plgpu.Barrier(),  # ds_ready: consumer 1 wrote dS
@@ -1266,13 +1310,9 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
         )
         pl.run_scoped(lambda smem, *bars: per_warpgroup(smem, bars), smem, *barriers, collective_axes="wg")
 
-    inputs = (q, k, v, do, stats)
-    if segments:
-        q_ids, kv_ids = segment_ids
-        inputs += (q_ids, kv_ids, segment_tile_ranges(q_ids, kv_ids, bq, bkv))
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
                         grid=(Tp // bq, H, B), grid_names=("q_tiles", "heads", "batch"),
-                        **_kernel_options(interpret))(*inputs)
+                        **_kernel_options(interpret))(*stream.operands(q, k, v, do, stats, segment_ids))
 
 
 def backward(q, k, v, do, lse2, delta, segment_ids=None, *, problem: MosaicProblem,
