@@ -135,9 +135,10 @@ def test_api_takes_given_configs(caches, hopper):
 
 def test_candidates_fit_shared_memory():
     at_64, at_128 = tuning.mosaic_fwd_candidates(64), tuning.mosaic_fwd_candidates(128)
-    # 16 two-consumer configs, then four with three consumers (D=64 only)
-    assert at_64[0] == MosaicFwdConfig.for_head_dim(64) and len(at_64) == 20
-    assert [c.consumers for c in at_64[16:]] == [3] * 4 and all(c.consumers == 2 for c in at_128)
+    # D=64: the three-consumer default, 16 two-consumer configs, then four more with three consumers
+    # (the fifth, 128 keys in two stages, is the default)
+    assert at_64[0] == MosaicFwdConfig.for_head_dim(64) and at_64[0].consumers == 3 and len(at_64) == 21
+    assert [c.consumers for c in at_64[1:]] == [2] * 16 + [3] * 4 and all(c.consumers == 2 for c in at_128)
     # (64, 128, 3) with a persistent kernel's O slot needs 256 KB at D=128
     assert len(at_128) == 14 and not any(c.persistent and c.num_stages == 3 for c in at_128)
     bwd = tuning.mosaic_bwd_candidates(128)

@@ -84,8 +84,13 @@ class MosaicFwdConfig:
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "MosaicFwdConfig":
-        """The default tiles for a head dim. At D=256 the f32 accumulator takes 128 registers per
-        thread, so the score tile shrinks to 64 keys to stay inside the consumers' 232."""
+        """The default tiles for a head dim. At D=64 three consumers (192-row CTAs): each step's
+        matmuls are short, and a third warpgroup keeps the tensor cores busy while the other two do
+        their softmax (measured faster on an H100: BENCHMARKS.md). At D=256 the f32 accumulator
+        takes 128 registers per thread, so the score tile shrinks to 64 keys to stay inside the
+        consumers' 232."""
+        if head_dim <= 64:
+            return cls(consumers=3)
         return cls(block_kv=64) if head_dim > 128 else cls()
 
 

@@ -144,11 +144,13 @@ def mosaic_fwd_candidates(head_dim: int, dtype=jnp.bfloat16, segments: bool = Fa
             for early_k_wait in (False, True):
                 candidates.append(dataclasses.replace(
                     default, block_q=block_q, block_kv=block_kv, num_stages=stages, persistent=persistent,
-                    early_k_wait=early_k_wait))
+                    early_k_wait=early_k_wait, consumers=2))
     if head_dim == 64:
-        for block_kv, stages, persistent in ((128, 2, False), (128, 3, False), (192, 2, False), (128, 2, True)):
+        for block_kv, stages, persistent, early_k_wait in ((128, 2, False, False), (128, 3, False, False),
+                                                           (192, 2, False, False), (128, 2, True, False),
+                                                           (128, 2, True, True)):
             candidates.append(dataclasses.replace(default, consumers=3, block_kv=block_kv, num_stages=stages,
-                                                  persistent=persistent))
+                                                  persistent=persistent, early_k_wait=early_k_wait))
     itemsize = jnp.dtype(dtype).itemsize
     return [c for c in dict.fromkeys(candidates)
             if fwd_smem_bytes(c, head_dim=head_dim, itemsize=itemsize, segments=segments) <= SMEM_LIMIT_BYTES]
