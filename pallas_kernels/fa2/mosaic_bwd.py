@@ -891,10 +891,13 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
             dk_ref, dv_ref = refs
 
         def per_warpgroup(smem, barriers):
-            kv_smem, q_smem, do_smem, stats_smem, hand_smem, *ids_smem = smem
+            # Refs read by a run_state product (`mm.accumulate*`) take traced indices only: P and dS have
+            # buffers of their own, a consumer's column half is `wg`. run_state returns the index scalars
+            # it closes over, and jax 0.11's warpgroup lowering rejects a constant one ("Shaped arrays
+            # must be represented by ir.Values, got: TypedInt(0)").
+            kv_smem, q_smem, do_smem, stats_smem, p_smem, ds_smem, *ids_smem = smem  # Pᵀ, dSᵀ [bkv, bq]
             (kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free,
              p_ready, p_free, ds_ready, ds_free) = barriers
-            p_smem, ds_smem = hand_smem.at[0], hand_smem.at[1]  # Pᵀ, dSᵀ [bkv, bq]
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
             k0 = lax.axis_index("kv_tiles") * bkv
@@ -988,7 +991,7 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     plgpu.barrier_wait(do_ready.at[slot])
                     plgpu.barrier_wait(ds_ready)
                     # dV += Pᵀ dO (Pᵀ from registers) and dK += dSᵀ Q (dSᵀ from consumer 1), this half.
-                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, 0], dk, ds_smem, q_smem.at[slot, 0])
+                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, wg], dk, ds_smem, q_smem.at[slot, wg])
                     plgpu.barrier_arrive(ds_free)
                     plgpu.barrier_arrive(q_free.at[slot])
                     plgpu.barrier_arrive(do_free.at[slot])
@@ -1038,7 +1041,7 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(ds_ready)
                     plgpu.barrier_wait(q_ready.at[slot])
-                    dv, dk = mm.two_accumulate(dv, p_t, do_smem.at[slot, 1], dk, ds_t, q_smem.at[slot, 1])
+                    dv, dk = mm.two_accumulate(dv, p_t, do_smem.at[slot, wg], dk, ds_t, q_smem.at[slot, wg])
                     plgpu.barrier_arrive(q_free.at[slot])
                     plgpu.barrier_arrive(do_free.at[slot])
                     return dk, dv
@@ -1056,7 +1059,8 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
             plgpu.SMEM((stages, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # Q ring
             plgpu.SMEM((stages, CONSUMERS, bq, half), q.dtype, transforms=transforms),  # dO ring
             plgpu.SMEM((stages, 2, bq), jnp.float32),  # [lse, delta] ring
-            plgpu.SMEM((2, bkv, bq), q.dtype, transforms=transforms),  # Pᵀ, dSᵀ hand-offs
+            plgpu.SMEM((bkv, bq), q.dtype, transforms=transforms),  # Pᵀ hand-off
+            plgpu.SMEM((bkv, bq), q.dtype, transforms=transforms),  # dSᵀ hand-off
         )
         if segments:
             smem += (plgpu.SMEM((stages, bq), jnp.int32),)  # query ids ring
@@ -1108,9 +1112,9 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
             (dq_ref,) = refs
 
         def per_warpgroup(smem, barriers):
-            qdo_smem, k_smem, v_smem, stats_smem, hand_smem, *ids_smem = smem  # ids_smem: key tiles' ids
+            # P, dS [bq, bkv]; ids_smem: the key tiles' ids. Indexed as in `_dkdv_split` (traced only).
+            qdo_smem, k_smem, v_smem, stats_smem, p_smem, ds_smem, *ids_smem = smem
             mine_ready, k_ready, v_ready, k_free, v_free, p_ready, p_free, ds_ready, ds_free = barriers
-            p_smem, ds_smem = hand_smem.at[0], hand_smem.at[1]  # P, dS [bq, bkv]
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
             row0 = cta_first_row(problem, Tp, bq)
@@ -1190,7 +1194,7 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(p_ready)
                     plgpu.barrier_wait(ds_ready)
-                    dq = mm.accumulate_from_smem(dq, ds_smem, k_smem.at[slot, 0])  # dQ += dS K, this half
+                    dq = mm.accumulate_from_smem(dq, ds_smem, k_smem.at[slot, wg])  # dQ += dS K, this half
                     plgpu.barrier_arrive(ds_free)
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq
@@ -1232,7 +1236,7 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(ds_ready)
                     plgpu.barrier_wait(k_ready.at[slot])
-                    dq = mm.accumulate(dq, ds, k_smem.at[slot, 1])  # dQ += dS K, this half
+                    dq = mm.accumulate(dq, ds, k_smem.at[slot, wg])  # dQ += dS K, this half
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq
 
@@ -1249,7 +1253,8 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
             plgpu.SMEM((stages, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # K ring
             plgpu.SMEM((stages, CONSUMERS, bkv, half), q.dtype, transforms=transforms),  # V ring
             plgpu.SMEM((2, bq), jnp.float32),  # [lse, delta]
-            plgpu.SMEM((2, bq, bkv), q.dtype, transforms=transforms),  # P, dS hand-offs
+            plgpu.SMEM((bq, bkv), q.dtype, transforms=transforms),  # P hand-off
+            plgpu.SMEM((bq, bkv), q.dtype, transforms=transforms),  # dS hand-off
         )
         if segments:
             smem += (plgpu.SMEM((stages, bkv), jnp.int32),)  # key ids ring
