@@ -15,6 +15,7 @@ contain; a new kernel is one more entry, or a changed count in an existing one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -130,6 +131,37 @@ def test_flash_attention_mosaic_lowers_for_sm90(kernel, case):
         fn = _with_segment_ids(build, features)
         args += (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, S), jnp.int32))
     assert lower_for_sm90(fn, *args) == expected
+
+
+@pytest.mark.parametrize("case", ["d128-causal-gqa", "d256-causal-gqa", "d256-plain-mqa", "d256-window-segments-f16"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_mosaic_backward_lowers_with_warpgroup_semantics(monkeypatch, case, deterministic):
+    """The backward also lowers under Mosaic GPU's warpgroup semantics, jax 0.11's default (0.10.2
+    lowers by lanes unless told): there every scalar must be an ir.Value, which a run_state product
+    breaks when a ref it reads has a constant index (the D=256 kernels on the H100 with jax 0.11.2)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.fa2 import mosaic_bwd
+
+    lane_options = mosaic_bwd._kernel_options
+
+    def warpgroup_options(interpret):
+        options = lane_options(interpret)
+        options["compiler_params"] = dataclasses.replace(
+            options["compiler_params"], lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+        return options
+
+    monkeypatch.setattr(mosaic_bwd, "_kernel_options", warpgroup_options)
+    (B, T, S, H, K, D, dtype), features = FA_CASES[case]
+    q, kv = jax.ShapeDtypeStruct((B, T, H, D), dtype), jax.ShapeDtypeStruct((B, S, K, D), dtype)
+    build = functools.partial(_fa_forward_backward, deterministic=deterministic)
+    fn, args = build(features), (q, kv, kv, q)
+    if features.get("segments"):
+        fn = _with_segment_ids(build, {name: value for name, value in features.items() if name != "segments"})
+        args += (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, S), jnp.int32))
+    # D=128 with deterministic=False: one dK/dV kernel that reduce-adds dQ; D=256: the deterministic dQ.
+    expected = 2 if D == 128 and not deterministic else 3
+    assert lower_for_sm90(fn, *args) == {"mosaic": expected, "triton": 0}
 
 
 # -- the forward's scheduling variants (MosaicFwdConfig, issue 17) ---------------------------------

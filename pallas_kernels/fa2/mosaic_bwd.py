@@ -1070,11 +1070,15 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
         (q_ids_ref, kv_ids_ref, ranges_ref), (dk_ref, dv_ref) = _split_refs(refs, segments)
 
         def per_warpgroup(smem, barriers):
-            kv_smem, q_smem, do_smem, stats_smem, hand_smem, *ids_smem = smem
+            # Refs read by a run_state product (`mm.accumulate*`) take traced indices only: P and dS have
+            # buffers of their own, a consumer's column half is `wg`. run_state returns the index scalars
+            # it closes over, and jax 0.11's warpgroup lowering rejects a constant one ("Shaped arrays
+            # must be represented by ir.Values, got: TypedInt(0)").
+            kv_smem, q_smem, do_smem, stats_smem, p_smem, ds_smem, *ids_smem = smem
             ids_smem = ids_smem[0] if segments else None  # the streamed query tiles' ids
             kv_ready, q_ready, do_ready, stats_ready, q_free, do_free, stats_free, *hand_barriers = barriers
-            p_hand = _HandOff(hand_smem.at[0], *hand_barriers[:2])  # Pᵀ [bkv, bq]
-            ds_hand = _HandOff(hand_smem.at[1], *hand_barriers[2:])  # dSᵀ [bkv, bq]
+            p_hand = _HandOff(p_smem, *hand_barriers[:2])  # Pᵀ [bkv, bq]
+            ds_hand = _HandOff(ds_smem, *hand_barriers[2:])  # dSᵀ [bkv, bq]
             wg = lax.axis_index("wg")
             b, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
             k0, (lo, full_lo, full_hi, hi) = stream.tile_bounds(ranges_ref, b)
@@ -1124,7 +1128,7 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     plgpu.barrier_wait(do_ready.at[slot])
                     plgpu.barrier_wait(ds_hand.ready)
                     # dV += Pᵀ dO (Pᵀ from registers) and dK += dSᵀ Q (dSᵀ from consumer 1), this half.
-                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, 0], dk, ds_hand.smem, q_smem.at[slot, 0])
+                    dv, dk = mm.accumulate_mixed(dv, p_t, do_smem.at[slot, wg], dk, ds_hand.smem, q_smem.at[slot, wg])
                     plgpu.barrier_arrive(ds_hand.free)
                     plgpu.barrier_arrive(q_free.at[slot])
                     plgpu.barrier_arrive(do_free.at[slot])
@@ -1161,7 +1165,7 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
                     ds_t = ds_t.astype(q.dtype)
                     ds_hand.put(ds_t, i > 0)
                     plgpu.barrier_wait(q_ready.at[slot])
-                    dv, dk = mm.two_accumulate(dv, p_t, do_smem.at[slot, 1], dk, ds_t, q_smem.at[slot, 1])
+                    dv, dk = mm.two_accumulate(dv, p_t, do_smem.at[slot, wg], dk, ds_t, q_smem.at[slot, wg])
                     plgpu.barrier_arrive(q_free.at[slot])
                     plgpu.barrier_arrive(do_free.at[slot])
                     return dk, dv
@@ -1172,7 +1176,8 @@ def _dkdv_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem,
 
         smem = (plgpu.SMEM((2, *columns.shape(bkv)), q.dtype, transforms=transforms),  # K, V (then dK, dV)
                 *stream.smem(q.dtype),
-                plgpu.SMEM((2, bkv, bq), q.dtype, transforms=transforms),  # Pᵀ, dSᵀ hand-offs
+                plgpu.SMEM((bkv, bq), q.dtype, transforms=transforms),  # Pᵀ hand-off
+                plgpu.SMEM((bkv, bq), q.dtype, transforms=transforms),  # dSᵀ hand-off
                 *stream.ids_smem())
         barriers = (
             plgpu.Barrier(num_arrivals=2 * CONSUMERS),  # kv_ready: K's and V's halves landed
@@ -1212,11 +1217,12 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
         (q_ids_ref, kv_ids_ref, ranges_ref), (dq_ref,) = _split_refs(refs, segments)
 
         def per_warpgroup(smem, barriers):
-            qdo_smem, k_smem, v_smem, stats_smem, hand_smem, *ids_smem = smem
+            # Indexed as in `_dkdv_split` (traced indices only, for jax 0.11's warpgroup lowering).
+            qdo_smem, k_smem, v_smem, stats_smem, p_smem, ds_smem, *ids_smem = smem
             ids_smem = ids_smem[0] if segments else None  # the key tiles' ids
             mine_ready, k_ready, v_ready, k_free, v_free, *hand_barriers = barriers
-            p_hand = _HandOff(hand_smem.at[0], *hand_barriers[:2])  # P [bq, bkv]
-            ds_hand = _HandOff(hand_smem.at[1], *hand_barriers[2:])  # dS [bq, bkv]
+            p_hand = _HandOff(p_smem, *hand_barriers[:2])  # P [bq, bkv]
+            ds_hand = _HandOff(ds_smem, *hand_barriers[2:])  # dS [bq, bkv]
             wg = lax.axis_index("wg")
             b, h = lax.axis_index("batch"), lax.axis_index("heads")
             row0, (lo, full_lo, full_hi, hi) = stream.tile_bounds(ranges_ref, b)
@@ -1258,7 +1264,7 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                                  ) if masked else None
                     p_hand.put(_zero_hidden(p, visible, positions, problem), i > lo)
                     plgpu.barrier_wait(ds_hand.ready)
-                    dq = mm.accumulate_from_smem(dq, ds_hand.smem, k_smem.at[slot, 0])  # dQ += dS K, this half
+                    dq = mm.accumulate_from_smem(dq, ds_hand.smem, k_smem.at[slot, wg])  # dQ += dS K, this half
                     plgpu.barrier_arrive(ds_hand.free)
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq
@@ -1287,7 +1293,7 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
                     ds = ds.astype(q.dtype)
                     ds_hand.put(ds, i > lo)
                     plgpu.barrier_wait(k_ready.at[slot])
-                    dq = mm.accumulate(dq, ds, k_smem.at[slot, 1])  # dQ += dS K, this half
+                    dq = mm.accumulate(dq, ds, k_smem.at[slot, wg])  # dQ += dS K, this half
                     plgpu.barrier_arrive(k_free.at[slot])
                     return dq
 
@@ -1298,7 +1304,8 @@ def _dq_split(q, k, v, do, stats, segment_ids=None, *, problem: MosaicProblem, c
         smem = (plgpu.SMEM((2, *columns.shape(bq)), q.dtype, transforms=transforms),  # this CTA's Q (then dQ), dO
                 *stream.smem(q.dtype),
                 plgpu.SMEM((2, bq), jnp.float32),  # [lse, delta]
-                plgpu.SMEM((2, bq, bkv), q.dtype, transforms=transforms),  # P, dS hand-offs
+                plgpu.SMEM((bq, bkv), q.dtype, transforms=transforms),  # P hand-off
+                plgpu.SMEM((bq, bkv), q.dtype, transforms=transforms),  # dS hand-off
                 *stream.ids_smem())
         barriers = (
             plgpu.Barrier(num_arrivals=2 * CONSUMERS + 1),  # mine_ready: Q's and dO's halves, stats landed
