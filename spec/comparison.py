@@ -19,6 +19,7 @@ from flax import nnx
 
 from fa2jax import Transformer
 from spec.decoder import SpeculativeDecoder
+from spec.drafters import as_drafter
 from spec.generation import call_model
 from spec.incremental import generate_incremental
 from spec.trees import MergedTree
@@ -75,6 +76,32 @@ def seconds_per_call(model: Transformer, method: str, tokens, *args, cache_len: 
     return (time.perf_counter() - start) / reps
 
 
+def seconds_per_proposal(draft, tokens, tree_mask, *, context: int, d_model: int, reps: int = 10) -> float:
+    """Mean seconds of one jitted `propose` pass of any draft (a `Transformer` or a `spec.Drafter`)
+    over the N nodes of `tokens` [B, N] under `tree_mask` [N, N], after `context` committed tokens.
+
+    Goes through the protocol: `init` reads a prompt of `context` tokens (untimed), so a drafter's
+    state is whatever it keeps. A drafter with `needs_target_hidden` reads zeros of width `d_model`
+    (the target's) as the target's features: a pass costs the same whatever their values.
+    """
+    drafter = as_drafter(draft)
+    batch, n = tokens.shape
+    prompt = jnp.ones((batch, context), jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    extra = {}
+    if getattr(drafter, "needs_target_hidden", False):
+        extra["target_hidden"] = jnp.zeros((batch, context, d_model), jnp.float32)
+    state = jax.jit(lambda p: drafter.init(p, prompt, lengths, committed=context + n, num_nodes=n, **extra))(
+        drafter.params)
+    propose = jax.jit(lambda p, s: drafter.propose(p, s, tokens, tree_mask)[0])
+    jax.block_until_ready(propose(drafter.params, state))
+    start = time.perf_counter()
+    for _ in range(reps):  # dispatch is asynchronous, so the calls queue back to back
+        out = propose(drafter.params, state)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """speedup ~= tokens per step x t_decode / (sum over drafts of passes x t_draft + t_verify)."""
@@ -89,8 +116,10 @@ class CostModel:
         return tokens_per_step * self.t_decode / step
 
 
-def measure_cost_model(target, drafts, decoder: SpeculativeDecoder, batch: int, context: int) -> CostModel:
-    """Times the pieces of one speculative step at a context of `context` cached tokens."""
+def measure_cost_model(target, decoder: SpeculativeDecoder, batch: int, context: int) -> CostModel:
+    """Times the pieces of one speculative step at a context of `context` cached tokens: the
+    target's passes, and each of the decoder's drafters' `propose` (a feature head's pass
+    included, with the target's embedding and LM head it borrows)."""
     n = decoder.num_nodes
     nodes = jnp.zeros((batch, n), jnp.int32)
     # A chain mask: the shape of a tree pass is what costs, not which nodes are ancestors.
@@ -99,8 +128,8 @@ def measure_cost_model(target, drafts, decoder: SpeculativeDecoder, batch: int, 
     return CostModel(
         t_decode=seconds_per_call(target, "decode", nodes[:, :1], cache_len=cache_len, context=context),
         t_verify=seconds_per_call(target, "score_tree", nodes, mask, cache_len=cache_len, context=context),
-        t_draft=tuple(seconds_per_call(d, "score_tree", nodes, mask, cache_len=cache_len, context=context)
-                      for d in drafts),
+        t_draft=tuple(seconds_per_proposal(d, nodes, mask, context=context, d_model=target.config.d_model)
+                      for d in decoder.drafters),
         passes=tuple(draft_passes(decoder.tree)))
 
 
@@ -188,7 +217,9 @@ def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "gree
     """Runs the incremental and the speculative decoding on the same prompts and times both.
 
     Args:
-      target, drafts: models with one vocabulary.
+      target: the model to reproduce.
+      drafts: its drafts, of its vocabulary: `Transformer`s or `spec.Drafter`s (e.g. a
+        `spec.FeatureDrafter` over this target).
       tree: ExpansionTree, MergedTree or DynamicTree.
       prompt, prompt_lengths: right-padded ids [B, P] and lengths [B].
       verify: "greedy" or "stochastic".
@@ -208,13 +239,13 @@ def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "gree
     new = lambda r: int((r.lengths - prompt_lengths).sum())  # noqa: E731
     context = int(prompt_lengths.max()) + max_new_tokens // 2  # the mean context of the run
     return Report(
-        verify=verify, tree=decoder.tree, num_drafts=len(drafts), prompt_lengths=prompt_lengths,
+        verify=verify, tree=decoder.tree, num_drafts=len(decoder.drafters), prompt_lengths=prompt_lengths,
         tokens=result.tokens, lengths=result.lengths, incremental_tokens=base.tokens,
         incremental_lengths=base.lengths, seconds=(t_base, t_spec), new_tokens=(new(base), new(result)),
         target_calls=(int(base.stats.target_calls), int(result.stats.target_calls)),
         histogram=np.asarray(result.stats.accepted_histogram),
         mean_accepted_length=float(result.stats.mean_accepted_length),
-        cost=measure_cost_model(target, drafts, decoder, prompt.shape[0], context))
+        cost=measure_cost_model(target, decoder, prompt.shape[0], context))
 
 
 def format_report(report: Report) -> str:

@@ -4,6 +4,7 @@ The models are random and written to tmp_path in the formats the scripts read: t
 checkpoints (with a byte tokenizer) and a Hugging Face Llama folder. A draft is a noisy copy of
 the target, so it agrees with it often and trees are accepted several levels deep.
 """
+import re
 import runpy
 import sys
 import types
@@ -17,6 +18,7 @@ from flax import nnx
 
 from fa2jax import Transformer, TransformerConfig, load_pretrained, load_tokenizer
 from fa2jax import checkpoint as ckpt
+from fa2jax.feature_head import FeatureHead, FeatureHeadConfig, save_feature_head
 from fa2jax.model import with_min_len
 from fa2jax.tokenizer import ByteTokenizer
 from spec import DynamicTree, ExpansionTree, MergedTree
@@ -57,10 +59,17 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     # max_len 32 is below prompt + tokens + tree: the script must raise it.
     target = Transformer(TransformerConfig.tiny(vocab_size=VOCAB, max_len=32), rngs=nnx.Rngs(0))
+    # A random feature head for this target, and one for a target twice as wide.
+    head = FeatureHead(FeatureHeadConfig.for_target(target.config), rngs=nnx.Rngs(3))
+    wide = FeatureHead(FeatureHeadConfig.for_target(target.config.replace(d_model=64)), rngs=nnx.Rngs(4))
+    save_feature_head(head, root / "head", tokenizer=ByteTokenizer())
+    save_feature_head(wide, root / "wide-head")
     return {
         "target": _save(target, root / "target"),
         "draft": _save(_noisy_copy(target, 0.1, 1), root / "draft"),
         "draft2": _save(_noisy_copy(target, 0.2, 2), root / "draft2"),
+        "head": str(root / "head"),
+        "wide-head": str(root / "wide-head"),
     }
 
 
@@ -152,6 +161,31 @@ def test_stochastic_chat_sampling_options_and_streaming(runs, tmp_path, capsys):
 def test_bad_flags_raise(runs, argv, drafts, message):
     with pytest.raises(ValueError, match=message):
         sg.main(_argv(runs, *argv, drafts=drafts))
+
+
+def test_feature_head_draft(runs, capsys):
+    """A feature head folder as --draft is told from a model by its metadata and drafts through a
+    FeatureDrafter over the target, alone on a dynamic tree and beside a model draft on a merged
+    tree; the report's cost model times its pass."""
+    report = sg.main(_argv(runs, "--dynamic-tree", "6", "--depth", "3", drafts=("head",)))
+    out = capsys.readouterr().out
+    assert f"draft 0: feature head {runs['head']}" in out and "cost model" in out
+    assert report.identical and report.num_drafts == 1 and report.cost.t_draft[0] > 0
+    report = sg.main(_argv(runs, "--tree", "1,2", "--tree", "2,1", drafts=("draft", "head")))
+    out = capsys.readouterr().out
+    assert f"draft 0: model {runs['draft']}" in out and f"draft 1: feature head {runs['head']}" in out
+    assert isinstance(report.tree, MergedTree) and report.identical and len(report.cost.t_draft) == 2
+
+
+def test_bad_draft_paths_raise(runs, tmp_path):
+    """Before the target's weights load: a head for another target names both shapes; a folder
+    that is neither a model nor a head, and a missing path, name the path."""
+    with pytest.raises(ValueError, match=r"feature head for another target.*width 64.*d_model=32"):
+        sg.main(_argv(runs, drafts=("wide-head",)))
+    (tmp_path / "notes.txt").write_text("not a model")
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ValueError, match=re.escape(f"--draft '{path}' is neither a model nor a feature head")):
+            sg.main(_argv({**runs, "odd": str(path)}, drafts=("odd",)))
 
 
 def _byte_bpe(directory, vocab_size):

@@ -19,7 +19,8 @@ from fa2jax import Transformer, TransformerConfig
 from fa2jax import checkpoint as ckpt
 from fa2jax.data import pack_documents
 from fa2jax.feature_head import (
-    FeatureHead, FeatureHeadConfig, count_params, load_feature_head, read_feature_head_config, save_feature_head)
+    FeatureHead, FeatureHeadConfig, count_params, is_feature_head, load_feature_head, read_feature_head_config,
+    save_feature_head)
 from fa2jax.training import TrainConfig
 from fa2jax.model import with_invariant_rows
 from fa2jax.training.feature_draft import (
@@ -317,6 +318,9 @@ def test_misuse_raises(models, tmp_path):
                          {"model_config": target.config})
     with pytest.raises(ValueError, match="not a feature head checkpoint"):
         load_feature_head(tmp_path)
+    save_feature_head(head, tmp_path / "head")
+    assert is_feature_head(tmp_path / "head") and not is_feature_head(tmp_path)
+    assert not is_feature_head(tmp_path / "missing")
 
 
 def test_train_script_feature_head(tmp_path):
