@@ -9,7 +9,8 @@
 #   gputests  every gpu-marked test (or those GPUTESTS_K selects with -k), as GPU_PROCS pytest processes side by side (default 12): each
 #             test compiles for 40-60 s on the host's CPUs, so one process would not fit a call
 #   probe     benchmarks/mosaic_bwd_probe.py: fwd/bwd TFLOP/s vs cuDNN and tokamax (tokamax from .whl)
-#   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights
+#   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights (each
+#             30-layer program compiled for ~30 s on the H100: DECODE_ARGS trims the grid, no censuses)
 #   train     benchmarks/train_step.py: target-1b train-step tokens/s, our attention vs cuDNN
 #   atomic    benchmarks/atomic_dq_check.py: the single-pass (TMA reduce-add dQ) backward
 #   fwdsweep  benchmarks/mosaic_sweep.py: forward variants and tiles at D=64 and 128 vs cuDNN, under a deadline
@@ -66,8 +67,8 @@ for s in "$@"; do
       grep -hE "passed|failed" /tmp/gpu_ids.part*.log; grep -h "^FAILED" /tmp/gpu_ids.part*.log ;;
     probe) step probe "${PROBE_S:-240}" python3 benchmarks/mosaic_bwd_probe.py --out "$OUT" --skip-check \
              --only "${PROBE_ONLY:-ours,cudnn,tokamax-mosaic}" --deadline "${PROBE_DEADLINE:-150}" ;;
-    decode) step decode "${DECODE_S:-150}" python3 benchmarks/decode_step.py --out "$OUT/decode" \
-              --variants "${DECODE_VARIANTS:-default,command_buffer,unroll2}" ;;
+    decode) step decode "${DECODE_S:-300}" python3 benchmarks/decode_step.py --out "$OUT/decode" \
+              --variants "${DECODE_VARIANTS:-default,command_buffer}" ${DECODE_ARGS:---batches 1,16 --nodes 32 --no-census} ;;
     train) step train "${TRAIN_S:-200}" python3 benchmarks/train_step.py --out "$OUT" ;;
     atomic) step atomic "${ATOMIC_S:-200}" python3 benchmarks/atomic_dq_check.py --out "$OUT" ;;
     fwdsweep) step fwdsweep "${FWDSWEEP_S:-270}" python3 benchmarks/mosaic_sweep.py \

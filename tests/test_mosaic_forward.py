@@ -10,7 +10,12 @@ in test_flash_attention: 2x the error of XLA in the input dtype.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,8 @@ from pallas_kernels.common.device import on_hopper
 from pallas_kernels.fa2 import api, mosaic_fwd
 from pallas_kernels.testing import attention_inputs
 from test_flash_attention import _output_and_grads, _segments, assert_within_xla_error
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,15 @@ def empty_rows(segment_ids, T, S, causal=False):
     return ~same.any(-1)
 
 
+def _variant_forward(q, k, v, variant, *, interpret, **kwargs):
+    """(O, lse) of the planned call, planned again with `variant`'s `MosaicFwdConfig` fields (whose
+    CTA rows, 192 with three consumers, set the padding)."""
+    launch, _ = api.plan(q, k, v, backend="mosaic", interpret=interpret, **kwargs)
+    config = dataclasses.replace(launch.mosaic_config, **variant)
+    launch, aux = api.plan(q, k, v, backend="mosaic", interpret=interpret, mosaic_configs=(config, None), **kwargs)
+    return api.forward(q, k, v, aux, launch)
+
+
 def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False, seed=0, input_scale=1.0,
            variant=None, **kwargs):
     """input_scale multiplies q and k (before the cast to dtype): large scores make a softcap bite.
@@ -88,13 +104,8 @@ def _check(B, T, S, H, K, D, *, dtype=jnp.bfloat16, interpret=True, grads=False,
     else:
         if variant is None:
             ours = flash_attention(q, k, v, backend="mosaic", interpret=interpret, return_lse=True, **kwargs)
-        else:  # the planned call, planned again with the variant's config (whose CTA rows, 192 with
-            # three consumers, set the padding)
-            launch, _ = api.plan(q, k, v, backend="mosaic", interpret=interpret, **kwargs)
-            config = dataclasses.replace(launch.mosaic_config, **variant)
-            launch, aux = api.plan(q, k, v, backend="mosaic", interpret=interpret,
-                                   mosaic_configs=(config, None), **kwargs)
-            ours = api.forward(q, k, v, aux, launch)
+        else:
+            ours = _variant_forward(q, k, v, variant, interpret=interpret, **kwargs)
         exact = attention_reference(*f32[:3], return_lse=True, **kwargs)
         same_dtype = same_dtype_ref(q, k, v, return_lse=True, **kwargs)
         names = ("out", "lse")
@@ -211,6 +222,32 @@ THREE_CONSUMERS = {
 @pytest.mark.simulator
 def test_mosaic_forward_three_consumers_in_simulator(variant):
     _check(1, 250, 380, 2, 1, 64, causal=True, variant=THREE_CONSUMERS[variant])
+
+
+# A persistent CTA passes the consumers' turns on from one work item to the next. With three
+# consumers it once started each item with consumer 0 holding a turn of its own: if consumer 1 had not
+# yet taken the last turn of an item, consumer 0 handed it the next item's first turn on top,
+# completing consumer 1's turn barrier twice; on an H100 the CTA then deadlocked (4x4096x32x64 with
+# 192-key tiles, about 21 items per CTA). Warpgroup 1 sleeping before each barrier wait reaches that
+# schedule every time in the simulator, at 2 work items on 1 CTA (the 128-key tiles too); the
+# simulator reports the double completion, and tests/slow_warpgroup_check.py exits at once with its
+# source line. In a subprocess: a broken protocol would leave the simulator's threads waiting forever.
+SLOW_CONSUMER = {
+    "kv192-turns": dict(consumers=3, block_kv=192, early_k_wait=True),
+    "kv128-turns": dict(consumers=3, block_kv=128, early_k_wait=True),
+    "two-consumers": dict(),
+}
+
+
+@pytest.mark.parametrize("variant", list(SLOW_CONSUMER))
+@pytest.mark.simulator
+def test_mosaic_forward_persistent_with_a_slow_consumer_in_simulator(variant):
+    spec = dict(shape=[1, 384, 380, 1, 1, 64], slow=1, delay_s=0.05,
+                config=dict(SLOW_CONSUMER[variant], persistent=True, num_ctas=1))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "slow_warpgroup_check.py"), json.dumps(spec)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0 and "PASS" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.mark.simulator
@@ -409,3 +446,23 @@ def test_mosaic_forward_three_consumers_on_gpu(variant, causal):
     fields = GPU_THREE_CONSUMERS[variant]
     _check(2, 1000, 1000, 8, 2, 64, interpret=False, causal=causal, variant=fields)
     _check(1, 333, 517, 4, 4, 64, interpret=False, variant=fields, window_size=(100, 0) if causal else (-1, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_kv", [192, 128])
+def test_mosaic_forward_persistent_three_consumers_many_items_on_gpu(block_kv):
+    """The shape at which the persistent three-consumer kernel with 192-key tiles deadlocked on an
+    H100 (benchmarks/mosaic_sweep.py, 4x4096x32x64): about 21 work items per CTA, and S padded to
+    4224, its last key tile masked past kv_len. The deadlock needed a consumer late at the end of an
+    item (see SLOW_CONSUMER), so the kernel runs 10 more times after the check, each bit-identical
+    to the first."""
+    if not on_hopper():
+        pytest.skip("the Mosaic GPU forward needs a Hopper GPU")
+    fields = dict(consumers=3, block_kv=block_kv, persistent=True, early_k_wait=True)
+    B, T, H, D = 4, 4096, 32, 64
+    out, lse = _check(B, T, T, H, H, D, interpret=False, variant=fields)
+    q, k, v = (x.astype(jnp.bfloat16) for x in attention_inputs(0, B, T, T, H, H, D, jnp.float32)[:3])
+    for _ in range(10):
+        again = _variant_forward(q, k, v, fields, interpret=False)
+        np.testing.assert_array_equal(np.asarray(again[0], np.float32), np.asarray(out, np.float32))
+        np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(lse))

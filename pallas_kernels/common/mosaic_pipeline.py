@@ -15,7 +15,8 @@ passes its queries' ids to `consume` and every step ANDs "same id" into the tile
 
 Steps are numbered 0, 1, ... in the order the producer issues them; step i uses slot i % stages. A
 persistent kernel (one CTA looping over work items) keeps numbering across its items (`step0`), so
-the ring is never drained between them.
+the ring is never drained between them, and with three consumers it passes the turn on from one item
+to the next (`consume`'s turn_in and turn_out).
 `interpret=True` runs Mosaic GPU's CPU simulator, which executes the warpgroups as threads with real
 barriers and TMA copies but lacks register layouts, wgmma with a transposed operand and accumulators
 carried through run_state: there the two products are plain dots on the shared-memory tiles.
@@ -271,6 +272,12 @@ class Pipeline:
                 cast(jnp.full((self.rows,), -jnp.inf, jnp.float32), self.row_layout()),
                 cast(jnp.zeros((self.rows,), jnp.float32), self.row_layout()))
 
+    @property
+    def passes_turns(self) -> bool:
+        """Whether the consumers take turns round a ring of barriers (three, with ping-pong): only
+        then do `consume`'s turn_in and turn_out do anything."""
+        return self.ping_pong and self.consumers > 2
+
     def _sync_schedule(self, barriers, wg=None):
         """Ping-pong, once a consumer has issued its S wgmma: two consumers pass the schedule barrier
         together; with three, consumer wg hands the turn to the next (it waits for its own again
@@ -289,7 +296,8 @@ class Pipeline:
         them while the other two consumers do their softmax."""
         _plgpu().barrier_wait(barriers[5].at[wg])
 
-    def consume(self, wg, my_q, smem, barriers, loops, query_ids=None, step0=0):
+    def consume(self, wg, my_q, smem, barriers, loops, query_ids=None, step0=0, *, turn_in=False,
+                turn_out=False):
         """Runs the consumer's steps and returns (acc, row_max, row_sum).
 
         loops: (first, last, allowed) triples run in order; allowed(i) gives the bool
@@ -300,6 +308,14 @@ class Pipeline:
         query_ids: int32 [rows] in the row layout (`load_row_ids`), exactly when `self.key_ids`:
         then every step also masks the keys whose segment id differs from the query's.
         step0: the ring's steps before these (a persistent kernel's earlier work items), as in `stream`.
+        turn_in, turn_out (bool, may be traced; they matter only for three consumers' turns): whether
+        a `consume` of the same consumers ran before this one (consumer 0 then waits for the turn
+        the last consumer passed it at that one's end) and whether one runs after it (the last
+        consumer then passes its final turn on to consumer 0). A persistent kernel sets them for its
+        work items, so that one turn circulates through all of them: if consumer 0 started each item
+        holding a turn of its own, it could pass consumer 1 the next item's first turn before consumer
+        1 had taken this item's last one, completing consumer 1's turn barrier twice, after which
+        consumer 1's parity wait misses a phase and the CTA deadlocks.
         """
         if (query_ids is not None) != self.key_ids:
             raise ValueError(f"query_ids must be given exactly when the pipeline has key ids: {self.key_ids=}")
@@ -311,6 +327,8 @@ class Pipeline:
             pl.when(wg == 1)(lambda: self._sync_schedule(barriers))
         elif self.ping_pong:
             pl.when(wg > 0)(lambda: self._await_turn(barriers, wg))
+            if turn_in is not False:  # (static False: a kernel without work items traces as before)
+                pl.when((wg == 0) & turn_in)(lambda: self._await_turn(barriers, wg))
         k_until = None  # with early_k_wait: the end of the steps whose K a step may wait for early
         if self.early_k_wait:
             for (_, last, *_), (first, *_) in zip(loops, loops[1:]):
@@ -336,10 +354,14 @@ class Pipeline:
         if self.ping_pong and self.consumers == 2:
             pl.when(wg == 0)(lambda: self._sync_schedule(barriers))
         elif self.ping_pong:
-            # Each turn taken is passed on, except the last consumer's final one: every consumer
-            # then waits for its turn as often as the one before it passes it (steps + 1 times for
-            # consumers 1 and 2, steps times for consumer 0), which the simulator checks.
+            # Each turn taken is passed on, except the last consumer's final one (with turn_out it
+            # goes to consumer 0, which takes it at the next consume's start, with turn_in): every
+            # consumer then waits for its turn as often as the one before it passes it (steps + 1
+            # times for consumers 1 and 2, steps times for consumer 0 and one more with turn_in),
+            # which the simulator checks.
             pl.when(wg < self.consumers - 1)(lambda: self._sync_schedule(barriers, wg))
+            if turn_out is not False:
+                pl.when((wg == self.consumers - 1) & turn_out)(lambda: self._sync_schedule(barriers, wg))
         return carry
 
     def _slot(self, i, step0):

@@ -269,14 +269,14 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
             key_ids = (lambda i: kv_ids_ref.at[b, pl.ds((lo + i) * bkv, bkv)]) if segments else None
             return (lambda i: (b, pl.ds((lo + i) * bkv, bkv), kv_head)), key_ids
 
-        def consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0=0):
+        def consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0=0, **turns):
             lo = bounds[0]
 
             def allowed(i):
                 return visible_pairs(rows0 + pipeline.iota(0), (lo + i) * bkv + pipeline.iota(1), problem)
 
             loops = consumer_loops(bounds, masked, allowed)
-            return pipeline.consume(wg, my_q, smem, barriers, loops, query_ids, step0)
+            return pipeline.consume(wg, my_q, smem, barriers, loops, query_ids, step0, **turns)
 
         def per_warpgroup(smem, barriers):
             wg = lax.axis_index("wg")
@@ -341,7 +341,10 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                     rows0 = row0 + wg * bq
                     query_ids = pipeline.load_row_ids(q_ids_ref.at[b], rows0) if segments else None
                     pipeline.wait_queries(wg, barriers)
-                    carry = consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0)
+                    # With three consumers one turn circulates through all the items (`Pipeline.consume`).
+                    turns = (dict(turn_in=k > 0, turn_out=item + num_ctas < num_items)
+                             if pipeline.passes_turns else {})
+                    carry = consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0, **turns)
 
                     # The last score wgmma has read the Q slot: the next item's queries load while
                     # this item's O is normalised and stored.
