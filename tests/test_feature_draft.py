@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -253,6 +254,74 @@ def test_precomputed_features_give_the_same_loss(models, rows):
                                list(evaluate_feature_head(head, target, rows, 4).values()), rtol=1e-5)
 
 
+def _one_pass_loss_sums(head, target, batch, cfg):
+    """EAGLE's one-pass loss as feature_loss_sums computed it before unroll_steps (no noise)."""
+    tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
+    _, hidden = target(tokens, segments, positions, return_hidden=True)
+    logits = target.head_logits(hidden[:, 1:], mask_padding=False)
+    predicted = head(hidden[:, :-1], target.embed_tokens(tokens[:, 1:]), segments[:, :-1], positions[:, :-1])
+    mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    err = predicted.astype(jnp.float32) - hidden[:, 1:].astype(jnp.float32)
+    smooth_l1 = optax.huber_loss(err, delta=1.0).mean(-1)
+    log_q = jax.nn.log_softmax(target.head_logits(predicted, mask_padding=False), -1)
+    cross_entropy = -jnp.sum(jax.nn.softmax(logits, -1) * log_q, -1)
+    agree = jnp.argmax(log_q, -1) == jnp.argmax(logits, -1)
+    feature = jnp.sum(jnp.where(mask, smooth_l1, 0.0))
+    token = jnp.sum(jnp.where(mask, cross_entropy, 0.0))
+    return {"loss": cfg.feature_weight * feature + cfg.token_weight * token, "feature": feature, "token": token,
+            "agree": jnp.sum(mask & agree).astype(jnp.float32), "count": jnp.sum(mask).astype(jnp.float32)}
+
+
+def test_one_unroll_step_is_the_one_pass_loss(models, rows):
+    target, head = models
+    batch = {"tokens": rows.tokens[:4], "segment_ids": rows.segment_ids[:4], "positions": rows.positions[:4]}
+    cfg = FeatureLossConfig(token_weight=0.5, unroll_steps=1, unroll_weight=0.3)
+    got, want = feature_loss_sums(head, target, batch, cfg), _one_pass_loss_sums(head, target, batch, cfg)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_unrolled_pass_reads_predictions_within_each_document(models):
+    """unroll_steps=2 adds a positive second-pass term with finite gradients; a row of two packed
+    documents sums to the documents run alone (the second pass neither grades the position after
+    the boundary, whose fed-back prediction is of the other document, nor lets one document's
+    predictions into the other's attention)."""
+    target, head = models
+    rng = np.random.default_rng(TEST_SEED + 1)
+    a, b, t = rng.integers(1, VOCAB, 7), rng.integers(1, VOCAB, 9), 16
+
+    def row(docs):  # packed docs, padded to t: (tokens, segment_ids, positions)
+        tokens = np.concatenate(docs + [np.zeros(t - sum(map(len, docs)), int)])
+        segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)]
+                                  + [np.zeros(t - sum(map(len, docs)), int)])
+        positions = np.concatenate([np.arange(len(d)) for d in docs] + [np.zeros(t - sum(map(len, docs)), int)])
+        return tokens, segments, positions
+
+    def batch(*rows_):
+        return {k: jnp.asarray(np.stack(v), jnp.int32) for k, v in zip(("tokens", "segment_ids", "positions"),
+                                                                       zip(*rows_))}
+
+    cfg = FeatureLossConfig(token_weight=0.5, unroll_steps=2, unroll_weight=0.5)
+    packed = feature_loss_sums(head, target, batch(row([a, b])), cfg)
+    alone = feature_loss_sums(head, target, batch(row([a]), row([b])), cfg)
+    for k in packed:
+        np.testing.assert_allclose(float(packed[k]), float(alone[k]), rtol=1e-5, err_msg=k)
+    # Pass 1 grades 6 + 8 positions; pass 2 drops each document's first (it reads no prediction).
+    assert float(packed["count"]) == 6 + 8 and float(packed["count_k"]) == 5 + 7
+    one = feature_loss_sums(head, target, batch(row([a, b])), FeatureLossConfig(token_weight=0.5))
+    assert float(packed["loss"]) > float(one["loss"])
+    for k in ("feature", "token", "agree", "count"):
+        assert float(packed[k]) == pytest.approx(float(one[k]), rel=1e-6), k
+    for unroll_gradient in (False, True):
+        cfg = FeatureLossConfig(input_noise=0.05, unroll_steps=3, unroll_gradient=unroll_gradient)
+        grads = nnx.grad(lambda h: feature_loss_sums(h, target, batch(row([a, b])), cfg, jax.random.key(0))["loss"])(
+            head)
+        leaves = jax.tree.leaves(grads)
+        assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+        assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
 def test_time_budget_plans_the_steps(models, rows, tmp_path):
     """With time_budget the step count comes from timed probe steps and bounds the schedule; the run
     trains on precomputed features, logs through on_log and saves its last step."""
@@ -312,6 +381,12 @@ def test_misuse_raises(models, tmp_path):
         FeatureHeadConfig(layer=target.config)
     with pytest.raises(ValueError, match="token_weight"):
         FeatureLossConfig(token_weight=-1.0)
+    with pytest.raises(ValueError, match="unroll_steps=0"):
+        FeatureLossConfig(unroll_steps=0)
+    with pytest.raises(ValueError, match="unroll_steps=2.0"):
+        FeatureLossConfig(unroll_steps=2.0)
+    with pytest.raises(ValueError, match="unroll_weight=0"):
+        FeatureLossConfig(unroll_weight=0)
     with pytest.raises(ValueError, match="head must be"):
         FeatureDrafter(target, target)
     ckpt.save_checkpoint(tmp_path, 1, {"params": nnx.state(target, nnx.Param)},

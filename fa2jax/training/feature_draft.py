@@ -9,7 +9,9 @@ ICML'24, §4.2) is
 with p_{i+2} the target's own next-token distribution at position i + 1 (soft labels: the head is
 graded on matching the target, not the text) and `head` the target's LM head, shared and frozen.
 EAGLE weighs them 1 and 0.1. Uniform noise of amplitude `input_noise` on the input features
-(EAGLE's augmentation) teaches the head to read its own, imperfect predictions at deeper levels.
+(EAGLE's augmentation) teaches the head to read its own, imperfect predictions at deeper levels;
+`unroll_steps` > 1 goes further and trains it on them: the head runs again on its own predictions
+(EAGLE-3's "training-time test", HASS), each pass adding its loss (`feature_loss_sums`).
 Only positions whose next token lies in the same document count (`losses.target_mask`).
 
 The target is frozen, so its features can be computed once per corpus (`target_features`, in
@@ -52,17 +54,28 @@ from fa2jax.training.presets import TrainConfig
 
 @dataclasses.dataclass(frozen=True)
 class FeatureLossConfig:
-    """Weights of the EAGLE loss and the input augmentation.
+    """Weights of the EAGLE loss, the input augmentation and the unrolled passes.
 
     Attributes:
       feature_weight: weight of the smooth-L1 regression onto the target's next feature.
       token_weight: weight of the cross entropy against the target's next-token distribution.
       input_noise: amplitude a of the U(-a, a) noise added to the target's features the head reads.
+      unroll_steps: passes of the head per batch (a "training-time test", EAGLE-3 / HASS): pass 1
+        reads the target's features; pass k >= 2 reads the head's own predictions of pass k - 1,
+        as the head does below the first level of a draft tree. 1 is EAGLE's one-pass loss.
+      unroll_weight: pass k's loss counts unroll_weight ** (k - 1) times.
+      unroll_gradient: let the gradient of pass k flow back through the predictions it reads
+        (HASS keeps it). Off by default: pass k then only teaches the head to read imperfect
+        predictions, it cannot pull pass k - 1's predictions away from the target's features to make
+        them easier to read, and the backward pass costs one head pass per pass.
     """
 
     feature_weight: float = 1.0
     token_weight: float = 0.1
     input_noise: float = 0.0
+    unroll_steps: int = 1
+    unroll_weight: float = 1.0
+    unroll_gradient: bool = False
 
     def __post_init__(self):
         for name in ("feature_weight", "token_weight", "input_noise"):
@@ -71,11 +84,27 @@ class FeatureLossConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
         if self.feature_weight == self.token_weight == 0:
             raise ValueError(f"the loss needs a positive weight: {self.feature_weight=} {self.token_weight=}")
+        if not (isinstance(self.unroll_steps, int) and not isinstance(self.unroll_steps, bool)
+                and self.unroll_steps >= 1):
+            raise ValueError(f"unroll_steps must be an int >= 1, got {self.unroll_steps=}")
+        if not (isinstance(self.unroll_weight, (int, float)) and math.isfinite(self.unroll_weight)
+                and self.unroll_weight > 0):
+            raise ValueError(f"unroll_weight must be a finite number > 0, got {self.unroll_weight=}")
 
 
 def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_cfg: FeatureLossConfig,
                       key: jax.Array | None = None) -> dict:
     """The EAGLE loss terms of one packed batch, summed over the valid positions.
+
+    With `loss_cfg.unroll_steps` = k > 1 the head runs k times (EAGLE-3's "training-time test",
+    HASS): pass 1 as always; pass j >= 2 reads, at position i, the feature its pass j - 1 predicted
+    there (pass j - 1's output at i - 1), the same embeddings e(x_{i+1}), and is graded against the
+    same f_{i+1} and next-token distribution. Where that prediction would come from another document
+    (or i = 0) the position reads pass 1's input instead, so no document sees another through the
+    head's attention; pass j's loss counts only positions whose chain of j predictions stays in one
+    document (a depth-j prediction). A simplification of draft time: there the head attends to
+    the target's true features of the context and reads its own only along the drafted branch;
+    here every position of pass j reads predicted ones.
 
     Args:
       head: the head (its parameters are what a gradient would be taken of).
@@ -83,13 +112,17 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
       batch: "tokens", "segment_ids", "positions".  # [B, T] int32 each
         Optionally "hidden": the target's final hidden states of these tokens, precomputed
         (`target_features`), so the target's stack does not run.  # [B, T, d]
-      loss_cfg: weights and noise.
+      loss_cfg: weights, noise and unrolled passes.
       key: PRNG key of the input noise (unused when `input_noise` is 0).
 
     Returns:
       {"loss", "feature", "token", "agree", "count"}: [] float32 sums; "agree" counts positions
       where the head's argmax on its predicted feature equals the target's next-token argmax (the
       depth-1 greedy acceptance with the target's own context features). Divide by "count".
+      "loss" sums every pass's weighted terms; the others are pass 1's, comparable across
+      unroll_steps. With unroll_steps > 1 also "agree_k" and "count_k": the last pass's agreement
+      and its positions (divide one by the other: the depth-k agreement, each position graded on
+      its own, not conditioned on the levels above it being accepted).
     """
     tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
     hidden = batch.get("hidden")
@@ -98,24 +131,54 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
     hidden = jax.lax.stop_gradient(hidden)
     # The target's logits of x_{i+2}: its LM head on f_{i+1} (what its forward computes there).
     logits = jax.lax.stop_gradient(target.head_logits(hidden[:, 1:], mask_padding=False))  # [B, T-1, V]
+    p = jax.nn.softmax(logits, -1)  # the target's distribution of x_{i+2}
+    target_argmax = jnp.argmax(logits, -1)  # [B, T-1]
     features = hidden[:, :-1]  # f_i  [B, T-1, d]
     if loss_cfg.input_noise > 0:
         noise = jax.random.uniform(key, features.shape, jnp.float32, -loss_cfg.input_noise, loss_cfg.input_noise)
         features = (features.astype(jnp.float32) + noise).astype(features.dtype)
     embeddings = jax.lax.stop_gradient(target.embed_tokens(tokens[:, 1:]))  # e(x_{i+1})  [B, T-1, d]
-    predicted = head(features, embeddings, segments[:, :-1], positions[:, :-1])  # f^_{i+1}  [B, T-1, d]
-    mask = target_mask(segments)  # [B, T-1]
-    err = predicted.astype(jnp.float32) - hidden[:, 1:].astype(jnp.float32)
-    smooth_l1 = optax.huber_loss(err, delta=1.0).mean(-1)  # [B, T-1]
-    log_q = jax.nn.log_softmax(target.head_logits(predicted, mask_padding=False), -1)  # [B, T-1, V]
-    p = jax.nn.softmax(logits, -1)  # the target's distribution of x_{i+2}
-    cross_entropy = -jnp.sum(p * log_q, -1)  # [B, T-1]
-    agree = jnp.argmax(log_q, -1) == jnp.argmax(logits, -1)
-    feature = jnp.sum(jnp.where(mask, smooth_l1, 0.0))
-    token = jnp.sum(jnp.where(mask, cross_entropy, 0.0))
-    return {"loss": loss_cfg.feature_weight * feature + loss_cfg.token_weight * token, "feature": feature,
-            "token": token, "agree": jnp.sum(mask & agree).astype(jnp.float32),
-            "count": jnp.sum(mask).astype(jnp.float32)}
+    head_segments, head_positions = segments[:, :-1], positions[:, :-1]  # [B, T-1]
+
+    def pass_sums(predicted, mask):  # predicted f^_{i+1} [B, T-1, d], mask [B, T-1] -> [] sums
+        err = predicted.astype(jnp.float32) - hidden[:, 1:].astype(jnp.float32)
+        smooth_l1 = optax.huber_loss(err, delta=1.0).mean(-1)  # [B, T-1]
+        log_q = jax.nn.log_softmax(target.head_logits(predicted, mask_padding=False), -1)  # [B, T-1, V]
+        cross_entropy = -jnp.sum(p * log_q, -1)  # [B, T-1]
+        agree = jnp.argmax(log_q, -1) == target_argmax
+        return {"feature": jnp.sum(jnp.where(mask, smooth_l1, 0.0)),
+                "token": jnp.sum(jnp.where(mask, cross_entropy, 0.0)),
+                "agree": jnp.sum(mask & agree).astype(jnp.float32), "count": jnp.sum(mask).astype(jnp.float32)}
+
+    def weighted(sums):
+        return loss_cfg.feature_weight * sums["feature"] + loss_cfg.token_weight * sums["token"]
+
+    mask = target_mask(segments)  # [B, T-1]: f_{i+1} is in x_i's document
+    predicted = head(features, embeddings, head_segments, head_positions)  # f^_{i+1}  [B, T-1, d]
+    first = pass_sums(predicted, mask)
+    out = {"loss": weighted(first), **first}
+    # Position i may read the prediction made at i - 1 (of f_i) when x_{i-1} and x_i share a document.
+    fed_back = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))  # [B, T-1]
+    valid = mask  # depth-j predictions: the last j positions' targets all in one document
+    for j in range(2, loss_cfg.unroll_steps + 1):
+        if not loss_cfg.unroll_gradient:
+            predicted = jax.lax.stop_gradient(predicted)
+        shifted = jnp.pad(predicted[:, :-1], ((0, 0), (1, 0), (0, 0))).astype(features.dtype)  # [B, T-1, d]
+        inputs = jnp.where(fed_back[..., None], shifted, features)
+        valid = valid & jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+        predicted = head(inputs, embeddings, head_segments, head_positions)
+        last = pass_sums(predicted, valid)
+        out["loss"] = out["loss"] + loss_cfg.unroll_weight ** (j - 1) * weighted(last)
+        out["agree_k"], out["count_k"] = last["agree"], last["count"]
+    return out
+
+
+def per_position(sums: dict) -> dict:
+    """Metric sums (`feature_loss_sums`'s, or several batches' added) as floats per valid
+    position: "agree_k" over "count_k", every other value over "count"; the counts are dropped."""
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    count, count_k = max(sums.pop("count", 0.0), 1.0), max(sums.pop("count_k", 0.0), 1.0)
+    return {k: v / (count_k if k == "agree_k" else count) for k, v in sums.items()}
 
 
 def _split_target(target: Transformer):
@@ -196,7 +259,7 @@ def evaluate_feature_head(head: FeatureHead, target: Transformer, rows: PackedRo
                           max_batches: int | None = None, loss_cfg: FeatureLossConfig = FeatureLossConfig(),
                           features: jax.Array | None = None) -> dict:
     """Mean loss terms and greedy agreement of `head` over `rows` (no noise): {"loss", "feature",
-    "token", "agree"} as floats per valid position. `features`: the target's, precomputed
+    "token", "agree"} (and "agree_k" when unrolled) as floats per valid position (`per_position`). `features`: the target's, precomputed
     (`target_features` of `rows`), so that only its LM head runs."""
     head_def, head_params = nnx.split(head)
     target_def, target_params, target_rest = _split_target(target)
@@ -212,9 +275,7 @@ def evaluate_feature_head(head: FeatureHead, target: Transformer, rows: PackedRo
         index = np.arange(lo, min(lo + batch_size, rows.num_rows))
         out = sums(head_params, _with_features(batch, features, index), target_params, target_rest)
         total = out if total is None else jax.tree.map(jnp.add, total, out)  # on the device: no sync per batch
-    total = {k: float(v) for k, v in jax.device_get(total).items()}
-    count = max(total.pop("count", 0.0), 1.0)
-    return {k: v / count for k, v in total.items()}
+    return per_position(total)
 
 
 def _seconds_per_step(step_fn, head_params, opt_state, schedule: BatchSchedule, features, target_params,
@@ -348,16 +409,16 @@ def train_feature_head(
         last = done == train_cfg.steps or (
             stop_after_seconds is not None and time.perf_counter() - train_start > stop_after_seconds)
         if done % train_cfg.log_every == 0 or last:
-            window = {k: float(v) for k, v in jax.device_get(window).items()}
-            count = max(window.pop("count"), 1.0)
             record = {"step": done, "lr": float(lr(step)), "seconds": time.perf_counter() - train_start,
-                      "epoch": done / schedule.batches_per_epoch, **{k: v / count for k, v in window.items()}}
+                      "epoch": done / schedule.batches_per_epoch, **per_position(window)}
             if not math.isfinite(record["loss"]):
                 saved = sorted((out / "checkpoints").glob("step_*"))
                 raise NonFiniteLossError(done, {"loss": record["loss"]}, saved[-1] if saved else None)
             append_metrics(metrics_file, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", agree=f"{record['agree']:.3f}")
-            summary.update(step=done, loss=record["loss"], agree=record["agree"])
+            bar.set_postfix(loss=f"{record['loss']:.4f}", agree=f"{record['agree']:.3f}",
+                            **({"agree_k": f"{record['agree_k']:.3f}"} if "agree_k" in record else {}))
+            summary.update(step=done, loss=record["loss"], agree=record["agree"],
+                           **({"agree_k": record["agree_k"]} if "agree_k" in record else {}))
             if on_log is not None:
                 on_log(record)
             window = None
