@@ -21,7 +21,8 @@ Phases, each ending by its share of --deadline (seconds from the start):
      (`fa2jax.training.feature_draft.target_features`).
   3. training (until the deadline less --eval-seconds): a fresh head on EAGLE's loss (smooth-L1 on
      the next feature + --token-weight x cross entropy against the target's next-token
-     distribution, U(-a, a) noise on the input features), batches of --train-batch rows; the step
+     distribution, U(-a, a) noise on the input features; with --unroll-steps k > 1 the head also
+     runs on its own predictions, k passes in all), batches of --train-batch rows; the step
      count is set from the timed first steps so the cosine schedule ends on time
      (`train_feature_head(time_budget=...)`); the head is saved (bfloat16, the folder format of
      examples/checkpoints/smollm2-feature-draft) every --checkpoint-seconds and at the end.
@@ -199,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-weight", type=float, default=1.0)
     g.add_argument("--token-weight", type=float, default=0.1)
     g.add_argument("--input-noise", type=float, default=0.1)
+    g.add_argument("--unroll-steps", type=int, default=1,
+                   help="passes of the head per batch; pass k >= 2 reads its own predictions of pass k - 1 "
+                        "(a training-time test; FeatureLossConfig.unroll_steps)")
+    g.add_argument("--unroll-weight", type=float, default=1.0, help="pass k's loss counts this ** (k - 1) times")
+    g.add_argument("--unroll-gradient", action="store_true",
+                   help="backpropagate pass k's loss through the predictions it reads (HASS)")
     g.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
                    help="attention of the training target and head (default: automatic; the head's "
                         "saved config keeps it)")
@@ -212,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def loss_config(args) -> FeatureLossConfig:
+    return FeatureLossConfig(args.feature_weight, args.token_weight, args.input_noise, args.unroll_steps,
+                             args.unroll_weight, args.unroll_gradient)
+
+
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
@@ -223,6 +235,10 @@ def parse_args(argv=None):
     if args.deadline * (1 - args.gen_fraction) <= args.eval_seconds:
         p.error(f"no time left to train: --deadline {args.deadline} x (1 - --gen-fraction {args.gen_fraction}) "
                 f"<= --eval-seconds {args.eval_seconds}")
+    try:  # here, not after the corpus phase has spent its minutes
+        loss_config(args)
+    except ValueError as e:
+        p.error(f"--feature-weight/--token-weight/--input-noise/--unroll-steps/--unroll-weight: {e}")
     unknown = set(args.trees.split(",")) - set(TREES)
     if unknown:
         p.error(f"--trees: unknown {sorted(unknown)}, choose from {sorted(TREES)}")
@@ -287,7 +303,7 @@ def main(argv=None) -> dict:
                             learning_rate=args.learning_rate, warmup_steps=min(args.warmup_steps, args.max_steps - 1),
                             log_every=10 if args.smoke else 50, eval_every=args.max_steps,
                             eval_batches=max(1, -(-val_rows.num_rows // batch)), checkpoint_every=args.max_steps)
-    loss_cfg = FeatureLossConfig(args.feature_weight, args.token_weight, args.input_noise)
+    loss_cfg = loss_config(args)
     head_config = FeatureHeadConfig.for_target(target.config, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                                attention_impl=args.attention_impl)
 

@@ -349,6 +349,9 @@ def test_distill_script_packs_held_out_prompts_apart():
     with pytest.raises(SystemExit):
         distill.parse_args(["--out", "x", "--deadline", "100", "--eval-seconds", "90"])
     assert distill.parse_args(["--out", "x", "--smoke"]).max_steps == distill.SMOKE["max_steps"]
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--out", "x", "--unroll-steps", "0"])
+    assert distill.loss_config(distill.parse_args(["--out", "x", "--unroll-steps", "2"])).unroll_steps == 2
 
 
 def test_save_load_round_trip(models, tmp_path, monkeypatch):
@@ -409,8 +412,10 @@ def test_train_script_feature_head(tmp_path):
     base = ["--draft-kind", "feature", "--teacher", teacher, "--data", str(corpus), "--steps", "4",
             "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1",
             "--no-progress", "--out", str(tmp_path / "head")]
-    summary = main(base + ["--save-dtype", "bfloat16", "--d-ff", "96", "--stop-after-minutes", "1e-9"])
+    summary = main(base + ["--save-dtype", "bfloat16", "--d-ff", "96", "--stop-after-minutes", "1e-9",
+                           "--unroll-steps", "2", "--unroll-weight", "0.5"])
     assert summary["step"] == 1 and 0 <= summary["val_agree"] <= 1 and summary["checkpoint"].endswith("step_00000001")
+    assert 0 <= summary["agree_k"] <= 1 and 0 <= summary["val_agree_k"] <= 1  # the depth-2 agreement, logged
     head = load_feature_head(tmp_path / "head")
     assert head.config.layer.d_ff == 96 and head.fc.kernel.dtype == jnp.bfloat16
     assert head.config.vocab_size == FeatureHeadConfig.for_target(ckpt.read_model_config(teacher)).vocab_size
@@ -420,3 +425,5 @@ def test_train_script_feature_head(tmp_path):
         main(base + ["--d-model", "64"])
     with pytest.raises(cli.UsageError, match="token_weight"):
         main(base + ["--token-weight", "-1"])
+    with pytest.raises(cli.UsageError, match="unroll_weight"):
+        main(base + ["--unroll-weight", "0"])

@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "distribution")
     p.add_argument("--input-noise", type=float, default=0.0,
                    help="--draft-kind feature: amplitude a of U(-a, a) noise on the target features the head reads")
+    p.add_argument("--unroll-steps", type=int, default=1,
+                   help="--draft-kind feature: passes of the head per batch; pass k >= 2 reads the head's own "
+                        "predictions of pass k - 1, as it does below a draft tree's first level (a training-time "
+                        "test); 1 is EAGLE's one-pass loss")
+    p.add_argument("--unroll-weight", type=float, default=1.0,
+                   help="--draft-kind feature: pass k's loss counts this ** (k - 1) times")
+    p.add_argument("--unroll-gradient", action="store_true",
+                   help="--draft-kind feature: backpropagate pass k's loss through the predictions it reads "
+                        "(HASS); default: they are constants")
     p.add_argument("--save-dtype", help="--draft-kind feature: dtype of the saved head, e.g. bfloat16 "
                                         "(default: float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (and no tqdm import)")
@@ -194,9 +203,11 @@ def _check_feature_flags(args) -> FeatureLossConfig:
         raise cli.UsageError(f"--draft-kind feature does not take {refused}: the head's width, vocabulary and "
                              f"embedding are the teacher's, and its short runs neither resume nor shard")
     try:
-        return FeatureLossConfig(args.feature_weight, args.token_weight, args.input_noise)
+        return FeatureLossConfig(args.feature_weight, args.token_weight, args.input_noise, args.unroll_steps,
+                                 args.unroll_weight, args.unroll_gradient)
     except ValueError as e:
-        raise cli.UsageError(f"--feature-weight/--token-weight/--input-noise: {e}") from None
+        raise cli.UsageError(f"--feature-weight/--token-weight/--input-noise/--unroll-steps/--unroll-weight: {e}") \
+            from None
 
 
 def _train_feature_head(args, train_cfg, loss_cfg, train_rows, val_rows, out, tokenizer, show) -> dict:
@@ -210,7 +221,8 @@ def _train_feature_head(args, train_cfg, loss_cfg, train_rows, val_rows, out, to
         tokenizer=tokenizer, save_dtype=args.save_dtype, show_progress=show,
         metadata={"teacher": str(args.teacher)},
         stop_after_seconds=args.stop_after_minutes and 60 * args.stop_after_minutes)
-    for key in ("params", "step", "loss", "agree", "val_loss", "val_feature", "val_token", "val_agree", "checkpoint"):
+    for key in ("params", "step", "loss", "agree", "agree_k", "val_loss", "val_feature", "val_token", "val_agree",
+                "val_agree_k", "checkpoint"):
         if key in summary:
             print(f"{key}: {summary[key]}")
     return summary
