@@ -3,8 +3,9 @@
 The portable kernel (`triton_fwd`) leaves the H100's tensor cores idle while it computes the softmax.
 Here each CTA runs the pipeline of `mosaic_pipeline`: one warpgroup streams K/V tiles with TMA, two
 (three by default at head dim 64) consumer warpgroups (`block_q` query rows each) run wgmma and the
-online softmax, taking turns on the tensor cores. This module decides the tiles: a CTA covers consumers * block_q rows
-and visits the key tiles of their causal/window band, masking only the tiles at the band's edges.
+online softmax, taking turns on the tensor cores. This module decides the tiles: a CTA covers
+consumers * block_q rows and visits the key tiles of their causal/window band, masking only the
+tiles at the band's edges.
 
 Scope (the dispatcher in `api.py` routes everything else to the portable kernels): bf16/f16, head dim
 64, 128 or 256, causal and sliding windows (bottom-right aligned), segment ids (packed sequences),
