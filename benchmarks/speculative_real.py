@@ -42,7 +42,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.data import read_prompts
@@ -282,7 +281,7 @@ def main(argv=None) -> dict:
             t_verify = seconds_per_call(target, "score_tree", jnp.zeros((batch, tree.num_nodes), jnp.int32),
                                         tree_mask(tree), cache_len=context + tree.num_nodes, context=context)
             t_draft = seconds_per_proposal(draft, jnp.ones((batch, tree.num_nodes), jnp.int32), tree_mask(tree),
-                                           context=context, d_model=target.config.d_model, reps=5)
+                                           context=context, reps=5)
             passes = mean_draft_passes(decoder, histogram)[0]
             row = dict(mode=mode.name, batch=batch, draft=kind, tree=tree_name, nodes=tree.num_nodes, tokens=tokens,
                        seconds=seconds, tokens_per_s=tokens / seconds,

@@ -61,7 +61,8 @@ def describe_head(name: str, path, head) -> str:
 
 
 def chat_demo(max_new_tokens: int, tree: DynamicTree):
-    """SmolLM2-135M-Instruct answers `CHAT_PROMPTS` greedily, drafted by its feature head on `tree`; the report."""
+    """SmolLM2-135M-Instruct answers `CHAT_PROMPTS` greedily, drafted by its feature head on `tree`;
+    returns the report."""
     target_path = model_path("smollm2")  # a ValueError saying what to install if it is missing
     head_dir = CHECKPOINTS / "smollm2-feature-draft"
     print(f"target: SmolLM2-135M-Instruct ({Path(target_path).name})")

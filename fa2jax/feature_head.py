@@ -14,7 +14,8 @@ Sequence layout: row i of the head's input is (f_i, x_{i+1}) at RoPE position i,
 predicts f_{i+1}. Its KV cache has one layer and the target's head geometry.
 
 Checkpoints: `save_feature_head` / `load_feature_head` write and read a `step_*` folder of
-`fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config"); `is_feature_head` tells one from a model checkpoint.
+`fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config");
+`is_feature_head` tells one from a model checkpoint.
 """
 from __future__ import annotations
 

@@ -76,13 +76,13 @@ def seconds_per_call(model: Transformer, method: str, tokens, *args, cache_len: 
     return (time.perf_counter() - start) / reps
 
 
-def seconds_per_proposal(draft, tokens, tree_mask, *, context: int, d_model: int, reps: int = 10) -> float:
+def seconds_per_proposal(draft, tokens, tree_mask, *, context: int, reps: int = 10) -> float:
     """Mean seconds of one jitted `propose` pass of any draft (a `Transformer` or a `spec.Drafter`)
     over the N nodes of `tokens` [B, N] under `tree_mask` [N, N], after `context` committed tokens.
 
     Goes through the protocol: `init` reads a prompt of `context` tokens (untimed), so a drafter's
-    state is whatever it keeps. A drafter with `needs_target_hidden` reads zeros of width `d_model`
-    (the target's) as the target's features: a pass costs the same whatever their values.
+    state is whatever it keeps. A drafter with `needs_target_hidden` reads zeros as the target's
+    features (its config's width and dtype): a pass costs the same whatever their values.
     """
     drafter = as_drafter(draft)
     batch, n = tokens.shape
@@ -90,7 +90,7 @@ def seconds_per_proposal(draft, tokens, tree_mask, *, context: int, d_model: int
     lengths = jnp.full((batch,), context, jnp.int32)
     extra = {}
     if getattr(drafter, "needs_target_hidden", False):
-        extra["target_hidden"] = jnp.zeros((batch, context, d_model), jnp.float32)
+        extra["target_hidden"] = jnp.zeros((batch, context, drafter.config.d_model), drafter.config.layer.dtype)
     state = jax.jit(lambda p: drafter.init(p, prompt, lengths, committed=context + n, num_nodes=n, **extra))(
         drafter.params)
     propose = jax.jit(lambda p, s: drafter.propose(p, s, tokens, tree_mask)[0])
@@ -128,8 +128,7 @@ def measure_cost_model(target, decoder: SpeculativeDecoder, batch: int, context:
     return CostModel(
         t_decode=seconds_per_call(target, "decode", nodes[:, :1], cache_len=cache_len, context=context),
         t_verify=seconds_per_call(target, "score_tree", nodes, mask, cache_len=cache_len, context=context),
-        t_draft=tuple(seconds_per_proposal(d, nodes, mask, context=context, d_model=target.config.d_model)
-                      for d in decoder.drafters),
+        t_draft=tuple(seconds_per_proposal(d, nodes, mask, context=context) for d in decoder.drafters),
         passes=tuple(draft_passes(decoder.tree)))
 
 

@@ -259,8 +259,8 @@ def evaluate_feature_head(head: FeatureHead, target: Transformer, rows: PackedRo
                           max_batches: int | None = None, loss_cfg: FeatureLossConfig = FeatureLossConfig(),
                           features: jax.Array | None = None) -> dict:
     """Mean loss terms and greedy agreement of `head` over `rows` (no noise): {"loss", "feature",
-    "token", "agree"} (and "agree_k" when unrolled) as floats per valid position (`per_position`). `features`: the target's, precomputed
-    (`target_features` of `rows`), so that only its LM head runs."""
+    "token", "agree"} (and "agree_k" when unrolled) as floats per valid position (`per_position`).
+    `features`: the target's, precomputed (`target_features` of `rows`), so that only its LM head runs."""
     head_def, head_params = nnx.split(head)
     target_def, target_params, target_rest = _split_target(target)
     clean = dataclasses.replace(loss_cfg, input_noise=0.0)

@@ -36,19 +36,19 @@ class _Launch:
 
     problem: AttentionProblem
     blocks: BlockSizes
-    # The forward's padded lengths (multiples of its tiles); the backward's are below.
+    # The forward's padded lengths (multiples of its tiles), then the backward's: each direction
+    # pads to its own kernels' tiles, as a 3-consumer forward's 192-row CTAs and a backward's 128-row
+    # tiles would otherwise pad both to multiples of 384 (12% more rows at 2048).
     padded_q_len: int
     padded_kv_len: int
+    bwd_padded_q_len: int
+    bwd_padded_kv_len: int
     padded_head_dim: int
     interpret: bool
     # The Hopper forward's tiles, or None when the portable forward runs.
     mosaic_config: mosaic_fwd.MosaicFwdConfig | None = None
     # The Hopper backward's tiles, or None when the portable backward runs.
     mosaic_bwd_config: mosaic_bwd.MosaicBwdConfig | None = None
-    # Each direction pads to its own kernels' tiles: a 3-consumer forward's 192-row CTAs and a
-    # backward's 128-row tiles would otherwise pad both to multiples of 384 (12% more rows at 2048).
-    bwd_padded_q_len: int = 0
-    bwd_padded_kv_len: int = 0
 
     def for_backward(self) -> "_Launch":
         """This launch with the backward's padded lengths in the forward's fields, which the padding
@@ -73,11 +73,13 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
+def _pad_axis(x, axis: int, size: int, mode: str = "constant", value=0):
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
+    if mode == "constant":
+        return jnp.pad(x, widths, constant_values=value)
     return jnp.pad(x, widths, mode=mode)
 
 
@@ -200,10 +202,7 @@ def _flash_bwd(launch: _Launch, residuals, cotangents):
     # lse comes at the forward's padded length (or the real one, from `backward`). Padded query rows
     # get lse = -inf, which `backward_lse` turns into P = 0: they add nothing.
     T = problem.q_len
-    lse = _pad_axis(lse[:, :, :T], 2, launch.padded_q_len)
-    if launch.padded_q_len != T:
-        lse = jnp.where(jnp.arange(launch.padded_q_len) < T, lse, -jnp.inf)
-    lse = backward_lse(lse)
+    lse = backward_lse(_pad_axis(lse[:, :, :T], 2, launch.padded_q_len, value=-jnp.inf))
     qp, kp, vp = _pad_qkv(launch, q, k, v)
     dop = _pad_qkv(launch, dout.astype(q.dtype), k, v)[0]
     D, S = problem.head_dim, problem.kv_len
@@ -304,8 +303,8 @@ def _choose_mosaic_bwd(backend, problem: AttentionProblem, features, interpret: 
         if not covered:
             raise ValueError(
                 f"backend='mosaic' (backward) covers bf16/f16, head dim 64 or 128 (causal, window, "
-                f"segment ids and softcap) or 256 (the same less softcap) only; got dtype={problem.dtype}, head_dim={problem.head_dim}, "
-                f"features={features}")
+                f"segment ids and softcap) or 256 (the same less softcap) only; got dtype={problem.dtype}, "
+                f"head_dim={problem.head_dim}, features={features}")
         return config or _tuned_mosaic_bwd(problem, features, interpret, deterministic)
     if backend is None and not interpret and on_hopper():
         if (covered and mosaic_bwd.preferred(head_dim=problem.head_dim)
@@ -439,18 +438,19 @@ def plan(q, k, v, *, causal: bool = False, sm_scale: float | None = None, window
     if mosaic_bwd_config is not None:
         bwd_multiples = (mosaic_bwd_config.q_multiple, mosaic_bwd_config.kv_multiple)
     else:
-        bwd_multiples = (math.lcm(blocks.block_q_dkv, blocks.block_q_dq), math.lcm(blocks.block_k_dkv, blocks.block_k_dq))
+        bwd_multiples = (math.lcm(blocks.block_q_dkv, blocks.block_q_dq),
+                         math.lcm(blocks.block_k_dkv, blocks.block_k_dq))
     launch = _Launch(
         problem=problem,
         blocks=blocks,
         padded_q_len=_round_up(problem.q_len, fwd_multiples[0]),
         padded_kv_len=_round_up(problem.kv_len, fwd_multiples[1]),
+        bwd_padded_q_len=_round_up(problem.q_len, bwd_multiples[0]),
+        bwd_padded_kv_len=_round_up(problem.kv_len, bwd_multiples[1]),
         padded_head_dim=max(MIN_BLOCK, next_power_of_two(problem.head_dim)),
         interpret=interpret,
         mosaic_config=mosaic_config,
         mosaic_bwd_config=mosaic_bwd_config,
-        bwd_padded_q_len=_round_up(problem.q_len, bwd_multiples[0]),
-        bwd_padded_kv_len=_round_up(problem.kv_len, bwd_multiples[1]),
     )
     aux = {"segment_ids": segment_ids, "alibi": alibi_slopes, "mask": mask,
            "seed": None if problem.dropout_rate == 0 else jnp.asarray(dropout_seed, jnp.int32)}
