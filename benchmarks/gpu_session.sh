@@ -36,8 +36,13 @@ if [ "${1:-}" = split ]; then  # on the CPU machine, from the test venv's llm-sm
 fi
 OUT=${OUT:?set OUT}
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/tokamax ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Wheels the device lacks, from WHL_DIR (default .whl, carried): a call that also carries a GGUF part
+# has room only for a subset (gguf, tokenizers and their deps), which installs the same way and stays in
+# /tmp/site for the later calls on the same warm machine.
+WHL_DIR=${WHL_DIR:-.whl}
+if ls "$WHL_DIR"/*.whl >/dev/null 2>&1 && [ ! -e "/tmp/site/.from-$(basename "$WHL_DIR")" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL_DIR"/*.whl
+  touch "/tmp/site/.from-$(basename "$WHL_DIR")"
   # tokamax imports xprof's CLI at import time; only the name is needed.
   mkdir -p /tmp/site/xprof/cli && touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py
   echo 'get_kernel_stats_tool = None' > /tmp/site/xprof/cli/tools.py

@@ -57,6 +57,9 @@ TREES = {
     "specinfer": ExpansionTree.specinfer(),
     "wide": ExpansionTree((4, 2, 1, 1)),
     "dynamic16": DynamicTree(num_nodes=16, depth=6, top_k=4),
+    # Wider dynamic trees: at batch 1 the target's pass over 32 or 64 nodes costs about what 16 do.
+    "dynamic32": DynamicTree(num_nodes=32, depth=7, top_k=6),
+    "dynamic64": DynamicTree(num_nodes=64, depth=8, top_k=8),
 }
 
 
