@@ -49,10 +49,14 @@ DEFAULT_TILES = (64, 128, 2, True, 2)  # (block_q, block_kv, num_stages, ping_po
 # Session 18 (H100) timed these at the non-causal cell only: the persistent 128-key kernel first
 # (505 TFLOP/s then, before its turn-passing fix), then the new default (64, 128, 2, True, 3).
 THREE_CONSUMERS = [("persistent+early_k", (64, 128, 2, True, 3)), ("default", (64, 128, 2, True, 3)),
-                   ("persistent+early_k", (64, 192, 2, True, 3))] + [
-    ("default", (64, bkv, stages, True, 3)) for bkv, stages in ((128, 3), (192, 2), (192, 3))] + [
+                   ("persistent+early_k", (64, 192, 2, True, 3))]
+# Session 18 timed these below the 64x128 two-stage kernel at the non-causal cell: after pass 1.
+THREE_CONSUMERS_LATER = [("default", (64, bkv, stages, True, 3)) for bkv, stages in ((128, 3), (192, 2), (192, 3))] + [
     ("default", (64, 192, 2, False, 3)),
 ]
+# Pass 1's order: the variants that won at D=64 first, so that a deadline cuts the least likely ones.
+PASS1_ORDER = ["persistent+early_k", "early_k", "persistent"] + [
+    v for v in VARIANTS if v not in ("default", "persistent+early_k", "early_k", "persistent")]
 
 
 def tile_candidates(head_dim: int) -> list[tuple[int, int, int, bool, int]]:
@@ -85,7 +89,8 @@ def plan(head_dims) -> list[tuple[int, str, tuple]]:
     # The default first on every cell: the error check of each later kernel is relative to it.
     todo = [(c, "default", DEFAULT_TILES) for c in range(len(cell_dims))]
     todo += [(c, name, tiles) for name, tiles in THREE_CONSUMERS for c, D in enumerate(cell_dims) if D == 64]
-    todo += [(c, name, DEFAULT_TILES) for name in VARIANTS if name != "default" for c in range(len(cell_dims))]
+    todo += [(c, name, DEFAULT_TILES) for name in PASS1_ORDER for c in range(len(cell_dims))]
+    todo += [(c, name, tiles) for name, tiles in THREE_CONSUMERS_LATER for c, D in enumerate(cell_dims) if D == 64]
     for variant in (COMBINED, "default"):
         todo += [(c, variant, tiles) for c, D in enumerate(cell_dims) for tiles in tile_candidates(D)]
     return todo
