@@ -16,6 +16,7 @@ Phases, each ending by its share of --deadline (seconds from the start):
      held out: their answers are the validation rows. --self-prompts N first has the target write
      N user messages of its own (`self_prompts`), which the sampled passes answer too (more kinds
      of prompt than the file's 349; it costs two more compilations of the generate loop).
+     --corpus skips the phase and reads an earlier run's corpus instead (its whole time then trains).
   2. features: the answers (prompt + answer + eos) packed into rows of --seq-len; the target's
      final hidden states of every row computed once, in jitted batches, kept on the device
      (`fa2jax.training.feature_draft.target_features`).
@@ -38,6 +39,8 @@ progress lines, flushed, so a run stopped from outside still leaves its evidence
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import time
 from pathlib import Path
@@ -152,6 +155,19 @@ def generate_corpus(target, tokenizer, prompts: list[str], greedy: int, args, un
     return corpus
 
 
+def read_corpus(paths: list[str]) -> list[dict]:
+    """An earlier run's corpus.jsonl: one file, or the parts `gpu_session.sh distill` splits a gzipped
+    one into (given in order; they are joined, then gunzipped when the bytes say gzip)."""
+    data = b"".join(Path(p).read_bytes() for p in paths)
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    records = [json.loads(line) for line in io.StringIO(data.decode("utf-8")) if line.strip()]
+    missing = [k for k in ("prompt_index", "response_ids", "stopped", "temperature") if records and k not in records[0]]
+    if not records or missing:
+        raise ValueError(f"--corpus {paths}: not a distill corpus ({len(records)} records, missing {missing})")
+    return records
+
+
 def pack(records: list[dict], prompt_ids: list[list[int]], eos: int, seq_len: int, val_every: int):
     """Phase 2's rows: (train, val) PackedRows of prompt + answer (+ eos when one ended it) per answer;
     answers to prompts whose index is a multiple of `val_every` are the validation rows."""
@@ -180,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("corpus")
     g.add_argument("--prompts", default=str(PROMPTS / "chat_train.jsonl"), help="training prompts (JSONL)")
     g.add_argument("--max-prompts", type=int, help="only the first N training prompts")
+    g.add_argument("--corpus", nargs="+", metavar="FILE",
+                   help="skip phase 1: an earlier run's corpus.jsonl (or its .gz, or the .gz's parts in order); "
+                        "its prompt indices must refer to the same --prompts (and no --self-prompts)")
     g.add_argument("--gen-fraction", type=float, default=0.4, help="share of --deadline for the corpus")
     g.add_argument("--gen-batch", type=int, default=256, help="answers per generate call")
     g.add_argument("--new-tokens", type=int, default=256, help="longest answer")
@@ -232,7 +251,9 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if not 0 < args.gen_fraction < 1:
         p.error(f"--gen-fraction must be in (0, 1), got {args.gen_fraction}")
-    if args.deadline * (1 - args.gen_fraction) <= args.eval_seconds:
+    if args.corpus and args.self_prompts:
+        p.error("--corpus and --self-prompts: a read corpus answers the prompts it was made with")
+    if args.deadline * (1 - (0 if args.corpus else args.gen_fraction)) <= args.eval_seconds:
         p.error(f"no time left to train: --deadline {args.deadline} x (1 - --gen-fraction {args.gen_fraction}) "
                 f"<= --eval-seconds {args.eval_seconds}")
     try:  # here, not after the corpus phase has spent its minutes
@@ -272,14 +293,24 @@ def main(argv=None) -> dict:
         say(clock, f"corpus: {len(written)} prompts written by the target, e.g. {written[:3]}")
         prompts += written
         record["self_prompts"] = written
-    gen_end = args.gen_fraction * args.deadline
-    records = generate_corpus(target, tokenizer, prompts, greedy, args, gen_end, clock, out / "corpus.jsonl")
+    if args.corpus:
+        try:
+            records = read_corpus(args.corpus)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--corpus: {e}")
+        beyond = max(r["prompt_index"] for r in records)
+        if beyond >= len(prompts):
+            raise SystemExit(f"--corpus: prompt index {beyond} but only {len(prompts)} prompts in {args.prompts}")
+        say(clock, f"corpus: {len(records)} answers read from {args.corpus}")
+    else:
+        gen_end = args.gen_fraction * args.deadline
+        records = generate_corpus(target, tokenizer, prompts, greedy, args, gen_end, clock, out / "corpus.jsonl")
     answer_tokens = sum(len(r["response_ids"]) for r in records)
     record["phases"]["corpus"] = {
         "answers": len(records), "answer_tokens": answer_tokens, "ended_by_eos": sum(r["stopped"] for r in records),
         "by_temperature": {str(t): sum(r["temperature"] == t for r in records)
                            for t in sorted({r["temperature"] for r in records})},
-        "seconds": round(clock.now(), 1)}
+        "seconds": round(clock.now(), 1), "read_from": args.corpus}
     write(out, record)
 
     # Phase 2: rows and the target's features of them.
