@@ -25,7 +25,7 @@ from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.feature_head import load_feature_head
 from fa2jax.model import with_min_len
 from spec import DynamicTree, ExpansionTree, FeatureDrafter, SpeculativeDecoder, generate_incremental
-from spec.cli import chat_ids
+from spec.cli import chat_ids, model_path
 from spec.comparison import pad_prompts
 
 
@@ -65,7 +65,7 @@ def describe(name: str, record: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="the chat model (anything fa2jax.load_pretrained opens)")
+    p.add_argument("--target", required=True, help="the chat model (anything fa2jax.load_pretrained opens, or smollm2)")
     p.add_argument("--feature-head", action="append", default=[],
                    help="a feature head checkpoint (fa2jax.feature_head.save_feature_head); repeat for several")
     p.add_argument("--draft", action="append", default=[], help="an independent draft model; repeat for several")
@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     if not args.feature_head and not args.draft:
         p.error("give at least one --feature-head or --draft")
 
+    args.target = model_path(args.target)  # "smollm2": the installed package's GGUF
     tokenizer = load_tokenizer(args.target)
     prompt, lengths = chat_prompts(tokenizer, args.prompts, args.num_prompts)
     tree = (DynamicTree(num_nodes=args.dynamic_tree, depth=args.depth, top_k=args.tree_top_k)
