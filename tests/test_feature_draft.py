@@ -352,6 +352,28 @@ def test_distill_script_packs_held_out_prompts_apart():
     with pytest.raises(SystemExit):
         distill.parse_args(["--out", "x", "--unroll-steps", "0"])
     assert distill.loss_config(distill.parse_args(["--out", "x", "--unroll-steps", "2"])).unroll_steps == 2
+    with pytest.raises(SystemExit):  # a read corpus answers its own prompts only
+        distill.parse_args(["--out", "x", "--corpus", "c.jsonl", "--self-prompts", "5"])
+
+
+def test_distill_script_reads_a_corpus_in_gzipped_parts(tmp_path):
+    import gzip
+    import json
+
+    from benchmarks import distill_on_gpu as distill
+    records = [{"prompt_index": i, "response_ids": list(range(i + 1)), "stopped": bool(i % 2), "temperature": 0.7}
+               for i in range(50)]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    parts = [tmp_path / "c.gz.part-a", tmp_path / "c.gz.part-b"]
+    parts[0].write_bytes(data[:100])
+    parts[1].write_bytes(data[100:])
+    assert distill.read_corpus([str(p) for p in parts]) == records
+    plain = tmp_path / "c.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in records[:3]) + "\n")
+    assert distill.read_corpus([str(plain)]) == records[:3]
+    plain.write_text(json.dumps({"text": "no answer ids"}) + "\n")
+    with pytest.raises(ValueError, match="not a distill corpus"):
+        distill.read_corpus([str(plain)])
 
 
 def test_save_load_round_trip(models, tmp_path, monkeypatch):
