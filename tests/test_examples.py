@@ -171,6 +171,12 @@ def test_feature_head_draft(runs, capsys):
     out = capsys.readouterr().out
     assert f"draft 0: feature head {runs['head']}" in out and "cost model" in out
     assert report.identical and report.num_drafts == 1 and report.cost.t_draft[0] > 0
+    # No tree flag: a lone feature head gets the wide, shallow dynamic tree (a model draft SpecInfer's).
+    report = sg.main(_argv(runs, "--max-new-tokens", "4", drafts=("head",)))
+    assert report.tree == spec_cli.FEATURE_HEAD_TREE and report.identical
+    assert sg.main(_argv(runs, "--max-new-tokens", "4", "--tree-top-k", "2", drafts=("head",))).tree.top_k == 2
+    with pytest.raises(ValueError, match="top_k must be positive"):
+        sg.main(_argv(runs, "--dynamic-tree", "6", "--tree-top-k", "0", drafts=("head",)))
     report = sg.main(_argv(runs, "--tree", "1,2", "--tree", "2,1", drafts=("draft", "head")))
     out = capsys.readouterr().out
     assert f"draft 0: model {runs['draft']}" in out and f"draft 1: feature head {runs['head']}" in out
