@@ -87,11 +87,13 @@ class MosaicFwdConfig:
     def for_head_dim(cls, head_dim: int) -> "MosaicFwdConfig":
         """The default tiles for a head dim. At D=64 three consumers (192-row CTAs): each step's
         matmuls are short, and a third warpgroup keeps the tensor cores busy while the other two do
-        their softmax (measured faster on an H100: BENCHMARKS.md). At D=256 the f32 accumulator
-        takes 128 registers per thread, so the score tile shrinks to 64 keys to stay inside the
-        consumers' 232."""
+        their softmax; on a persistent grid with the early K wait, which hides the next item's
+        first loads and K's wait (faster on an H100, causal or not: BENCHMARKS.md, session 19).
+        At D=256 the f32 accumulator takes 128 registers per thread, so the score tile shrinks to
+        64 keys to stay inside the consumers' 232. (At D=128 the persistent grid wins without a
+        causal band and loses with one: the shipped tuning cache holds that per feature set.)"""
         if head_dim <= 64:
-            return cls(consumers=3)
+            return cls(consumers=3, persistent=True, early_k_wait=True)
         return cls(block_kv=64) if head_dim > 128 else cls()
 
 
