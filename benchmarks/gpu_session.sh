@@ -6,7 +6,7 @@
 # Steps (each writes $OUT/<step>.log and whatever its script writes):
 #   tree      pytest -m gpu tests/test_tree_mosaic.py (NaN-filled tails past the tree, ragged rows)
 #   segments  the Mosaic forward and deterministic backward with segment ids, pytest -m gpu
-#   gputests  every gpu-marked test (or those GPUTESTS_K selects with -k), as GPU_PROCS pytest processes side by side (default 12): each
+#   gputests  every gpu-marked test (or those GPUTESTS_K selects with -k), as GPU_PROCS pytest processes side by side (default 8; 15 ran out of an H100's memory): each
 #             test compiles for 40-60 s on the host's CPUs, so one process would not fit a call
 #   probe     benchmarks/mosaic_bwd_probe.py: fwd/bwd TFLOP/s vs cuDNN and tokamax (tokamax from .whl)
 #   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights (each
@@ -60,10 +60,10 @@ for s in "$@"; do
     segments) step segments "${SEG_S:-150}" "${GPU[@]}" tests/test_mosaic_forward.py \
                 tests/test_mosaic_backward.py -k "segments or (True and (kwargs7 or kwargs8 or kwargs9))" ;;
     gputests)
-      echo "=== $(date -u +%H:%M:%S) gputests (limit ${GPUTESTS_S:-400}s, ${GPU_PROCS:-12} processes)"
+      echo "=== $(date -u +%H:%M:%S) gputests (limit ${GPUTESTS_S:-400}s, ${GPU_PROCS:-8} processes)"
       JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu --collect-only -p no:cacheprovider ${GPUTESTS_K:+-k "$GPUTESTS_K"} tests 2>/dev/null \
         | grep "::" > /tmp/gpu_ids.txt
-      rm -f /tmp/gpu_ids.part*; split -n "r/${GPU_PROCS:-12}" /tmp/gpu_ids.txt /tmp/gpu_ids.part
+      rm -f /tmp/gpu_ids.part*; split -n "r/${GPU_PROCS:-8}" /tmp/gpu_ids.txt /tmp/gpu_ids.part
       for part in /tmp/gpu_ids.part*; do
         XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "${GPUTESTS_S:-400}" "${GPU[@]}" $(cat "$part") \
           > "$part.log" 2>&1 &
