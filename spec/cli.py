@@ -131,9 +131,9 @@ def load_draft(path: str, kind: str, target, min_len: int):
 
 # The tree a lone feature-head draft gets when no tree flag is given (its depth is --depth's default).
 # Greedy tokens per step of the shipped SmolLM2 head (CPU, 8 eval prompts x 64 tokens): 32 nodes at
-# depth 5 / top-8 2.76 vs depth 7 / top-6 2.63; 64 nodes at depth 5 3.05 vs depth 8 2.82; a
-# chain of 5 1.90 (H100 run). 32 nodes keep a CPU verify pass cheap; on a GPU at batch 1, 64 cost
-# about what 32 do (--dynamic-tree 64).
+# depth 5 / top-8 2.76 vs depth 7 / top-6 2.63; 64 nodes at depth 5 3.05 vs depth 8 2.82;
+# SpecInfer's static tree (1,1,3,1,1,1,1,1), the default otherwise, 2.00. 32 nodes keep a CPU
+# verify pass cheap; on a GPU at batch 1, 64 cost about what 32 do (--dynamic-tree 64).
 FEATURE_HEAD_TREE = DynamicTree(num_nodes=32, depth=5, top_k=8)
 
 
