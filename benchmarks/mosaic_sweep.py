@@ -40,23 +40,27 @@ VARIANTS = {
     "persistent+early_k": dict(persistent=True, early_k_wait=True),
     "persistent+early_k+fenced": dict(persistent=True, early_k_wait=True, row_sum_order="fenced"),
     "persistent+early_k+during_pv": dict(persistent=True, early_k_wait=True, row_sum_order="during_pv"),
+    # Session 19: the persistent grid lost to the grid kernel under a causal band at D=128; the
+    # serpentine item order evens out the CTAs' work there (MosaicFwdConfig.serpentine).
+    "persistent+serpentine": dict(persistent=True, serpentine=True),
+    "persistent+early_k+serpentine": dict(persistent=True, early_k_wait=True, serpentine=True),
 }
 COMBINED = "persistent+early_k+fenced"  # pass 2's variant: the one expected to win at D=64
 DEFAULT_TILES = (64, 128, 2, True, 2)  # (block_q, block_kv, num_stages, ping_pong, consumers)
 # Pass 0 at D=64: three consumers of 64 rows (round-robin turns unless ping_pong is off), (variant,
 # tiles). FA3 pairs them with 192-key tiles (128 under a causal band); 192 keys take 96 accumulator
 # registers per thread of the 160 a consumer gets, so 128 may win here.
-# Session 18 (H100) timed these at the non-causal cell only: the persistent 128-key kernel first
-# (505 TFLOP/s then, before its turn-passing fix), then the new default (64, 128, 2, True, 3).
-THREE_CONSUMERS = [("persistent+early_k", (64, 128, 2, True, 3)), ("default", (64, 128, 2, True, 3)),
-                   ("persistent+early_k", (64, 192, 2, True, 3))]
+# Session 19 (H100): the persistent 128-key kernel with the early K wait (now the D=64 default)
+# 490 / 388 causal, the grid kernel 438 / 373, 192-key tiles slower; the serpentine order not timed yet.
+THREE_CONSUMERS = [("persistent+early_k", (64, 128, 2, True, 3)), ("persistent+early_k+serpentine", (64, 128, 2, True, 3)),
+                   ("default", (64, 128, 2, True, 3))]
 # Session 18 timed these below the 64x128 two-stage kernel at the non-causal cell: after pass 1.
-THREE_CONSUMERS_LATER = [("default", (64, bkv, stages, True, 3)) for bkv, stages in ((128, 3), (192, 2), (192, 3))] + [
+THREE_CONSUMERS_LATER = [("persistent+early_k", (64, 192, 2, True, 3))] + [("default", (64, bkv, stages, True, 3)) for bkv, stages in ((128, 3), (192, 2), (192, 3))] + [
     ("default", (64, 192, 2, False, 3)),
 ]
 # Pass 1's order: the variants that won at D=64 first, so that a deadline cuts the least likely ones.
-PASS1_ORDER = ["persistent+early_k", "early_k", "persistent"] + [
-    v for v in VARIANTS if v not in ("default", "persistent+early_k", "early_k", "persistent")]
+FIRST = ("persistent+serpentine", "persistent", "persistent+early_k+serpentine", "persistent+early_k", "early_k")
+PASS1_ORDER = list(FIRST) + [v for v in VARIANTS if v != "default" and v not in FIRST]
 
 
 def tile_candidates(head_dim: int) -> list[tuple[int, int, int, bool, int]]:

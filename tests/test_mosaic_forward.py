@@ -186,6 +186,8 @@ VARIANTS = {
     "fenced-sum": dict(row_sum_order="fenced"),
     "sum-during-pv": dict(row_sum_order="during_pv"),
     "persistent": dict(persistent=True, num_ctas=3),
+    # CTA 2 takes items 2 and 3 (the second wave counted from the far end), CTAs 0 and 1 one each.
+    "persistent-serpentine": dict(persistent=True, num_ctas=3, serpentine=True),
 }
 
 
@@ -214,6 +216,9 @@ THREE_CONSUMERS = {
     "turns": dict(consumers=3),
     "kv192-no-ping-pong": dict(consumers=3, block_kv=192, ping_pong=False),
     "kv192-persistent-early-k": dict(consumers=3, block_kv=192, persistent=True, num_ctas=3, early_k_wait=True),
+    # The D=64 default with the serpentine order: the turn passes on to the second wave's item.
+    "persistent-early-k-serpentine": dict(consumers=3, persistent=True, num_ctas=3, early_k_wait=True,
+                                          serpentine=True),
 }
 
 
@@ -260,9 +265,11 @@ def test_mosaic_forward_persistent_segments_in_simulator():
 @pytest.mark.parametrize("kwargs", [dict(row_sum_order="late"), dict(num_ctas=4),
                                     dict(persistent=True, num_ctas=-1), dict(early_k_wait=1),
                                     dict(persistent="yes"), dict(consumers=4), dict(consumers=1),
-                                    dict(consumers=3.0), dict(consumers=True)])
+                                    dict(consumers=3.0), dict(consumers=True), dict(serpentine=True),
+                                    dict(persistent=True, serpentine=1)])
 def test_mosaic_fwd_config_checks_the_variants(kwargs):
-    with pytest.raises((ValueError, TypeError), match="row_sum_order|num_ctas|early_k_wait|persistent|consumers"):
+    with pytest.raises((ValueError, TypeError),
+                       match="row_sum_order|num_ctas|early_k_wait|persistent|consumers|serpentine"):
         mosaic_fwd.MosaicFwdConfig(**kwargs)
 
 

@@ -175,6 +175,7 @@ FWD_VARIANTS = {
     "sum-during-pv": dict(row_sum_order="during_pv"),
     "persistent": dict(persistent=True),
     "all": dict(persistent=True, early_k_wait=True, row_sum_order="fenced"),
+    "serpentine": dict(persistent=True, serpentine=True),
 }
 FWD_VARIANT_CASES = {  # (D, causal, real length of a 256-row padded T = S, segment ids)
     "d64": (64, False, 256, False),
@@ -231,6 +232,8 @@ def test_forward_variants_lower_for_sm90(variant, case):
     ours = _fwd_variant_modules(case, variant)
     assert len(ours) == 1
     assert ours != _fwd_variant_modules(case, None), f"{variant} lowers to the default kernel"
+    if variant == "serpentine":
+        assert ours != _fwd_variant_modules(case, "persistent"), "serpentine lowers to the plain persistent kernel"
 
 
 # -- three consumer warpgroups (MosaicFwdConfig.consumers=3: FA3's 192-row CTA at D=64) -------------

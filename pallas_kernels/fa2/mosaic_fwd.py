@@ -57,6 +57,11 @@ class MosaicFwdConfig:
     # its next queries while it stores this item's O (from a shared-memory slot of its own).
     persistent: bool = False
     num_ctas: int = 0  # persistent only: CTAs launched; 0 = the default device's SM count
+    # Persistent only: CTA c takes item c of every even wave of num_ctas items and item
+    # num_ctas-1-c of every odd one, instead of item c of each. Items come longest first under a
+    # causal band, so the plain order hands the low CTAs the longer item of every wave (about a
+    # tenth more work at 2x8192x16x128 than the high ones); the serpentine order evens that out.
+    serpentine: bool = False
     # Consumer warpgroups per CTA, 2 or 3 (FA3's hdim-64 forward: 3 x 64 rows, 160 registers each).
     consumers: int = CONSUMERS
 
@@ -65,7 +70,7 @@ class MosaicFwdConfig:
             raise ValueError(f"Mosaic GPU tiles must be multiples of 64 rows: {self}")
         if self.num_stages < 2:
             raise ValueError(f"the K/V ring needs at least 2 slots: {self.num_stages=}")
-        for name in ("ping_pong", "early_k_wait", "persistent"):
+        for name in ("ping_pong", "early_k_wait", "persistent", "serpentine"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool: {self}")
         if self.row_sum_order not in ROW_SUM_ORDERS:
@@ -74,6 +79,8 @@ class MosaicFwdConfig:
             raise ValueError(f"num_ctas must be an int >= 0: {self.num_ctas=}")
         if self.num_ctas and not self.persistent:
             raise ValueError(f"num_ctas sizes a persistent grid only: {self.num_ctas=}, {self.persistent=}")
+        if self.serpentine and not self.persistent:
+            raise ValueError(f"serpentine orders a persistent grid's items only: {self.serpentine=}, {self.persistent=}")
         if (not isinstance(self.consumers, int) or isinstance(self.consumers, bool)
                 or self.consumers not in REGISTERS):
             raise ValueError(f"consumers must be one of {tuple(REGISTERS)}: {self.consumers=}")
@@ -305,12 +312,37 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
         def per_warpgroup_persistent(smem, barriers):
             wg = lax.axis_index("wg")
             cta = lax.axis_index("cta")
-            # This CTA's work items are cta, cta + num_ctas, ... < num_items.
-            local_items = lax.div(jnp.int32(num_items - 1 + num_ctas) - cta, jnp.int32(num_ctas))
+            if config.serpentine:
+                # Waves of num_ctas items; this CTA's k-th item is the cta-th of wave k, counted
+                # from the far end in odd waves; only the last wave can be partial.
+                waves, rest = divmod(num_items, num_ctas)
+                last_pos = cta if waves % 2 == 0 else jnp.int32(num_ctas - 1) - cta
+                local_items = jnp.int32(waves) + (last_pos < rest).astype(jnp.int32)
+
+                def item_of(k):
+                    return k * num_ctas + jnp.where(lax.rem(k, 2) == 0, cta, jnp.int32(num_ctas - 1) - cta)
+
+                def has_next(k, item):
+                    return k + 1 < local_items
+
+                def next_item(k, item):
+                    return item_of(k + 1)
+            else:
+                # This CTA's work items are cta, cta + num_ctas, ... < num_items.
+                local_items = lax.div(jnp.int32(num_items - 1 + num_ctas) - cta, jnp.int32(num_ctas))
+
+                def item_of(k):
+                    return cta + k * num_ctas
+
+                def has_next(k, item):
+                    return item + num_ctas < num_items
+
+                def next_item(k, item):
+                    return item + num_ctas
 
             def item_at(k):
                 """(item, b, h, rank) of this CTA's k-th work item."""
-                item = cta + k * num_ctas
+                item = item_of(k)
                 b, h, rank = _unravel_item(item, problem, B, H, num_q_tiles)
                 return item, b, h, rank
 
@@ -345,15 +377,15 @@ def forward(q, k, v, segment_ids=None, *, problem: MosaicProblem, config: Mosaic
                     query_ids = pipeline.load_row_ids(q_ids_ref.at[b], rows0) if segments else None
                     pipeline.wait_queries(wg, barriers)
                     # With three consumers one turn circulates through all the items (`Pipeline.consume`).
-                    turns = (dict(turn_in=k > 0, turn_out=item + num_ctas < num_items)
+                    turns = (dict(turn_in=k > 0, turn_out=has_next(k, item))
                              if pipeline.passes_turns else {})
                     carry = consume_item(wg, smem, barriers, my_q, rows0, bounds, query_ids, step0, **turns)
 
                     # The last score wgmma has read the Q slot: the next item's queries load while
                     # this item's O is normalised and stored.
-                    @pl.when(item + num_ctas < num_items)
+                    @pl.when(has_next(k, item))
                     def _():
-                        pipeline.issue_queries(wg, smem, barriers, queries(item + num_ctas))
+                        pipeline.issue_queries(wg, smem, barriers, queries(next_item(k, item)))
 
                     pipeline.store(wg, pipeline.out_slot(wg, smem), smem, carry,
                                    out_ref.at[b, pl.ds(rows0, bq), h], lse_ref.at[b, h, pl.ds(rows0, bq)],
