@@ -80,6 +80,17 @@ def test_shipped_cache_decodes():
         assert all(c.deterministic for name, c in sections.items() if name == block_sizes.MOSAIC_BWD)
 
 
+def test_banded_feature_sets_fall_back_to_the_causal_entry(tmp_path, monkeypatch):
+    """The shipped H100 entries at D=128: the persistent forward for the plain set and the sets
+    without a band, the grid kernel (measured faster under a causal band) for every banded set."""
+    monkeypatch.setenv(block_sizes.USER_CACHE_ENV, str(tmp_path / "none.json"))
+    h100 = "NVIDIA H100 80GB HBM3"
+    for features, persistent in [((), True), (("softcap",), True), (("segments",), True), (("causal",), False),
+                                 (("window",), False), (("causal", "window"), False),
+                                 (("causal", "segments", "softcap"), False)]:
+        assert block_sizes.lookup_mosaic_fwd(h100, jnp.bfloat16, 128, features).persistent is persistent, features
+
+
 def _plan(D=64, **kwargs):
     q = jnp.zeros((1, 300, 2, D), jnp.bfloat16)
     return api.plan(q, q, q, interpret=False, **kwargs)[0]

@@ -195,11 +195,16 @@ def entry_sections(entry: dict, where: str = "tuning cache") -> dict:
 
 def _cached(section: str, device_kind: str, dtype, head_dim: int, features: tuple[str, ...]):
     """The first config of `section` in: the user cache under this feature set, the shipped cache
-    under it, then both under the plain feature set; None when none has one."""
+    under it, then both under the causal set when this one has a band (causal or window), then both
+    under the plain set; None when none has one. A banded call's nearest measured kin is the causal
+    one: a band sets which tiles run and in what order (the persistent forward wins without one at
+    D=128 and loses with one), so the plain set's entry may not suit it."""
     caches = [(f"user cache {user_cache_path()}", _read_cache(user_cache_path())),
               (f"shipped cache {SHIPPED_CACHE}", _read_cache(SHIPPED_CACHE))]
-    for key in dict.fromkeys([cache_key(device_kind, dtype, head_dim, features),
-                              cache_key(device_kind, dtype, head_dim, ())]):
+    banded = {"causal", "window"} & set(features)
+    for key in dict.fromkeys([cache_key(device_kind, dtype, head_dim, features)]
+                             + ([cache_key(device_kind, dtype, head_dim, ("causal",))] if banded else [])
+                             + [cache_key(device_kind, dtype, head_dim, ())]):
         for name, cache in caches:
             if key in cache:
                 config = entry_sections(cache[key], f"{name}[{key!r}]").get(section)
@@ -209,7 +214,8 @@ def _cached(section: str, device_kind: str, dtype, head_dim: int, features: tupl
 
 
 def lookup_block_sizes(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> BlockSizes:
-    """User cache, then the shipped cache, then the heuristic; a cached feature set falls back to plain."""
+    """User cache, then the shipped cache, then the heuristic; a cached feature set falls back as
+    `_cached` says (a banded one to causal, then plain)."""
     cached = _cached(BLOCK_SIZES, device_kind, dtype, head_dim, features)
     return cached if cached is not None else heuristic_block_sizes(head_dim, dtype, device_kind)
 
@@ -225,8 +231,8 @@ def default_mosaic_bwd_config(head_dim: int, deterministic: bool = True) -> Mosa
 
 
 def lookup_mosaic_fwd(device_kind: str, dtype, head_dim: int, features: tuple[str, ...]) -> MosaicFwdConfig:
-    """The Hopper forward's config: user cache, then the shipped cache (feature set, then plain),
-    then `MosaicFwdConfig.for_head_dim`."""
+    """The Hopper forward's config: user cache, then the shipped cache (in `_cached`'s order of
+    feature sets), then `MosaicFwdConfig.for_head_dim`."""
     cached = _cached(MOSAIC_FWD, device_kind, dtype, head_dim, features)
     return cached if cached is not None else MosaicFwdConfig.for_head_dim(head_dim)
 
