@@ -52,7 +52,7 @@ import numpy as np
 from benchmarks.feature_draft_acceptance import chat_prompts, describe, measure
 from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.data import pack_documents, read_prompts
-from fa2jax.feature_head import FeatureHeadConfig, load_feature_head
+from fa2jax.feature_head import FeatureHeadConfig, load_feature_head, parse_feature_layers
 from fa2jax.model import with_min_len
 from fa2jax.training import TrainConfig
 from fa2jax.training.continuations import teacher_chat_responses
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-impl", choices=("pallas", "xla", "cudnn"),
                    help="attention of the training target and head (default: automatic; the head's "
                         "saved config keeps it)")
+    g.add_argument("--feature-layers", default="",
+                   help="the target's inner layers the head reads besides its final state, fused (EAGLE-3): "
+                        "'eagle3' (low, middle, high) or comma-separated indices; default: none (EAGLE-2's head)")
     g.add_argument("--checkpoint-seconds", type=float, default=60, help="save the head this often")
     g = p.add_argument_group("acceptance")
     g.add_argument("--eval-seconds", type=float, default=120, help="seconds kept at the end for phase 4")
@@ -318,8 +321,12 @@ def main(argv=None) -> dict:
     prompt_ids = [list(ids) for ids in tokenizer.encode_batch(rendered, add_special_tokens=False)]
     train_rows, val_rows = pack(records, prompt_ids, tokenizer.eos_ids[0], args.seq_len, args.val_every)
     before = clock.now()
-    train_features = target_features(target, train_rows, args.features_batch)
-    val_features = target_features(target, val_rows, args.features_batch)
+    try:
+        feature_layers = parse_feature_layers(args.feature_layers, target.config.num_layers)
+    except ValueError as e:
+        raise SystemExit(f"--feature-layers: {e}") from None
+    train_features = target_features(target, train_rows, args.features_batch, hidden_layers=feature_layers)
+    val_features = target_features(target, val_rows, args.features_batch, hidden_layers=feature_layers)
     jax.block_until_ready((train_features, val_features))
     record["phases"]["features"] = {"train_rows": train_rows.num_rows, "val_rows": val_rows.num_rows,
                                     "seq_len": args.seq_len, "seconds": round(clock.now() - before, 1)}
@@ -336,7 +343,7 @@ def main(argv=None) -> dict:
                             eval_batches=max(1, -(-val_rows.num_rows // batch)), checkpoint_every=args.max_steps)
     loss_cfg = loss_config(args)
     head_config = FeatureHeadConfig.for_target(target.config, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                               attention_impl=args.attention_impl)
+                                               feature_layers=feature_layers, attention_impl=args.attention_impl)
 
     def log(r: dict) -> None:
         say(clock, "train: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))

@@ -13,6 +13,13 @@ it on the target's own features.
 Sequence layout: row i of the head's input is (f_i, x_{i+1}) at RoPE position i, and its output
 predicts f_{i+1}. Its KV cache has one layer and the target's head geometry.
 
+Fused features (EAGLE-3, Li et al. 2025, §3): with `FeatureHeadConfig.feature_layers` the head also
+reads the outputs of some of the target's inner layers (low, middle, high), which carry more about
+the tokens after the next one than the final state does. `read_target` fuses them with the final
+state into one d-vector (each part RMS-normalised, since inner residual streams grow with depth,
+then a (k + 1)d -> d projection `fuse`), which takes f's place in the first level; deeper levels
+read the head's own outputs as before.
+
 Checkpoints: `save_feature_head` / `load_feature_head` write and read a `step_*` folder of
 `fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config");
 `is_feature_head` tells one from a model checkpoint.
@@ -45,27 +52,42 @@ class FeatureHeadConfig:
       layer: the one decoder layer (num_layers == 1): the target's d_model and vocab_size, and by
         default its heads, MLP and family switches (see `for_target`).
       fc_bias: a bias on the 2d -> d input projection (EAGLE has one).
+      feature_layers: the target's decoder layers (0-based, strictly increasing, below its last)
+        whose outputs the head reads besides the final hidden state, fused by `read_target`
+        (EAGLE-3); empty: the final hidden state alone (EAGLE, EAGLE-2).
     """
 
     layer: TransformerConfig
     fc_bias: bool = True
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.layer, TransformerConfig):
             raise ValueError(f"layer must be a TransformerConfig, got {type(self.layer)=}")
+        layers = self.feature_layers
+        if (not isinstance(layers, (tuple, list))
+                or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
+                or any(a >= b for a, b in zip(layers, layers[1:]))):
+            raise ValueError(f"feature_layers must be strictly increasing layer indices >= 0, got {layers=}")
+        object.__setattr__(self, "feature_layers", tuple(layers))  # JSON gives a list; configs stay hashable
         if self.layer.num_layers != 1:
             raise ValueError(f"a feature head has one decoder layer, got {self.layer.num_layers=}")
         if self.layer.invariant_rows:
             raise ValueError(f"a feature head has no batch-invariant mode, got {self.layer.invariant_rows=}")
 
     @classmethod
-    def for_target(cls, target: TransformerConfig, fc_bias: bool = True, **layer_changes) -> FeatureHeadConfig:
+    def for_target(cls, target: TransformerConfig, fc_bias: bool = True, feature_layers: tuple[int, ...] = (),
+                   **layer_changes) -> FeatureHeadConfig:
         """A head for `target`: one layer with its widths and family switches, full attention
         (no window pattern), plain cached calls and the unfused (trained) projection layout;
-        `layer_changes` overrides fields (e.g. d_ff, dtype)."""
+        `layer_changes` overrides fields (e.g. d_ff, dtype). `feature_layers` must lie below the
+        target's last layer."""
         layer = target.replace(num_layers=1, layer_windows=(), local_rope_theta=None, invariant_rows=0,
                                tokenizer_vocab_size=None, fused_projections=False)
-        return cls(layer=layer.replace(**layer_changes) if layer_changes else layer, fc_bias=fc_bias)
+        config = cls(layer=layer.replace(**layer_changes) if layer_changes else layer, fc_bias=fc_bias,
+                     feature_layers=tuple(feature_layers))
+        config.check_target(target)
+        return config
 
     @property
     def d_model(self) -> int:
@@ -75,21 +97,52 @@ class FeatureHeadConfig:
     def vocab_size(self) -> int:
         return self.layer.vocab_size
 
+    @property
+    def target_width(self) -> int:
+        """Width of the target's hidden states the head reads: (len(feature_layers) + 1) * d_model."""
+        return (len(self.feature_layers) + 1) * self.d_model
+
     def check_target(self, target: TransformerConfig) -> None:
-        """Raises a ValueError unless `target` has the d_model and vocabulary this head was built for."""
+        """Raises a ValueError unless `target` has the d_model and vocabulary this head was built
+        for, and layers past its `feature_layers`."""
         if (target.d_model, target.vocab_size) != (self.d_model, self.vocab_size):
             raise ValueError(f"the head predicts features of width {self.d_model} over {self.vocab_size} tokens, "
                              f"but the target has {target.d_model=} {target.vocab_size=}")
+        if self.feature_layers and self.feature_layers[-1] >= target.num_layers - 1:
+            raise ValueError(f"the head reads layers {self.feature_layers} of the target besides its final state, "
+                             f"but the target has {target.num_layers=} (inner layers are 0..{target.num_layers - 2})")
 
     def replace(self, **layer_changes) -> FeatureHeadConfig:
         """A copy with fields of `layer` changed (dtype, attention_impl, max_len, ...)."""
         return dataclasses.replace(self, layer=self.layer.replace(**layer_changes))
 
 
+def parse_feature_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """A command line's `feature_layers`: "" (none), "eagle3" (the target's layers 1, L/2 - 1 and
+    L - 4, i.e. the inputs of layers 2, L/2 and L - 3: EAGLE-3's low, middle and high features),
+    or comma-separated layer indices ("2,14,26"). Raises a ValueError naming the text otherwise."""
+    text = text.strip()
+    if not text:
+        return ()
+    if text == "eagle3":
+        if num_layers < 5:
+            raise ValueError(f"feature layers 'eagle3' need a target of at least 5 layers, got {num_layers=}")
+        return (1, num_layers // 2 - 1, num_layers - 4)
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"feature layers must be '', 'eagle3' or comma-separated ints, got {text!r}") from None
+    if any(not 0 <= i < num_layers - 1 for i in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"feature layers must be strictly increasing indices in [0, {num_layers - 1}) "
+                         f"({num_layers=}), got {text!r}")
+    return layers
+
+
 class FeatureHead(nnx.Module):
     """fc([f ; e]) then one decoder block: features and embeddings [B, T, d] -> predicted features [B, T, d].
 
-    Parameters: `fc` (nnx.Linear [2d, d]) and `block` (`fa2jax.model.Block`); no embedding, no LM head.
+    Parameters: `fc` (nnx.Linear [2d, d]) and `block` (`fa2jax.model.Block`), and `fuse`
+    (nnx.Linear [(k + 1)d, d], no bias) with k = len(config.feature_layers) > 0; no embedding, no LM head.
     """
 
     def __init__(self, config: FeatureHeadConfig, *, rngs: nnx.Rngs):
@@ -98,6 +151,25 @@ class FeatureHead(nnx.Module):
         self.fc = nnx.Linear(2 * c.d_model, c.d_model, use_bias=config.fc_bias, dtype=c.dtype,
                              param_dtype=c.param_dtype, rngs=rngs)
         self.block = Block(c, 0, rngs=rngs)
+        self.fuse = nnx.Linear(config.target_width, c.d_model, use_bias=False, dtype=c.dtype,
+                               param_dtype=c.param_dtype, rngs=rngs) if config.feature_layers else None
+
+    def read_target(self, hidden: jax.Array) -> jax.Array:
+        """The target's hidden states as the head reads them: [..., target_width] -> [..., d].
+
+        Without `feature_layers` that is the final hidden state itself, unchanged; with them, the
+        inner layers' outputs and the final state (the target's `hidden_layers` output), each
+        RMS-normalised, through `fuse`."""
+        if hidden.shape[-1] != self.config.target_width:
+            raise ValueError(f"the head reads target hidden states of width {self.config.target_width} "
+                             f"(feature_layers={self.config.feature_layers}, d_model={self.config.d_model}), "
+                             f"got {hidden.shape=}")
+        if self.fuse is None:
+            return hidden
+        d = self.config.d_model
+        parts = hidden.astype(jnp.float32).reshape(*hidden.shape[:-1], -1, d)
+        parts = parts * jax.lax.rsqrt(jnp.mean(parts * parts, axis=-1, keepdims=True) + self.config.layer.norm_eps)
+        return self.fuse(parts.reshape(hidden.shape).astype(self.config.layer.dtype))
 
     def _inputs(self, features: jax.Array, embeddings: jax.Array) -> jax.Array:
         """[B, T, d] target (or predicted) features and [B, T, d] embeddings of the next tokens -> [B, T, d]."""

@@ -12,7 +12,10 @@ Calls, all pure once split with `nnx.split` (lengths are data, so none recompile
     model.score_tree(tokens, tree_mask, cache)   N speculative tree nodes -> logits (lengths unchanged)
 Each also returns the final hidden state (the vector the LM head reads, after the final norm) last
 when called with `return_hidden=True`: what a feature-level draft (`spec.feature_draft`) reads;
-`embed_tokens` and `head_logits` are the two ends of the model such a draft shares.
+`embed_tokens` and `head_logits` are the two ends of the model such a draft shares. With
+`hidden_layers=(i, j, ...)` as well, that array is wider: the outputs of decoder layers i, j, ...
+(their residual streams, 0-based), then the final hidden state, concatenated on the last axis
+(EAGLE-3's low, middle and high features for a head that fuses them).
 and `cache.accept(path_indices, num_accepted)` commits a verified path (see `fa2jax.kv_cache`).
 With `config.invariant_rows` = R, decode and score_tree both run as R-row tree verifications, so
 a token's logits do not depend on which of the two computed it (see `TransformerConfig`).
@@ -162,13 +165,32 @@ class Transformer(nnx.Module):
             logits = jnp.where(jnp.arange(vocab) < used, logits, -jnp.inf)
         return logits
 
-    def _outputs(self, x: jax.Array, return_hidden: bool, cache: KVCache | None = None, mask_padding: bool = True):
+    def _check_hidden_layers(self, hidden_layers, return_hidden: bool) -> tuple[int, ...]:
+        """`hidden_layers` as a tuple after checking it: strictly increasing layer indices below the
+        last layer (whose output is the final hidden state itself), only with `return_hidden`."""
+        layers = tuple(hidden_layers)
+        if not layers:
+            return layers
+        if not return_hidden:
+            raise ValueError(f"hidden_layers={layers} needs return_hidden=True")
+        last = self.config.num_layers - 1
+        if (any(not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < last for i in layers)
+                or any(a >= b for a, b in zip(layers, layers[1:]))):
+            raise ValueError(f"hidden_layers must be strictly increasing layer indices in [0, {last}) "
+                             f"(num_layers={self.config.num_layers}; the last layer's output is the final hidden "
+                             f"state, always returned), got {hidden_layers=}")
+        return layers
+
+    def _outputs(self, x: jax.Array, return_hidden: bool, cache: KVCache | None = None, mask_padding: bool = True,
+                 taps: list[jax.Array] = ()):
         """What a call returns for residual stream x [B, T, d_model]: logits, then `cache` when
-        given, then the final hidden states [B, T, d_model] when `return_hidden`."""
+        given, then the final hidden states [B, T, d_model] when `return_hidden`, after the
+        residual streams `taps` of the layers asked for ([B, T, (len(taps) + 1) * d_model])."""
         hidden = self.final_norm(x)
         out = (self.head_logits(hidden, mask_padding),) + (() if cache is None else (cache,))
         if return_hidden:
-            return out + (hidden,)
+            wide = jnp.concatenate([*(t.astype(hidden.dtype) for t in taps), hidden], axis=-1) if taps else hidden
+            return out + (wide,)
         return out if cache is not None else out[0]
 
     def __call__(
@@ -179,6 +201,7 @@ class Transformer(nnx.Module):
         *,
         zigzag: bool = False,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] = (),
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Training forward: causal attention within each packed segment.
 
@@ -197,12 +220,15 @@ class Transformer(nnx.Module):
                 alike, so no logits move between devices. Without it, under a context axis the
                 call permutes its inputs and restores the token order of the last hidden states.
             return_hidden: also return the final hidden states [B, T, d_model] (after the final norm).
+            hidden_layers: with `return_hidden`, also these layers' outputs, before the final hidden
+                states on the last axis ([B, T, (len(hidden_layers) + 1) * d_model]).
 
         Returns:
             logits [B, T, V] float32 (and the hidden states). The vocabulary's padding rows are not
             masked here: losses take logs of probabilities (0 * log 0 would be NaN).
         """
         self._check_tokens(tokens)
+        hidden_layers = self._check_hidden_layers(hidden_layers, return_hidden)
         if zigzag and positions is None:
             raise ValueError("zigzag=True needs the positions of the zig-zag order: segment starts cannot be "
                              "found once the tokens are permuted")
@@ -223,12 +249,16 @@ class Transformer(nnx.Module):
         # axis) between blocks (a no-op without one): XLA then gathers FSDP-split weights rather
         # than moving activations.
         x = constrain(self._embed(tokens), ACTIVATION_AXES)
-        for block in self.layers:
+        taps = []
+        for layer, block in enumerate(self.layers):
             x = constrain(block(x, segment_ids=segment_ids, positions=positions, zigzag=shards > 1),
                           ACTIVATION_AXES)
+            if layer in hidden_layers:
+                taps.append(x)
         if permute:
             x = constrain(ring.unzigzag(x, shards), ACTIVATION_AXES)
-        return self._outputs(x, return_hidden, mask_padding=False)
+            taps = [constrain(ring.unzigzag(t, shards), ACTIVATION_AXES) for t in taps]
+        return self._outputs(x, return_hidden, mask_padding=False, taps=taps)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` (default config.max_len) tokens.
@@ -240,7 +270,8 @@ class Transformer(nnx.Module):
         return KVCache.create(c.num_layers, batch, max_len or c.max_len, c.num_kv_heads, c.head_dim,
                               dtype or c.dtype)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *, return_hidden: bool = False
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *, return_hidden: bool = False,
+                hidden_layers: tuple[int, ...] = ()
                 ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Runs right-padded prompts from position 0 and fills the cache.
 
@@ -251,7 +282,8 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, T, V] float32, cache with lengths = lengths), then the final hidden states
-            [B, T, d_model] with `return_hidden`. Logits at padding are meaningless.
+            [B, T, d_model] with `return_hidden` (after `hidden_layers`' outputs, as `__call__`).
+            Logits at padding are meaningless.
 
         Raises:
             ValueError: wrong shapes, a batch other than the cache's, or (concrete values) lengths
@@ -259,14 +291,18 @@ class Transformer(nnx.Module):
                 also inside `jit`.
         """
         lengths = self._check_tokens(tokens, cache=cache, prompt_lengths=lengths)
+        hidden_layers = self._check_hidden_layers(hidden_layers, return_hidden)
         if tokens.shape[1] > cache.max_len:
             raise ValueError(f"prompt longer than the cache: {tokens.shape=} vs {cache.max_len=}")
-        x = self._embed(tokens)
+        x, taps = self._embed(tokens), []
         for layer, block in enumerate(self.layers):
             x, cache = block.prefill(x, cache, layer)
-        return self._outputs(x, return_hidden, cache=cache.replace(lengths=lengths))
+            if layer in hidden_layers:
+                taps.append(x)
+        return self._outputs(x, return_hidden, cache=cache.replace(lengths=lengths), taps=taps)
 
-    def decode(self, tokens: jax.Array, cache: KVCache, *, return_hidden: bool = False
+    def decode(self, tokens: jax.Array, cache: KVCache, *, return_hidden: bool = False,
+               hidden_layers: tuple[int, ...] = ()
                ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Appends T tokens per row at positions lengths .. lengths + T - 1 (causal among themselves).
 
@@ -276,7 +312,7 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, T, V] float32, cache with lengths += T), then the final hidden states
-            [B, T, d_model] with `return_hidden`.
+            [B, T, d_model] with `return_hidden` (after `hidden_layers`' outputs, as `__call__`).
 
         Raises:
             ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V) or
@@ -284,19 +320,23 @@ class Transformer(nnx.Module):
                 also inside `jit`.
         """
         self._check_tokens(tokens, cache=cache)
+        hidden_layers = self._check_hidden_layers(hidden_layers, return_hidden)
         T = tokens.shape[1]
         checking.check_cache_room(cache.lengths, max(T, self.config.invariant_rows), cache.max_len, "decoding")
         if self.config.invariant_rows:  # the same computation as verifying a chain of T nodes
             logits, cache, *hidden = self.score_tree(tokens, np.tril(np.ones((T, T), bool)), cache,
-                                                     return_hidden=return_hidden)
+                                                     return_hidden=return_hidden, hidden_layers=hidden_layers)
             return (logits, cache.replace(lengths=cache.lengths + T), *hidden)
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-        x = self._embed(tokens)
+        x, taps = self._embed(tokens), []
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer)
-        return self._outputs(x, return_hidden, cache=cache.replace(lengths=cache.lengths + T))
+            if layer in hidden_layers:
+                taps.append(x)
+        return self._outputs(x, return_hidden, cache=cache.replace(lengths=cache.lengths + T), taps=taps)
 
-    def score_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache, *, return_hidden: bool = False
+    def score_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache, *, return_hidden: bool = False,
+                   hidden_layers: tuple[int, ...] = ()
                    ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Scores N speculative tree nodes in one pass: the logits of every node's next token.
 
@@ -311,7 +351,7 @@ class Transformer(nnx.Module):
 
         Returns:
             (logits [B, N, V] float32, cache with the nodes' K/V written), then the final hidden
-            states [B, N, d_model] with `return_hidden`.
+            states [B, N, d_model] with `return_hidden` (after `hidden_layers`' outputs, as `__call__`).
 
         Raises:
             ValueError: a batch other than the cache's, or (concrete values) token ids outside [0, V), a
@@ -319,6 +359,7 @@ class Transformer(nnx.Module):
                 last three also inside `jit`.
         """
         self._check_tokens(tokens, cache=cache)
+        hidden_layers = self._check_hidden_layers(hidden_layers, return_hidden)
         B, N = tokens.shape
         if not isinstance(tree_mask, np.ndarray):  # a NumPy mask stays one: a trace-time constant
             tree_mask = jnp.asarray(tree_mask)
@@ -339,11 +380,13 @@ class Transformer(nnx.Module):
             tree_mask = _pad_tree_mask(tree_mask, rows)
         depth = jnp.broadcast_to(tree_mask.sum(-1, dtype=jnp.int32) - 1, tokens.shape)  # [B, N or R]
         positions = cache.lengths[:, None] + depth
-        x = self._embed(tokens)
+        x, taps = self._embed(tokens), []
         for layer, block in enumerate(self.layers):
             x, cache = block.extend(x, positions, cache, layer, tree_mask, batch_invariant=rows > 0)
+            if layer in hidden_layers:
+                taps.append(x)
         # The head runs over all R rows with invariant_rows, as in decode: the same matmul shapes.
-        logits, cache, *hidden = self._outputs(x, return_hidden, cache=cache)
+        logits, cache, *hidden = self._outputs(x, return_hidden, cache=cache, taps=taps)
         return (logits[:, :N], cache, *(h[:, :N] for h in hidden))
 
     def verify_tree(self, tokens: jax.Array, tree_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

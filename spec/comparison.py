@@ -90,7 +90,8 @@ def seconds_per_proposal(draft, tokens, tree_mask, *, context: int, reps: int = 
     lengths = jnp.full((batch,), context, jnp.int32)
     extra = {}
     if getattr(drafter, "needs_target_hidden", False):
-        extra["target_hidden"] = jnp.zeros((batch, context, drafter.config.d_model), drafter.config.layer.dtype)
+        width = getattr(drafter.config, "target_width", drafter.config.d_model)
+        extra["target_hidden"] = jnp.zeros((batch, context, width), drafter.config.layer.dtype)
     state = jax.jit(lambda p: drafter.init(p, prompt, lengths, committed=context + n, num_nodes=n, **extra))(
         drafter.params)
     propose = jax.jit(lambda p, s: drafter.propose(p, s, tokens, tree_mask)[0])

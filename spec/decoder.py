@@ -133,6 +133,13 @@ class SpeculativeDecoder:
         self.drafters = tuple(as_drafter(d) for d in drafts)
         # Which drafters read the target's final hidden states (see `spec.Drafter`).
         self._needs_hidden = tuple(bool(getattr(d, "needs_target_hidden", False)) for d in self.drafters)
+        # ... and which of the target's inner layers' outputs come with them (one set for all).
+        layer_sets = {tuple(getattr(d, "target_hidden_layers", ())) for d, needs in zip(self.drafters,
+                                                                                          self._needs_hidden) if needs}
+        if len(layer_sets) > 1:
+            raise ValueError(f"drafters that read the target's hidden states must ask for the same inner layers, "
+                             f"got target_hidden_layers {sorted(layer_sets)}")
+        self._hidden_layers = layer_sets.pop() if layer_sets else ()
         vocab = target.config.vocab_size
         for i, d in enumerate(self.drafters):
             if d.vocab_size != vocab:
@@ -232,7 +239,8 @@ class SpeculativeDecoder:
         # A static tree's mask is its topology's (NumPy, so the kernels get it packed at trace time).
         mask = self._topology.ancestor_mask if self._static else tree.mask
         target = nnx.merge(self._target_def, target_params)
-        return target.score_tree(tree.tokens, mask, cache, return_hidden=return_hidden)
+        return target.score_tree(tree.tokens, mask, cache, return_hidden=return_hidden,
+                                 hidden_layers=self._hidden_layers if return_hidden else ())
 
     def verify_tree(self, target_logits, tree: TokenTree, key, temperature, top_p, top_k=0,
                     min_p=0.0) -> verify_lib.VerifyResult:
@@ -316,7 +324,8 @@ class SpeculativeDecoder:
         target = nnx.merge(self._target_def, target_params)
         target_cache = target.init_cache(batch, cache_len(target.config, committed, self.num_nodes))
         target_logits, target_cache, *hidden = target.prefill(prompt, prompt_lengths, target_cache,
-                                                              return_hidden=any(self._needs_hidden))
+                                                              return_hidden=any(self._needs_hidden),
+                                                              hidden_layers=self._hidden_layers)
         draft_caches = [
             d.init(p, prompt, prompt_lengths, committed=committed, num_nodes=self.num_nodes,
                    **({"target_hidden": hidden[0]} if needs else {}))

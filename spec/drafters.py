@@ -15,8 +15,10 @@ A drafter that reads the target's final hidden states (the vectors its LM head r
 EAGLE-style head, `spec.FeatureDrafter`) sets the class attribute `needs_target_hidden = True`
 (absent means False). The loop then passes `init` the prefill's states as `target_hidden`
 [B, P, d_model], and `commit` the states at every tree node as `target_hidden` [B, N, d_model]
-together with the drafter's `params` (folding them in may take a pass of the draft). Other
-drafters are called exactly as before.
+together with the drafter's `params` (folding them in may take a pass of the draft). Such a
+drafter may also set `target_hidden_layers`, a tuple of the target's inner layers whose outputs
+come first on the last axis ([..., (k + 1) * d_model], `Transformer`'s `hidden_layers`); drafters
+of one loop must agree on it. Other drafters are called exactly as before.
 """
 from __future__ import annotations
 

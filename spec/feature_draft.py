@@ -14,6 +14,10 @@ append those rows (K/V only matter there; XLA drops the rest of that pass). The 
 passes wrote are never committed, so `complete` has no pass to run: it only records the finished
 tree's tokens, which `commit` reads.
 
+A head with `feature_layers` (EAGLE-3's fused features) asks the loop for those layers' outputs
+too (`target_hidden_layers`); it fuses them with the final state (`FeatureHead.read_target`) where
+it reads the target, and `feature` holds the fused vector.
+
 Index bookkeeping: with n committed target tokens x_0..x_{n-1} and the root x_n, the head has
 n - 1 committed rows and the root is row n - 1 (input (f_{n-1}, x_n)); a depth-d node sits at
 RoPE position n - 1 + d.
@@ -36,7 +40,7 @@ class FeatureDraftState:
 
     # The head's rows of the committed context; lengths = the target's committed tokens - 1.
     cache: KVCache
-    # The target's feature at its last committed token: the root's input.  # [B, d]
+    # The target's feature at its last committed token (fused, with feature_layers): the root's input.  # [B, d]
     feature: jax.Array
     # The head's predicted feature at every tree node, from the latest `propose`.  # [B, N, d]
     node_features: jax.Array
@@ -69,6 +73,8 @@ class FeatureDrafter:
             raise ValueError(f"target must be a fa2jax.Transformer, got {type(target)=}")
         head.config.check_target(target.config)
         self.config = head.config
+        # The target's inner layers whose outputs the loop hands over besides the final state.
+        self.target_hidden_layers = head.config.feature_layers
         self.vocab_size = target.config.vocab_size
         self.head_def, head_params = nnx.split(head)
         self.target_def, shared, rest = nnx.split(target, _shared_filter, ...)
@@ -86,9 +92,10 @@ class FeatureDrafter:
         _check_tree_fits_kernel(num_nodes, self.config.layer, name)
 
     def init(self, params, prompt, prompt_lengths, *, committed: int, num_nodes: int, target_hidden):
-        """Reads the prompts with the target's prefill features `target_hidden` [B, P, d]."""
+        """Reads the prompts with the target's prefill features `target_hidden` [B, P, target_width]."""
         head, target = self._modules(params)
         batch, prompt_len = prompt.shape
+        target_hidden = head.read_target(target_hidden)  # [B, P, d]
         cache = head.init_cache(batch, cache_len(self.config.layer, committed, num_nodes))
         # Row i pairs f_i with x_{i+1}; the last prompt token's feature waits for the root.
         next_tokens = jnp.concatenate([prompt[:, 1:], jnp.zeros((batch, 1), prompt.dtype)], axis=1)  # [B, P]
@@ -118,11 +125,12 @@ class FeatureDrafter:
 
     def commit(self, state: FeatureDraftState, path, num_accepted, *, params, target_hidden):
         """Appends the head's rows of the accepted path, from the target's features `target_hidden`
-        [B, N, d] at the tree's nodes; `params` runs that pass."""
+        [B, N, target_width] at the tree's nodes; `params` runs that pass."""
         head, target = self._modules(params)
         batch, m = path.shape
         path_tokens = jnp.take_along_axis(state.tokens, path, axis=1)  # [B, M]
-        path_hidden = jnp.take_along_axis(target_hidden, path[..., None], axis=1).astype(state.feature.dtype)
+        path_hidden = head.read_target(jnp.take_along_axis(target_hidden, path[..., None], axis=1))
+        path_hidden = path_hidden.astype(state.feature.dtype)  # [B, M, d]
         # Row j of the path pairs the feature before its token (the target's, at path node j - 1) with it.
         features = jnp.concatenate([state.feature[:, None], path_hidden[:, :-1]], axis=1)  # [B, M, d]
         positions = state.cache.lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from fa2jax import load_pretrained, sharding
 from fa2jax.checkpoint import CheckpointError
 from fa2jax.data import Corpus, find_documents, read_jsonl_documents, split_documents
-from fa2jax.feature_head import FeatureHeadConfig
+from fa2jax.feature_head import FeatureHeadConfig, parse_feature_layers
 from fa2jax.loading import load_config
 from fa2jax.training import NonFiniteLossError, presets, teacher_continuations, train
 from fa2jax.training import cli, token_cache
@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unroll-gradient", action="store_true",
                    help="--draft-kind feature: backpropagate pass k's loss through the predictions it reads "
                         "(HASS); default: they are constants")
+    p.add_argument("--feature-layers", default="",
+                   help="--draft-kind feature: the teacher's inner layers the head reads besides its final hidden "
+                        "state, fused (EAGLE-3): 'eagle3' (low, middle, high) or comma-separated indices; default: "
+                        "none")
     p.add_argument("--save-dtype", help="--draft-kind feature: dtype of the saved head, e.g. bfloat16 "
                                         "(default: float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (and no tqdm import)")
@@ -213,7 +217,11 @@ def _check_feature_flags(args) -> FeatureLossConfig:
 def _train_feature_head(args, train_cfg, loss_cfg, train_rows, val_rows, out, tokenizer, show) -> dict:
     """Trains and saves a feature head for --teacher (float32 masters, --dtype compute)."""
     teacher = load_pretrained(args.teacher, dtype=args.dtype or jnp.float32, attention_impl=args.attention_impl)
-    head_config = FeatureHeadConfig.for_target(teacher.config, param_dtype=jnp.float32,
+    try:
+        feature_layers = parse_feature_layers(args.feature_layers, teacher.config.num_layers)
+    except ValueError as e:
+        raise cli.UsageError(f"--feature-layers: {e}") from None
+    head_config = FeatureHeadConfig.for_target(teacher.config, param_dtype=jnp.float32, feature_layers=feature_layers,
                                                **cli.set_flags(args, FEATURE_HEAD_FLAGS))
     print(f"feature head for {args.teacher} (d_model {teacher.config.d_model}, vocabulary {teacher.config.vocab_size})")
     summary = train_feature_head(

@@ -13,6 +13,8 @@ EAGLE weighs them 1 and 0.1. Uniform noise of amplitude `input_noise` on the inp
 `unroll_steps` > 1 goes further and trains it on them: the head runs again on its own predictions
 (EAGLE-3's "training-time test", HASS), each pass adding its loss (`feature_loss_sums`).
 Only positions whose next token lies in the same document count (`losses.target_mask`).
+A head with `feature_layers` (EAGLE-3's fused features) reads the target's inner layers as well:
+its first pass reads `head.read_target` of them all, the regression target stays the final state.
 
 The target is frozen, so its features can be computed once per corpus (`target_features`, in
 big jitted batches) and handed to the training as `train_features`: a step then reads them
@@ -110,8 +112,9 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
       head: the head (its parameters are what a gradient would be taken of).
       target: the frozen target; its outputs are cut from the gradient.
       batch: "tokens", "segment_ids", "positions".  # [B, T] int32 each
-        Optionally "hidden": the target's final hidden states of these tokens, precomputed
-        (`target_features`), so the target's stack does not run.  # [B, T, d]
+        Optionally "hidden": the target's hidden states of these tokens, precomputed
+        (`target_features` with the head's `feature_layers`), so the target's stack does not
+        run.  # [B, T, target_width]
       loss_cfg: weights, noise and unrolled passes.
       key: PRNG key of the input noise (unused when `input_noise` is 0).
 
@@ -125,18 +128,21 @@ def feature_loss_sums(head: FeatureHead, target: Transformer, batch: dict, loss_
       its own, not conditioned on the levels above it being accepted).
     """
     tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
-    hidden = batch.get("hidden")
-    if hidden is None:
-        _, hidden = target(tokens, segments, positions, return_hidden=True)  # [B, T, d]
-    hidden = jax.lax.stop_gradient(hidden)
+    wide = batch.get("hidden")
+    if wide is None:
+        _, wide = target(tokens, segments, positions, return_hidden=True,
+                         hidden_layers=head.config.feature_layers)  # [B, T, target_width]
+    wide = jax.lax.stop_gradient(wide)
+    hidden = wide[..., -head.config.d_model:]  # the final hidden states f  [B, T, d]
     # The target's logits of x_{i+2}: its LM head on f_{i+1} (what its forward computes there).
     logits = jax.lax.stop_gradient(target.head_logits(hidden[:, 1:], mask_padding=False))  # [B, T-1, V]
     p = jax.nn.softmax(logits, -1)  # the target's distribution of x_{i+2}
     target_argmax = jnp.argmax(logits, -1)  # [B, T-1]
-    features = hidden[:, :-1]  # f_i  [B, T-1, d]
+    features = wide[:, :-1]  # f_i (with the inner layers' outputs before it)  [B, T-1, target_width]
     if loss_cfg.input_noise > 0:
         noise = jax.random.uniform(key, features.shape, jnp.float32, -loss_cfg.input_noise, loss_cfg.input_noise)
         features = (features.astype(jnp.float32) + noise).astype(features.dtype)
+    features = head.read_target(features)  # [B, T-1, d]
     embeddings = jax.lax.stop_gradient(target.embed_tokens(tokens[:, 1:]))  # e(x_{i+1})  [B, T-1, d]
     head_segments, head_positions = segments[:, :-1], positions[:, :-1]  # [B, T-1]
 
@@ -206,7 +212,8 @@ def make_feature_train_step(head_def: nnx.GraphDef, target_def: nnx.GraphDef, lo
     return step
 
 
-def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtype=None) -> jax.Array:
+def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtype=None,
+                    hidden_layers: tuple[int, ...] = ()) -> jax.Array:
     """The frozen target's final hidden states of every row, computed in jitted batches and kept
     on the device (`train_feature_head`'s `train_features`).
 
@@ -215,9 +222,10 @@ def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtyp
       rows: packed rows.  # [N, T]
       batch_size: rows per forward pass (the last pass is padded to it: one compiled shape).
       dtype: storage dtype; default the target's compute dtype.
+      hidden_layers: inner layers whose outputs come first (a head's `feature_layers`).
 
     Returns:
-      features.  # [N, T, d] on the default device
+      features.  # [N, T, (len(hidden_layers) + 1) * d] on the default device
     """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be positive")
@@ -227,7 +235,7 @@ def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtyp
     @jax.jit
     def forward(params, rest, batch):
         _, hidden = nnx.merge(graphdef, params, rest)(batch["tokens"], batch["segment_ids"], batch["positions"],
-                                                     return_hidden=True)
+                                                     return_hidden=True, hidden_layers=hidden_layers)
         return hidden.astype(dtype)
 
     parts = []
@@ -337,7 +345,8 @@ def train_feature_head(
       stop_after_seconds: end early (evaluating and saving as at the last step) once this call has
         taken this long; the schedule keeps its length.
       train_features, val_features: the target's features of `train_rows` / `val_rows`
-        (`target_features`); a step then runs the target's LM head only, not its stack.  # [N, T, d]
+        (`target_features` with the head's `feature_layers`); a step then runs the target's LM
+        head only, not its stack.  # [N, T, target_width]
       time_budget: seconds the whole call may take: the step count (so the schedule's length;
         train_cfg.steps becomes an upper bound) is set from the time of a few steps of a throwaway
         copy, so the cosine decay ends when the time does. Its warmup is capped below the steps.
@@ -354,13 +363,13 @@ def train_feature_head(
         raise ValueError(f"feature-head training takes one batch per step: {train_cfg.grad_accum=}")
     if train_rows.seq_len != train_cfg.seq_len:
         raise ValueError(f"rows of {train_rows.seq_len=} tokens, but {train_cfg.seq_len=}")
-    for name, rows, features in (("train", train_rows, train_features), ("val", val_rows, val_features)):
-        if features is not None and (rows is None or features.shape[:2] != rows.tokens.shape):
-            raise ValueError(f"{name}_features must be [N, T, d] of the {name} rows: {features.shape=}, "
-                             f"rows {None if rows is None else rows.tokens.shape}")
     head_config = head_config or FeatureHeadConfig.for_target(
         target.config, dtype=target.config.dtype, param_dtype=jnp.float32)
     head_config.check_target(target.config)
+    for name, rows, features in (("train", train_rows, train_features), ("val", val_rows, val_features)):
+        if features is not None and (rows is None or features.shape != (*rows.tokens.shape, head_config.target_width)):
+            raise ValueError(f"{name}_features must be [N, T, {head_config.target_width}] (the head's target_width) "
+                             f"of the {name} rows: {features.shape=}, rows {None if rows is None else rows.tokens.shape}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     head = FeatureHead(head_config, rngs=nnx.Rngs(train_cfg.seed))
