@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-layers", default="",
                    help="the target's inner layers the head reads besides its final state, fused (EAGLE-3): "
                         "'eagle3' (low, middle, high) or comma-separated indices; default: none (EAGLE-2's head)")
+    g.add_argument("--device-feature-gb", type=float, default=30,
+                   help="keep the target's features in device memory up to this size, in host memory beyond it "
+                        "(fused features are (k + 1) times the final states: 4x with 'eagle3')")
     g.add_argument("--checkpoint-seconds", type=float, default=60, help="save the head this often")
     g = p.add_argument_group("acceptance")
     g.add_argument("--eval-seconds", type=float, default=120, help="seconds kept at the end for phase 4")
@@ -325,13 +328,21 @@ def main(argv=None) -> dict:
         feature_layers = parse_feature_layers(args.feature_layers, target.config.num_layers)
     except ValueError as e:
         raise SystemExit(f"--feature-layers: {e}") from None
-    train_features = target_features(target, train_rows, args.features_batch, hidden_layers=feature_layers)
-    val_features = target_features(target, val_rows, args.features_batch, hidden_layers=feature_layers)
+    width = (len(feature_layers) + 1) * target.config.d_model
+    gigabytes = (train_rows.num_rows + val_rows.num_rows) * args.seq_len * width * 2 / 1e9  # bfloat16
+    on_host = gigabytes > args.device_feature_gb
+    train_features = target_features(target, train_rows, args.features_batch, hidden_layers=feature_layers,
+                                     on_host=on_host)
+    val_features = target_features(target, val_rows, args.features_batch, hidden_layers=feature_layers,
+                                   on_host=on_host)
     jax.block_until_ready((train_features, val_features))
     record["phases"]["features"] = {"train_rows": train_rows.num_rows, "val_rows": val_rows.num_rows,
-                                    "seq_len": args.seq_len, "seconds": round(clock.now() - before, 1)}
+                                    "seq_len": args.seq_len, "feature_layers": list(feature_layers),
+                                    "gigabytes": round(gigabytes, 1), "on_host": on_host,
+                                    "seconds": round(clock.now() - before, 1)}
     say(clock, f"features: {train_rows.num_rows} training and {val_rows.num_rows} validation rows of "
-               f"{args.seq_len} tokens in {clock.now() - before:.1f} s")
+               f"{args.seq_len} tokens ({gigabytes:.1f} GB, in {'host' if on_host else 'device'} memory) in "
+               f"{clock.now() - before:.1f} s")
     write(out, record)
 
     # Phase 3: training, until the deadline less the acceptance phase.

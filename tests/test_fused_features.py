@@ -20,7 +20,8 @@ from fa2jax.data import pack_documents
 from fa2jax.feature_head import (
     FeatureHead, FeatureHeadConfig, count_params, load_feature_head, parse_feature_layers, save_feature_head)
 from fa2jax.model import with_invariant_rows
-from fa2jax.training.feature_draft import FeatureLossConfig, feature_loss_sums, target_features
+from fa2jax.training.feature_draft import (
+    FeatureLossConfig, evaluate_feature_head, feature_loss_sums, target_features)
 from spec import DynamicTree, ExpansionTree, FeatureDrafter, SpeculativeDecoder, generate_incremental
 
 TEST_SEED = int(os.environ.get("FA2JAX_TEST_SEED", "0"))
@@ -159,6 +160,13 @@ def test_precomputed_wide_features_give_the_same_loss(models):
     read = feature_loss_sums(head, target, {**batch, "hidden": features[:3]}, cfg)
     for k in ran:
         np.testing.assert_allclose(float(read[k]), float(ran[k]), rtol=1e-5, err_msg=k)
+    # Kept in host memory instead (for features too big for the device): the same values and metrics.
+    host = target_features(target, rows, batch_size=3, hidden_layers=LAYERS, on_host=True)
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, np.asarray(features))
+    np.testing.assert_allclose(list(evaluate_feature_head(head, target, rows, 4, features=host).values()),
+                               list(evaluate_feature_head(head, target, rows, 4, features=features).values()),
+                               rtol=1e-6)
     grads = jax.tree.leaves(nnx.grad(lambda h: feature_loss_sums(h, target, batch, cfg)["loss"])(head))
     fuse_grad = nnx.grad(lambda h: feature_loss_sums(h, target, batch, cfg)["loss"])(head).fuse.kernel[...]
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads) and bool(jnp.any(fuse_grad != 0))

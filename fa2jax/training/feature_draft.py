@@ -213,7 +213,7 @@ def make_feature_train_step(head_def: nnx.GraphDef, target_def: nnx.GraphDef, lo
 
 
 def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtype=None,
-                    hidden_layers: tuple[int, ...] = ()) -> jax.Array:
+                    hidden_layers: tuple[int, ...] = (), on_host: bool = False) -> jax.Array | np.ndarray:
     """The frozen target's final hidden states of every row, computed in jitted batches and kept
     on the device (`train_feature_head`'s `train_features`).
 
@@ -223,9 +223,12 @@ def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtyp
       batch_size: rows per forward pass (the last pass is padded to it: one compiled shape).
       dtype: storage dtype; default the target's compute dtype.
       hidden_layers: inner layers whose outputs come first (a head's `feature_layers`).
+      on_host: return a NumPy array in host memory instead (filled batch by batch, never whole on
+        the device): for fused features, several times the final states' size, that would not fit
+        beside the training. A step then copies its rows' features to the device.
 
     Returns:
-      features.  # [N, T, (len(hidden_layers) + 1) * d] on the default device
+      features.  # [N, T, (len(hidden_layers) + 1) * d] on the default device (or host)
     """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be positive")
@@ -238,10 +241,16 @@ def target_features(target: Transformer, rows: PackedRows, batch_size: int, dtyp
                                                      return_hidden=True, hidden_layers=hidden_layers)
         return hidden.astype(dtype)
 
-    parts = []
+    parts, host = [], None
     for lo, batch in zip(range(0, rows.num_rows, batch_size), eval_batches(rows, batch_size)):
-        parts.append(forward(params, rest, batch)[: rows.num_rows - lo])
-    return jnp.concatenate(parts, axis=0)
+        part = forward(params, rest, batch)[: rows.num_rows - lo]
+        if not on_host:
+            parts.append(part)
+            continue
+        if host is None:  # allocated once: concatenating host parts would hold the features twice
+            host = np.empty((rows.num_rows, *part.shape[1:]), part.dtype)
+        host[lo: lo + part.shape[0]] = np.asarray(part)
+    return host if on_host else jnp.concatenate(parts, axis=0)
 
 
 def _step_batch(schedule: BatchSchedule, step: int, features: jax.Array | None) -> dict:
@@ -253,10 +262,11 @@ def _step_batch(schedule: BatchSchedule, step: int, features: jax.Array | None) 
 
 
 def _with_features(batch: dict, features: jax.Array | None, index: np.ndarray) -> dict:
-    """`batch` plus "hidden" = features[index] (gathered on the device), zeros for padding rows."""
+    """`batch` plus "hidden" = features[index] (gathered on the device, or on the host and copied
+    over for host features), zeros for padding rows."""
     if features is None:
         return batch
-    hidden = features[jnp.asarray(index)]  # [b, T, d]
+    hidden = jnp.asarray(features[index]) if isinstance(features, np.ndarray) else features[jnp.asarray(index)]
     short = batch["tokens"].shape[0] - hidden.shape[0]
     if short:
         hidden = jnp.pad(hidden, ((0, short), (0, 0), (0, 0)))
