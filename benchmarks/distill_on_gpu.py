@@ -52,7 +52,7 @@ import numpy as np
 from benchmarks.feature_draft_acceptance import chat_prompts, describe, measure
 from fa2jax import load_pretrained, load_tokenizer
 from fa2jax.data import pack_documents, read_prompts
-from fa2jax.feature_head import FeatureHeadConfig, load_feature_head, parse_feature_layers
+from fa2jax.feature_head import FeatureHeadConfig, is_feature_head, load_feature_head, parse_feature_layers
 from fa2jax.model import with_min_len
 from fa2jax.training import TrainConfig
 from fa2jax.training.continuations import teacher_chat_responses
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-layers", default="",
                    help="the target's inner layers the head reads besides its final state, fused (EAGLE-3): "
                         "'eagle3' (low, middle, high) or comma-separated indices; default: none (EAGLE-2's head)")
+    g.add_argument("--init-head", help="start from this trained head (e.g. the shipped one) instead of fresh weights; "
+                                       "a plain head starts a fused one (--feature-layers) that first drafts as it did")
     g.add_argument("--device-feature-gb", type=float, default=30,
                    help="keep the target's features in device memory up to this size, in host memory beyond it "
                         "(fused features are (k + 1) times the final states: 4x with 'eagle3')")
@@ -262,6 +264,8 @@ def parse_args(argv=None):
     if args.deadline * (1 - (0 if args.corpus else args.gen_fraction)) <= args.eval_seconds:
         p.error(f"no time left to train: --deadline {args.deadline} x (1 - --gen-fraction {args.gen_fraction}) "
                 f"<= --eval-seconds {args.eval_seconds}")
+    if args.init_head and not is_feature_head(args.init_head):
+        p.error(f"--init-head {args.init_head}: not a feature head checkpoint (or folder of them)")
     try:  # here, not after the corpus phase has spent its minutes
         loss_config(args)
     except ValueError as e:
@@ -363,8 +367,9 @@ def main(argv=None) -> dict:
         target, train_rows, out / "head", train_cfg=train_cfg, loss_cfg=loss_cfg, head_config=head_config,
         val_rows=val_rows, tokenizer=tokenizer, save_dtype=jnp.bfloat16, show_progress=False,
         metadata={"teacher": target_path, "corpus": record["phases"]["corpus"],
-                  "made_by": "benchmarks/distill_on_gpu.py"},
+                  "made_by": "benchmarks/distill_on_gpu.py", "init_head": args.init_head},
         train_features=train_features, val_features=val_features, time_budget=clock.left(train_end),
+        init_head=load_feature_head(args.init_head, dtype=jnp.float32) if args.init_head else None,
         stop_after_seconds=clock.left(train_end), checkpoint_seconds=args.checkpoint_seconds, on_log=log)
     summary["tokens_seen"] = summary["step"] * batch * args.seq_len
     record["phases"]["train"] = {**summary, "ended_at": round(clock.now(), 1)}

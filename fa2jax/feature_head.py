@@ -16,9 +16,11 @@ predicts f_{i+1}. Its KV cache has one layer and the target's head geometry.
 Fused features (EAGLE-3, Li et al. 2025, §3): with `FeatureHeadConfig.feature_layers` the head also
 reads the outputs of some of the target's inner layers (low, middle, high), which carry more about
 the tokens after the next one than the final state does. `read_target` fuses them with the final
-state into one d-vector (each part RMS-normalised, since inner residual streams grow with depth,
-then a (k + 1)d -> d projection `fuse`), which takes f's place in the first level; deeper levels
-read the head's own outputs as before.
+state into one d-vector (the inner parts RMS-normalised, since residual streams grow with depth;
+the final state is normalised already; then a (k + 1)d -> d projection `fuse`), which takes f's
+place in the first level; deeper levels read the head's own outputs as before. `widen_head`
+starts a fused head from a plain one: `fuse` passes the final state through, so it drafts as the
+plain head did until training finds a use for the inner layers.
 
 Checkpoints: `save_feature_head` / `load_feature_head` write and read a `step_*` folder of
 `fa2jax.checkpoint` (orbax state/ with {"params": ...}, meta/meta.json with "feature_head_config");
@@ -158,8 +160,8 @@ class FeatureHead(nnx.Module):
         """The target's hidden states as the head reads them: [..., target_width] -> [..., d].
 
         Without `feature_layers` that is the final hidden state itself, unchanged; with them, the
-        inner layers' outputs and the final state (the target's `hidden_layers` output), each
-        RMS-normalised, through `fuse`."""
+        inner layers' outputs (RMS-normalised) and the final state (the target's `hidden_layers`
+        output), through `fuse`."""
         if hidden.shape[-1] != self.config.target_width:
             raise ValueError(f"the head reads target hidden states of width {self.config.target_width} "
                              f"(feature_layers={self.config.feature_layers}, d_model={self.config.d_model}), "
@@ -167,9 +169,10 @@ class FeatureHead(nnx.Module):
         if self.fuse is None:
             return hidden
         d = self.config.d_model
-        parts = hidden.astype(jnp.float32).reshape(*hidden.shape[:-1], -1, d)
-        parts = parts * jax.lax.rsqrt(jnp.mean(parts * parts, axis=-1, keepdims=True) + self.config.layer.norm_eps)
-        return self.fuse(parts.reshape(hidden.shape).astype(self.config.layer.dtype))
+        inner = hidden[..., :-d].astype(jnp.float32).reshape(*hidden.shape[:-1], -1, d)
+        inner = inner * jax.lax.rsqrt(jnp.mean(inner * inner, axis=-1, keepdims=True) + self.config.layer.norm_eps)
+        parts = [inner.reshape(*hidden.shape[:-1], -1), hidden[..., -d:].astype(jnp.float32)]
+        return self.fuse(jnp.concatenate(parts, axis=-1).astype(self.config.layer.dtype))
 
     def _inputs(self, features: jax.Array, embeddings: jax.Array) -> jax.Array:
         """[B, T, d] target (or predicted) features and [B, T, d] embeddings of the next tokens -> [B, T, d]."""
@@ -217,6 +220,38 @@ class FeatureHead(nnx.Module):
           (predicted features # [B, T, d], cache with the rows' K/V written).
         """
         return self.block.extend(self._inputs(features, embeddings), positions, cache, 0, tree_mask)
+
+
+def widen_head(source: FeatureHead, config: FeatureHeadConfig, *, rngs: nnx.Rngs | None = None) -> FeatureHead:
+    """A head of `config` that starts from `source`'s trained weights (warm start).
+
+    `fc` and `block` are `source`'s (cast to `config`'s parameter dtype); `fuse` is copied when
+    both read the same `feature_layers`, and when `source` reads none it passes the final hidden
+    state through (zeros on the inner parts), so the new head drafts exactly as `source` did.
+
+    Raises:
+      ValueError: the layer configs differ in a parameter shape, or both have other non-empty
+        `feature_layers`.
+    """
+    def shapes(head_config):
+        abstract = nnx.eval_shape(lambda: FeatureHead(dataclasses.replace(head_config, feature_layers=()),
+                                                      rngs=nnx.Rngs(0)))
+        return jax.tree.map(lambda x: x.shape, nnx.state(abstract, nnx.Param))
+
+    if shapes(source.config) != shapes(config) or source.config.fc_bias != config.fc_bias:
+        raise ValueError(f"widen_head needs the same layer shapes: {source.config=} vs {config=}")
+    if source.config.feature_layers and source.config.feature_layers != config.feature_layers:
+        raise ValueError(f"the source head reads feature_layers={source.config.feature_layers}, the new one "
+                         f"{config.feature_layers}: only a plain head (none) widens to other layers")
+    head = FeatureHead(config, rngs=rngs or nnx.Rngs(0))
+    dtype = jnp.dtype(config.layer.param_dtype)
+    for name in ("fc", "block") + (("fuse",) if source.fuse is not None else ()):
+        nnx.update(getattr(head, name), jax.tree.map(lambda x: x.astype(dtype), nnx.state(getattr(source, name),
+                                                                                         nnx.Param)))
+    if source.fuse is None and head.fuse is not None:
+        d = config.d_model
+        head.fuse.kernel[...] = jnp.zeros((config.target_width, d), dtype).at[-d:].set(jnp.eye(d, dtype=dtype))
+    return head
 
 
 def count_params(head: FeatureHead) -> int:

@@ -18,7 +18,8 @@ from fa2jax import Transformer, TransformerConfig
 from fa2jax import checkpoint as ckpt
 from fa2jax.data import pack_documents
 from fa2jax.feature_head import (
-    FeatureHead, FeatureHeadConfig, count_params, load_feature_head, parse_feature_layers, save_feature_head)
+    FeatureHead, FeatureHeadConfig, count_params, load_feature_head, parse_feature_layers, save_feature_head,
+    widen_head)
 from fa2jax.model import with_invariant_rows
 from fa2jax.training.feature_draft import (
     FeatureLossConfig, evaluate_feature_head, feature_loss_sums, target_features)
@@ -97,10 +98,11 @@ def test_fused_head_has_a_fuse_projection_and_reads_the_wide_states(models):
     assert count_params(head) == count_params(plain) + 3 * d * d and plain.fuse is None
     assert head.config.target_width == 3 * d
     wide = jax.random.normal(jax.random.key(TEST_SEED), (2, 4, 3 * d))
-    # Each part is RMS-normalised before the projection: scaling one part changes nothing.
-    scaled = wide.at[..., :d].multiply(50.0)
-    np.testing.assert_allclose(head.read_target(scaled), head.read_target(wide), atol=1e-4)
+    # The inner parts are RMS-normalised before the projection (scaling one changes nothing); the
+    # final state, normalised by the target already, is read as it is.
+    np.testing.assert_allclose(head.read_target(wide.at[..., :d].multiply(50.0)), head.read_target(wide), atol=1e-4)
     assert not np.allclose(head.read_target(wide.at[..., d:2 * d].set(1.0)), head.read_target(wide), atol=1e-3)
+    assert not np.allclose(head.read_target(wide.at[..., 2 * d:].multiply(2.0)), head.read_target(wide), atol=1e-3)
     np.testing.assert_array_equal(plain.read_target(wide[..., :d]), wide[..., :d])
     with pytest.raises(ValueError, match="target_width|width 96"):
         head.read_target(wide[..., :d])
@@ -196,3 +198,27 @@ def test_feature_layer_settings_are_checked(models):
         small = Transformer(target.config.replace(num_layers=2), rngs=nnx.Rngs(0))
         FeatureDrafter(FeatureHead(FeatureHeadConfig.for_target(target.config, feature_layers=(1,)),
                                    rngs=nnx.Rngs(0)), small)
+
+
+def test_widened_head_drafts_as_its_plain_source(models):
+    """`widen_head` from a plain head: the fuse passes the final state through, so greedy decoding
+    accepts exactly what the plain head's did; training from it (init_head) starts at its loss."""
+    target, _ = models
+    plain = FeatureHead(FeatureHeadConfig.for_target(target.config), rngs=nnx.Rngs(TEST_SEED + 5))
+    wide = widen_head(plain, FeatureHeadConfig.for_target(target.config, feature_layers=LAYERS))
+    prompt, lengths = _prompts([6, 3], 7, seed=TEST_SEED + 2)
+    tree = DynamicTree(num_nodes=8, depth=4, top_k=3)
+    runs = [SpeculativeDecoder(target, FeatureDrafter(h, target), tree=tree).generate(prompt, lengths,
+                                                                                      max_new_tokens=12)
+            for h in (plain, wide)]
+    np.testing.assert_array_equal(np.asarray(runs[0].stats.accepted_histogram),
+                                  np.asarray(runs[1].stats.accepted_histogram))
+    rng = np.random.default_rng(TEST_SEED)
+    rows = pack_documents([rng.integers(1, VOCAB, int(n)) for n in rng.integers(5, 30, 6)], seq_len=16)
+    batch = {"tokens": rows.tokens[:2], "segment_ids": rows.segment_ids[:2], "positions": rows.positions[:2]}
+    np.testing.assert_allclose(float(feature_loss_sums(wide, target, batch, FeatureLossConfig())["loss"]),
+                               float(feature_loss_sums(plain, target, batch, FeatureLossConfig())["loss"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="feature_layers"):
+        widen_head(wide, FeatureHeadConfig.for_target(target.config, feature_layers=(1,)))
+    with pytest.raises(ValueError, match="layer shapes"):
+        widen_head(plain, FeatureHeadConfig.for_target(target.config, d_ff=16))

@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 
 from fa2jax.data import BatchSchedule, PackedRows, eval_batches
-from fa2jax.feature_head import FeatureHead, FeatureHeadConfig, count_params, save_feature_head
+from fa2jax.feature_head import FeatureHead, FeatureHeadConfig, count_params, save_feature_head, widen_head
 from fa2jax.model import Transformer
 from fa2jax.tokenizer import Tokenizer
 from fa2jax.training import progress
@@ -336,8 +336,9 @@ def train_feature_head(
     time_budget: float | None = None,
     checkpoint_seconds: float | None = None,
     on_log: Callable[[dict], None] | None = None,
+    init_head: FeatureHead | None = None,
 ) -> dict:
-    """Trains a fresh head for the frozen `target` and saves it under `out`/checkpoints.
+    """Trains a head for the frozen `target` (fresh, or from `init_head`) and saves it under `out`/checkpoints.
 
     Args:
       target: the model whose features the head learns to predict (not changed).
@@ -364,6 +365,8 @@ def train_feature_head(
         killed from outside keeps its latest head).
       on_log: called with each logged record ({"step", "lr", "seconds", "loss", ...}, and the
         {"step", "val_*"} records of the evaluations), e.g. to print progress.
+      init_head: start from this trained head's weights instead of fresh ones
+        (`fa2jax.feature_head.widen_head`: a plain head may start a fused one).
 
     Returns:
       a summary: step, params, loss (last logged), the final evaluation's val_* values, checkpoint.
@@ -382,7 +385,8 @@ def train_feature_head(
                              f"of the {name} rows: {features.shape=}, rows {None if rows is None else rows.tokens.shape}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    head = FeatureHead(head_config, rngs=nnx.Rngs(train_cfg.seed))
+    head = (FeatureHead(head_config, rngs=nnx.Rngs(train_cfg.seed)) if init_head is None
+            else widen_head(init_head, head_config, rngs=nnx.Rngs(train_cfg.seed)))
     head_def, head_params = nnx.split(head)
     target_def, target_params, target_rest = _split_target(target)
     schedule = BatchSchedule(train_rows, train_cfg.batch_size, train_cfg.seed)
