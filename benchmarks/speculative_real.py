@@ -21,9 +21,10 @@ and the mean context of the run.
 
 Numerics (--numerics): "f32" runs both models in float32 with the highest matmul precision, so
 greedy equality does not hang on rounding; "bf16-invariant" runs them in bfloat16 with a
-batch-invariant target (`fa2jax.model.with_invariant_rows`: every cached call padded to R = the
-largest tree's nodes, so a row's numbers do not depend on how many rows a call has) and also times
-the plain bf16 incremental decoding, the baseline its speedups are quoted against.
+batch-invariant target per tree (`fa2jax.model.with_invariant_rows`: every cached call padded to
+R = that tree's nodes, so a row's numbers do not depend on how many rows a call has), whose greedy
+tokens must equal incremental decoding padded alike ("incremental-R<R>" rows, timed: what the padding
+costs); speedups are quoted against the plain bf16 incremental decoding ("incremental").
 
 Writes <out>/speculative_real.json, .md and speedup_vs_batch.png after every configuration.
 Rows stop at the tokenizer's eos (chat answers end), so tokens/s counts the tokens generated.
@@ -57,11 +58,13 @@ TREES = {
     "specinfer": ExpansionTree.specinfer(),
     "wide": ExpansionTree((4, 2, 1, 1)),
     "dynamic16": DynamicTree(num_nodes=16, depth=6, top_k=4),
-    # Wider dynamic trees: at batch 1 the target's pass over 32 or 64 nodes costs about what 16 do.
-    # Wide and shallow beat deep with the shipped head (CPU, 8 eval prompts x 64 tokens, tokens per
-    # step): 64 nodes at depth 5 / top-12 3.05, depth 6 / top-10 2.97, depth 8 / top-8 2.82.
+    # Wider dynamic trees: at batch 1 the target's pass over 32-128 nodes costs about what 16 do.
+    # With the shipped head (CPU, float32, 8 eval prompts x 64 tokens, tokens per step): 64 nodes
+    # at depth 5 / top-12 3.05, depth 6 / top-10 2.97, depth 8 / top-8 2.82; 96 at depth 6 / top-12
+    # 3.18; 128 at depth 6 / top-12 3.34, depth 7 / top-16 3.29. 128 is the tree kernel's limit.
     "dynamic32": DynamicTree(num_nodes=32, depth=7, top_k=6),
     "dynamic64": DynamicTree(num_nodes=64, depth=5, top_k=12),
+    "dynamic128": DynamicTree(num_nodes=128, depth=6, top_k=12),
 }
 
 
@@ -213,16 +216,23 @@ def main(argv=None) -> dict:
     texts = read_prompts(args.prompt_file)[: args.prompts]
     ids = [chat_ids(tokenizer, t) for t in texts]
     width = max(len(x) for x in ids)
-    rows_needed = max(t.num_nodes for t in trees.values())
-    min_len = width + args.new_tokens + rows_needed
+    min_len = width + args.new_tokens + max(t.num_nodes for t in trees.values())
     if args.numerics == "f32":
         jax.config.update("jax_default_matmul_precision", "highest")
-        dtype, rows = jnp.float32, 0
+        dtype, invariant = jnp.float32, False
     else:
-        dtype, rows = jnp.bfloat16, rows_needed
+        dtype, invariant = jnp.bfloat16, True
     target = with_min_len(load_pretrained(target_path, dtype=dtype), min_len)
-    plain_target = target
-    target = with_invariant_rows(target, rows) if rows else target
+    # bf16-invariant: each tree's verifier pads every cached call to its own node count R (so a small
+    # tree does not pay for the largest one's rows); the same arrays under another config.
+    verifiers = {}
+
+    def verifier(tree):
+        rows = tree.num_nodes if invariant else 0
+        if rows not in verifiers:
+            verifiers[rows] = with_invariant_rows(target, rows) if rows else target
+        return rows, verifiers[rows]
+
     drafts = {}
     if draft_path:
         drafts["model"] = with_min_len(load_pretrained(draft_path, dtype=dtype), min_len)
@@ -256,43 +266,51 @@ def main(argv=None) -> dict:
         sampling = dict(max_new_tokens=args.new_tokens, temperature=mode.temperature, top_p=mode.top_p,
                         eos_id=eos, rng=jax.random.key(args.seed))
         context = width + args.new_tokens // 2
+        # The baseline: plain incremental decoding (bf16 without row padding in bf16-invariant mode);
+        # every speedup is quoted against it.
         t_decode = seconds_per_call(target, "decode", jnp.zeros((batch, 1), jnp.int32), cache_len=context + 1,
                                     context=context)
         base, base_s = run_all(lambda p, n: generate_incremental(target, p, n, **sampling), batches)
         base_tokens = new_tokens(base, batches)
-        baseline_s = base_s
         record["rows"].append(dict(mode=mode.name, batch=batch, draft="-", tree="incremental", nodes=1,
                                    tokens=base_tokens, seconds=base_s, tokens_per_s=base_tokens / base_s,
                                    speedup=1.0, mean_accepted=1.0, t_decode_ms=1e3 * t_decode))
-        if rows:  # what padding every call to R rows costs the baseline: speedups are quoted against this one
-            plain, plain_s = run_all(lambda p, n: generate_incremental(plain_target, p, n, **sampling), batches)
-            baseline_s = plain_s * base_tokens / new_tokens(plain, batches)
-            record["rows"].append(dict(mode=mode.name, batch=batch, draft="-", tree="incremental-plain", nodes=1,
-                                       tokens=new_tokens(plain, batches), seconds=plain_s,
-                                       tokens_per_s=new_tokens(plain, batches) / plain_s,
-                                       speedup=base_s / baseline_s, mean_accepted=1.0))
         write_outputs(out, record)
         print(f"{mode.name} B={batch} incremental: {base_tokens / base_s:.1f} tokens/s", flush=True)
+        references = {0: base}  # per row padding R: the incremental tokens greedy speculation must equal
         for (kind, draft), (tree_name, tree) in itertools.product(drafts.items(), trees.items()):
             if out_of_time():
                 break
+            rows, model = verifier(tree)
+            # Greedy tokens must equal the same decoding padded to R rows (timed too: what the padding
+            # costs); sampled runs have no such reference to compute.
+            if mode.verify == "greedy" and rows not in references:
+                padded, padded_s = run_all(lambda p, n: generate_incremental(model, p, n, **sampling), batches)
+                references[rows] = padded
+                padded_tokens = new_tokens(padded, batches)
+                record["rows"].append(dict(mode=mode.name, batch=batch, draft="-", tree=f"incremental-R{rows}",
+                                           nodes=1, tokens=padded_tokens, seconds=padded_s,
+                                           tokens_per_s=padded_tokens / padded_s,
+                                           speedup=(padded_tokens / padded_s) / (base_tokens / base_s),
+                                           mean_accepted=1.0))
+                write_outputs(out, record)
             key = (kind, tree_name, mode.verify)
             if key not in decoders:
-                decoders[key] = SpeculativeDecoder(target, draft, tree=tree, verify=mode.verify)
+                decoders[key] = SpeculativeDecoder(model, draft, tree=tree, verify=mode.verify)
             decoder = decoders[key]
             results, seconds = run_all(lambda p, n: decoder.generate(p, n, **sampling), batches)
             tokens = new_tokens(results, batches)
             histogram = np.sum([np.asarray(r.stats.accepted_histogram) for r in results], axis=0)
             steps = max(histogram[1:].sum(), 1)
             accepted = float((np.arange(histogram.size) * histogram).sum() / steps)
-            t_verify = seconds_per_call(target, "score_tree", jnp.zeros((batch, tree.num_nodes), jnp.int32),
+            t_verify = seconds_per_call(model, "score_tree", jnp.zeros((batch, tree.num_nodes), jnp.int32),
                                         tree_mask(tree), cache_len=context + tree.num_nodes, context=context)
             t_draft = seconds_per_proposal(draft, jnp.ones((batch, tree.num_nodes), jnp.int32), tree_mask(tree),
                                            context=context, reps=5)
             passes = mean_draft_passes(decoder, histogram)[0]
             row = dict(mode=mode.name, batch=batch, draft=kind, tree=tree_name, nodes=tree.num_nodes, tokens=tokens,
                        seconds=seconds, tokens_per_s=tokens / seconds,
-                       speedup=(tokens / seconds) / (base_tokens / baseline_s), mean_accepted=accepted,
+                       speedup=(tokens / seconds) / (base_tokens / base_s), mean_accepted=accepted,
                        acceptance_by_depth=acceptance_by_depth(histogram), histogram=histogram.tolist(),
                        t_decode_ms=1e3 * t_decode, t_verify_ms=1e3 * t_verify, t_draft_ms=1e3 * t_draft,
                        draft_passes=passes,
@@ -300,7 +318,7 @@ def main(argv=None) -> dict:
             if mode.verify == "greedy":
                 row["identical"] = all(np.array_equal(np.asarray(r.tokens), np.asarray(b.tokens))
                                        and np.array_equal(np.asarray(r.lengths), np.asarray(b.lengths))
-                                       for r, b in zip(results, base))
+                                       for r, b in zip(results, references[rows]))
                 if not row["identical"]:
                     mismatches.append(f"{kind} {tree_name} B={batch}")
             record["rows"].append(row)
