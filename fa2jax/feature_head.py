@@ -245,9 +245,10 @@ def widen_head(source: FeatureHead, config: FeatureHeadConfig, *, rngs: nnx.Rngs
                          f"{config.feature_layers}: only a plain head (none) widens to other layers")
     head = FeatureHead(config, rngs=rngs or nnx.Rngs(0))
     dtype = jnp.dtype(config.layer.param_dtype)
+    # Copies, never the source's arrays: a training step donates the new head's buffers.
+    copy = lambda x: jnp.array(x, dtype=dtype, copy=True)  # noqa: E731
     for name in ("fc", "block") + (("fuse",) if source.fuse is not None else ()):
-        nnx.update(getattr(head, name), jax.tree.map(lambda x: x.astype(dtype), nnx.state(getattr(source, name),
-                                                                                         nnx.Param)))
+        nnx.update(getattr(head, name), jax.tree.map(copy, nnx.state(getattr(source, name), nnx.Param)))
     if source.fuse is None and head.fuse is not None:
         d = config.d_model
         head.fuse.kernel[...] = jnp.zeros((config.target_width, d), dtype).at[-d:].set(jnp.eye(d, dtype=dtype))

@@ -21,8 +21,9 @@ from fa2jax.feature_head import (
     FeatureHead, FeatureHeadConfig, count_params, load_feature_head, parse_feature_layers, save_feature_head,
     widen_head)
 from fa2jax.model import with_invariant_rows
+from fa2jax.training import TrainConfig
 from fa2jax.training.feature_draft import (
-    FeatureLossConfig, evaluate_feature_head, feature_loss_sums, target_features)
+    FeatureLossConfig, evaluate_feature_head, feature_loss_sums, target_features, train_feature_head)
 from spec import DynamicTree, ExpansionTree, FeatureDrafter, SpeculativeDecoder, generate_incremental
 
 TEST_SEED = int(os.environ.get("FA2JAX_TEST_SEED", "0"))
@@ -200,7 +201,7 @@ def test_feature_layer_settings_are_checked(models):
                                    rngs=nnx.Rngs(0)), small)
 
 
-def test_widened_head_drafts_as_its_plain_source(models):
+def test_widened_head_drafts_as_its_plain_source(models, tmp_path):
     """`widen_head` from a plain head: the fuse passes the final state through, so greedy decoding
     accepts exactly what the plain head's did; training from it (init_head) starts at its loss."""
     target, _ = models
@@ -218,6 +219,12 @@ def test_widened_head_drafts_as_its_plain_source(models):
     batch = {"tokens": rows.tokens[:2], "segment_ids": rows.segment_ids[:2], "positions": rows.positions[:2]}
     np.testing.assert_allclose(float(feature_loss_sums(wide, target, batch, FeatureLossConfig())["loss"]),
                                float(feature_loss_sums(plain, target, batch, FeatureLossConfig())["loss"]), rtol=1e-5)
+    # Training from a head (init_head) donates the copies, not the source's arrays: it stays usable.
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16, warmup_steps=0, eval_every=1, eval_batches=1,
+                      checkpoint_every=1)
+    train_feature_head(target, rows, tmp_path, train_cfg=cfg, show_progress=False, init_head=plain,
+                       head_config=FeatureHeadConfig.for_target(target.config, feature_layers=LAYERS))
+    assert np.isfinite(float(feature_loss_sums(plain, target, batch, FeatureLossConfig())["loss"]))
     with pytest.raises(ValueError, match="feature_layers"):
         widen_head(wide, FeatureHeadConfig.for_target(target.config, feature_layers=(1,)))
     with pytest.raises(ValueError, match="layer shapes"):
