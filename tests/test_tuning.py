@@ -81,14 +81,16 @@ def test_shipped_cache_decodes():
 
 
 def test_banded_feature_sets_fall_back_to_the_causal_entry(tmp_path, monkeypatch):
-    """The shipped H100 entries at D=128: the persistent forward for the plain set and the sets
-    without a band, the grid kernel (measured faster under a causal band) for every banded set."""
+    """The shipped H100 entries at D=128: the persistent forward in item order for the plain set and
+    the sets without a band; with the early K wait and the serpentine order (measured faster under
+    a causal band, where the plain order loads the low CTAs with the longest items) for every banded set."""
     monkeypatch.setenv(block_sizes.USER_CACHE_ENV, str(tmp_path / "none.json"))
     h100 = "NVIDIA H100 80GB HBM3"
-    for features, persistent in [((), True), (("softcap",), True), (("segments",), True), (("causal",), False),
-                                 (("window",), False), (("causal", "window"), False),
-                                 (("causal", "segments", "softcap"), False)]:
-        assert block_sizes.lookup_mosaic_fwd(h100, jnp.bfloat16, 128, features).persistent is persistent, features
+    for features, banded in [((), False), (("softcap",), False), (("segments",), False), (("causal",), True),
+                             (("window",), True), (("causal", "window"), True),
+                             (("causal", "segments", "softcap"), True)]:
+        config = block_sizes.lookup_mosaic_fwd(h100, jnp.bfloat16, 128, features)
+        assert config.persistent and (config.serpentine, config.early_k_wait) == (banded, banded), features
 
 
 def _plan(D=64, **kwargs):
