@@ -10,7 +10,9 @@ acceptance by depth and the cost model's prediction next to the measured speedup
 with t_decode one target decode step, t_verify one target pass over the N tree nodes, t_draft one
 draft proposal over them (any `spec.Drafter`, timed through the protocol) and draft passes the
 measured mean per step (`spec.comparison.mean_draft_passes`), all timed in this run at batch B
-and the mean context of the run.
+and the mean context of the run. Each row also gives the cost of one loop step measured inside
+the jitted loop (seconds over target calls; for speculation also in incremental decode steps),
+which the standalone timings overestimate by each call's launch overhead.
 
     # the GPU run (10-minute calls: --deadline writes what is done)
     PYTHONPATH=. python benchmarks/speculative_real.py --target smollm2 \\
@@ -127,6 +129,11 @@ def run_all(generate, batches) -> tuple[list, float]:
     return [jax.device_get(r) for r in results], time.perf_counter() - start
 
 
+def loop_steps(results) -> int:
+    """Target calls of every batch's run (its loop steps, the prefill included)."""
+    return int(sum(int(r.stats.target_calls) for r in results))
+
+
 def new_tokens(results, batches) -> int:
     return int(sum((np.asarray(r.lengths) - np.asarray(b[1])).sum() for r, b in zip(results, batches)))
 
@@ -137,15 +144,16 @@ def write_outputs(out: Path, record: dict) -> None:
     (out / "speculative_real.json").write_text(json.dumps(record, indent=1))
     lines = [f"{record['device']}, jax {record['jax']}, {record['date']}, numerics {record['args']['numerics']}, "
              f"{record['prompts']} prompts, up to {record['args']['new_tokens']} new tokens",
-             "", "| mode | B | draft | tree | N | tok/s | speedup | predicted | tokens/step | acceptance by depth "
-             "| identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| mode | B | draft | tree | N | tok/s | speedup | predicted | tokens/step | step ms (decode steps) "
+             "| acceptance by depth | identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         depth = " ".join(f"{a:.2f}" for a in r.get("acceptance_by_depth", []))
         same = {True: "yes", False: "**NO**", None: ""}[r.get("identical")]
         predicted = f"{r['predicted_speedup']:.2f}" if "predicted_speedup" in r else ""
+        step = (f"{r['step_ms']:.2f}" + (f" ({r['step_cost']:.2f})" if "step_cost" in r else "")) if "step_ms" in r else ""
         lines.append(f"| {r['mode']} | {r['batch']} | {r['draft']} | {r['tree']} | {r['nodes']} | "
                      f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {predicted} | {r['mean_accepted']:.2f} | "
-                     f"{depth} | {same} |")
+                     f"{step} | {depth} | {same} |")
     (out / "speculative_real.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -272,9 +280,11 @@ def main(argv=None) -> dict:
                                     context=context)
         base, base_s = run_all(lambda p, n: generate_incremental(target, p, n, **sampling), batches)
         base_tokens = new_tokens(base, batches)
+        base_step_ms = 1e3 * base_s / loop_steps(base)  # one decode step inside the jitted loop
         record["rows"].append(dict(mode=mode.name, batch=batch, draft="-", tree="incremental", nodes=1,
                                    tokens=base_tokens, seconds=base_s, tokens_per_s=base_tokens / base_s,
-                                   speedup=1.0, mean_accepted=1.0, t_decode_ms=1e3 * t_decode))
+                                   speedup=1.0, mean_accepted=1.0, t_decode_ms=1e3 * t_decode,
+                                   step_ms=base_step_ms))
         write_outputs(out, record)
         print(f"{mode.name} B={batch} incremental: {base_tokens / base_s:.1f} tokens/s", flush=True)
         references = {0: base}  # per row padding R: the incremental tokens greedy speculation must equal
@@ -314,7 +324,11 @@ def main(argv=None) -> dict:
                        acceptance_by_depth=acceptance_by_depth(histogram), histogram=histogram.tolist(),
                        t_decode_ms=1e3 * t_decode, t_verify_ms=1e3 * t_verify, t_draft_ms=1e3 * t_draft,
                        draft_passes=passes,
-                       predicted_speedup=accepted * t_decode / (passes * t_draft + t_verify))
+                       predicted_speedup=accepted * t_decode / (passes * t_draft + t_verify),
+                       # In-loop cost of a speculative step, in ms and in incremental decode steps: the
+                       # standalone timings above include each call's launch overhead, the loop's do not.
+                       step_ms=1e3 * seconds / loop_steps(results),
+                       step_cost=1e3 * seconds / loop_steps(results) / base_step_ms)
             if mode.verify == "greedy":
                 row["identical"] = all(np.array_equal(np.asarray(r.tokens), np.asarray(b.tokens))
                                        and np.array_equal(np.asarray(r.lengths), np.asarray(b.lengths))
