@@ -318,6 +318,7 @@ def main(argv=None) -> dict:
             t_draft = seconds_per_proposal(draft, jnp.ones((batch, tree.num_nodes), jnp.int32), tree_mask(tree),
                                            context=context, reps=5)
             passes = mean_draft_passes(decoder, histogram)[0]
+            step_ms = 1e3 * seconds / loop_steps(results)
             row = dict(mode=mode.name, batch=batch, draft=kind, tree=tree_name, nodes=tree.num_nodes, tokens=tokens,
                        seconds=seconds, tokens_per_s=tokens / seconds,
                        speedup=(tokens / seconds) / (base_tokens / base_s), mean_accepted=accepted,
@@ -327,8 +328,7 @@ def main(argv=None) -> dict:
                        predicted_speedup=accepted * t_decode / (passes * t_draft + t_verify),
                        # In-loop cost of a speculative step, in ms and in incremental decode steps: the
                        # standalone timings above include each call's launch overhead, the loop's do not.
-                       step_ms=1e3 * seconds / loop_steps(results),
-                       step_cost=1e3 * seconds / loop_steps(results) / base_step_ms)
+                       step_ms=step_ms, step_cost=step_ms / base_step_ms)
             if mode.verify == "greedy":
                 row["identical"] = all(np.array_equal(np.asarray(r.tokens), np.asarray(b.tokens))
                                        and np.array_equal(np.asarray(r.lengths), np.asarray(b.lengths))

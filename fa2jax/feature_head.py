@@ -39,7 +39,7 @@ from flax import nnx
 from fa2jax import checkpoint as ckpt
 from fa2jax.config import TransformerConfig
 from fa2jax.kv_cache import KVCache
-from fa2jax.model import Block
+from fa2jax.model import Block, check_inner_layers
 from fa2jax.tokenizer import Tokenizer
 
 # meta.json key of a head's config; a Transformer checkpoint has "model_config" instead.
@@ -66,12 +66,8 @@ class FeatureHeadConfig:
     def __post_init__(self):
         if not isinstance(self.layer, TransformerConfig):
             raise ValueError(f"layer must be a TransformerConfig, got {type(self.layer)=}")
-        layers = self.feature_layers
-        if (not isinstance(layers, (tuple, list))
-                or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
-                or any(a >= b for a, b in zip(layers, layers[1:]))):
-            raise ValueError(f"feature_layers must be strictly increasing layer indices >= 0, got {layers=}")
-        object.__setattr__(self, "feature_layers", tuple(layers))  # JSON gives a list; configs stay hashable
+        # A tuple (JSON gives a list; configs stay hashable), checked against no target yet.
+        object.__setattr__(self, "feature_layers", check_inner_layers(self.feature_layers, name="feature_layers"))
         if self.layer.num_layers != 1:
             raise ValueError(f"a feature head has one decoder layer, got {self.layer.num_layers=}")
         if self.layer.invariant_rows:
@@ -110,9 +106,10 @@ class FeatureHeadConfig:
         if (target.d_model, target.vocab_size) != (self.d_model, self.vocab_size):
             raise ValueError(f"the head predicts features of width {self.d_model} over {self.vocab_size} tokens, "
                              f"but the target has {target.d_model=} {target.vocab_size=}")
-        if self.feature_layers and self.feature_layers[-1] >= target.num_layers - 1:
-            raise ValueError(f"the head reads layers {self.feature_layers} of the target besides its final state, "
-                             f"but the target has {target.num_layers=} (inner layers are 0..{target.num_layers - 2})")
+        try:
+            check_inner_layers(self.feature_layers, target.num_layers, "feature_layers")
+        except ValueError as e:
+            raise ValueError(f"the target cannot give this head its inner layers: {e}") from None
 
     def replace(self, **layer_changes) -> FeatureHeadConfig:
         """A copy with fields of `layer` changed (dtype, attention_impl, max_len, ...)."""
@@ -134,10 +131,10 @@ def parse_feature_layers(text: str, num_layers: int) -> tuple[int, ...]:
         layers = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"feature layers must be '', 'eagle3' or comma-separated ints, got {text!r}") from None
-    if any(not 0 <= i < num_layers - 1 for i in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"feature layers must be strictly increasing indices in [0, {num_layers - 1}) "
-                         f"({num_layers=}), got {text!r}")
-    return layers
+    try:
+        return check_inner_layers(layers, num_layers, "feature layers")
+    except ValueError as e:
+        raise ValueError(f"{e} (from {text!r})") from None
 
 
 class FeatureHead(nnx.Module):

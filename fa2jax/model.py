@@ -166,19 +166,10 @@ class Transformer(nnx.Module):
         return logits
 
     def _check_hidden_layers(self, hidden_layers, return_hidden: bool) -> tuple[int, ...]:
-        """`hidden_layers` as a tuple after checking it: strictly increasing layer indices below the
-        last layer (whose output is the final hidden state itself), only with `return_hidden`."""
-        layers = tuple(hidden_layers)
-        if not layers:
-            return layers
-        if not return_hidden:
+        """`hidden_layers` as a tuple after `check_inner_layers`, only with `return_hidden`."""
+        layers = check_inner_layers(hidden_layers, self.config.num_layers)
+        if layers and not return_hidden:
             raise ValueError(f"hidden_layers={layers} needs return_hidden=True")
-        last = self.config.num_layers - 1
-        if (any(not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < last for i in layers)
-                or any(a >= b for a, b in zip(layers, layers[1:]))):
-            raise ValueError(f"hidden_layers must be strictly increasing layer indices in [0, {last}) "
-                             f"(num_layers={self.config.num_layers}; the last layer's output is the final hidden "
-                             f"state, always returned), got {hidden_layers=}")
         return layers
 
     def _outputs(self, x: jax.Array, return_hidden: bool, cache: KVCache | None = None, mask_padding: bool = True,
@@ -393,6 +384,22 @@ class Transformer(nnx.Module):
         """Deprecated name of `score_tree` (`SpeculativeDecoder.verify_tree` is the accept/reject step)."""
         warn_renamed("Transformer.verify_tree", "Transformer.score_tree")
         return self.score_tree(tokens, tree_mask, cache)
+
+
+def check_inner_layers(layers, num_layers: int | None = None, name: str = "hidden_layers") -> tuple[int, ...]:
+    """`layers` as a tuple of ints after checking them: strictly increasing decoder-layer indices
+    >= 0 and, with `num_layers`, below its last layer (whose output is the final hidden state,
+    always returned). Raises a ValueError naming `name` and the value otherwise."""
+    values = tuple(layers) if isinstance(layers, (tuple, list)) else None
+    last = None if num_layers is None else num_layers - 1
+    if (values is None
+            or any(not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0 or (last is not None and i >= last)
+                   for i in values)
+            or any(a >= b for a, b in zip(values, values[1:]))):
+        bound = "" if last is None else (f" below {last} (num_layers={num_layers}; the last layer's output is the "
+                                          f"final hidden state, always returned)")
+        raise ValueError(f"{name} must be strictly increasing layer indices >= 0{bound}, got {name}={layers!r}")
+    return tuple(int(i) for i in values)
 
 
 def replace_config(model: Transformer, **changes) -> Transformer:
