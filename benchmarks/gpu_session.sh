@@ -11,6 +11,9 @@
 #   probe     benchmarks/mosaic_bwd_probe.py: fwd/bwd TFLOP/s vs cuDNN and tokamax (tokamax from .whl)
 #   decode    benchmarks/decode_step.py: SmolLM2-135M-shaped decode/verify cost, random weights (each
 #             30-layer program compiled for ~30 s on the H100: DECODE_ARGS trims the grid, no censuses)
+#   profile   benchmarks/speculative_step_profile.py: a decode step and a speculative step of SmolLM2-135M's shape
+#             (random weights, a random feature head) in the loop, their parts, kernels and host copies per
+#             step, once per XLA flag set of PROFILE_VARIANTS (default: default command_buffer)
 #   train     benchmarks/train_step.py: target-1b train-step tokens/s, our attention vs cuDNN
 #   atomic    benchmarks/atomic_dq_check.py: the single-pass (TMA reduce-add dQ) backward
 #   fwdsweep  benchmarks/mosaic_sweep.py: forward variants and tiles at D=64 and 128 vs cuDNN, under a deadline
@@ -78,6 +81,17 @@ for s in "$@"; do
              --only "${PROBE_ONLY:-ours,cudnn,tokamax-mosaic}" --deadline "${PROBE_DEADLINE:-150}" ;;
     decode) step decode "${DECODE_S:-300}" python3 benchmarks/decode_step.py --out "$OUT/decode" \
               --variants "${DECODE_VARIANTS:-default,command_buffer}" ${DECODE_ARGS:---batches 1,16 --nodes 32 --no-census} ;;
+    profile)
+      for v in ${PROFILE_VARIANTS:-default command_buffer}; do
+        case $v in
+          default) flags="" ;;
+          command_buffer) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" ;;
+          command_buffer_nowhile) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" ;;
+          *) echo "unknown profile variant $v"; continue ;;
+        esac
+        step "profile_$v" "${PROFILE_S:-250}" env XLA_FLAGS="$flags" python3 benchmarks/speculative_step_profile.py \
+          --variant "$v" --out "$OUT/profile_$v.json" --deadline "${PROFILE_DEADLINE_MIN:-3.2}" ${PROFILE_ARGS:---pieces}
+      done ;;
     train) step train "${TRAIN_S:-200}" python3 benchmarks/train_step.py --out "$OUT" ;;
     atomic) step atomic "${ATOMIC_S:-200}" python3 benchmarks/atomic_dq_check.py --out "$OUT" ;;
     fwdsweep) step fwdsweep "${FWDSWEEP_S:-270}" python3 benchmarks/mosaic_sweep.py \

@@ -206,7 +206,7 @@ class SpeculativeDecoder:
                 top_k=top_k, min_p=min_p)
         tree, state = draft_dynamic_tree(
             self.drafters[0], draft_params[0], caches[0], root, tree=self.tree, temperature=temperature,
-            top_p=top_p, top_k=top_k, min_p=min_p)
+            top_p=top_p, top_k=top_k, min_p=min_p, sampling=self.verify == "stochastic")
         return tree, (state,)
 
     def complete_draft_kv(self, draft_params, caches, tree: TokenTree, accepted_depth) -> tuple[Any, ...]:
@@ -229,6 +229,10 @@ class SpeculativeDecoder:
         deepest = jnp.max(accepted_depth)
         completed = []
         for d, p, c, exact in zip(self.drafters, draft_params, caches, self._exact_kv_depths):
+            if not getattr(d, "complete_runs_a_pass", True):
+                # Nothing to skip: a conditional would only cost a host round trip on a GPU.
+                completed.append(d.complete(p, c, tree.tokens, mask))
+                continue
             completed.append(jax.lax.cond(
                 deepest > exact, lambda c, d=d, p=p: d.complete(p, c, tree.tokens, mask), lambda c: c, c))
         return tuple(completed)

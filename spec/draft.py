@@ -118,6 +118,7 @@ def draft_dynamic_tree(
     top_p,
     top_k=0,
     min_p=0.0,
+    sampling: bool = True,
 ) -> tuple[TokenTree, Any]:
     """Grows a dynamic tree: each level keeps the best-scoring children of the previous level,
     plus the draft's greedy chain.
@@ -133,6 +134,8 @@ def draft_dynamic_tree(
       root: last emitted token per row.  # [B] int32
       tree: the dynamic tree configuration.
       temperature, top_p, top_k, min_p: warp applied to the draft's distribution.
+      sampling: static; False when the loop only ever decodes greedily (temperature 0): the
+        scores then come from the plain softmax without tracing the warp at all.
 
     Returns:
       (tree, state with the tree recorded, exact up to depth `tree.depth - 1`; nothing
@@ -150,8 +153,9 @@ def draft_dynamic_tree(
         logits, state = drafter.propose(params, state, tokens, mask)
         lo, size, size_next = tree.level_start(d), sizes[d], sizes[d + 1]
         frontier = logits[:, lo: lo + size]  # [B, size, V]
-        probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p, top_k, min_p),
-                          jax.nn.softmax(frontier, -1))
+        probs = jax.nn.softmax(frontier, -1)
+        if sampling:
+            probs = jnp.where(temperature > 0, warp_probs(frontier, temperature, top_p, top_k, min_p), probs)
         logq = jnp.log(jnp.maximum(probs, 1e-38))
         child_logq, child_tok = jax.lax.top_k(logq, tree.top_k)  # [B, size, top_k]
         cand = (score[:, lo: lo + size, None] + child_logq).reshape(batch, -1)  # [B, size * top_k]

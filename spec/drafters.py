@@ -80,7 +80,8 @@ class Drafter(Protocol):
 
     def complete(self, params: Any, state: Any, tokens: jax.Array, tree_mask) -> Any:
         """The state with every node of the finished tree recorded exactly (the loop calls this
-        only in steps that accept a node deeper than drafting left exact)."""
+        only in steps that accept a node deeper than drafting left exact, unless the drafter sets
+        the class attribute `complete_runs_a_pass = False`: then every step, as it is cheap)."""
 
     def commit(self, state: Any, path: jax.Array, num_accepted: jax.Array) -> Any:
         """Appends the accepted root path to the committed context.

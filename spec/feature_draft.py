@@ -65,6 +65,8 @@ class FeatureDrafter:
     """
 
     needs_target_hidden = True
+    # `complete` only records the tree's tokens: the loop calls it every step, without a conditional.
+    complete_runs_a_pass = False
 
     def __init__(self, head: FeatureHead, target: Transformer):
         if not isinstance(head, FeatureHead):

@@ -73,16 +73,19 @@ def _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_ne
                             rng=rng, target_calls=jnp.array(1, jnp.int32))
 
 
-def _next_token(logits, key, warp) -> jax.Array:
-    """The token after `logits` [B, V]: [B] int32. Greedy decoding takes the argmax alone, under a
-    `lax.cond`: warping and drawing (a softmax over V, three filter conditionals, a Gumbel draw over
-    V) would pick the same token, at a dozen kernels and two more host round trips per step."""
-    return jax.lax.cond(warp["temperature"] > 0,
-                        lambda: sample_probs(key, warp_probs(logits, **warp)),
-                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+def _next_token(logits, key, warp, sampling: bool) -> jax.Array:
+    """The token after `logits` [B, V]: [B] int32. `sampling` is static: greedy decoding
+    (temperature 0) compiles the argmax alone, since warping and drawing would pick the same token
+    at many more kernels per step, and choosing at run time would take a `lax.cond`, a host round
+    trip per step on a GPU."""
+    if not sampling:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.where(warp["temperature"] > 0, sample_probs(key, warp_probs(logits, **warp)),
+                     jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *, fused: bool) -> IncrementalState:
+def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *, fused: bool,
+         sampling: bool = True) -> IncrementalState:
     """Decodes while some row is active and fewer than `step_limit` target passes ran."""
     graphdef, params = _fused(graphdef, params, fused)
     ones = jnp.ones(state.lengths.shape, jnp.int32)
@@ -92,7 +95,7 @@ def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *,
         logits, cache = call_model(graphdef, params, "decode", s.last[:, None], s.cache)
         # Stopped rows do not advance their cache.
         cache = cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
-        nxt = _next_token(logits[:, 0], key, warp)
+        nxt = _next_token(logits[:, 0], key, warp, sampling)
         buffer, lengths, done = emit_tokens(s.tokens, s.lengths, s.limit, s.done, nxt[:, None], ones, eos_id)
         return s.replace(tokens=buffer, lengths=lengths, done=done, last=jnp.where(s.done, s.last, nxt),
                          cache=cache, rng=rng, target_calls=s.target_calls + 1)
@@ -110,18 +113,18 @@ def _result(state: IncrementalState, prompt_lengths) -> GenerationResult:
                               mean_accepted_length=jnp.where(steps > 0, 1.0, 0.0).astype(jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "fused"))
-def _generate(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_new_tokens, fused):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "fused", "sampling"))
+def _generate(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_new_tokens, fused, sampling=True):
     graphdef, params = _fused(graphdef, params, fused)
     state = _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, max_new_tokens=max_new_tokens,
                   fused=False)
-    state = _run(graphdef, params, state, eos_id, warp, jnp.iinfo(jnp.int32).max, fused=False)
+    state = _run(graphdef, params, state, eos_id, warp, jnp.iinfo(jnp.int32).max, fused=False, sampling=sampling)
     return _result(state, prompt_lengths)
 
 
 # The chunked path (streaming, stop strings): one compile of each, reused by every chunk.
 _init_jit = jax.jit(_init, static_argnames=("graphdef", "max_new_tokens", "fused"))
-_run_jit = jax.jit(_run, static_argnames=("graphdef", "fused"))
+_run_jit = jax.jit(_run, static_argnames=("graphdef", "fused", "sampling"))
 _result_jit = jax.jit(_result)
 
 
@@ -168,12 +171,14 @@ def generate_incremental(target: Transformer, prompt, prompt_lengths, *, max_new
         raise TypeError(f"fused must be a bool, got {fused=}")
     graphdef, params = nnx.split(target)
     eos, warp = jnp.asarray(args.eos_ids, jnp.int32), args.warp()
+    # Greedy and sampled decoding compile apart (see `_next_token`); other settings stay traced.
+    sampling = args.temperature > 0
     if not streaming.chunked:
         return _generate(graphdef, params, args.prompt, args.prompt_lengths, args.rng, eos, warp,
-                         max_new_tokens=args.max_new_tokens, fused=fused)
+                         max_new_tokens=args.max_new_tokens, fused=fused, sampling=sampling)
     state = run_chunked(
         lambda: _init_jit(graphdef, params, args.prompt, args.prompt_lengths, args.rng, eos, warp,
                           max_new_tokens=args.max_new_tokens, fused=fused),
-        lambda state, limit: _run_jit(graphdef, params, state, eos, warp, limit, fused=fused),
+        lambda state, limit: _run_jit(graphdef, params, state, eos, warp, limit, fused=fused, sampling=sampling),
         prompt_lengths=np.asarray(args.prompt_lengths), args=streaming)
     return _result_jit(state, args.prompt_lengths)
