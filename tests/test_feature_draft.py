@@ -449,3 +449,9 @@ def test_train_script_feature_head(tmp_path):
         main(base + ["--token-weight", "-1"])
     with pytest.raises(cli.UsageError, match="unroll_weight"):
         main(base + ["--unroll-weight", "0"])
+    with pytest.raises(cli.UsageError, match="--feature-layers: .*99"):  # refused before any data is read
+        main(base[:-2] + ["--data", str(tmp_path / "missing"), "--feature-layers", "99", "--out", str(tmp_path / "x")])
+    # A feature-head flag on a model run would do nothing: refused, naming it.
+    model_run = ["--draft-kind" if a == "--draft-kind" else "model" if a == "feature" else a for a in base]
+    with pytest.raises(cli.UsageError, match=r"\['--unroll-steps', '--feature-layers'\] only apply"):
+        main(model_run + ["--unroll-steps", "2", "--feature-layers", "eagle3"])

@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     show = not args.no_progress
     # Everything that can fail on the command line alone fails here, before any data is read.
     out = cli.check_writable(args.out or f"out/{args.preset}")
-    loss_cfg = _check_feature_flags(args) if args.draft_kind == "feature" else None
+    loss_cfg = _check_feature_flags(args) if args.draft_kind == "feature" else _refuse_feature_flags(args)
     try:
         mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
     except ValueError as e:
@@ -197,6 +197,20 @@ def main(argv=None) -> dict:
     return summary
 
 
+# Flags that only --draft-kind feature reads (dest names).
+FEATURE_ONLY_FLAGS = ("feature_weight", "token_weight", "input_noise", "unroll_steps", "unroll_weight",
+                      "unroll_gradient", "feature_layers", "save_dtype")
+
+
+def _refuse_feature_flags(args) -> None:
+    """--draft-kind model: a feature-head flag set to anything but its default would do nothing."""
+    parser = build_parser()
+    given = [cli._flag(dest) for dest in FEATURE_ONLY_FLAGS if getattr(args, dest) != parser.get_default(dest)]
+    if given:
+        raise cli.UsageError(f"{given} only apply to --draft-kind feature (this run trains a model: "
+                             f"--draft-kind {args.draft_kind})")
+
+
 def _check_feature_flags(args) -> FeatureLossConfig:
     """The loss config of --draft-kind feature, after refusing the flags it cannot honour."""
     if not args.teacher:
@@ -206,6 +220,10 @@ def _check_feature_flags(args) -> FeatureLossConfig:
     if refused:
         raise cli.UsageError(f"--draft-kind feature does not take {refused}: the head's width, vocabulary and "
                              f"embedding are the teacher's, and its short runs neither resume nor shard")
+    try:  # before any data is read (the teacher's config alone gives its depth)
+        parse_feature_layers(args.feature_layers, load_config(args.teacher).num_layers)
+    except ValueError as e:
+        raise cli.UsageError(f"--feature-layers: {e}") from None
     try:
         return FeatureLossConfig(args.feature_weight, args.token_weight, args.input_noise, args.unroll_steps,
                                  args.unroll_weight, args.unroll_gradient)
