@@ -89,8 +89,10 @@ for s in "$@"; do
           command_buffer_nowhile) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" ;;
           *) echo "unknown profile variant $v"; continue ;;
         esac
+        args_var="PROFILE_ARGS_$v"  # arguments for one variant, else PROFILE_ARGS for all
         step "profile_$v" "${PROFILE_S:-250}" env XLA_FLAGS="$flags" python3 benchmarks/speculative_step_profile.py \
-          --variant "$v" --out "$OUT/profile_$v.json" --deadline "${PROFILE_DEADLINE_MIN:-3.2}" ${PROFILE_ARGS:---pieces}
+          --variant "$v" --out "$OUT/profile_$v.json" --deadline "${PROFILE_DEADLINE_MIN:-3.2}" \
+          ${!args_var:-${PROFILE_ARGS:---pieces}}
       done ;;
     train) step train "${TRAIN_S:-200}" python3 benchmarks/train_step.py --out "$OUT" ;;
     atomic) step atomic "${ATOMIC_S:-200}" python3 benchmarks/atomic_dq_check.py --out "$OUT" ;;

@@ -4,7 +4,7 @@ Random bf16 weights of SmolLM2-135M-Instruct's shape (speed does not depend on t
 feature head for it (`spec.FeatureDrafter`). For each case it prints milliseconds per loop step,
 each from the difference of two runs of the loop's compiled `run` with a traced step limit (one
 compile; prefill and host overhead cancel):
-  * `incremental`: one decode step of `generate_incremental` (greedy, or sampled with --modes t1.0);
+  * `incremental`: one decode step of `generate_incremental` (greedy, or sampled: incremental/t1.0);
   * `<tree>/<mode>`: one speculative step (draft passes + tree pass + verify + commit);
   * with `--pieces`, the step's parts in a `fori_loop` of their own: the draft (all head passes
     and tree building) and the target's tree pass (`score_tree` with hidden states), so
@@ -16,8 +16,8 @@ compile; prefill and host overhead cancel):
 XLA flags differ between processes (XLA reads them once): run the script once per flag set, e.g.
 with and without `--xla_gpu_enable_command_buffer=...,WHILE,CONDITIONAL` (`gpu_session.sh profile`).
 
-    PYTHONPATH=. python3 benchmarks/speculative_step_profile.py --trees dynamic32,dynamic128 \\
-        --modes greedy,t1.0 --out /tmp/step_profile.json
+    PYTHONPATH=. python3 benchmarks/speculative_step_profile.py --pieces \\
+        --cases incremental/greedy,dynamic32/greedy,dynamic128/t1.0 --out /tmp/step_profile.json
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 benchmarks/speculative_step_profile.py --smoke   # a CPU check
 """
 from __future__ import annotations
@@ -112,8 +112,10 @@ def in_loop_ms(body, carry, passes: int, iters: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trees", default="dynamic32,dynamic128", help=f"comma list of {sorted(TREES)}")
-    parser.add_argument("--modes", default="greedy,t1.0", help=f"comma list of {sorted(MODES)} (t: top-p 0.95)")
+    parser.add_argument("--cases", default="incremental/greedy,dynamic32/greedy,dynamic128/t1.0,dynamic128/greedy,"
+                                            "incremental/t1.0,dynamic32/t1.0",
+                        help=f"comma list of <tree>/<mode>, run in this order: tree incremental or one of "
+                             f"{sorted(TREES)}, mode one of {sorted(MODES)} (t: top-p 0.95)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", default="8,40", help="the two step counts whose difference is timed")
@@ -126,14 +128,11 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/speculative_step_profile.json")
     parser.add_argument("--smoke", action="store_true", help="2-layer toy shapes: a CPU check of the script")
     args = parser.parse_args()
-    trees = [t for t in args.trees.split(",") if t]
-    modes = [m for m in args.modes.split(",") if m]
-    for name in trees:
-        if name not in TREES:
-            parser.error(f"unknown tree {name!r}: choose from {sorted(TREES)}")
-    for name in modes:
-        if name not in MODES:
-            parser.error(f"unknown mode {name!r}: choose from {sorted(MODES)}")
+    cases = [tuple(c.split("/")) for c in args.cases.split(",") if c]
+    for case in cases:
+        if len(case) != 2 or case[0] not in (*TREES, "incremental") or case[1] not in MODES:
+            parser.error(f"bad case {'/'.join(case)!r}: <tree>/<mode> with tree incremental or one of {sorted(TREES)} "
+                         f"and mode one of {sorted(MODES)}")
     first, second = (int(s) for s in args.steps.split(","))
     if not 0 < first < second:
         parser.error(f"--steps needs 0 < first < second, got {args.steps!r}")
@@ -148,7 +147,7 @@ def main() -> None:
     prompt = jnp.asarray(rng.integers(0, config.vocab_size, (args.batch, args.prompt_len)), jnp.int32)
     lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
     # Room for `second` steps of the deepest tree, so no row reaches its limit inside the timed runs.
-    max_new = (max([TREES[t].depth for t in trees] + [0]) + 1) * second + 8
+    max_new = (max([TREES[t].depth for t, _ in cases if t in TREES] + [0]) + 1) * second + 8
     no_eos = jnp.full((EOS_SLOTS,), -1, jnp.int32)
     record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, variant=args.variant, args=vars(args),
                   cases={})
@@ -165,57 +164,52 @@ def main() -> None:
         save()
 
     graphdef, params = nnx.split(target)
-    for mode in modes:
+    for tree_name, mode in cases:
         if out_of_time():
             break
-        warp = warp_of(MODES[mode])
-        key = jax.random.key(0)
-        state0 = incremental._init_jit(graphdef, params, prompt, lengths, key, no_eos, warp, max_new_tokens=max_new,
-                                       fused=True)
-        run = lambda s, limit: incremental._run_jit(graphdef, params, s, no_eos, warp, limit, fused=True,
-                                                    sampling=MODES[mode] > 0)
-        fields = dict(ms_per_step=per_step_ms(run, state0, first, second, args.iters))
-        if not args.no_trace:
-            fields["census"] = trace_census(run, state0, second)
-        report(f"incremental/{mode}", **fields)
-
-    for tree_name in trees:
-        for mode in modes:
-            if out_of_time():
-                break
-            temperature = MODES[mode]
-            decoder = SpeculativeDecoder(target, drafter, tree=TREES[tree_name],
-                                         verify="greedy" if temperature == 0 else "stochastic")
-            warp = warp_of(temperature)
-            tp, dp = decoder._target_params, decoder._draft_params
-            state0 = decoder._init_jit(tp, dp, prompt, lengths, warp["temperature"], warp["top_p"], jax.random.key(0),
-                                       no_eos, max_new_tokens=max_new, top_k=warp["top_k"], min_p=warp["min_p"])
-            run = lambda s, limit: decoder._run_jit(tp, dp, s, warp["temperature"], warp["top_p"], no_eos, limit,
-                                                    warp["top_k"], warp["min_p"])
+        temperature = MODES[mode]
+        warp = warp_of(temperature)
+        if tree_name == "incremental":
+            state0 = incremental._init_jit(graphdef, params, prompt, lengths, jax.random.key(0), no_eos, warp,
+                                           max_new_tokens=max_new, fused=True)
+            run = lambda s, limit: incremental._run_jit(graphdef, params, s, no_eos, warp, limit, fused=True,
+                                                        sampling=temperature > 0)
             fields = dict(ms_per_step=per_step_ms(run, state0, first, second, args.iters))
-            if args.pieces:
-                def draft_body(carry):
-                    caches, root, key = carry
-                    key, sub = jax.random.split(key)
-                    tree, caches = decoder.draft(dp, caches, root, sub, warp["temperature"], warp["top_p"],
-                                                 warp["top_k"], warp["min_p"])
-                    return caches, (root + tree.tokens[:, -1]) % config.vocab_size, key
-                fields["draft_ms"] = in_loop_ms(draft_body, (state0.draft_caches, state0.root, jax.random.key(1)),
-                                                20, args.iters)
-                tree, _ = jax.jit(lambda c, r: decoder.draft(dp, c, r, jax.random.key(2), warp["temperature"],
-                                                             warp["top_p"], warp["top_k"], warp["min_p"]))(
-                    state0.draft_caches, state0.root)
-
-                def score_body(cache):
-                    logits, written, hidden = decoder.score(tp, cache, tree, return_hidden=True)
-                    # The outputs feed the carry, so no part of the pass is dead code; lengths never change.
-                    alive = (logits[0, 0, 0] > 1e30) | (hidden[0, 0, 0] > 1e30)
-                    return written.replace(lengths=cache.lengths + alive.astype(jnp.int32))
-                fields["tree_pass_ms"] = in_loop_ms(score_body, state0.target_cache, 20, args.iters)
-                fields["verify_commit_ms"] = fields["ms_per_step"] - fields["draft_ms"] - fields["tree_pass_ms"]
             if not args.no_trace:
                 fields["census"] = trace_census(run, state0, second)
-            report(f"{tree_name}/{mode}", **fields)
+            report(f"incremental/{mode}", **fields)
+            continue
+        decoder = SpeculativeDecoder(target, drafter, tree=TREES[tree_name],
+                                     verify="greedy" if temperature == 0 else "stochastic")
+        tp, dp = decoder._target_params, decoder._draft_params
+        state0 = decoder._init_jit(tp, dp, prompt, lengths, warp["temperature"], warp["top_p"], jax.random.key(0),
+                                   no_eos, max_new_tokens=max_new, top_k=warp["top_k"], min_p=warp["min_p"])
+        run = lambda s, limit: decoder._run_jit(tp, dp, s, warp["temperature"], warp["top_p"], no_eos, limit,
+                                                warp["top_k"], warp["min_p"])
+        fields = dict(ms_per_step=per_step_ms(run, state0, first, second, args.iters))
+        if args.pieces:
+            def draft_body(carry):
+                caches, root, key = carry
+                key, sub = jax.random.split(key)
+                tree, caches = decoder.draft(dp, caches, root, sub, warp["temperature"], warp["top_p"],
+                                             warp["top_k"], warp["min_p"])
+                return caches, (root + tree.tokens[:, -1]) % config.vocab_size, key
+            fields["draft_ms"] = in_loop_ms(draft_body, (state0.draft_caches, state0.root, jax.random.key(1)),
+                                            20, args.iters)
+            tree, _ = jax.jit(lambda c, r: decoder.draft(dp, c, r, jax.random.key(2), warp["temperature"],
+                                                         warp["top_p"], warp["top_k"], warp["min_p"]))(
+                state0.draft_caches, state0.root)
+
+            def score_body(cache):
+                logits, written, hidden = decoder.score(tp, cache, tree, return_hidden=True)
+                # The outputs feed the carry, so no part of the pass is dead code; lengths never change.
+                alive = (logits[0, 0, 0] > 1e30) | (hidden[0, 0, 0] > 1e30)
+                return written.replace(lengths=cache.lengths + alive.astype(jnp.int32))
+            fields["tree_pass_ms"] = in_loop_ms(score_body, state0.target_cache, 20, args.iters)
+            fields["verify_commit_ms"] = fields["ms_per_step"] - fields["draft_ms"] - fields["tree_pass_ms"]
+        if not args.no_trace:
+            fields["census"] = trace_census(run, state0, second)
+        report(f"{tree_name}/{mode}", **fields)
     print(f"wrote {args.out}")
 
 
