@@ -76,12 +76,11 @@ def _init(graphdef, params, prompt, prompt_lengths, rng, eos_id, warp, *, max_ne
 def _next_token(logits, key, warp, sampling: bool) -> jax.Array:
     """The token after `logits` [B, V]: [B] int32. `sampling` is static: greedy decoding
     (temperature 0) compiles the argmax alone, since warping and drawing would pick the same token
-    at many more kernels per step, and choosing at run time would take a `lax.cond`, a host round
-    trip per step on a GPU."""
+    (the warp is a one-hot at temperature 0) at many more kernels per step, and choosing at run
+    time would take a `lax.cond`, a host round trip per step on a GPU."""
     if not sampling:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jnp.where(warp["temperature"] > 0, sample_probs(key, warp_probs(logits, **warp)),
-                     jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return sample_probs(key, warp_probs(logits, **warp))
 
 
 def _run(graphdef, params, state: IncrementalState, eos_id, warp, step_limit, *, fused: bool,

@@ -235,10 +235,8 @@ def _check_feature_flags(args) -> FeatureLossConfig:
 def _train_feature_head(args, train_cfg, loss_cfg, train_rows, val_rows, out, tokenizer, show) -> dict:
     """Trains and saves a feature head for --teacher (float32 masters, --dtype compute)."""
     teacher = load_pretrained(args.teacher, dtype=args.dtype or jnp.float32, attention_impl=args.attention_impl)
-    try:
-        feature_layers = parse_feature_layers(args.feature_layers, teacher.config.num_layers)
-    except ValueError as e:
-        raise cli.UsageError(f"--feature-layers: {e}") from None
+    # Checked against the teacher's depth by `_check_feature_flags` before any data was read.
+    feature_layers = parse_feature_layers(args.feature_layers, teacher.config.num_layers)
     head_config = FeatureHeadConfig.for_target(teacher.config, param_dtype=jnp.float32, feature_layers=feature_layers,
                                                **cli.set_flags(args, FEATURE_HEAD_FLAGS))
     print(f"feature head for {args.teacher} (d_model {teacher.config.d_model}, vocabulary {teacher.config.vocab_size})")
