@@ -213,7 +213,8 @@ def check_verify(verify: str, temperature: float) -> None:
 
 def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "greedy", max_new_tokens: int,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id=None, top_k: int = 0,
-            min_p: float = 0.0, stop_strings=None, decode=None) -> Report:
+            min_p: float = 0.0, stop_strings=None, decode=None,
+            decoder: SpeculativeDecoder | None = None) -> Report:
     """Runs the incremental and the speculative decoding on the same prompts and times both.
 
     Args:
@@ -226,9 +227,16 @@ def compare(target, drafts, tree, prompt, prompt_lengths, *, verify: str = "gree
       max_new_tokens, temperature, top_p, top_k, min_p, eos_id, stop_strings, decode: as
         `SpeculativeDecoder.generate` (with stop strings both run in chunks).
       seed: PRNG seed of both decodings.
+      decoder: a `SpeculativeDecoder` of this target, drafts, tree and verify mode to time, so that
+        a caller that already generated with it (the CLI streams one prompt first) does not compile
+        its loop again; None builds one.
     """
     check_verify(verify, temperature)
-    decoder = SpeculativeDecoder(target, drafts, tree=tree, verify=verify)
+    if decoder is None:
+        decoder = SpeculativeDecoder(target, drafts, tree=tree, verify=verify)
+    elif decoder.tree != tree or decoder.verify != verify:
+        raise ValueError(f"decoder has tree={decoder.tree} and verify={decoder.verify!r}, "
+                         f"but the comparison is of tree={tree} and {verify=}")
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   rng=jax.random.key(seed), eos_id=eos_id, top_k=top_k, min_p=min_p)
     if stop_strings:

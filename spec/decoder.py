@@ -11,12 +11,13 @@ implements `spec.Drafter`; a plain `Transformer` is wrapped in `spec.ModelDrafte
 sets `needs_target_hidden` (the EAGLE-style `spec.FeatureDrafter`) also gets the target's final
 hidden states of the prefill and of every scored tree.
 
-The loop is a `lax.while_loop` over `DecodeState`; prefill, the loop and the result are one jitted
-function, compiled once per (batch, prompt length, max_new_tokens) and decoder. Rows advance by
-different amounts and stop at any of the `eos_id` tokens or at `max_new_tokens`; a stopped row
-keeps running through the batched passes but commits nothing. With `stream` or `stop_strings` the
-same loop runs `chunk_steps` steps at a time, the host streaming and checking stop strings in
-between (`spec.streaming`); its step limit is traced, so all chunks share one compile.
+The loop is a `lax.while_loop` over `DecodeState`. Prefill, the loop and the result are three
+jitted functions, each compiled once per (batch, prompt length, max_new_tokens) and decoder; the
+loop's step limit is traced, so a whole generation and one run in chunks (`stream` or
+`stop_strings`: `chunk_steps` steps at a time, the host streaming and checking stop strings in
+between, `spec.streaming`) share one compile of it. Rows advance by different amounts and stop at
+any of the `eos_id` tokens or at `max_new_tokens`; a stopped row keeps running through the batched
+passes but commits nothing.
 
 Caches are sized prompt + max_new_tokens + N, whatever the models' `max_len`: the root is emitted
 but not cached, so at most prompt + max_new_tokens - 1 tokens are committed while a tree of N nodes
@@ -170,10 +171,12 @@ class SpeculativeDecoder:
             _check_tree_fits_kernel(self.num_nodes, config, name)
         # Under greedy verification no node is sampled: children are the draft's top-k.
         self._sampled = tree.sampled_nodes() if verify == "stochastic" else np.zeros(self.num_nodes, bool)
-        self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",))
-        # The chunked path (streaming, stop strings): one compile of each, reused by every chunk.
+        # One compile of each serves whole generations and chunked ones (streaming, stop strings)
+        # alike: the loop's step limit is traced. The loop takes over its input state's buffers (the
+        # caches are most of the memory), so a generation holds one copy of them, as one jitted
+        # function would.
         self._init_jit = jax.jit(self.init_state, static_argnames=("max_new_tokens",))
-        self._run_jit = jax.jit(self.run)
+        self._run_jit = jax.jit(self.run, donate_argnames=("state",))
         self._result_jit = jax.jit(self.result)
 
     @property
@@ -367,14 +370,6 @@ class SpeculativeDecoder:
             stats=GenerationStats(target_calls=state.target_calls, accepted_histogram=hist,
                                   mean_accepted_length=mean.astype(jnp.float32)))
 
-    def _generate(self, target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng, eos_id,
-                  top_k, min_p, *, max_new_tokens: int) -> GenerationResult:
-        state = self.init_state(target_params, draft_params, prompt, prompt_lengths, temperature, top_p, rng,
-                                eos_id, max_new_tokens=max_new_tokens, top_k=top_k, min_p=min_p)
-        state = self.run(target_params, draft_params, state, temperature, top_p, eos_id, jnp.iinfo(jnp.int32).max,
-                         top_k, min_p)
-        return self.result(state)
-
     def generate(self, prompt, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, rng=None, eos_id: int | Sequence[int] | None = None, top_k: int = 0,
                  min_p: float = 0.0, stream: Callable[[list[np.ndarray]], Any] | None = None,
@@ -418,12 +413,16 @@ class SpeculativeDecoder:
         params = (self._target_params, self._draft_params)
         eos, warp = jnp.asarray(args.eos_ids, jnp.int32), args.warp()
         temperature, top_p, top_k, min_p = warp["temperature"], warp["top_p"], warp["top_k"], warp["min_p"]
-        if not streaming.chunked:
-            return self._generate_jit(*params, args.prompt, args.prompt_lengths, temperature, top_p, args.rng, eos,
-                                      top_k, min_p, max_new_tokens=args.max_new_tokens)
-        state = run_chunked(
-            lambda: self._init_jit(*params, args.prompt, args.prompt_lengths, temperature, top_p, args.rng, eos,
-                                   max_new_tokens=args.max_new_tokens, top_k=top_k, min_p=min_p),
-            lambda state, limit: self._run_jit(*params, state, temperature, top_p, eos, limit, top_k, min_p),
-            prompt_lengths=np.asarray(args.prompt_lengths), args=streaming)
+
+        def init():
+            return self._init_jit(*params, args.prompt, args.prompt_lengths, temperature, top_p, args.rng, eos,
+                                  max_new_tokens=args.max_new_tokens, top_k=top_k, min_p=min_p)
+
+        def run(state, limit):
+            return self._run_jit(*params, state, temperature, top_p, eos, limit, top_k, min_p)
+
+        if streaming.chunked:
+            state = run_chunked(init, run, prompt_lengths=np.asarray(args.prompt_lengths), args=streaming)
+        else:  # an int32 array, as the chunks' limits are: a Python int would compile the loop apart
+            state = run(init(), jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32))
         return self._result_jit(state)

@@ -18,13 +18,16 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-# Eight CPU devices; the programs are tiny, so LLVM's optimisations cost more compile time than
+# Eight CPU devices. The programs are tiny, so LLVM's optimisations cost more compile time than
 # they save in running time (about a third of this file's time on 2 cores), and the compile of each
-# is not worth splitting over threads: the flags that tests/conftest.py sets for the other tests
-# (tests/test_sharding.py starts this file without the caller's XLA_FLAGS).
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                    "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-                                    "--xla_cpu_parallel_codegen_split_count=1"])
+# is not worth splitting over threads: tests/conftest.py's flags, which tests/test_sharding.py passes
+# on in XLA_FLAGS (with the probed ones), and which a standalone run gets here (a flag already given
+# keeps its value).
+_GIVEN = os.environ.get("XLA_FLAGS", "")
+_COMPILE = {"xla_backend_optimization_level": "0", "xla_llvm_disable_expensive_passes": "true",
+            "xla_cpu_parallel_codegen_split_count": "1"}
+os.environ["XLA_FLAGS"] = " ".join([_GIVEN, *(f"--{k}={v}" for k, v in _COMPILE.items() if f"--{k}=" not in _GIVEN),
+                                    "--xla_force_host_platform_device_count=8"])  # last: it wins over a given one
 
 import functools  # noqa: E402
 import re  # noqa: E402

@@ -210,8 +210,9 @@ def test_multidevice_checks(group):
     """Each check of the group passes on 8 simulated devices; the failure message lists each
     check's result."""
     names = MULTIDEVICE_GROUPS[group]
+    # XLA_FLAGS passes on conftest.py's compile-time flags (the probed ones included); the script
+    # adds the device count after them.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_checks.py"), *names], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]

@@ -108,7 +108,7 @@ def test_greedy_matches_incremental(models, name):
     _assert_same(result_eos, baseline_eos)
     assert int(result_eos.lengths[0]) <= int(lengths[0]) + 4
     # EOS and different prompts reuse the compiled loop.
-    assert decoder._generate_jit._cache_size() == 1
+    assert decoder._run_jit._cache_size() == 1 and decoder._init_jit._cache_size() == 1
 
 
 def test_greedy_matches_incremental_with_invariant_rows(models):

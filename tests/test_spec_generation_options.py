@@ -16,6 +16,7 @@ from flax import nnx
 
 from fa2jax import Transformer, TransformerConfig
 from spec import ExpansionTree, SpeculativeDecoder, generate_incremental, incremental
+from spec.comparison import compare
 from spec.streaming import TextStreamer, cut_at_stop, first_stop
 
 TEST_SEED = int(os.environ.get("FA2JAX_TEST_SEED", "0"))
@@ -70,6 +71,25 @@ def test_streaming_matches_one_call_and_compiles_once(setup):
     assert incremental._run_jit._cache_size() == compiled_before + 1
     assert decoder._run_jit._cache_size() == 1
     assert decoder._init_jit._cache_size() == 1
+
+
+def test_compare_times_the_decoder_it_is_given(setup, monkeypatch):
+    """`compare(decoder=...)` times that decoder, whose loop a streamed run already compiled (as the
+    CLI does with one prompt), and refuses one of another tree or verify mode."""
+    target, decoder, prompt, lengths = setup["target"], setup["decoder"], setup["prompt"], setup["lengths"]
+    decoder.generate(prompt, lengths, max_new_tokens=NEW, stream=lambda _: None, chunk_steps=2)
+    calls, generate = [], decoder.generate
+    monkeypatch.setattr(decoder, "generate", lambda *a, **kw: calls.append(1) or generate(*a, **kw))
+    report = compare(target, [target], decoder.tree, prompt, lengths, verify="stochastic", max_new_tokens=NEW,
+                     decoder=decoder)
+    # Temperature 0: the stochastic decoder emits the target's greedy tokens.
+    np.testing.assert_array_equal(report.tokens, np.asarray(setup["base"].tokens))
+    assert len(calls) == 2 and decoder._run_jit._cache_size() == 1  # timed twice (the first warms up)
+    with pytest.raises(ValueError, match="verify='stochastic'.*verify='greedy'"):
+        compare(target, [target], decoder.tree, prompt, lengths, max_new_tokens=NEW, decoder=decoder)
+    with pytest.raises(ValueError, match=r"tree=ExpansionTree\(widths=\(1,\)"):
+        compare(target, [target], ExpansionTree((1,)), prompt, lengths, verify="stochastic", max_new_tokens=NEW,
+                decoder=decoder)
 
 
 def test_eos_list_stops_at_the_first_of_any(setup):
