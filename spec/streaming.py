@@ -11,7 +11,8 @@ argument, so every chunk reuses one compiled loop) and come back here between ch
   * streaming: `stream(row_tokens)` receives, per row, the tokens accepted since the last call
     (after stop-string truncation, so what it receives is exactly the final output).
 
-Without either option generation stays one jitted call; the two paths emit the same tokens.
+Without either option the loop runs to the end in one call (`SpeculativeDecoder` through the same
+compiled loop; `generate_incremental` through one jitted function); the two paths emit the same tokens.
 `TextStreamer` turns streamed ids into printable text for one row.
 """
 from __future__ import annotations
