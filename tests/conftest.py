@@ -11,42 +11,14 @@ deadlock fails the run instead of stalling it.
 """
 import faulthandler
 import os
-import subprocess
-import sys
+
+from cpu_flags import with_cpu_flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# On CPU, compiling dominates the suite: the programs are tiny and nearly each is compiled once, so
-# LLVM's optimisations cost far more than they save at run time (they are about a third of the
-# compile time). XLA reads XLA_FLAGS when jax starts its backend; pytest-xdist's workers and the
-# tests' subprocesses inherit them. A flag already in XLA_FLAGS keeps its value; GPU runs
-# (JAX_PLATFORMS=cuda) keep XLA's defaults.
-CPU_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_llvm_disable_expensive_passes": "true",
-                 "xla_cpu_parallel_codegen_split_count": "1"}
-# Flags that a jaxlib may not know (XLA aborts on an unknown flag), so each is tried in a subprocess
-# first. The older elemental emitters compile the suite's programs faster than the fusion emitters:
-# 15-22% less time on two subsets (tests/test_examples.py, tests/test_spec_decoder.py; jaxlib 0.10.2).
-PROBED_CPU_XLA_FLAGS = {"xla_cpu_use_fusion_emitters": "false"}
-
-
-def _known_to_xla(flag: str) -> bool:
-    """Whether this jaxlib starts its CPU backend with `flag` in XLA_FLAGS (about 2 s)."""
-    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    return subprocess.run(probe, env=env, capture_output=True).returncode == 0
-
-
-def _with_cpu_flags(given: str) -> str:
-    """`given` (XLA_FLAGS) with each flag of CPU_XLA_FLAGS, and each of PROBED_CPU_XLA_FLAGS that
-    this jaxlib knows, that it does not set put before it. pytest-xdist's workers inherit the result,
-    so they find the probed flags already set and do not probe again."""
-    ours = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items() if f"--{name}=" not in given]
-    ours += [f"--{name}={value}" for name, value in PROBED_CPU_XLA_FLAGS.items()
-             if f"--{name}=" not in given and _known_to_xla(f"--{name}={value}")]
-    return " ".join([*ours, given]).strip()
-
-
+# pytest-xdist's workers and the tests' subprocesses inherit XLA_FLAGS. A flag already in XLA_FLAGS
+# keeps its value; GPU runs (JAX_PLATFORMS=cuda) keep XLA's defaults.
 if os.environ["JAX_PLATFORMS"] == "cpu":
-    os.environ["XLA_FLAGS"] = _with_cpu_flags(os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = with_cpu_flags(os.environ.get("XLA_FLAGS", ""))
     # The simulator's warpgroups block inside XLA host callbacks, each holding a thread of XLA's CPU
     # pool, which has one thread per core: on 2 cores three or four warpgroups starve it and hang
     # (benchmarks/simulator_vjp_hang.py). NPROC sizes that pool; 8 threads cost the suite no time on

@@ -18,16 +18,12 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-# Eight CPU devices. The programs are tiny, so LLVM's optimisations cost more compile time than
-# they save in running time (about a third of this file's time on 2 cores), and the compile of each
-# is not worth splitting over threads: tests/conftest.py's flags, which tests/test_sharding.py passes
-# on in XLA_FLAGS (with the probed ones), and which a standalone run gets here (a flag already given
-# keeps its value).
-_GIVEN = os.environ.get("XLA_FLAGS", "")
-_COMPILE = {"xla_backend_optimization_level": "0", "xla_llvm_disable_expensive_passes": "true",
-            "xla_cpu_parallel_codegen_split_count": "1"}
-os.environ["XLA_FLAGS"] = " ".join([_GIVEN, *(f"--{k}={v}" for k, v in _COMPILE.items() if f"--{k}=" not in _GIVEN),
-                                    "--xla_force_host_platform_device_count=8"])  # last: it wins over a given one
+# Eight CPU devices, after the flags that make the tests compile faster (tests/cpu_flags.py; those
+# tests/test_sharding.py passes on in XLA_FLAGS are kept as given). The count comes last: it wins
+# over a count given before it.
+from cpu_flags import with_cpu_flags  # noqa: E402  (this file's folder, as a script's is on sys.path)
+
+os.environ["XLA_FLAGS"] = with_cpu_flags(os.environ.get("XLA_FLAGS", "")) + " --xla_force_host_platform_device_count=8"
 
 import functools  # noqa: E402
 import re  # noqa: E402
